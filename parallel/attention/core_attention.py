@@ -1,0 +1,124 @@
+"""Core attention for the Megatron layer spec: softmax(q k^T) v on whatever kernel is present.
+
+Megatron's ``SelfAttention`` computes q/k/v (with rotary applied) and hands them to this module:
+``[s, b, heads, head_dim]`` for padded batches, ``[t, heads, head_dim]`` for packed (``thd``)
+batches described by ``PackedSeqParams.cu_seqlens_q``. The output is ``[s, b, heads*head_dim]``
+(packed: ``[t, heads*head_dim]``). Kernel choice, in order: ring attention when the context
+parallel group has more than one rank, flash-attn on CUDA for fp16/bf16, else PyTorch SDPA
+(which itself picks flash / memory-efficient kernels on CUDA and the math kernel on CPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+try:  # GPU extra; absent on CPU machines.
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    HAVE_FLASH_ATTN = True
+except ImportError:  # pragma: no cover - depends on the machine
+    HAVE_FLASH_ATTN = False
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float = 0.0):
+    """Causal attention on ``[b, s, h, d]`` tensors with grouped k/v heads; returns ``[b, s, h, d]``."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def packed_causal(q, k, v, cu_seqlens: torch.Tensor, *, scale: float, dropout_p: float = 0.0):
+    """Causal attention inside each sample of a packed ``[t, h, d]`` batch; nothing crosses samples."""
+    if _use_flash(q):
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(
+            q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, softmax_scale=scale, causal=True
+        )
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            out[start:end] = sdpa_causal(
+                q[None, start:end], k[None, start:end], v[None, start:end], scale=scale, dropout_p=dropout_p
+            )[0]
+    # Tokens after the last boundary are padding: keep them finite and out of every sample.
+    if bounds[-1] < q.shape[0]:
+        out[bounds[-1]:] = 0
+    return out
+
+
+class CoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` for Megatron's ``SelfAttention`` (causal decoder models)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        attention_dropout=None,
+        softmax_scale=None,
+        cp_comm_type=None,
+        pg_collection=None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+
+    def _context_parallel(self) -> bool:
+        return self.cp_group is not None and self.cp_group.size() > 1
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **kwargs,
+    ):
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by CoreAttention")
+        dropout_p = self.dropout_p if self.training else 0.0
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if self._context_parallel():
+            from parallel.attention.ring import ring_attention
+
+            return ring_attention(
+                query, key, value,
+                cp_group=self.cp_group,
+                scale=self.softmax_scale,
+                cu_seqlens=packed_seq_params.cu_seqlens_q if packed else None,
+            ).flatten(-2)
+        if packed:
+            out = packed_causal(
+                query, key, value, packed_seq_params.cu_seqlens_q, scale=self.softmax_scale, dropout_p=dropout_p
+            )
+            return out.flatten(-2)
+        # [s, b, h, d] -> [b, s, h, d]
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        if _use_flash(q):
+            out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=self.softmax_scale, causal=True)
+        else:
+            out = sdpa_causal(q, k, v, scale=self.softmax_scale, dropout_p=dropout_p)
+        return out.transpose(0, 1).flatten(-2)

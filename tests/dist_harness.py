@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -45,7 +46,8 @@ def _worker(fn, rank, world_size, port, args, kwargs, env, queue):
     )
     try:
         result = fn(rank, world_size, *args, **kwargs)
-        queue.put((rank, True, result))
+        # Plain pickle: torch's queue reducers would share memory with a process about to exit.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent verbatim
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -101,7 +103,10 @@ def run_distributed(
                     failures.setdefault(r, f"process exited with code {procs[r].exitcode}")
                 break
             continue
-        (results if ok else failures)[rank] = payload
+        if ok:
+            results[rank] = pickle.loads(payload)
+        else:
+            failures[rank] = payload
     timed_out = len(results) + len(failures) < world_size
     for proc in procs:
         proc.join(timeout=5 if not timed_out and not failures else 0.1)

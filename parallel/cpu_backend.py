@@ -54,6 +54,12 @@ _MODULES_TO_ADAPT = (
     "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.transformer.moe.experts",
     "megatron.core.rerun_state_machine",
+    "megatron.core.dist_checkpointing.serialization",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.utils",
 )
 _FACTORIES = (
@@ -203,6 +209,18 @@ def _patch_moe() -> None:
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # The alltoall dispatcher converts its split sizes to numpy only when they sit on a GPU;
+    # all_to_all_single rejects tensors as split sizes, so convert CPU tensors too.
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def move_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
+    dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
 def adapt_loaded_modules(view: types.ModuleType | None = None) -> None:

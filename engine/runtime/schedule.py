@@ -1,0 +1,93 @@
+"""Run micro-batches through a Megatron model with megatron-core's pipeline schedules.
+
+One function for every trainer: the same call runs plain forward/backward (PP=1) or 1F1B
+(PP>1). The caller supplies how a micro-batch enters the model and what the last stage
+computes from the output; the schedule handles p2p between stages.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+# loss_fn(output, batch) -> (loss_for_backward, metrics dict)
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def packed_seq_params(batch: dict) -> PackedSeqParams | None:
+    """Megatron's varlen metadata for a packed batch (``cu_seqlens`` present), else None."""
+    cu_seqlens = batch.get("cu_seqlens")
+    if cu_seqlens is None:
+        return None
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max_len, max_seqlen_kv=max_len
+    )
+
+
+def model_forward(model, batch: dict) -> torch.Tensor:
+    """Model output for a micro-batch: logits ``[b, s, vocab/TP]`` (or values) on the last stage."""
+    return model(
+        batch["input_ids"],
+        batch["position_ids"],
+        attention_mask=None,
+        packed_seq_params=packed_seq_params(batch),
+    )
+
+
+def run_microbatches(
+    model,
+    microbatches: Iterable[dict],
+    loss_fn: LossFn,
+    *,
+    num_microbatches: int,
+    forward_only: bool,
+    seq_length: int,
+    micro_batch_size: int,
+) -> list[dict]:
+    """Forward (and backward unless ``forward_only``) over all micro-batches.
+
+    Returns the metrics dicts of the last pipeline stage (empty list on other stages).
+    """
+    iterator = iter(microbatches)
+    device = next(model.parameters()).device
+
+    def forward_step(data_iterator, chunk):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
+        output = model_forward(chunk, batch)
+        return output, lambda out: loss_fn(out, batch)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterator,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Full-vocabulary logits from TP shards, padding columns dropped."""
+    return gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]
+
+
+def forward_logits(model, batches: list[dict], *, vocab_size: int) -> list[torch.Tensor] | None:
+    """Full logits per batch on the last stage (None elsewhere). For tests and evaluation."""
+
+    def keep_logits(out: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        return out.new_zeros(()), {"logits": gather_vocab(out, vocab_size).detach()}
+
+    seq_length = max(b["input_ids"].shape[1] for b in batches)
+    with torch.no_grad():
+        results = run_microbatches(
+            model, batches, keep_logits, num_microbatches=len(batches), forward_only=True,
+            seq_length=seq_length, micro_batch_size=batches[0]["input_ids"].shape[0],
+        )
+    return [r["logits"] for r in results] if ps.is_pipeline_last_stage() else None

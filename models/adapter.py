@@ -1,0 +1,221 @@
+"""The HF <-> Megatron contract of one architecture: config translation and an explicit weight map.
+
+Each architecture module (llama, qwen2, mistral, mixtral) subclasses :class:`ModelAdapter` and
+declares its weight map as data: which Megatron parameter comes from which HF tensor(s), and how
+it is split over tensor parallel ranks (:class:`Split`). The mechanics of reading slices,
+gathering shards and fusing q/k/v or gate/up live in ``models/weights.py`` and
+``parallel/resharding.py``; nothing here knows about processes.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class Split(enum.Enum):
+    """How a Megatron parameter relates to its HF tensor(s) and how TP shards it."""
+
+    REPLICATED = "replicated"  # norms, MoE router: same on every TP rank
+    COLUMN = "column"  # split on dim 0 (output features)
+    ROW = "row"  # split on dim 1 (input features)
+    VOCAB = "vocab"  # dim 0, padded to a multiple of TP x divisor; padding dropped on export
+    QKV = "qkv"  # [q; k; v] regrouped per query group, then whole groups split on dim 0
+    GATE_UP = "gate_up"  # [gate; up], each split on dim 0 and re-fused per rank
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    megatron: str  # name relative to its scope (global, layer, or expert)
+    hf: tuple[str, ...]  # HF name templates; ``{layer}`` and ``{expert}`` are global indices
+    split: Split
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+
+class ModelAdapter:
+    """Base adapter for Llama-style decoders (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    #: ``config.model_type`` values this adapter accepts.
+    model_types: tuple[str, ...] = ()
+    #: ``architectures`` written into exported configs.
+    hf_causal_lm_class: str = ""
+
+    def __init__(self, hf_config):
+        self.hf_config = hf_config
+        self._check_supported()
+
+    # ----- config -------------------------------------------------------------------------
+    def _check_supported(self) -> None:
+        rope = self.rope_parameters
+        if rope.get("rope_type", "default") not in ("default", "llama3"):
+            raise ValueError(
+                f"rope_scaling type {rope.get('rope_type')!r} is not supported "
+                f"(supported: default, llama3)"
+            )
+        if rope.get("rope_type") == "llama3":
+            expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            for key, value in expected.items():
+                if float(rope.get(key, value)) != float(value):
+                    raise ValueError(
+                        f"llama3 rope_scaling with {key}={rope.get(key)} is not supported "
+                        f"(megatron-core implements {key}={value})"
+                    )
+
+    @property
+    def rope_parameters(self) -> dict:
+        params = getattr(self.hf_config, "rope_parameters", None) or getattr(self.hf_config, "rope_scaling", None)
+        params = dict(params or {})
+        params.setdefault("rope_theta", getattr(self.hf_config, "rope_theta", 10000.0))
+        return params
+
+    @property
+    def attention(self) -> AttentionShape:
+        c = self.hf_config
+        num_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return AttentionShape(c.num_attention_heads, num_kv, head_dim)
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
+    @property
+    def num_experts(self) -> int | None:
+        return None
+
+    @property
+    def qkv_bias(self) -> bool:
+        return False
+
+    def transformer_config_kwargs(self) -> dict:
+        """Architecture fields of Megatron's ``TransformerConfig`` (parallel sizes added by the builder)."""
+        c, attn = self.hf_config, self.attention
+        return dict(
+            num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            ffn_hidden_size=c.intermediate_size,
+            num_attention_heads=attn.num_heads,
+            num_query_groups=attn.num_kv_heads,
+            kv_channels=attn.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=c.rms_norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=self.qkv_bias,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            init_method_std=getattr(c, "initializer_range", 0.02),
+        )
+
+    def gpt_model_kwargs(self) -> dict:
+        """Keyword arguments of Megatron's ``GPTModel`` beyond config / spec / pre-post process."""
+        rope = self.rope_parameters
+        kwargs = dict(
+            max_sequence_length=self.hf_config.max_position_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(rope["rope_theta"]),
+            share_embeddings_and_output_weights=self.tie_word_embeddings,
+        )
+        if rope.get("rope_type") == "llama3":
+            kwargs.update(rope_scaling=True, rope_scaling_factor=float(rope["factor"]))
+        return kwargs
+
+    # ----- weight map ---------------------------------------------------------------------
+    def global_specs(self) -> list[WeightSpec]:
+        output = "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
+        return [
+            WeightSpec("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Split.VOCAB),
+            WeightSpec("decoder.final_layernorm.weight", ("model.norm.weight",), Split.REPLICATED),
+            WeightSpec("output_layer.weight", (output,), Split.VOCAB),
+            WeightSpec("value_head.weight", ("score.weight",), Split.REPLICATED),
+        ]
+
+    def layer_specs(self) -> list[WeightSpec]:
+        p = "model.layers.{layer}."
+        specs = [
+            WeightSpec("input_layernorm.weight", (p + "input_layernorm.weight",), Split.REPLICATED),
+            WeightSpec(
+                "self_attention.linear_qkv.weight",
+                tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"),
+                Split.QKV,
+            ),
+            WeightSpec("self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), Split.ROW),
+            WeightSpec("pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), Split.REPLICATED),
+        ]
+        if self.qkv_bias:
+            specs.append(
+                WeightSpec(
+                    "self_attention.linear_qkv.bias",
+                    tuple(p + f"self_attn.{x}_proj.bias" for x in "qkv"),
+                    Split.QKV,
+                )
+            )
+        specs += self.mlp_specs()
+        return specs
+
+    def mlp_specs(self) -> list[WeightSpec]:
+        p = "model.layers.{layer}.mlp."
+        return [
+            WeightSpec("mlp.linear_fc1.weight", (p + "gate_proj.weight", p + "up_proj.weight"), Split.GATE_UP),
+            WeightSpec("mlp.linear_fc2.weight", (p + "down_proj.weight",), Split.ROW),
+        ]
+
+    def expert_specs(self) -> list[WeightSpec]:
+        return []
+
+    # ----- name resolution ----------------------------------------------------------------
+    def resolve(self, megatron_name: str, *, layer_offset: int, expert_offset: int) -> tuple[WeightSpec, dict]:
+        """The spec of a local Megatron parameter name and the global indices to fill its HF names."""
+        match = _LAYER.match(megatron_name)
+        if match is None:
+            return self._find(self.global_specs(), megatron_name), {}
+        layer, rest = int(match.group(1)) + layer_offset, match.group(2)
+        expert = _EXPERT.match(rest)
+        if expert is None:
+            return self._find(self.layer_specs(), rest), {"layer": layer}
+        index = {"layer": layer, "expert": int(expert.group(1)) + expert_offset}
+        return self._find(self.expert_specs(), expert.group(2)), index
+
+    def _find(self, specs: list[WeightSpec], name: str) -> WeightSpec:
+        for spec in specs:
+            if spec.megatron == name:
+                return spec
+        raise KeyError(f"{type(self).__name__} has no HF mapping for Megatron parameter {name!r}")
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int, divisor: int = 128) -> int:
+        """Megatron's vocab padding: a multiple of ``divisor x TP`` so every TP rank gets equal rows."""
+        multiple = divisor * tensor_model_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def export_dtype(self) -> torch.dtype:
+        dtype = getattr(self.hf_config, "torch_dtype", None) or getattr(self.hf_config, "dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return dtype or torch.float32

@@ -1,0 +1,123 @@
+"""Build this rank's Megatron ``GPTModel`` chunk for an architecture adapter.
+
+Parallelism is applied from outside: the adapter says what the model is, the builder places it
+on the current TP/PP/EP grid (pre/post-process by pipeline stage, vocab padding, heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from models.adapter import ModelAdapter
+from models.heads import ValueHead
+from parallel.attention.core_attention import CoreAttention
+from parallel.config import ParallelConfig
+
+
+@dataclass(kw_only=True)
+class ModelBuildConfig:
+    """What the trainer asks of the model beyond its architecture."""
+
+    params_dtype: torch.dtype = torch.float32
+    value_head: bool = False  # critic / reward model: a scalar per token instead of logits
+    recompute_granularity: str | None = None  # "full" with --gradient_checkpointing
+    make_vocab_size_divisible_by: int = 128
+    overrides: dict = field(default_factory=dict)  # extra TransformerConfig fields
+
+
+def layer_spec(num_experts: int | None):
+    """Megatron's local layer spec with our core attention (SDPA / flash-attn / ring attention)."""
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    spec.submodules.self_attention.submodules.core_attention = CoreAttention
+    return spec
+
+
+def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        **adapter.transformer_config_kwargs(),
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=build.params_dtype,
+        pipeline_dtype=build.params_dtype,
+        bf16=build.params_dtype == torch.bfloat16,
+        fp16=build.params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels need CUDA extensions (Apex / TE); the unfused paths are exact everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        # Variable-length micro-batches (RL responses, packing) need shape exchange under PP.
+        variable_seq_lengths=True,
+        # allgather cannot take variable sequence lengths; alltoall runs on CPU via parallel.cpu_backend.
+        moe_token_dispatcher_type="alltoall",
+    )
+    if adapter.num_experts:
+        kwargs["moe_router_dtype"] = "fp32"
+    if build.recompute_granularity == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(build.overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig | None = None) -> GPTModel:
+    """This rank's model chunk. Weights are random until loaded (``models.weights``)."""
+    build = build or ModelBuildConfig()
+    parallel.validate_model(
+        num_layers=adapter.num_layers,
+        num_attention_heads=adapter.attention.num_heads,
+        num_query_groups=adapter.attention.num_kv_heads,
+        num_experts=adapter.num_experts,
+    )
+    config = transformer_config(adapter, parallel, build)
+    padded_vocab = adapter.padded_vocab_size(parallel.tensor_model_parallel_size, build.make_vocab_size_divisible_by)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(adapter.num_experts),
+        vocab_size=padded_vocab,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        **adapter.gpt_model_kwargs(),
+    )
+    model.true_vocab_size = adapter.vocab_size
+    if model.post_process:
+        if build.value_head:
+            model.output_layer = ValueHead(config)
+        elif padded_vocab != adapter.vocab_size:
+            model.output_layer.register_forward_hook(_mask_vocab_padding(adapter.vocab_size, padded_vocab))
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def _mask_vocab_padding(vocab_size: int, padded_vocab_size: int):
+    """Padded vocab rows must never win a softmax: log-probs and losses equal the unpadded model's."""
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        per_rank = padded_vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+        start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        if logits.shape[-1] != per_rank:  # gathered output (parallel_output=False)
+            start, per_rank = 0, logits.shape[-1]
+        first_pad = max(vocab_size - start, 0)
+        if first_pad >= per_rank:
+            return output
+        # A finite minimum, not -inf: softmax gives exactly 0 and entropy terms stay finite.
+        mask = torch.zeros(per_rank, dtype=torch.bool, device=logits.device)
+        mask[first_pad:] = True
+        return logits.masked_fill(mask, torch.finfo(logits.dtype).min), bias
+
+    return hook

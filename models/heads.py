@@ -1,0 +1,26 @@
+"""Heads the RL roles put on a decoder instead of the LM output layer."""
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+
+class ValueHead(torch.nn.Module):
+    """Scalar per token (critic values, reward scores); exported as HF ``score.weight``.
+
+    Stands in for ``GPTModel.output_layer`` and keeps its call signature, so Megatron's
+    post-processing returns ``[batch, seq, 1]`` instead of logits. Replicated over TP: its input
+    (the final hidden states, gathered over the sequence under sequence parallelism) is identical
+    on every TP rank, so its gradient is too and needs no TP reduction.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=config.params_dtype))
+        torch.nn.init.normal_(self.weight, std=1.0 / (config.hidden_size + 1) ** 0.5)
+
+    def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None, **kwargs):
+        if self.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        return torch.nn.functional.linear(hidden_states, self.weight), None

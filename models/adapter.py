@@ -215,7 +215,7 @@ class ModelAdapter:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
     def export_dtype(self) -> torch.dtype:
-        dtype = getattr(self.hf_config, "torch_dtype", None) or getattr(self.hf_config, "dtype", None)
+        dtype = getattr(self.hf_config, "dtype", None)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         return dtype or torch.float32

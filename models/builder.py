@@ -27,6 +27,7 @@ class ModelBuildConfig:
     value_head: bool = False  # critic / reward model: a scalar per token instead of logits
     recompute_granularity: str | None = None  # "full" with --gradient_checkpointing
     make_vocab_size_divisible_by: int = 128
+    padded_vocab_size: int | None = None  # fixed by a checkpoint saved under another TP size
     overrides: dict = field(default_factory=dict)  # extra TransformerConfig fields
 
 
@@ -83,7 +84,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_experts=adapter.num_experts,
     )
     config = transformer_config(adapter, parallel, build)
-    padded_vocab = adapter.padded_vocab_size(parallel.tensor_model_parallel_size, build.make_vocab_size_divisible_by)
+    padded_vocab = _padded_vocab_size(adapter, parallel, build)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(adapter.num_experts),
@@ -101,6 +102,18 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _padded_vocab_size(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig) -> int:
+    tp = parallel.tensor_model_parallel_size
+    if build.padded_vocab_size is None:
+        return adapter.padded_vocab_size(tp, build.make_vocab_size_divisible_by)
+    if build.padded_vocab_size % tp or build.padded_vocab_size < adapter.vocab_size:
+        raise ValueError(
+            f"the checkpoint's padded vocabulary ({build.padded_vocab_size} rows) does not split over "
+            f"--tensor_model_parallel_size {tp}"
+        )
+    return build.padded_vocab_size
 
 
 def _mask_vocab_padding(vocab_size: int, padded_vocab_size: int):

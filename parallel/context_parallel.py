@@ -98,10 +98,12 @@ def pad_packed_for_cp(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
 
 def local_cu_seqlens(cu_seqlens_padded: torch.Tensor, cp_size: int) -> torch.Tensor:
     """Per-rank ``cu_seqlens`` of a packed batch whose global padded ``cu_seqlens`` are given."""
-    _check_divisible(int(cu_seqlens_padded[-1]), cp_size, "total padded length")
     lengths = cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]
     if bool(((lengths % (2 * cp_size)) != 0).any()):
-        raise ValueError(f"every sample length must be a multiple of {2 * cp_size}; use pad_packed_for_cp")
+        raise ValueError(
+            f"every sample length must be a multiple of 2 * context_parallel_size ({2 * cp_size}); "
+            "pad the samples first (see pad_packed_for_cp)"
+        )
     return cu_seqlens_padded // cp_size
 
 

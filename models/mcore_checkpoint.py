@@ -1,0 +1,137 @@
+"""The sharded Megatron checkpoint format: what converters write and trainers save / resume from.
+
+A checkpoint directory holds:
+
+- megatron-core ``dist_checkpointing`` files of the model's sharded state dict (optionally the
+  optimizer's and more, added by the trainer): reloadable under a different TP / PP / EP layout;
+- ``hf/``: the HF config and tokenizer files the model came from (so it can be rebuilt and
+  exported without the original directory);
+- ``meta.json``: format version, architecture and the padded vocabulary size;
+- ``manifest.json``, written last: every file with its size. A directory without a manifest or
+  whose files disagree with it (a crash or a truncated copy) is not a checkpoint.
+
+Directories are written under ``<name>.partial`` and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+from models.adapter import ModelAdapter
+from models.hf_checkpoint import CheckpointError, copy_side_files
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META = "meta.json"
+HF_DIR = "hf"
+
+
+def _save_strategy():
+    # thread_count=1: a synchronous single writer per rank (the async multi-process writer is not
+    # needed for correctness and costs a process pool per save).
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+
+
+def write_manifest(directory: Path) -> None:
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict:
+    """Raise CheckpointError naming the problem unless ``directory`` is a complete checkpoint."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MANIFEST})")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{manifest} is unreadable: {exc}") from exc
+    for name, size in files.items():
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {directory} is missing {name}")
+        if path.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {directory}: {name} has {path.stat().st_size} bytes, expected {size} (truncated?)"
+            )
+    return json.loads((directory / META).read_text())
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    return json.loads((Path(directory) / META).read_text())
+
+
+def save_sharded(
+    sharded_state_dict: dict,
+    directory: str | os.PathLike,
+    *,
+    adapter: ModelAdapter,
+    hf_source_dir: str | os.PathLike | None,
+    padded_vocab_size: int,
+    extra_meta: dict | None = None,
+) -> None:
+    """Collectively save a sharded state dict as a complete, atomically placed checkpoint."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state_dict, str(staging), sharded_strategy=_save_strategy())
+    dist.barrier()
+    if rank == 0:
+        hf_dir = staging / HF_DIR
+        hf_dir.mkdir()
+        adapter.hf_config.save_pretrained(hf_dir)
+        if hf_source_dir is not None:
+            copy_side_files(hf_source_dir, hf_dir)
+            adapter.hf_config.save_pretrained(hf_dir)  # the config we built from wins
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model_type": adapter.hf_config.model_type,
+            "padded_vocab_size": padded_vocab_size,
+            **(extra_meta or {}),
+        }
+        (staging / META).write_text(json.dumps(meta, indent=1))
+        write_manifest(staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    dist.barrier()
+
+
+def load_sharded(sharded_state_dict: dict, directory: str | os.PathLike) -> dict:
+    """Verify and load a checkpoint into the given sharded state dict layout (any TP/PP/EP)."""
+    verify_checkpoint(directory)
+    return dist_checkpointing.load(sharded_state_dict, str(directory))
+
+
+def save_model(model, directory, *, adapter: ModelAdapter, hf_source_dir=None) -> None:
+    save_sharded(
+        {"model": model.sharded_state_dict()},
+        directory,
+        adapter=adapter,
+        hf_source_dir=hf_source_dir,
+        padded_vocab_size=_padded_vocab(model),
+    )
+
+
+def load_model(model, directory) -> None:
+    state = load_sharded({"model": model.sharded_state_dict()}, directory)
+    model.load_state_dict(state["model"], strict=True)
+
+
+def _padded_vocab(model) -> int:
+    return model.vocab_size

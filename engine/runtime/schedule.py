@@ -73,6 +73,16 @@ def run_microbatches(
     )
 
 
+def token_mean_scale(*, num_microbatches: int, data_parallel_size: int, global_num_tokens: int) -> float:
+    """Factor turning a micro-batch's summed token loss into its share of the global token mean.
+
+    Megatron's schedule scales each micro-batch loss by ``cp_size / num_microbatches`` and DDP
+    averages gradients over the ``dp x cp`` ranks; with this factor the gradient is exactly that
+    of ``sum(all token losses of the step) / global_num_tokens``, whatever the layout.
+    """
+    return num_microbatches * data_parallel_size / max(global_num_tokens, 1)
+
+
 def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocabulary logits from TP shards, padding columns dropped."""
     return gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]

@@ -12,6 +12,7 @@ CORE = [
     "datasets>=3.0",
     "ray[default]>=2.50",
     "tensorboard>=2.18",
+    "wandb>=0.19",
     "tqdm>=4.66",
     "numpy",
     "packaging",

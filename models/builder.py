@@ -85,15 +85,20 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
     )
     config = transformer_config(adapter, parallel, build)
     padded_vocab = _padded_vocab_size(adapter, parallel, build)
+    model_kwargs = adapter.gpt_model_kwargs()
+    if build.value_head:
+        # The value head replaces the output layer; nothing is tied to the embedding.
+        model_kwargs["share_embeddings_and_output_weights"] = False
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(adapter.num_experts),
         vocab_size=padded_vocab,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        **adapter.gpt_model_kwargs(),
+        **model_kwargs,
     )
     model.true_vocab_size = adapter.vocab_size
+    model.is_value_model = build.value_head
     if model.post_process:
         if build.value_head:
             model.output_layer = ValueHead(config)

@@ -24,3 +24,8 @@ class ValueHead(torch.nn.Module):
         if self.sequence_parallel:
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         return torch.nn.functional.linear(hidden_states, self.weight), None
+
+
+def is_value_model(model) -> bool:
+    """Whether the model was built with a value head (true on every pipeline stage)."""
+    return bool(getattr(model, "is_value_model", False))

@@ -19,17 +19,21 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
 from models.adapter import ModelAdapter
+from models.heads import is_value_model
 from models.hf_checkpoint import CheckpointError, copy_side_files
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 META = "meta.json"
 HF_DIR = "hf"
+COMMON_STATE = "common_state.pt"
+RANK_STATE_DIR = "rank_state"
 
 
 def _save_strategy():
@@ -80,8 +84,14 @@ def save_sharded(
     hf_source_dir: str | os.PathLike | None,
     padded_vocab_size: int,
     extra_meta: dict | None = None,
+    common_state: dict | None = None,
+    rank_state: dict | None = None,
 ) -> None:
-    """Collectively save a sharded state dict as a complete, atomically placed checkpoint."""
+    """Collectively save a sharded state dict as a complete, atomically placed checkpoint.
+
+    ``common_state`` (rank 0's, e.g. scheduler and data position) goes to ``common_state.pt``;
+    ``rank_state`` (e.g. RNG states) to ``rank_state/<rank>.pt`` for every rank.
+    """
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".partial")
     rank = dist.get_rank()
@@ -90,6 +100,9 @@ def save_sharded(
         staging.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(sharded_state_dict, str(staging), sharded_strategy=_save_strategy())
+    if rank_state is not None:
+        (staging / RANK_STATE_DIR).mkdir(exist_ok=True)
+        torch.save(rank_state, staging / RANK_STATE_DIR / f"{rank}.pt")
     dist.barrier()
     if rank == 0:
         hf_dir = staging / HF_DIR
@@ -105,6 +118,8 @@ def save_sharded(
             **(extra_meta or {}),
         }
         (staging / META).write_text(json.dumps(meta, indent=1))
+        if common_state is not None:
+            torch.save(common_state, staging / COMMON_STATE)
         write_manifest(staging)
         if directory.exists():
             shutil.rmtree(directory)
@@ -118,20 +133,28 @@ def load_sharded(sharded_state_dict: dict, directory: str | os.PathLike) -> dict
     return dist_checkpointing.load(sharded_state_dict, str(directory))
 
 
+def load_common_state(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / COMMON_STATE
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def load_rank_state(directory: str | os.PathLike) -> dict | None:
+    """This rank's saved state, or None when the checkpoint came from a smaller world."""
+    path = Path(directory) / RANK_STATE_DIR / f"{dist.get_rank()}.pt"
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
 def save_model(model, directory, *, adapter: ModelAdapter, hf_source_dir=None) -> None:
     save_sharded(
         {"model": model.sharded_state_dict()},
         directory,
         adapter=adapter,
         hf_source_dir=hf_source_dir,
-        padded_vocab_size=_padded_vocab(model),
+        padded_vocab_size=model.vocab_size,
+        extra_meta={"value_head": is_value_model(model)},
     )
 
 
 def load_model(model, directory) -> None:
     state = load_sharded({"model": model.sharded_state_dict()}, directory)
     model.load_state_dict(state["model"], strict=True)
-
-
-def _padded_vocab(model) -> int:
-    return model.vocab_size

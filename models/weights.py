@@ -20,6 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from models.adapter import AttentionShape, ModelAdapter, Split, WeightSpec
+from models.heads import is_value_model
 from models.hf_checkpoint import (
     CheckpointError,
     HFCheckpointReader,
@@ -55,6 +56,12 @@ def _offsets(model, adapter: ModelAdapter) -> dict:
         "layer_offset": get_transformer_layer_offset(model.config),
         "expert_offset": ps.get_expert_model_parallel_rank() * experts_per_rank,
     }
+
+
+def _resolve(model, adapter: ModelAdapter, name: str, offsets: dict) -> tuple[WeightSpec, dict]:
+    if name == "output_layer.weight" and is_value_model(model):
+        name = "value_head.weight"  # the ValueHead sits where the LM output layer would
+    return adapter.resolve(name, **offsets)
 
 
 def _hf_names(spec: WeightSpec, index: dict) -> list[str]:
@@ -128,7 +135,7 @@ def load_hf_weights(model, adapter: ModelAdapter, hf_path: str | os.PathLike, *,
         params = tqdm(params, desc="load HF weights", unit="tensor")
     try:
         for name, param in params:
-            spec, index = adapter.resolve(name, **offsets)
+            spec, index = _resolve(model, adapter, name, offsets)
             names = _hf_names(spec, index)
             if spec.megatron == "value_head.weight" and names[0] not in reader:
                 continue
@@ -192,8 +199,8 @@ def iter_hf_weights(
     """
     offsets = _offsets(model, adapter)
     for name, param in model.named_parameters():
-        spec, index = adapter.resolve(name, **offsets)
-        if name == "output_layer.weight" and adapter.tie_word_embeddings:
+        spec, index = _resolve(model, adapter, name, offsets)
+        if spec.megatron == "output_layer.weight" and adapter.tie_word_embeddings:
             continue  # the first stage exports the embedding HF ties to it
         _, _, group = _tp_placement(name)
         local = tensor_of(param)

@@ -1,7 +1,8 @@
 """Start N local ranks the way torchrun does, for CLIs that can be run with a plain ``python``.
 
 Under torchrun (``RANK`` in the environment) the function runs in place; otherwise it spawns
-``world_size`` processes with torchrun's environment variables and fails if any rank fails.
+``world_size`` processes (one included: the caller's process stays free of distributed state)
+with torchrun's environment variables, and fails if any rank fails.
 """
 from __future__ import annotations
 
@@ -42,9 +43,6 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args) -> None:
                 f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but the parallel sizes need {world_size} ranks"
             )
         fn(*args)
-        return
-    if world_size == 1:
-        _rank_main(0, fn, 1, _free_port(), args)
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     mp.start_processes(_rank_main, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="spawn")

@@ -1,0 +1,138 @@
+"""Training checkpoints: model, optimizer, LR schedule, data position and RNG, resumable.
+
+Saved in the sharded Megatron format of ``models.mcore_checkpoint`` under
+``<ckpt_path>/global_step<N>``: complete directories only (written aside and renamed), the
+newest ``--max_ckpt_num`` kept. Resume takes the newest checkpoint that verifies; a truncated
+or half-written one is reported and skipped in favour of the previous.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.heads import is_value_model
+from models.hf_checkpoint import CheckpointError
+from models.mcore_checkpoint import (
+    load_common_state,
+    load_rank_state,
+    load_sharded,
+    read_meta,
+    save_sharded,
+    verify_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^global_step(\d+)$")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Flags: --ckpt_path --save_steps --max_ckpt_num --load_checkpoint."""
+
+    ckpt_path: str | None = None
+    save_steps: int = -1  # -1: only at the end
+    max_ckpt_num: int = 3
+    load_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_ckpt_num < 1:
+            raise ValueError(f"--max_ckpt_num must be >= 1, got {self.max_ckpt_num}")
+        if (self.load_checkpoint or self.save_steps > 0) and not self.ckpt_path:
+            raise ValueError("--load_checkpoint / --save_steps need --ckpt_path")
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_directories(ckpt_path: str | Path) -> list[tuple[int, Path]]:
+    """Checkpoint directories under ``ckpt_path``, oldest first (partial ones excluded)."""
+    root = Path(ckpt_path)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_valid_checkpoint(ckpt_path: str | Path) -> Path | None:
+    for step, directory in reversed(step_directories(ckpt_path)):
+        try:
+            verify_checkpoint(directory)
+            return directory
+        except CheckpointError as exc:
+            logger.warning("skipping unusable checkpoint %s: %s", directory, exc)
+    return None
+
+
+def save_training_checkpoint(
+    config: CheckpointConfig,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    adapter,
+    hf_source_dir,
+) -> Path:
+    """Collectively save everything needed to resume after ``step``; rotate old checkpoints."""
+    directory = Path(config.ckpt_path) / f"global_step{step}"
+    model_sd = model.sharded_state_dict()
+    save_sharded(
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)},
+        directory,
+        adapter=adapter,
+        hf_source_dir=hf_source_dir,
+        padded_vocab_size=model.vocab_size,
+        extra_meta={"step": step, "value_head": is_value_model(model)},
+        common_state={"scheduler": scheduler.state_dict(), "trainer": trainer_state},
+        rank_state={"rng": _rng_state()},
+    )
+    if dist.get_rank() == 0:
+        for _, old in step_directories(config.ckpt_path)[: -config.max_ckpt_num]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return directory
+
+
+def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, schedule and RNG from ``directory``; return the trainer state."""
+    model_sd = model.sharded_state_dict()
+    state = load_sharded(
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory
+    )
+    model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    common = load_common_state(directory)
+    scheduler.load_state_dict(common["scheduler"])
+    rank_state = load_rank_state(directory)
+    if rank_state is not None:
+        _restore_rng(rank_state["rng"])
+    else:
+        logger.warning("no RNG state for rank %d in %s (different world size): RNG not restored", dist.get_rank(), directory)
+    return common["trainer"]
+
+
+def checkpoint_meta(directory: Path) -> dict:
+    return read_meta(directory)

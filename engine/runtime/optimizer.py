@@ -1,0 +1,89 @@
+"""Megatron DDP + distributed (DP-sharded) Adam + LR schedule, from one typed config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+_SCHEDULES = {"cosine_with_min_lr": "cosine", "cosine": "cosine", "constant": "constant", "linear": "linear"}
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Flags: --learning_rate --lr_warmup_ratio --lr_scheduler --min_lr_ratio --l2 --adam_betas --max_norm."""
+
+    learning_rate: float = 1e-5
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio (OpenRLHF's default)
+    lr_warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine_with_min_lr"
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    max_norm: float = 1.0
+    use_distributed_optimizer: bool = True
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.lr_warmup_ratio < 1:
+            raise ValueError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+        if self.lr_scheduler not in _SCHEDULES:
+            raise ValueError(f"--lr_scheduler must be one of {sorted(_SCHEDULES)}, got {self.lr_scheduler!r}")
+        if self.max_norm < 0:
+            raise ValueError(f"--max_norm must be >= 0 (0 disables clipping), got {self.max_norm}")
+
+
+def wrap_ddp(model, optim: OptimConfig) -> DistributedDataParallel:
+    """Megatron DDP: contiguous grad buffers, fp32 reduction, DP-sharded optimizer states."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    # The schedule calls this after the last backward: DP reduction, tied-embedding and
+    # sequence-parallel layernorm grad all-reduces.
+    model.config.finalize_model_grads_func = finalize_model_grads
+    return ddp
+
+
+def build_optimizer(ddp_model, optim: OptimConfig):
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.learning_rate,
+        min_lr=optim.learning_rate * optim.min_lr_ratio,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_betas[0],
+        adam_beta2=optim.adam_betas[1],
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.max_norm,
+        bf16=optim.bf16,
+        params_dtype=torch.bfloat16 if optim.bf16 else torch.float32,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [ddp_model], use_gloo_process_groups=torch.cuda.is_available())
+    ddp_model.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def build_scheduler(optimizer, optim: OptimConfig, *, total_steps: int) -> OptimizerParamScheduler:
+    warmup = int(total_steps * optim.lr_warmup_ratio)
+    style = _SCHEDULES[optim.lr_scheduler]
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else optim.learning_rate,
+        max_lr=optim.learning_rate,
+        min_lr=optim.learning_rate * optim.min_lr_ratio if style != "constant" else optim.learning_rate,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+    )

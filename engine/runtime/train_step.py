@@ -1,0 +1,86 @@
+"""One optimizer step over a global batch of micro-batches, for every trainer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from engine.runtime.schedule import LossFn, run_microbatches
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]  # summed over micro-batches and data-parallel ranks, then normalised
+    grad_norm: float
+    update_successful: bool
+
+
+def reduce_metrics(per_microbatch: list[dict], *, normaliser_key: str | None = None) -> dict[str, float]:
+    """Sum metric tensors over micro-batches and DP ranks; broadcast them from the last stage.
+
+    Keys ending in ``_sum`` are divided by the summed ``normaliser_key`` (e.g. a token count)
+    and reported without the suffix; everything else is averaged over micro-batches.
+    """
+    keys = sorted(per_microbatch[0]) if per_microbatch else []
+    names = _broadcast_keys_from_last_stage(keys)
+    values = torch.zeros(len(names) + 1, dtype=torch.float64)
+    for metrics in per_microbatch:
+        for i, name in enumerate(names):
+            values[i] += float(metrics[name])
+    values[-1] = len(per_microbatch)
+    dist.all_reduce(values, group=ps.get_data_parallel_group(with_context_parallel=True))
+    # Non-last stages hold zeros: a sum over the pipeline group gives them the last stage's values.
+    dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+    count = max(values[-1].item(), 1.0)
+    totals = dict(zip(names, values[:-1].tolist()))
+    out = {}
+    for name, total in totals.items():
+        if name.endswith("_sum") and normaliser_key:
+            out[name[: -len("_sum")]] = total / max(totals.get(normaliser_key, 0.0), 1.0)
+        elif name != normaliser_key:
+            out[name] = total / count
+    if normaliser_key in totals:
+        out[normaliser_key] = totals[normaliser_key]
+    return out
+
+
+def _broadcast_keys_from_last_stage(keys: list[str]) -> list[str]:
+    holder = [keys if ps.is_pipeline_last_stage() else None]
+    group = ps.get_pipeline_model_parallel_group()
+    last = dist.get_global_rank(group, dist.get_world_size(group) - 1)
+    dist.broadcast_object_list(holder, src=last, group=group)
+    return holder[0]
+
+
+def train_step(
+    ddp_model,
+    optimizer,
+    scheduler,
+    microbatches: list[dict],
+    loss_fn: LossFn,
+    *,
+    seq_length: int,
+    normaliser_key: str | None = None,
+) -> StepResult:
+    """Zero grads, forward/backward all micro-batches (1F1B under PP), reduce, clip, step."""
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = run_microbatches(
+        ddp_model,
+        microbatches,
+        loss_fn,
+        num_microbatches=len(microbatches),
+        forward_only=False,
+        seq_length=seq_length,
+        micro_batch_size=microbatches[0]["input_ids"].shape[0],
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    return StepResult(
+        metrics=reduce_metrics(metrics, normaliser_key=normaliser_key),
+        grad_norm=float(grad_norm or 0.0),
+        update_successful=bool(update_successful),
+    )

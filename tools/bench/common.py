@@ -1,0 +1,36 @@
+"""Shared pieces of the benchmarks: the reference workload W and result tables."""
+from __future__ import annotations
+
+# Workload W (DESIGN.md): Llama architecture, hidden 512, 8 layers, 8 heads / 4 KV heads,
+# intermediate 1408, the local tokenizer (~500 tokens): ~24M parameters.
+REFERENCE_MODEL = dict(
+    hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408,
+    max_position_embeddings=2048,
+)
+QUICK_MODEL = dict(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+    max_position_embeddings=2048,
+)
+
+
+def reference_model(directory: str, *, quick: bool = False, arch: str = "llama") -> str:
+    """Build workload W's model (or a small one with ``quick``) under ``directory``."""
+    from models.tiny import build_tiny_model
+
+    return build_tiny_model(arch, f"{directory}/{arch}", **(QUICK_MODEL if quick else REFERENCE_MODEL))
+
+
+def print_table(title: str, header: list[str], rows: list[tuple]) -> None:
+    cells = [[str(h) for h in header]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)

@@ -37,8 +37,8 @@ def _check_divisible(length: int, cp_size: int, what: str) -> None:
 def zigzag_split(tensor: torch.Tensor, *, dim: int, cp_rank: int, cp_size: int) -> torch.Tensor:
     """Keep CP rank ``cp_rank``'s zigzag shard of ``tensor`` along ``dim``: chunks ``r`` and ``2C-1-r``.
 
-    ``tensor.shape[dim]`` must be divisible by ``2 * cp_size``. Returns a new tensor of length
-    ``shape[dim] / cp_size`` along ``dim``; differentiable.
+    ``tensor.shape[dim]`` must be divisible by ``2 * cp_size``. Returns a tensor of length
+    ``shape[dim] / cp_size`` along ``dim`` (``tensor`` itself when ``cp_size == 1``); differentiable.
     """
     if cp_size == 1:
         return tensor
@@ -61,20 +61,34 @@ def zigzag_unsplit(pieces: list[torch.Tensor], *, dim: int) -> torch.Tensor:
 def zigzag_gather(local: torch.Tensor, *, dim: int, cp_group: dist.ProcessGroup) -> torch.Tensor:
     """All-gather the zigzag shards of ``cp_group`` and return the tensor in global sequence order.
 
-    Differentiable when ``local`` requires grad: the gradient of each rank's shard is the sum over
-    ranks of the gradient of its slice (``torch.distributed.nn`` all-gather semantics).
+    Differentiable: each rank's shard receives the sum over ranks of the gradient of its slice
+    (every rank may use the whole gathered tensor in its loss).
     """
-    cp_size = dist.get_world_size(group=cp_group)
-    if cp_size == 1:
+    if dist.get_world_size(group=cp_group) == 1:
         return local
-    if local.requires_grad and torch.is_grad_enabled():
-        from torch.distributed.nn.functional import all_gather
+    return _ZigzagGather.apply(local, dim, cp_group)
 
-        pieces = list(all_gather(local, group=cp_group))
-    else:
-        pieces = [torch.empty_like(local) for _ in range(cp_size)]
+
+class _ZigzagGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, dim, cp_group):
+        ctx.dim, ctx.cp_group = dim, cp_group
+        pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group=cp_group))]
         dist.all_gather(pieces, local.contiguous(), group=cp_group)
-    return zigzag_unsplit(pieces, dim=dim)
+        return zigzag_unsplit(pieces, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        # all_reduce + local slice rather than reduce_scatter: gloo has no reduce_scatter.
+        grad_full = grad_full.contiguous()
+        dist.all_reduce(grad_full, group=ctx.cp_group)
+        grad_local = zigzag_split(
+            grad_full,
+            dim=ctx.dim,
+            cp_rank=dist.get_rank(group=ctx.cp_group),
+            cp_size=dist.get_world_size(group=ctx.cp_group),
+        )
+        return grad_local, None, None
 
 
 def zigzag_positions(seq_len: int, cp_rank: int, cp_size: int, *, device=None) -> torch.Tensor:
@@ -84,20 +98,23 @@ def zigzag_positions(seq_len: int, cp_rank: int, cp_size: int, *, device=None) -
 
 
 def pad_packed_for_cp(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """Global ``cu_seqlens`` with every sample's length rounded up to a multiple of ``2 * cp_size``.
+    """Global ``cu_seqlens`` with every sample's length rounded up to a multiple of ``2 * cp_size``
+    (unchanged when ``cp_size == 1``).
 
     This is what Megatron expects in ``PackedSeqParams.cu_seqlens_q_padded`` (and what its
     ``thd`` rotary path divides by ``cp_size``). Padding goes at the end of each sample, so
     under causal attention no real token ever sees a pad token.
     """
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    multiple = 2 * cp_size
+    multiple = 2 * cp_size if cp_size > 1 else 1  # without CP nothing is split, so nothing to pad
     padded = (lengths + multiple - 1) // multiple * multiple
     return torch.cat([cu_seqlens.new_zeros(1), torch.cumsum(padded, 0).to(cu_seqlens.dtype)])
 
 
 def local_cu_seqlens(cu_seqlens_padded: torch.Tensor, cp_size: int) -> torch.Tensor:
     """Per-rank ``cu_seqlens`` of a packed batch whose global padded ``cu_seqlens`` are given."""
+    if cp_size == 1:
+        return cu_seqlens_padded
     lengths = cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]
     if bool(((lengths % (2 * cp_size)) != 0).any()):
         raise ValueError(
@@ -128,7 +145,7 @@ def zigzag_split_packed(
     pieces = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         sample = tensor.narrow(dim, start, end - start)
-        pad = -(end - start) % (2 * cp_size)
+        pad = -(end - start) % (2 * cp_size) if cp_size > 1 else 0
         if pad:
             pad_shape = list(sample.shape)
             pad_shape[dim] = pad

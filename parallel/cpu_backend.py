@@ -89,6 +89,7 @@ def _cpu_factory(factory):
     def create(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)  # pinning needs a CUDA driver (rotary CP slicing asks for it)
         return factory(*args, **kwargs)
 
     return create

@@ -14,6 +14,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+from engine.runtime.cp_batch import split_for_context_parallel
+
 # loss_fn(output, batch) -> (loss_for_backward, metrics dict)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
@@ -23,10 +25,19 @@ def packed_seq_params(batch: dict) -> PackedSeqParams | None:
     cu_seqlens = batch.get("cu_seqlens")
     if cu_seqlens is None:
         return None
-    cu_seqlens = cu_seqlens.to(torch.int32)
+    # Under context parallelism the global boundaries padded per sample to 2 x CP (cp_batch.py):
+    # Megatron's rotary and our ring attention derive the local layout from them.
+    padded = batch.get("cu_seqlens_padded")
+    cu_seqlens = (padded if padded is not None else cu_seqlens).to(torch.int32)
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=max_len, max_seqlen_kv=max_len
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=padded.to(torch.int32) if padded is not None else None,
+        cu_seqlens_kv_padded=padded.to(torch.int32) if padded is not None else None,
+        max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
     )
 
 
@@ -57,8 +68,11 @@ def run_microbatches(
     iterator = iter(microbatches)
     device = next(model.parameters()).device
 
+    cp_rank, cp_size = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
+
     def forward_step(data_iterator, chunk):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
+        batch = split_for_context_parallel(next(data_iterator), cp_rank=cp_rank, cp_size=cp_size)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         output = model_forward(chunk, batch)
         return output, lambda out: loss_fn(out, batch)
 

@@ -62,6 +62,15 @@ def packed_causal(q, k, v, cu_seqlens: torch.Tensor, *, scale: float, dropout_p:
     return out
 
 
+def _local_cu_seqlens(packed_seq_params, cp_size: int) -> torch.Tensor:
+    """This CP rank's sample boundaries. Megatron's ``PackedSeqParams`` hold the GLOBAL ones (its
+    ``thd`` rotary divides them by the CP size); ring attention wants the local ones."""
+    from parallel.context_parallel import local_cu_seqlens
+
+    padded = packed_seq_params.cu_seqlens_q_padded
+    return local_cu_seqlens(padded if padded is not None else packed_seq_params.cu_seqlens_q, cp_size)
+
+
 class CoreAttention(MegatronModule):
     """Drop-in ``core_attention`` for Megatron's ``SelfAttention`` (causal decoder models)."""
 
@@ -108,7 +117,7 @@ class CoreAttention(MegatronModule):
                 query, key, value,
                 cp_group=self.cp_group,
                 scale=self.softmax_scale,
-                cu_seqlens=packed_seq_params.cu_seqlens_q if packed else None,
+                cu_seqlens=_local_cu_seqlens(packed_seq_params, self.cp_group.size()) if packed else None,
             ).flatten(-2)
         if packed:
             out = packed_causal(

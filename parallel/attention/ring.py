@@ -1,25 +1,26 @@
 """Ring attention over a context-parallel group, for the zigzag layout of ``parallel.context_parallel``.
 
 Each CP rank holds a zigzag shard of q/k/v: chunks ``r`` and ``2C-1-r`` of ``2C`` (of every sample
-when packed). K/V blocks travel around the ring (rank r sends to r+1, receives from r-1), so at
-step ``i`` rank ``r`` holds the K/V of rank ``src = (r - i) mod C``. For every (q chunk, k chunk)
-pair the causal relation of their global chunk indices decides the work: earlier k chunk ->
-full attention, same chunk -> causal diagonal, later k chunk -> skipped. With the zigzag layout
-this leaves every rank the same amount of work at every step (step 0: the local causal block;
-``src < r``: all of q against the first half of K/V; ``src > r``: the second half of q against
-all of K/V). Partial outputs are merged exactly with their log-sum-exp.
+when packed). K/V travel around the ring (rank r sends to r+1, receives from r-1), so at step
+``i`` rank ``r`` holds the K/V of rank ``src = (r - i) mod C``. For every (q chunk, k chunk) pair
+the causal relation of their global chunk indices decides the work: earlier k chunk -> full
+attention, same chunk -> causal diagonal, later k chunk -> skipped. With the zigzag layout every
+rank does the same work at every step (step 0: the local causal block; ``src < r``: all of q
+against the first half of K/V; ``src > r``: the second half of q against all of K/V). Partial
+outputs are merged exactly with their log-sum-exp.
 
 The backward pass is a second ring: K/V travel again together with their dK/dV accumulators,
-which take one extra hop to arrive home. Only local tensors are saved, so activation memory is
-O(local sequence); the transient score block is O(local^2).
+which take one extra hop to arrive home. Only local tensors are saved (q, k, v themselves, the
+output and its log-sum-exp), so activation memory is O(local sequence).
 
-On CUDA with fp16/bf16 and ``ring_flash_attn`` installed, the same layout is handed to
-``zigzag_ring_flash_attn_func`` / ``zigzag_ring_flash_attn_varlen_func`` (flash-attn kernels).
-The pure PyTorch path below is the reference that the CPU tests prove against full attention.
+Block kernels: on CPU, PyTorch's fused flash kernel (what SDPA runs there), which returns the
+log-sum-exp and never materialises the score block; elsewhere an explicit-math kernel. On CUDA
+with fp16/bf16 and ``ring_flash_attn`` installed, the whole ring is handed to its
+``zigzag_ring_flash_attn_func`` / ``zigzag_ring_flash_attn_varlen_func``, which use this layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,8 @@ try:  # GPU extra (pip install ring-flash-attn); absent on CPU machines.
 except ImportError:  # pragma: no cover - depends on the machine
     HAVE_RING_FLASH_ATTN = False
 
-_KV_TAG, _DKV_TAG = 0, 1
+# Point-to-point tags: K and V, then dK and dV, may be in flight between the same ranks at once.
+_KV_TAGS, _DKV_TAGS = (0, 1), (2, 3)
 
 
 def ring_attention(
@@ -105,35 +107,18 @@ def _ring_attention_all_heads(q, k, v, *, cp_group, scale, cu_seqlens):
         return torch.cat([out, out.new_zeros(q.shape[0] - used, *out.shape[1:])])
     if _use_ring_flash(q):
         return _ring_flash_attention(q, k, v, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens)
-    cp_size = dist.get_world_size(group=cp_group)
-    layout = _ZigzagLayout.build(q.shape[0], cu_seqlens, cp_size=cp_size, device=q.device)
-    # Internal layout: q [b, kv_heads, group, n, d], k/v stacked [2, b, kv_heads, n, d] so that one
-    # message carries both and GQA broadcasts instead of copying K/V per query head.
-    q5, kv = _to_internal(q, k, v, packed=cu_seqlens is not None)
-    out5 = _RingAttentionFunction.apply(q5, kv, layout, cp_group, scale)
-    return _from_internal(out5, packed=cu_seqlens is not None)
-
-
-def _to_internal(q, k, v, *, packed: bool):
-    if packed:  # [t, h, d] -> [1, t, h, d]
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    else:  # [s, b, h, d] -> [b, s, h, d]
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    batch, seq, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    q5 = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, heads // kv_heads, seq, dim)
-    kv = torch.stack([k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)])
-    return q5, kv
-
-
-def _from_internal(out5, *, packed: bool):
-    batch, kv_heads, group, seq, dim = out5.shape
-    out = out5.reshape(batch, kv_heads * group, seq, dim).permute(2, 0, 1, 3)  # [n, b, h, d]
-    return out[:, 0] if packed else out
+    layout = _ZigzagLayout.build(q.shape[0], cu_seqlens, cp_size=dist.get_world_size(group=cp_group),
+                                 device=q.device)
+    # Internally everything stays in the caller's [n, b, h, d] layout (packed: b = 1), token dim 0:
+    # K/V are sent as they are, and kernels get [b, h, n, d] views, so nothing is copied.
+    if cu_seqlens is not None:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    out = _RingAttentionFunction.apply(q, k.contiguous(), v.contiguous(), layout, cp_group, scale)
+    return out.squeeze(1) if cu_seqlens is not None else out
 
 
 # --------------------------------------------------------------------------------------------
-# Layout: which local tokens form each zigzag chunk, and their global positions per owner rank.
+# Layout: which local tokens form each zigzag chunk, and which attention calls a step needs.
 # --------------------------------------------------------------------------------------------
 
 FULL, DIAGONAL, SKIP = "full", "diagonal", "skip"
@@ -159,6 +144,7 @@ class _ZigzagLayout:
     halves: tuple  # (first chunk, second chunk): slice or LongTensor over local tokens
     sample_lengths: tuple[int, ...] | None  # local lengths per packed sample, None when padded
     device: torch.device
+    _positions: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def build(num_tokens: int, cu_seqlens, *, cp_size: int, device) -> "_ZigzagLayout":
@@ -174,103 +160,147 @@ class _ZigzagLayout:
         halves = (torch.cat(first).to(device), torch.cat(second).to(device))
         return _ZigzagLayout(num_tokens, cp_size, halves, lengths, device)
 
-    def positions(self, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def packed_positions(self, owner: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample id, global position inside its sample) of each local token of rank ``owner``."""
-        if self.sample_lengths is None:
-            pos = zigzag_positions(self.num_tokens * self.cp_size, owner, self.cp_size, device=self.device)
-            return torch.zeros_like(pos), pos
-        ids, pos = [], []
-        for sample, length in enumerate(self.sample_lengths):
-            if length:
+        if owner not in self._positions:
+            ids, pos = [], []
+            for sample, length in enumerate(self.sample_lengths):
                 pos.append(zigzag_positions(length * self.cp_size, owner, self.cp_size, device=self.device))
                 ids.append(torch.full((length,), sample, device=self.device))
-        return torch.cat(ids), torch.cat(pos)
+            self._positions[owner] = (torch.cat(ids), torch.cat(pos))
+        return self._positions[owner]
 
 
-def _select(x: torch.Tensor, tokens, dim: int) -> torch.Tensor:
-    """Tokens ``tokens`` (None = all, slice, or LongTensor) of ``x`` along ``dim``."""
+def _select(x: torch.Tensor, tokens) -> torch.Tensor:
+    """Tokens ``tokens`` (None = all, slice, or LongTensor) of ``x`` along dim 0."""
     if tokens is None:
         return x
     if isinstance(tokens, slice):
-        return x.narrow(dim, tokens.start, tokens.stop - tokens.start)
-    return x.index_select(dim, tokens)
+        return x[tokens]
+    return x.index_select(0, tokens)
 
 
 @dataclass
 class _Block:
-    """One attention call of a ring step: q tokens of one local chunk against some K/V tokens."""
+    """One attention call of a ring step: q tokens of one local chunk against some K/V tokens.
+
+    ``causal`` marks a square diagonal pair (top-left aligned causal mask); ``mask`` ([n_q,
+    n_kv] bool, True = attend) is only built for packed batches, where samples must not mix.
+    """
 
     q_half: int
     kv_tokens: object  # None (all), slice or LongTensor
-    mask: torch.Tensor | None  # [n_q, n_kv] bool, True = attend
+    causal: bool = False
+    mask: torch.Tensor | None = None
 
 
-def _plan_step(layout: _ZigzagLayout, rank: int, src: int, positions: dict) -> list[_Block]:
+def _plan_step(layout: _ZigzagLayout, rank: int, src: int) -> list[_Block]:
     """The attention calls of the step where rank ``rank`` holds the K/V of rank ``src``."""
     blocks = []
     for q_half in (0, 1):
         q_chunk = _chunk_index(rank, q_half, layout.cp_size)
         modes = [chunk_pair_mode(q_chunk, _chunk_index(src, kv_half, layout.cp_size)) for kv_half in (0, 1)]
-        kv_halves = [h for h in (0, 1) if modes[h] != SKIP]
-        if not kv_halves:
-            continue
-        kv_tokens = None if kv_halves == [0, 1] else layout.halves[kv_halves[0]]
-        causal = DIAGONAL in modes
-        packed = layout.sample_lengths is not None and len(layout.sample_lengths) > 1
-        mask = None
-        if causal or packed:
-            q_ids, q_pos = (_select(t, layout.halves[q_half], 0) for t in positions[rank])
-            kv_ids, kv_pos = (_select(t, kv_tokens, 0) for t in positions[src])
-            # Same sample, and not in the future (always true for FULL pairs, causal on DIAGONAL).
-            mask = (q_ids[:, None] == kv_ids[None, :]) & (q_pos[:, None] >= kv_pos[None, :])
-        blocks.append(_Block(q_half, kv_tokens, mask))
+        if layout.sample_lengths is None:
+            blocks += _padded_blocks(layout, q_half, modes)
+        elif modes != [SKIP, SKIP]:
+            blocks.append(_packed_block(layout, q_half, modes, rank, src))
     return blocks
 
 
+def _padded_blocks(layout, q_half: int, modes: list[str]) -> list[_Block]:
+    if modes == [FULL, FULL]:
+        return [_Block(q_half, None)]  # one call over all of K/V
+    return [
+        _Block(q_half, layout.halves[kv_half], causal=mode == DIAGONAL)
+        for kv_half, mode in enumerate(modes)
+        if mode != SKIP
+    ]
+
+
+def _packed_block(layout, q_half: int, modes: list[str], rank: int, src: int) -> _Block:
+    kv_halves = [h for h in (0, 1) if modes[h] != SKIP]
+    kv_tokens = None if kv_halves == [0, 1] else layout.halves[kv_halves[0]]
+    q_ids, q_pos = (_select(t, layout.halves[q_half]) for t in layout.packed_positions(rank))
+    kv_ids, kv_pos = (_select(t, kv_tokens) for t in layout.packed_positions(src))
+    # Same sample, and not in the future (always true for FULL pairs, causal on DIAGONAL ones).
+    mask = (q_ids[:, None] == kv_ids[None, :]) & (q_pos[:, None] >= kv_pos[None, :])
+    return _Block(q_half, kv_tokens, mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
-# Block math on [b, kv_heads, group, n, d] queries and [b, kv_heads, m, d] keys/values, in fp32
-# (or fp64) so that merging partial softmaxes loses nothing for half-precision inputs.
+# Block kernels on q [b, heads, n, d] and k/v [b, kv_heads, m, d] views (GQA: query head i uses
+# kv head i // group). They return / take the block's log-sum-exp [b, heads, n], which makes
+# partial results mergeable and the backward exact given the GLOBAL out and lse of the rows.
 # --------------------------------------------------------------------------------------------
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _use_fused_cpu_kernel(q: torch.Tensor) -> bool:
+    return _FLASH_CPU is not None and q.device.type == "cpu"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Partial results are merged in fp32 (fp64 stays fp64) so half-precision inputs lose nothing.
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[b, kv_heads, group, n, ...] -> [b, kv_heads, group*n, ...]: the heads of a GQA group share K/V,
-    so they become extra rows of one matmul instead of broadcasting (which would copy K/V)."""
-    return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], *x.shape[4:])
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(1, 2, 0, 3)  # [n, b, h, d] -> [b, h, n, d], a view
 
 
-def _block_probs(q, k, mask, scale, lse=None):
-    """Masked scores ``[b, kv_heads, group, n, m]`` of q against k; exp-normalised by ``lse`` if given."""
-    scores = torch.matmul(_rows(q), k.transpose(-1, -2)).mul_(scale).view(*q.shape[:-1], k.shape[-2])
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    if lse is None:
-        return scores
-    return scores.sub_(lse.unsqueeze(-1)).exp_()
+def _additive_mask(block: _Block, dtype: torch.dtype) -> torch.Tensor | None:
+    if block.mask is None:
+        return None
+    additive = torch.zeros(block.mask.shape, dtype=dtype, device=block.mask.device)
+    return additive.masked_fill_(~block.mask, float("-inf"))
 
 
-def _block_forward(q, k, v, mask, scale):
-    scores = _block_probs(q, k, mask, scale)
+def _block_forward(q, k, v, block: _Block, scale: float):
+    """(out [b, h, n, d], lse [b, h, n]) of q attending to k/v under the block's mask."""
+    if _use_fused_cpu_kernel(q):
+        return _FLASH_CPU(q, k, v, 0.0, block.causal, attn_mask=_additive_mask(block, q.dtype), scale=scale)
+    scores = _math_scores(q, k, block, scale)
     lse = torch.logsumexp(scores, dim=-1)
     probs = scores.sub_(lse.unsqueeze(-1)).exp_()
-    return torch.matmul(_rows(probs), v).view(q.shape), lse
+    return torch.matmul(_rows(probs), v).view(q.shape), lse.flatten(1, 2)
 
 
-def _block_backward(q, k, v, mask, scale, dout, lse, delta):
-    """Gradients of one block given the GLOBAL row statistics ``lse`` and ``delta = sum(dout*out)``."""
-    probs = _block_probs(q, k, mask, scale, lse=lse)
-    dout_rows = _rows(dout)
+def _block_backward(q, k, v, block: _Block, scale: float, dout, out, lse):
+    """(dq, dk, dv) of one block, given the GLOBAL ``out`` and ``lse`` of these query rows."""
+    if _use_fused_cpu_kernel(q):
+        return _FLASH_CPU_BACKWARD(dout, q, k, v, out, lse, 0.0, block.causal,
+                                   attn_mask=_additive_mask(block, q.dtype), scale=scale)
+    group_shape = (q.shape[0], k.shape[1], -1, q.shape[2])  # [b, kv_heads, group, n]
+    probs = _math_scores(q, k, block, scale).sub_(lse.reshape(group_shape).unsqueeze(-1)).exp_()
+    delta = (dout * out).sum(dim=-1).reshape(group_shape)
+    dout_rows = _rows(dout.reshape(*group_shape, q.shape[-1]))
     dv = torch.matmul(_rows(probs).transpose(-1, -2), dout_rows)  # sums over the GQA group
     dscores = torch.matmul(dout_rows, v.transpose(-1, -2)).view(probs.shape)
     dscores.sub_(delta.unsqueeze(-1)).mul_(probs)
     del probs
     dq = torch.matmul(_rows(dscores), k).mul_(scale).view(q.shape)
-    dk = torch.matmul(_rows(dscores).transpose(-1, -2), _rows(q)).mul_(scale)
+    dk = torch.matmul(_rows(dscores).transpose(-1, -2), _rows(q.reshape(*group_shape, q.shape[-1]))).mul_(scale)
     return dq, dk, dv
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[b, kv_heads, group, n, ...] -> [b, kv_heads, group*n, ...]: the query heads of a GQA group
+    share K/V, so they become extra rows of one matmul instead of a broadcast (which copies K/V)."""
+    return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3], *x.shape[4:])
+
+
+def _math_scores(q, k, block: _Block, scale: float) -> torch.Tensor:
+    """Masked scores [b, kv_heads, group, n, m] (the reference kernel; materialises the block)."""
+    q5 = q.reshape(q.shape[0], k.shape[1], -1, *q.shape[2:])
+    scores = torch.matmul(_rows(q5), k.transpose(-1, -2)).mul_(scale).view(*q5.shape[:-1], k.shape[-2])
+    mask = block.mask
+    if block.causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores
 
 
 def _merge(acc, block):
@@ -283,16 +313,24 @@ def _merge(acc, block):
     return out, new_lse
 
 
-def _join_halves(layout: _ZigzagLayout, parts, dim: int) -> torch.Tensor:
-    """Put per-chunk results (in ``layout.halves`` order) back into local token order along ``dim``."""
+def _join_halves(layout: _ZigzagLayout, parts) -> torch.Tensor:
+    """Per-chunk results (token dim 0, in ``layout.halves`` order) back in local token order."""
     if layout.sample_lengths is None:
-        return torch.cat(parts, dim=dim)
-    shape = list(parts[0].shape)
-    shape[dim] = layout.num_tokens
-    joined = parts[0].new_empty(shape)
+        return torch.cat(parts)
+    joined = parts[0].new_empty(layout.num_tokens, *parts[0].shape[1:])
     for tokens, part in zip(layout.halves, parts):
-        joined.index_copy_(dim, tokens, part)
+        joined.index_copy_(0, tokens, part)
     return joined
+
+
+def _add_tokens(target: torch.Tensor, tokens, values: torch.Tensor) -> None:
+    """``target[tokens] += values`` along dim 0."""
+    if tokens is None:
+        target.add_(values)
+    elif isinstance(tokens, slice):
+        target[tokens].add_(values)
+    else:
+        target.index_add_(0, tokens, values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,16 +348,16 @@ class _RingComm:
         self.next_rank = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev_rank = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def start(self, tensor: torch.Tensor, *, tag: int):
-        """Post the exchange; returns a callable that waits and yields the received tensor."""
-        received = torch.empty_like(tensor)
-        ops = [
-            dist.P2POp(dist.isend, tensor, self.next_rank, group=self.group, tag=tag),
-            dist.P2POp(dist.irecv, received, self.prev_rank, group=self.group, tag=tag),
-        ]
+    def start(self, tensors: tuple[torch.Tensor, ...], tags: tuple[int, ...]):
+        """Post the exchange of each tensor; returns a callable that waits and yields the received ones."""
+        received = tuple(torch.empty_like(t) for t in tensors)
+        ops = []
+        for tensor, buffer, tag in zip(tensors, received, tags):
+            ops.append(dist.P2POp(dist.isend, tensor, self.next_rank, group=self.group, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, buffer, self.prev_rank, group=self.group, tag=tag))
         requests = dist.batch_isend_irecv(ops)
 
-        def wait() -> torch.Tensor:
+        def wait() -> tuple[torch.Tensor, ...]:
             for request in requests:
                 request.wait()
             return received
@@ -327,91 +365,85 @@ class _RingComm:
         return wait
 
 
-def _ring_forward(q5, kv, layout, comm, scale):
-    compute = _compute_dtype(q5.dtype)
-    qc = q5.to(compute)
-    positions = {comm.rank: layout.positions(comm.rank)}
+def _ring_forward(q, kv, layout, comm, scale):
+    """Returns out [b, h, n, d] and lse [b, h, n] in the compute dtype."""
+    compute = _compute_dtype(q.dtype)
+    qc = q.to(compute)
     acc = [None, None]
     for step in range(comm.size):
         # Post the next block's transfer first so that it overlaps this block's compute.
-        pending = comm.start(kv, tag=_KV_TAG) if step + 1 < comm.size else None
+        pending = comm.start(kv, _KV_TAGS) if step + 1 < comm.size else None
         src = (comm.rank - step) % comm.size
-        positions.setdefault(src, layout.positions(src))
-        kvc = kv.to(compute)
-        for block in _plan_step(layout, comm.rank, src, positions):
-            q_block = _select(qc, layout.halves[block.q_half], 3)
-            k_block, v_block = (_select(t, block.kv_tokens, 2) for t in kvc)
-            acc[block.q_half] = _merge(acc[block.q_half], _block_forward(q_block, k_block, v_block, block.mask, scale))
+        kc, vc = (t.to(compute) for t in kv)
+        for block in _plan_step(layout, comm.rank, src):
+            q_block = _heads_first(_select(qc, layout.halves[block.q_half]))
+            k_block, v_block = (_heads_first(_select(t, block.kv_tokens)) for t in (kc, vc))
+            acc[block.q_half] = _merge(acc[block.q_half], _block_forward(q_block, k_block, v_block, block, scale))
         if pending is not None:
             kv = pending()
-    out = _join_halves(layout, [acc[0][0], acc[1][0]], dim=3)
-    lse = _join_halves(layout, [acc[0][1], acc[1][1]], dim=3)
-    return out.to(q5.dtype), lse
+    out = _join_halves(layout, [acc[0][0].permute(2, 0, 1, 3), acc[1][0].permute(2, 0, 1, 3)])
+    lse = _join_halves(layout, [acc[0][1].permute(2, 0, 1), acc[1][1].permute(2, 0, 1)])
+    return out, lse  # [n, b, h, d] and [n, b, h]
 
 
-def _ring_backward(q5, kv, out, lse, dout, layout, comm, scale):
-    compute = _compute_dtype(q5.dtype)
-    qc, doutc = q5.to(compute), dout.to(compute)
-    delta = (doutc * out.to(compute)).sum(dim=-1)
-    positions = {comm.rank: layout.positions(comm.rank)}
+def _ring_backward(q, kv, out, lse, dout, layout, comm, scale):
+    compute = _compute_dtype(q.dtype)
+    qc, doutc = q.to(compute), dout.to(compute)
     dq = torch.zeros_like(qc)
     dkv, dkv_pending = None, None
     for step in range(comm.size):
-        kv_pending = comm.start(kv, tag=_KV_TAG) if step + 1 < comm.size else None
+        kv_pending = comm.start(kv, _KV_TAGS) if step + 1 < comm.size else None
         src = (comm.rank - step) % comm.size
-        positions.setdefault(src, layout.positions(src))
-        block_dkv = _backward_step(qc, kv.to(compute), doutc, lse, delta, dq, layout, comm.rank, src, positions, scale)
-        # dK/dV of rank src's block travel with it: add ours to what the previous ranks summed.
-        dkv = block_dkv if dkv_pending is None else dkv_pending() + block_dkv
-        dkv_pending = comm.start(dkv, tag=_DKV_TAG) if comm.size > 1 else None
+        kvc = tuple(t.to(compute) for t in kv)
+        block_dkv = _backward_step(qc, kvc, doutc, out, lse, dq, layout, comm.rank, src, scale)
+        # dK/dV of rank src's block travel with it: add ours to what the previous ranks summed
+        # (in place: the received buffers are ours, and what we sent last step is untouched).
+        if dkv_pending is None:
+            dkv = block_dkv
+        else:
+            dkv = tuple(acc.add_(mine) for acc, mine in zip(dkv_pending(), block_dkv))
+        del block_dkv
+        dkv_pending = comm.start(dkv, _DKV_TAGS) if comm.size > 1 else None
         if kv_pending is not None:
             kv = kv_pending()
     # One more hop: after C sends each accumulator is back at the rank that owns the block.
-    dkv = dkv_pending() if dkv_pending is not None else dkv
-    return dq.to(q5.dtype), dkv.to(kv.dtype)
+    dk, dv = dkv_pending() if dkv_pending is not None else dkv
+    return dq.to(q.dtype), dk.to(kv[0].dtype), dv.to(kv[1].dtype)
 
 
-def _backward_step(qc, kvc, doutc, lse, delta, dq, layout, rank, src, positions, scale):
-    """Adds this step's contribution into ``dq`` and returns dK/dV (stacked) for rank src's block."""
-    dkv = torch.zeros_like(kvc)
-    for block in _plan_step(layout, rank, src, positions):
+def _backward_step(qc, kvc, doutc, out, lse, dq, layout, rank, src, scale):
+    """Adds this step's contribution into ``dq``; returns (dK, dV) for rank src's block."""
+    dk, dv = (torch.zeros_like(t) for t in kvc)
+    for block in _plan_step(layout, rank, src):
         q_tokens = layout.halves[block.q_half]
-        k_block, v_block = (_select(t, block.kv_tokens, 2) for t in kvc)
+        k_block, v_block = (_heads_first(_select(t, block.kv_tokens)) for t in kvc)
         dq_block, dk_block, dv_block = _block_backward(
-            _select(qc, q_tokens, 3), k_block, v_block, block.mask, scale,
-            _select(doutc, q_tokens, 3), _select(lse, q_tokens, 3), _select(delta, q_tokens, 3),
+            _heads_first(_select(qc, q_tokens)), k_block, v_block, block, scale,
+            _heads_first(_select(doutc, q_tokens)), _heads_first(_select(out, q_tokens)),
+            _select(lse, q_tokens).permute(1, 2, 0),
         )
-        _add_tokens(dq, q_tokens, dq_block, dim=3)
-        _add_tokens(dkv[0], block.kv_tokens, dk_block, dim=2)
-        _add_tokens(dkv[1], block.kv_tokens, dv_block, dim=2)
-    return dkv
-
-
-def _add_tokens(target: torch.Tensor, tokens, values: torch.Tensor, *, dim: int) -> None:
-    if tokens is None:
-        target.add_(values)
-    elif isinstance(tokens, slice):
-        target.narrow(dim, tokens.start, tokens.stop - tokens.start).add_(values)
-    else:
-        target.index_add_(dim, tokens, values)
+        _add_tokens(dq, q_tokens, dq_block.permute(2, 0, 1, 3))
+        _add_tokens(dk, block.kv_tokens, dk_block.permute(2, 0, 1, 3))
+        _add_tokens(dv, block.kv_tokens, dv_block.permute(2, 0, 1, 3))
+    return dk, dv
 
 
 class _RingAttentionFunction(torch.autograd.Function):
-    """Forward and backward rings; saves only local q, k/v, output and log-sum-exp."""
+    """Forward and backward rings on [n, b, h, d] shards; saves q, k, v, the output and lse."""
 
     @staticmethod
-    def forward(ctx, q5, kv, layout, cp_group, scale):
+    def forward(ctx, q, k, v, layout, cp_group, scale):
         comm = _RingComm(cp_group)
-        out, lse = _ring_forward(q5, kv, layout, comm, scale)
-        ctx.save_for_backward(q5, kv, out, lse)
+        out, lse = _ring_forward(q, (k, v), layout, comm, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.comm, ctx.scale = layout, comm, scale
-        return out
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q5, kv, out, lse = ctx.saved_tensors
-        dq, dkv = _ring_backward(q5, kv, out, lse, dout.contiguous(), ctx.layout, ctx.comm, ctx.scale)
-        return dq, dkv, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(q, (k, v), out, lse, dout, ctx.layout, ctx.comm, ctx.scale)
+        return dq, dk, dv, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Built-in synthetic, verifiable tasks for the demo, tests and benchmarks (no downloads)."""

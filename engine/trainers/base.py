@@ -1,0 +1,173 @@
+"""The loop every offline trainer (SFT, RM, DPO, KTO, PRM, KD) shares.
+
+A subclass says how a list of dataset samples becomes micro-batches and what the loss is; this
+class owns the rest: deterministic sharding of global batches over data-parallel ranks, gradient
+accumulation, evaluation, logging, checkpoints with exact resume, and the final HF export.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from engine.runtime.checkpoint import CheckpointConfig
+from engine.runtime.engine import EngineConfig, TrainingEngine
+from engine.runtime.logging import LoggingConfig, MetricsLogger, format_metrics
+from engine.runtime.schedule import LossFn
+
+
+@dataclass(kw_only=True)
+class TrainLoopConfig:
+    """Flags: --max_epochs --train_batch_size --micro_train_batch_size --eval_steps --save_path --save_hf_ckpt --max_steps."""
+
+    max_epochs: int = 1
+    train_batch_size: int = 128  # samples per optimizer step, over all data-parallel ranks
+    micro_train_batch_size: int = 8  # samples per micro-batch per rank (packing: ignored)
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    eval_steps: int = -1  # -1: evaluate at the end only (when an eval split exists)
+    save_path: str | None = None  # final HF checkpoint
+    save_hf_ckpt: bool = False  # also export HF weights with every training checkpoint
+
+    def __post_init__(self) -> None:
+        for flag in ("max_epochs", "train_batch_size", "micro_train_batch_size"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+
+
+@dataclass(kw_only=True)
+class OfflineTrainerConfig:
+    engine: EngineConfig
+    loop: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class OfflineTrainer:
+    """Subclasses implement ``make_microbatches`` and ``make_loss_fn`` (and may set ``normaliser_key``)."""
+
+    normaliser_key: str | None = None
+
+    def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None):
+        self.config = config
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        loop = config.loop
+        self.steps_per_epoch = len(train_dataset) // loop.train_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(train_dataset)} samples, fewer than --train_batch_size "
+                f"({loop.train_batch_size})"
+            )
+        self.total_steps = self.steps_per_epoch * loop.max_epochs
+        if loop.max_steps is not None:
+            self.total_steps = min(self.total_steps, loop.max_steps)
+        self.engine = TrainingEngine(config.engine, total_steps=self.total_steps)
+        self._check_batch_sizes()
+        self.logger = MetricsLogger(config.logging)
+        self.history: list[dict] = []
+
+    # ----- subclass hooks -----------------------------------------------------------------
+    def make_microbatches(self, samples: list) -> list[dict]:
+        raise NotImplementedError
+
+    def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
+        raise NotImplementedError
+
+    # ----- data placement -----------------------------------------------------------------
+    def _check_batch_sizes(self) -> None:
+        loop, dp = self.config.loop, self.engine.data_parallel_size
+        if loop.train_batch_size % (loop.micro_train_batch_size * dp):
+            raise ValueError(
+                f"--train_batch_size ({loop.train_batch_size}) must be divisible by "
+                f"--micro_train_batch_size ({loop.micro_train_batch_size}) x data parallel size ({dp})"
+            )
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.config.engine.seed + epoch)
+        return torch.randperm(len(self.train_dataset), generator=generator).tolist()
+
+    def rank_samples(self, step: int) -> list:
+        """This DP rank's share of global batch ``step`` (deterministic: resume needs no data state)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        batch_size, dp = self.config.loop.train_batch_size, self.engine.data_parallel_size
+        order = self._epoch_order(epoch)[index * batch_size : (index + 1) * batch_size]
+        share = batch_size // dp
+        mine = order[self.engine.data_parallel_rank * share : (self.engine.data_parallel_rank + 1) * share]
+        return [self.train_dataset[i] for i in mine]
+
+    def split_microbatches(self, samples: list) -> list[list]:
+        size = self.config.loop.micro_train_batch_size
+        return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+    # ----- loop ---------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        state = self.engine.resume(self.config.checkpoint) or {"step": 0}
+        start = state["step"]
+        progress = tqdm(
+            range(start, self.total_steps), initial=start, total=self.total_steps,
+            desc=type(self).__name__, disable=not self.engine.is_rank_zero,
+        )
+        for step in progress:
+            metrics = self.train_one_step(step)
+            self.history.append({"step": step + 1, **metrics})
+            if (step + 1) % self.config.logging.logging_steps == 0:
+                self.logger.log(metrics, step + 1)
+                progress.set_postfix_str(format_metrics({k: metrics[k] for k in list(metrics)[:4]}))
+                if self.engine.is_rank_zero:
+                    tqdm.write(f"step {step + 1}/{self.total_steps} {format_metrics(metrics)}")
+            self._maybe_evaluate(step + 1)
+            self._maybe_checkpoint(step + 1)
+        if self.config.loop.eval_steps < 0 and self.eval_dataset is not None:
+            self._evaluate(self.total_steps)
+        if self.config.loop.save_path:
+            self.engine.save_hf(self.config.loop.save_path)
+        self.logger.close()
+        return self.history
+
+    def train_one_step(self, step: int) -> dict:
+        started = time.perf_counter()
+        microbatches = self.make_microbatches(self.rank_samples(step))
+        result = self.engine.train_step(microbatches, self.make_loss_fn(microbatches), normaliser_key=self.normaliser_key)
+        elapsed = time.perf_counter() - started
+        tokens = torch.tensor(sum(int(b["input_ids"].numel()) for b in microbatches), dtype=torch.float64)
+        dist.all_reduce(tokens, group=self._dp_group())
+        return {
+            **result.metrics,
+            "grad_norm": result.grad_norm,
+            "lr": self.engine.learning_rate,
+            "tokens_per_s": float(tokens) / elapsed,
+        }
+
+    def _dp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    def _maybe_evaluate(self, step: int) -> None:
+        eval_steps = self.config.loop.eval_steps
+        if self.eval_dataset is not None and eval_steps > 0 and step % eval_steps == 0:
+            self._evaluate(step)
+
+    def _evaluate(self, step: int) -> dict:
+        dp, rank = self.engine.data_parallel_size, self.engine.data_parallel_rank
+        usable = len(self.eval_dataset) // dp * dp  # equal shares: every rank joins the same collectives
+        if usable == 0:
+            return {}
+        samples = [self.eval_dataset[i] for i in range(rank, usable, dp)]
+        microbatches = self.make_microbatches(samples)
+        metrics = self.engine.evaluate(microbatches, self.make_loss_fn(microbatches), normaliser_key=self.normaliser_key)
+        self.logger.log(metrics, step, prefix="eval")
+        if self.engine.is_rank_zero:
+            tqdm.write(f"eval @ step {step}: {format_metrics(metrics)}")
+        return metrics
+
+    def _maybe_checkpoint(self, step: int) -> None:
+        ckpt = self.config.checkpoint
+        if not ckpt.ckpt_path or ckpt.save_steps <= 0 or (step % ckpt.save_steps and step != self.total_steps):
+            return
+        directory = self.engine.save_checkpoint(ckpt, step, {"step": step})
+        if self.config.loop.save_hf_ckpt:
+            self.engine.save_hf(directory.parent / f"{directory.name}_hf")

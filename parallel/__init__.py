@@ -5,3 +5,6 @@ import warnings
 # exactly what runs here (and Apex is optional on GPU clusters too).
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+warnings.filterwarnings("ignore", message=r".*`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf.*")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallel import cpu_backend
+from parallel import cpu_backend, megatron_patches
 from parallel.config import ParallelConfig
 
 
@@ -130,6 +130,7 @@ def initialize_parallel(
         cpu_backend.activate()
         device = torch.device("cpu")
 
+    megatron_patches.apply()
     ps = _ps()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -153,6 +154,7 @@ def initialize_parallel(
 
 
 def destroy_parallel() -> None:
+    megatron_patches.apply()
     ps = _ps()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

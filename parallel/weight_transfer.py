@@ -38,7 +38,7 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator, Protocol
 
 import ray
@@ -156,44 +156,59 @@ def _timeout(timeout_s: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=timeout_s)
 
 
-class _GlooChannel:
+class _Channel:
+    """A private group in which rank 0 (the sender) broadcasts to every other rank."""
+
+    rank: int
+    device: torch.device
+
+    def broadcast_tensor(self, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` on every rank, as length + pickled bytes over the group itself (the group
+        is private to one trainer job, the same trust domain as Ray's own pickling)."""
+        if self.rank == 0:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            self.broadcast_tensor(torch.tensor([payload.numel()], dtype=torch.int64, device=self.device))
+            self.broadcast_tensor(payload.to(self.device))
+            return obj
+        length = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.broadcast_tensor(length)
+        payload = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
+        self.broadcast_tensor(payload)
+        return pickle.loads(payload.cpu().numpy().tobytes())
+
+
+class _GlooChannel(_Channel):
     """A standalone gloo group on its own TCP store (not registered as a torch default group)."""
 
     def __init__(self, store: dist.Store, *, rank: int, world_size: int, timeout_s: float):
-        self.rank = rank
-        self.group = dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", store), rank, world_size, _timeout(timeout_s))
+        self.rank, self.device = rank, torch.device("cpu")
+        prefixed = dist.PrefixStore("weight_sync", store)
+        self.group = dist.ProcessGroupGloo(prefixed, rank, world_size, _timeout(timeout_s))
 
     def broadcast_tensor(self, tensor: torch.Tensor) -> None:
         options = dist.BroadcastOptions()
         options.rootRank = 0
         self.group.broadcast([tensor], options).wait()
 
-    def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0's ``obj`` on every rank (pickled: the group is private to one trainer's job)."""
-        if self.rank == 0:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-            self.broadcast_tensor(torch.tensor([payload.numel()], dtype=torch.int64))
-            self.broadcast_tensor(payload)
-            return obj
-        length = torch.zeros(1, dtype=torch.int64)
-        self.broadcast_tensor(length)
-        payload = torch.empty(int(length[0]), dtype=torch.uint8)
-        self.broadcast_tensor(payload)
-        return pickle.loads(payload.numpy().tobytes())
-
     def barrier(self) -> None:
         self.group.allreduce([torch.zeros(1)]).wait()
 
 
-class _NcclChannel:
-    """vLLM's NCCL communicator on a ``StatelessProcessGroup`` (metadata travels over its store)."""
+class _NcclChannel(_Channel):
+    """vLLM's NCCL communicator on a ``StatelessProcessGroup`` (its own TCP store)."""
 
     def __init__(self, *, host: str, port: int, rank: int, world_size: int, device: torch.device,
                  timeout_s: float, listen_socket: socket.socket | None = None):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
-        self.rank = rank
+        self.rank, self.device = rank, device
         self.group = StatelessProcessGroup.create(
             host=host, port=port, rank=rank, world_size=world_size,
             store_timeout=int(timeout_s), listen_socket=listen_socket,
@@ -201,10 +216,7 @@ class _NcclChannel:
         self.comm = PyNcclCommunicator(self.group, device=device)
 
     def broadcast_tensor(self, tensor: torch.Tensor) -> None:
-        self.comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
-
-    def broadcast_object(self, obj: Any = None) -> Any:
-        return self.group.broadcast_obj(obj if self.rank == 0 else None, src=0)
+        self.comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream(self.device))
 
     def barrier(self) -> None:
         self.group.barrier()
@@ -224,7 +236,7 @@ class WeightTransport(ABC):
     backend: str
     device: torch.device
     group_id: str  # names this group on the workers, which may belong to several
-    engines: list  # set by ``connect_transport``; ``close`` releases their side of the group
+    engines: tuple = ()  # set by ``connect_transport``; ``close`` releases their side of the group
 
     @abstractmethod
     def receiver_spec(self) -> dict:
@@ -245,15 +257,15 @@ class WeightTransport(ABC):
     def close(self, *, timeout_s: float = 60.0) -> None:
         """Leave the group on this side and on every engine that joined it."""
         self.channel = None
-        refs = [engine.close_weight_receiver.remote(self.group_id) for engine in getattr(self, "engines", [])]
+        refs = [engine.close_weight_receiver.remote(self.group_id) for engine in self.engines]
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        self.engines = []
+        self.engines = ()
 
 
 class _BroadcastTransport(WeightTransport):
     """Header, then the packed bucket, broadcast over ``self.channel`` (gloo or NCCL)."""
 
-    channel: Any
+    channel: _Channel | None
 
     def send_bucket(self, bucket: list[NamedTensor]) -> None:
         entries, buffer = pack_bucket(bucket, self.device)
@@ -342,7 +354,8 @@ _TRANSPORTS: dict[str, type[WeightTransport]] = {
 }
 
 
-def make_transport(backend: str, *, world_size: int, host: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> WeightTransport:
+def make_transport(backend: str, *, world_size: int, host: str,
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> WeightTransport:
     """The sender half of ``backend`` (see the module docstring), not yet connected."""
     if backend not in _TRANSPORTS:
         raise ValueError(f"--vllm_sync_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -450,7 +463,7 @@ def connect_transport(engines: list, *, backend: str = "gloo", timeout_s: float 
         offset += size
     transport.connect()  # the workers are joining concurrently through the calls above
     _ray_get(refs, timeout_s=timeout_s, what="group setup")
-    transport.engines = list(engines)
+    transport.engines = tuple(engines)
     return transport
 
 
@@ -461,7 +474,8 @@ class SyncStats:
     num_tensors: int
     num_bytes: int
     num_buckets: int
-    seconds: float
+    seconds: float  # sending, on this process
+    worker_load_seconds: float = 0.0  # the slowest worker's time inside the engine's loader
 
 
 def _stream(transport: WeightTransport, named_tensors: Iterable[NamedTensor], bucket_bytes: int) -> SyncStats:
@@ -480,21 +494,28 @@ def _format_names(names: list[str], limit: int = 20) -> str:
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_reports(reports: list[list[dict]]) -> None:
-    """Raise ``WeightSyncError`` unless every worker of every engine loaded exactly what it expected.
+def report_problems(report: dict) -> list[str]:
+    """What went wrong on one worker during an update; empty for a complete update.
 
     A worker report holds ``missing`` / ``unexpected`` / ``mismatched`` / ``duplicated`` name
-    lists and ``aborted``; see ``engine.ray.vllm_worker_ext``.
+    lists, ``errors`` (loader failures) and ``aborted``; see ``engine.ray.vllm_worker_ext``.
     """
+    problems = ["the sender aborted the update"] if report["aborted"] else []
+    problems += list(report["errors"])
+    for key in ("missing", "unexpected", "mismatched", "duplicated"):
+        if report[key]:
+            problems.append(f"{len(report[key])} {key} tensor(s): {_format_names(report[key])}")
+    return problems
+
+
+def check_reports(reports: list[list[dict]]) -> None:
+    """Raise ``WeightSyncError`` unless every worker of every engine loaded exactly what it expected."""
     problems = []
     for engine_index, engine_reports in enumerate(reports):
         for report in engine_reports:
-            where = f"engine {engine_index} worker {report['rank']} (tp rank {report['tp_rank']}/{report['tp_size']})"
-            if report["aborted"]:
-                problems.append(f"{where}: the sender aborted the update")
-            for key in ("missing", "unexpected", "mismatched", "duplicated"):
-                if report[key]:
-                    problems.append(f"{where}: {len(report[key])} {key} tensor(s): {_format_names(report[key])}")
+            where = (f"engine {engine_index} worker {report['rank']} "
+                     f"(tp rank {report['tp_rank']}/{report['tp_size']})")
+            problems += [f"{where}: {problem}" for problem in report_problems(report)]
     if problems:
         raise WeightSyncError("weight sync incomplete; the engines refuse to generate until a full sync:\n  "
                               + "\n  ".join(problems))
@@ -519,6 +540,9 @@ def sync_weights(engines: list, named_tensors: Iterable[NamedTensor], *, bucket_
     ``WeightSyncError`` naming the tensors when any worker did not receive exactly the model's
     tensors; if the iterator raises, the engines are told to abort and the error propagates.
     """
+    if transport is not None and tuple(engines) != transport.engines:
+        # Workers outside the call would never take their part of the broadcasts: a hang.
+        raise ValueError("sync_weights: engines must be exactly the engines the transport was connected to")
     own_transport = transport is None
     transport = transport or connect_transport(engines, backend=backend, timeout_s=timeout_s)
     try:
@@ -529,7 +553,9 @@ def sync_weights(engines: list, named_tensors: Iterable[NamedTensor], *, bucket_
             _abort(transport, refs, timeout_s=timeout_s, cause=err)
             raise
         transport.send_end(aborted=False, num_tensors=stats.num_tensors)
-        check_reports(_ray_get(refs, timeout_s=timeout_s, what="weight sync"))
+        reports = _ray_get(refs, timeout_s=timeout_s, what="weight sync")
+        check_reports(reports)
+        stats = replace(stats, worker_load_seconds=max(r["load_seconds"] for rs in reports for r in rs))
     finally:
         if own_transport:
             transport.close()

@@ -31,6 +31,9 @@ from models.mcore_checkpoint import (
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
+# Optimizer states in the canonical per-parameter layout: a resume may change TP / PP / DP
+# (megatron-core 0.16.1 rejects its default 'fully_sharded_model_space' format at save time).
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 @dataclass(kw_only=True)
@@ -100,7 +103,7 @@ def save_training_checkpoint(
     directory = Path(config.ckpt_path) / f"global_step{step}"
     model_sd = model.sharded_state_dict()
     save_sharded(
-        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)},
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_FORMAT)},
         directory,
         adapter=adapter,
         hf_source_dir=hf_source_dir,
@@ -118,9 +121,11 @@ def save_training_checkpoint(
 
 def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, schedule and RNG from ``directory``; return the trainer state."""
+    _materialise_optimizer_state(optimizer)
     model_sd = model.sharded_state_dict()
     state = load_sharded(
-        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}, directory
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_FORMAT)},
+        directory,
     )
     model.load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -132,6 +137,19 @@ def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler) ->
     else:
         logger.warning("no RNG state for rank %d in %s (different world size): RNG not restored", dist.get_rank(), directory)
     return common["trainer"]
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Create Adam's state tensors so a checkpoint can be loaded into them.
+
+    Without Apex / Transformer Engine, megatron-core 0.16.1 reads Adam's ``step`` from the
+    per-parameter state, which torch creates only at the first step: a fresh optimizer cannot
+    describe itself for loading. Megatron's own dummy-step initialiser fills it (the values are
+    overwritten by the load).
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
 
 
 def checkpoint_meta(directory: Path) -> dict:

@@ -62,8 +62,9 @@ class OfflineTrainer:
                 f"({loop.train_batch_size})"
             )
         self.total_steps = self.steps_per_epoch * loop.max_epochs
-        if loop.max_steps is not None:
-            self.total_steps = min(self.total_steps, loop.max_steps)
+        # --max_steps stops early without changing the LR schedule, so a stopped run and its
+        # resumption follow the same curve as an uninterrupted one.
+        self.last_step = min(self.total_steps, loop.max_steps or self.total_steps)
         self.engine = TrainingEngine(config.engine, total_steps=self.total_steps)
         self._check_batch_sizes()
         self.logger = MetricsLogger(config.logging)
@@ -107,7 +108,7 @@ class OfflineTrainer:
         state = self.engine.resume(self.config.checkpoint) or {"step": 0}
         start = state["step"]
         progress = tqdm(
-            range(start, self.total_steps), initial=start, total=self.total_steps,
+            range(start, self.last_step), initial=start, total=self.last_step,
             desc=type(self).__name__, disable=not self.engine.is_rank_zero,
         )
         for step in progress:
@@ -117,11 +118,11 @@ class OfflineTrainer:
                 self.logger.log(metrics, step + 1)
                 progress.set_postfix_str(format_metrics({k: metrics[k] for k in list(metrics)[:4]}))
                 if self.engine.is_rank_zero:
-                    tqdm.write(f"step {step + 1}/{self.total_steps} {format_metrics(metrics)}")
+                    tqdm.write(f"step {step + 1}/{self.last_step} {format_metrics(metrics)}")
             self._maybe_evaluate(step + 1)
             self._maybe_checkpoint(step + 1)
         if self.config.loop.eval_steps < 0 and self.eval_dataset is not None:
-            self._evaluate(self.total_steps)
+            self._evaluate(self.last_step)
         if self.config.loop.save_path:
             self.engine.save_hf(self.config.loop.save_path)
         self.logger.close()
@@ -166,7 +167,7 @@ class OfflineTrainer:
 
     def _maybe_checkpoint(self, step: int) -> None:
         ckpt = self.config.checkpoint
-        if not ckpt.ckpt_path or ckpt.save_steps <= 0 or (step % ckpt.save_steps and step != self.total_steps):
+        if not ckpt.ckpt_path or ckpt.save_steps <= 0 or (step % ckpt.save_steps and step != self.last_step):
             return
         directory = self.engine.save_checkpoint(ckpt, step, {"step": step})
         if self.config.loop.save_hf_ckpt:

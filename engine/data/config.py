@@ -1,0 +1,107 @@
+"""What to load and how to turn rows into tokens: the dataset flags (OpenRLHF names), validated."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Flags: --dataset --dataset_probs --input_key --output_key --label_key --chosen_key
+    --rejected_key --prompt_key --input_template --apply_chat_template --tokenizer_chat_template
+    --max_len --prompt_max_len --max_samples --train_split --eval_split --pretrain_mode
+    --packing_samples --skip_bad_rows (and --seed, which orders the mixing)."""
+
+    dataset: str  # comma list: files, directories, TYPE@DIR, save_to_disk dirs or hub names
+    dataset_probs: str | None = None  # comma list, one per dataset; None: concatenate
+    input_key: str = "input"
+    output_key: str | None = "output"
+    label_key: str | None = None
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    prompt_key: str | None = None
+    input_template: str | None = None  # e.g. "User: {}\nAssistant: "
+    apply_chat_template: bool = False
+    tokenizer_chat_template: str | None = None  # overrides the tokenizer's own template
+    max_len: int = 2048  # tokens per sample (prompt + response)
+    prompt_max_len: int = 1024  # tokens per RL prompt
+    max_samples: int | None = None  # cap per dataset and on the mixture
+    train_split: str = "train"
+    eval_split: str | None = None
+    pretrain_mode: bool = False  # loss on every token, raw text, no template
+    packing_samples: bool = False
+    skip_bad_rows: bool = False  # skip (and count) malformed rows instead of failing
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        self._check_datasets()
+        self._check_lengths()
+        self._check_templates()
+        for flag in ("input_key", "chosen_key", "rejected_key", "train_split"):
+            if not getattr(self, flag):
+                raise ValueError(f"--{flag} must not be empty")
+        for flag in ("output_key", "label_key", "prompt_key", "eval_split"):
+            if getattr(self, flag) == "":
+                raise ValueError(f"--{flag} must not be empty (leave it out instead)")
+
+    # ----- derived views --------------------------------------------------------------------
+    @property
+    def dataset_specs(self) -> list[str]:
+        """The entries of ``--dataset``, stripped."""
+        return [spec.strip() for spec in self.dataset.split(",")]
+
+    @property
+    def probabilities(self) -> list[float] | None:
+        """``--dataset_probs`` as floats renormalised to sum exactly to 1, or None."""
+        if self.dataset_probs is None:
+            return None
+        values = _parse_probs(self.dataset_probs)
+        total = math.fsum(values)
+        return [value / total for value in values]
+
+    # ----- checks ---------------------------------------------------------------------------
+    def _check_datasets(self) -> None:
+        if not self.dataset or any(not spec for spec in self.dataset_specs):
+            raise ValueError(f"--dataset needs one or more comma-separated sources, got {self.dataset!r}")
+        if self.dataset_probs is None:
+            return
+        values = _parse_probs(self.dataset_probs)
+        if len(values) != len(self.dataset_specs):
+            raise ValueError(
+                f"--dataset_probs has {len(values)} values but --dataset names {len(self.dataset_specs)} "
+                "datasets; give one probability per dataset"
+            )
+        if any(not value > 0 for value in values):
+            raise ValueError(f"--dataset_probs must all be > 0, got {self.dataset_probs!r}")
+        if abs(math.fsum(values) - 1.0) > 1e-6:
+            raise ValueError(f"--dataset_probs must sum to 1, got {self.dataset_probs!r} (sum {math.fsum(values)})")
+
+    def _check_lengths(self) -> None:
+        for flag in ("max_len", "prompt_max_len"):
+            if getattr(self, flag) <= 0:
+                raise ValueError(f"--{flag} must be > 0, got {getattr(self, flag)}")
+        if self.max_len < 2:
+            # One prompt token and the eos are the least a training sample needs.
+            raise ValueError(f"--max_len must be >= 2, got {self.max_len}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}")
+
+    def _check_templates(self) -> None:
+        if self.input_template is not None and self.input_template.count("{}") != 1:
+            raise ValueError(
+                f"--input_template must contain exactly one '{{}}' where the input goes, got {self.input_template!r}"
+            )
+        if self.input_template is not None and self.apply_chat_template:
+            # OpenRLHF silently ignores the input template here; a clear choice is safer.
+            raise ValueError("--input_template and --apply_chat_template exclude each other; pass one")
+        if self.tokenizer_chat_template is not None and not self.apply_chat_template:
+            raise ValueError("--tokenizer_chat_template only takes effect with --apply_chat_template")
+        if self.pretrain_mode and (self.apply_chat_template or self.input_template is not None):
+            raise ValueError("--pretrain_mode trains on raw text: drop --apply_chat_template / --input_template")
+
+
+def _parse_probs(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--dataset_probs must be comma-separated numbers, got {text!r}") from None

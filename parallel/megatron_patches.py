@@ -1,0 +1,68 @@
+"""Fixes for megatron-core 0.16.1 code paths that break without Apex / Transformer Engine.
+
+Active on every device (not only CPU): a GPU cluster without Apex or TE takes the same paths.
+Each fix names the function and the reason; remove one when megatron-core fixes it.
+"""
+from __future__ import annotations
+
+import importlib
+
+_applied = False
+
+
+def _skip_step_in_reshardable_load() -> None:
+    """DistributedOptimizer._set_main_param_and_optimizer_states (``fully_reshardable`` load).
+
+    With torch's Adam, ``load_state_dict`` first rebuilds each parameter's state from the param
+    groups with ``step`` only; the copy loop then iterates over that state and raises
+    KeyError('step') (the reshardable format stores no per-parameter step) and never restores
+    ``exp_avg`` / ``exp_avg_sq``. Copy the main param and every saved state tensor instead.
+    """
+    module = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = module.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        for key, tensor in tensors.items():
+            if key == "param":
+                main_param.detach().copy_(tensor)
+            elif key in state and key != "step":
+                state[key].copy_(tensor)
+            elif key != "step":
+                state[key] = tensor.detach().clone().to(device=main_param.device, dtype=main_param.dtype)
+
+    cls._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps_after_load() -> None:
+    """DistributedOptimizer.load_state_dict (torch Adam path).
+
+    It rebuilds the per-parameter states with one *shared* ``step`` tensor; torch's Adam
+    increments each parameter's step in place, so after a resume the shared counter runs ahead
+    and bias correction differs from an uninterrupted run. Give every parameter its own copy.
+    """
+    module = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = module.DistributedOptimizer
+    original = cls.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original(self, state_dict)
+        for state in self.optimizer.state.values():
+            if "step" in state and hasattr(state["step"], "clone"):
+                state["step"] = state["step"].clone()
+
+    cls.load_state_dict = load_state_dict
+
+
+def apply() -> None:
+    """Idempotent; called by ``parallel.initialize.initialize_parallel``."""
+    global _applied
+    if not _applied:
+        _skip_step_in_reshardable_load()
+        _unshare_adam_steps_after_load()
+        _applied = True

@@ -1,0 +1,71 @@
+"""The main job on a built-in tiny default: no downloads, a few minutes on a 2-core CPU box.
+
+    python -m engine.cli.demo [--workdir runs/demo] [--tensor_model_parallel_size 2]
+
+Builds a tiny Llama-architecture model and a locally trained tokenizer, writes a synthetic
+verifiable task (two-number addition), supervised-fine-tunes the model with Megatron TP=2 on
+two CPU processes, prints the loss curve, and saves an HF checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
+    parser.add_argument("--max_epochs", type=int, default=6)
+    return parser.parse_args(argv)
+
+
+def prepare(workdir: Path) -> tuple[str, str]:
+    from engine.tasks.arithmetic import make_rows, write_jsonl
+    from models.tiny import build_tiny_model
+
+    model = workdir / "tiny-llama"
+    if not (model / "config.json").exists():
+        build_tiny_model("llama", model, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=4)
+    data = workdir / "addition"
+    write_jsonl(make_rows(1024, max_operand=9, seed=0), data / "train.jsonl")
+    write_jsonl(make_rows(64, max_operand=9, seed=1), data / "test.jsonl")
+    return str(model), str(data)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    workdir = Path(args.workdir)
+    model, data = prepare(workdir)
+    from engine.cli import train_sft
+
+    sft_out = workdir / "sft"
+    train_sft.main([
+        "--pretrain", model, "--dataset", f"json@{data}", "--input_key", "prompt", "--output_key", "answer",
+        "--eval_split", "test", "--max_len", "32",
+        "--tensor_model_parallel_size", str(args.tensor_model_parallel_size),
+        "--train_batch_size", "64", "--micro_train_batch_size", "16", "--max_epochs", str(args.max_epochs),
+        "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "8",
+        "--use_tensorboard", str(workdir / "tensorboard"), "--save_path", str(sft_out),
+    ])
+    print(f"\nSFT model (HF format): {sft_out}")
+    _show_answers(str(sft_out))
+
+
+def _show_answers(path: str) -> None:
+    """Greedy answers of the trained model with HF transformers: the checkpoint really works."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    for prompt in ("3+4=", "8+9=", "5+0="):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        print(f"  {prompt}{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -530,6 +530,22 @@ def _abort(transport: WeightTransport, refs: list, *, timeout_s: float, cause: B
         cause.add_note(f"while aborting the weight sync: {err!r}")
 
 
+def stream_weights(transport: WeightTransport, named_tensors: Iterable[NamedTensor], *,
+                   bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> SyncStats:
+    """Sender half only: stream into a connected group and close the update with an end marker.
+
+    For updates made of several groups (one sender per pipeline stage / expert rank), the
+    driver starts the engines' ``receive_weights(group_ids)`` and checks their reports.
+    """
+    try:
+        stats = _stream(transport, named_tensors, bucket_bytes)
+    except BaseException:
+        transport.send_end(aborted=True, num_tensors=-1)
+        raise
+    transport.send_end(aborted=False, num_tensors=stats.num_tensors)
+    return stats
+
+
 def sync_weights(engines: list, named_tensors: Iterable[NamedTensor], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  transport: WeightTransport | None = None, backend: str = "gloo",
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> SyncStats:

@@ -189,14 +189,17 @@ class LLMEngineActor:
     def close_weight_receiver(self, group_id: str) -> None:
         self._rpc(WeightSyncExtension.close_weight_receiver, group_id)
 
-    def receive_weights(self, group_id: str) -> list[dict]:
-        """One update from the sync group: begin, load every bucket, finish; per-worker reports.
+    def receive_weights(self, group_ids: str | list[str]) -> list[dict]:
+        """One update: begin, load every bucket of each sync group in turn, finish; per-worker reports.
 
+        Several groups make one update when several trainer ranks own tensors (one per pipeline
+        stage or expert-parallel rank); completeness is checked over all of them together.
         A failed or partial update leaves a mix of old and new weights, so the engine refuses to
         generate until the next complete update."""
         self._rpc(WeightSyncExtension.begin_weight_sync)
         try:
-            self._rpc(WeightSyncExtension.receive_weight_buckets, group_id)
+            for group_id in [group_ids] if isinstance(group_ids, str) else group_ids:
+                self._rpc(WeightSyncExtension.receive_weight_buckets, group_id)
         except Exception as err:
             self.stale_reason = f"the last weight sync failed: {err}"
             raise

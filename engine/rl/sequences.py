@@ -1,0 +1,81 @@
+"""Rollouts (prompt ids + sampled response ids) as the padded, label-aligned batch every role reads.
+
+Layout, the same as the SFT collate's: row ``i`` is ``prompt + response`` right-padded to ``L``;
+``labels[t] = input_ids[t+1]``; per-token RL quantities (log-probs, values, advantages, ...) sit
+at the position ``t`` whose *label* is the token they are about, and ``action_mask[t] = 1``
+exactly when ``labels[t]`` is a response token. A response token's log-prob is thus read from
+the logits at the position before it, and the value there is the state value before the action.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # [B, L] long
+    labels: torch.Tensor  # [B, L] long, input_ids shifted left
+    action_mask: torch.Tensor  # [B, L] float, 1 where labels[t] is a response token
+    position_ids: torch.Tensor  # [B, L] long
+    prompt_lengths: torch.Tensor  # [B] long
+    response_lengths: torch.Tensor  # [B] long
+    rollout_log_probs: torch.Tensor | None = None  # [B, L] vLLM's log-probs of the sampled tokens
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def last_token_index(self) -> torch.Tensor:
+        """Index of each row's last real token (the reward model scores there)."""
+        return self.prompt_lengths + self.response_lengths - 1
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids,
+                "action_mask": self.action_mask}
+
+
+def build_rollout_batch(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    *,
+    pad_id: int,
+    response_log_probs: list[list[float]] | None = None,
+    pad_to_multiple_of: int = 1,
+) -> RolloutBatch:
+    """Pack rollouts (one prompt per response; repeat prompts for n samples) into a RolloutBatch."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts for {len(response_ids)} responses")
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    action_mask = torch.zeros(batch, width)
+    rollout_log_probs = torch.zeros(batch, width) if response_log_probs is not None else None
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        sequence = list(prompt) + list(response)
+        input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        first, last = len(prompt) - 1, len(sequence) - 1  # label positions of the response tokens
+        action_mask[i, first:last] = 1.0
+        if rollout_log_probs is not None and response:
+            rollout_log_probs[i, first:last] = torch.tensor(response_log_probs[i], dtype=torch.float32)
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[:, -1] = pad_id
+    return RolloutBatch(
+        input_ids=input_ids,
+        labels=labels,
+        action_mask=action_mask,
+        position_ids=torch.arange(width).expand(batch, width).contiguous(),
+        prompt_lengths=torch.tensor([len(p) for p in prompt_ids]),
+        response_lengths=torch.tensor([len(r) for r in response_ids]),
+        rollout_log_probs=rollout_log_probs,
+    )
+
+
+def trim_to_content(batch: dict, *, multiple: int = 1) -> dict:
+    """Drop trailing all-padding columns of a micro-batch (rows are right-padded)."""
+    nonzero = batch["action_mask"].nonzero()
+    used = int(nonzero[:, 1].max()) + 2 if len(nonzero) else 1  # the last action's token is at t + 1
+    width = min(batch["input_ids"].shape[1], -(-used // multiple) * multiple)
+    return {k: v[:, :width] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}

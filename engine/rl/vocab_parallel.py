@@ -1,0 +1,29 @@
+"""Per-token quantities from logits sharded over the vocabulary (TP), without gathering them."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """log p(label) per position from ``[b, s, vocab/TP]`` logits; differentiable."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, tp_group, *, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the full-vocabulary softmax per position (a metric: no gradient)."""
+    logits = logits.float() / temperature
+    local_max = logits.max(dim=-1).values
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+    shifted = logits - global_max.unsqueeze(-1)
+    exp = shifted.exp()
+    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
+    dist.all_reduce(sums, group=tp_group)
+    normaliser, weighted = sums[0], sums[1]
+    # H = log Z - E[shifted logit]
+    return normaliser.log() - weighted / normaliser

@@ -1,0 +1,18 @@
+"""Fixtures shared by several test modules."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    # Actors import test and project modules by reference: put the repository on their path.
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()

@@ -151,6 +151,12 @@ def role_config(args, role: str, *, pretrain: str, trainable: bool, value_head: 
     )
 
 
+def _max_positions(path: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).max_position_embeddings
+
+
 def build_and_fit(args) -> list[dict]:
     """Start the cluster pieces, run the loop, shut everything down (also on errors)."""
     import ray
@@ -204,7 +210,7 @@ def build_and_fit(args) -> list[dict]:
             tensor_parallel_size=args.vllm_tensor_parallel_size, enforce_eager=args.enforce_eager,
             enable_prefix_caching=args.enable_prefix_caching, dtype=args.vllm_dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed,
-            max_model_len=args.prompt_max_len + args.generate_max_len,
+            max_model_len=min(args.prompt_max_len + args.generate_max_len, _max_positions(args.pretrain)),
         ))
         sync = ActorWeightSync(actor, engines, backend=args.vllm_sync_backend,
                                bucket_bytes=args.vllm_sync_bucket_mb << 20)

@@ -280,8 +280,9 @@ class PPOTrainer:
 
     # ----- bookkeeping --------------------------------------------------------------------
     def _report(self, step: int, metrics: dict) -> None:
-        line = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("reward", "response_length", "kl",
-                                                                            "actor/policy_loss", "time/generate"))
+        shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens", "actor/approx_kl", "advantage_abs_mean", "rollout_logprob_abs_diff",
+                 "time/generate", "time/score", "time/train", "time/sync")
+        line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         print(f"rollout {step}/{self.num_steps} {line}", flush=True)
         if self.logger is not None:
             self.logger.log(metrics, step)

@@ -28,6 +28,7 @@ class ModelBuildConfig:
     recompute_granularity: str | None = None  # "full" with --gradient_checkpointing
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: int | None = None  # fixed by a checkpoint saved under another TP size
+    ring_head_stride: int | None = None  # --ring_head_stride: KV heads per ring pass (CP)
     overrides: dict = field(default_factory=dict)  # extra TransformerConfig fields
 
 
@@ -71,7 +72,9 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
     if build.recompute_granularity == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(build.overrides)
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    config.ring_head_stride = build.ring_head_stride  # read by parallel.attention.core_attention
+    return config
 
 
 def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig | None = None) -> GPTModel:

@@ -19,7 +19,7 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor_model_parallel_size", type=int, default=1)
     g.add_argument("--pipeline_model_parallel_size", type=int, default=1)
     g.add_argument("--context_parallel_size", "--ring_attn_size", dest="context_parallel_size", type=int, default=1)
-    g.add_argument("--ring_head_stride", type=int, default=1, help="heads per ring-flash-attn call (GPU)")
+    g.add_argument("--ring_head_stride", type=int, default=None, help="KV heads per ring pass (default: all)")
     g.add_argument("--expert_model_parallel_size", type=int, default=1)
     g.add_argument("--sequence_parallel", action="store_true")
 
@@ -98,6 +98,7 @@ def engine_config(args, *, value_head: bool = False) -> EngineConfig:
             params_dtype=dtype,
             value_head=value_head,
             recompute_granularity="full" if args.gradient_checkpointing else None,
+            ring_head_stride=args.ring_head_stride,
             overrides=overrides,
         ),
         seed=args.seed,

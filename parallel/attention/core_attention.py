@@ -91,6 +91,7 @@ class CoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        self.ring_head_stride = getattr(config, "ring_head_stride", None)
 
     def _context_parallel(self) -> bool:
         return self.cp_group is not None and self.cp_group.size() > 1
@@ -118,6 +119,7 @@ class CoreAttention(MegatronModule):
                 cp_group=self.cp_group,
                 scale=self.softmax_scale,
                 cu_seqlens=_local_cu_seqlens(packed_seq_params, self.cp_group.size()) if packed else None,
+                head_stride=self.ring_head_stride,
             ).flatten(-2)
         if packed:
             out = packed_causal(

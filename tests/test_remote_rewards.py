@@ -89,3 +89,170 @@ def test_arithmetic_task_reward():
     source = RewardFunction(arithmetic.__file__)
     assert source.score(["3+4=", "3+4=", "9+9="], ["7", "8", "18 and more"], ["7", "7", "18"]) == [1.0, 0.0, 1.0]
     assert combine_rewards([[1.0, 0.0], [0.0, 0.0]]) == [0.5, 0.0]
+
+
+# ----- engine.cli.serve_rm: a real reward server process around an HF reward model ---------
+
+RM_MEAN, RM_STD = 0.25, 2.0  # what the reward-model trainer saves for --normalize_reward
+QUERIES = ["1+1=2", "12+30=42 and some more words", "", "9+9=", "a longer query: " + "7+8=15 " * 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _make_reward_model(root, *, with_stats: bool) -> str:
+    """A tiny RM the way this project exports them: SequenceClassification, num_labels=1, `score` head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from models.tiny import build_tiny_model
+
+    policy = build_tiny_model("llama", root / "policy", seed=0)
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
+    if with_stats:
+        model.config.mean, model.config.std = RM_MEAN, RM_STD
+    path = root / ("rm_stats" if with_stats else "rm")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(path)
+    return str(path)
+
+
+def _hf_scores(path: str, texts: list[str]) -> list[float]:
+    """The reference: HF's own forward of each text alone (eos appended), its logit."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    scores = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+            scores.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
+    return scores
+
+
+def _request(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def start_serve_rm(rm_path: str, log_path, *extra: str, timeout_s: float = 120.0):
+    """Start ``python -m engine.cli.serve_rm`` on a free port; wait (bounded) until /health answers."""
+    import subprocess
+    import sys
+    import urllib.error
+
+    from tests.conftest import REPO
+
+    port = _free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli.serve_rm", "--reward_pretrain", rm_path, "--host", "127.0.0.1",
+         "--port", str(port), *extra],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve_rm exited with {proc.returncode}:\n{open(log_path).read()}")
+        try:
+            if _request(f"{base}/health")[0] == 200:
+                return proc, f"{base}/get_reward"
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve_rm did not answer /health within {timeout_s:.0f}s:\n{open(log_path).read()}")
+        time.sleep(0.25)
+
+
+def stop_serve_rm(proc) -> int:
+    proc.terminate()
+    try:
+        return proc.wait(timeout=20)
+    except Exception:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def reward_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_rm")
+    return {"plain": _make_reward_model(root, with_stats=False), "stats": _make_reward_model(root, with_stats=True),
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def serve_rm(reward_models):
+    # micro-batches of 2: the queries are scored in several right-padded batches of mixed lengths
+    proc, url = start_serve_rm(reward_models["stats"], reward_models["root"] / "serve_rm.log",
+                               "--micro_batch_size", "2")
+    yield {"proc": proc, "url": url, "log": reward_models["root"] / "serve_rm.log"}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_rm_rewards_equal_the_hf_model_scores(serve_rm, reward_models):
+    (source,) = make_reward_sources(serve_rm["url"])
+    source.batch_size = 4  # two requests
+    prompts = [q[:3] for q in QUERIES]
+    rewards = source.score(prompts, [q[3:] for q in QUERIES], ["x"] * len(QUERIES))
+    expected = _hf_scores(reward_models["stats"], QUERIES)
+    assert rewards == pytest.approx(expected, abs=1e-5)
+    assert len(set(round(r, 4) for r in rewards)) > 1  # a constant would pass too easily
+    assert _request(serve_rm["url"], json.dumps({"query": []}).encode()) == (200, {"rewards": []})
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps(["a", "b"]).encode(), "JSON object"),
+    (json.dumps({"prompts": ["a"]}).encode(), 'missing "query"'),
+    (json.dumps({"query": "a b"}).encode(), '"query" must be a list of strings, got str'),
+    (json.dumps({"query": ["a", 3]}).encode(), "item 1 is int"),
+    (json.dumps({"query": ["a", "b"], "prompts": ["a"]}).encode(), '"prompts" has 1 items but "query" has 2'),
+], ids=["not_json", "not_object", "no_query", "query_str", "query_item", "prompts_length"])
+def test_serve_rm_rejects_malformed_requests_with_400(serve_rm, body, message):
+    status, answer = _request(serve_rm["url"], body)
+    assert status == 400 and message in answer["error"], answer
+
+
+def test_serve_rm_client_errors_are_not_retried(serve_rm):
+    (source,) = make_reward_sources(serve_rm["url"].replace("/get_reward", "/wrong"), max_retries=0)
+    with pytest.raises(RewardServerError, match="HTTP 404"):
+        source.score(["a"], ["b"], None)
+
+
+def test_serve_rm_normalize_reward_uses_the_config_statistics(reward_models):
+    from engine.cli import serve_rm
+    from engine.rl.reward_server import RewardService
+
+    config = serve_rm.parse_args(["--reward_pretrain", reward_models["stats"], "--normalize_reward"])
+    rewards = RewardService(config).rewards(QUERIES[:2])
+    expected = [(r - RM_MEAN) / RM_STD for r in _hf_scores(reward_models["stats"], QUERIES[:2])]
+    assert rewards == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match=r"--normalize_reward: .*no 'mean' / 'std' field"):
+        serve_rm.main(["--reward_pretrain", reward_models["plain"], "--normalize_reward", "--port", "0"])
+
+
+def test_serve_rm_shuts_down_on_sigterm(serve_rm):
+    import urllib.error
+
+    assert stop_serve_rm(serve_rm["proc"]) == 0, open(serve_rm["log"]).read()
+    log = open(serve_rm["log"]).read()
+    assert "--remote_rm_url http://127.0.0.1:" in log and "reward server stopped" in log
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        _request(serve_rm["url"].replace("/get_reward", "/health"))

@@ -5,6 +5,9 @@ import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 
+VALUE_HEAD_SEED = 0
+
+
 class ValueHead(torch.nn.Module):
     """Scalar per token (critic values, reward scores); exported as HF ``score.weight``.
 
@@ -17,8 +20,11 @@ class ValueHead(torch.nn.Module):
     def __init__(self, config):
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
-        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=config.params_dtype))
-        torch.nn.init.normal_(self.weight, std=1.0 / (config.hidden_size + 1) ** 0.5)
+        # Its own generator: a fresh head (a critic started from a causal LM) must not depend on
+        # how much of the global RNG stream this rank's layers consumed, i.e. on the PP layout.
+        generator = torch.Generator().manual_seed(VALUE_HEAD_SEED)
+        weight = torch.randn(1, config.hidden_size, generator=generator) / (config.hidden_size + 1) ** 0.5
+        self.weight = torch.nn.Parameter(weight.to(config.params_dtype))
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None, **kwargs):
         if self.sequence_parallel:

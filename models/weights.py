@@ -230,8 +230,11 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 2 << 30,
     progress: bool = False,
     extra_files: dict[str, str] | None = None,
+    config_updates: dict | None = None,
 ) -> None:
     """Write an HF checkpoint directory (safetensors shards + index + config + tokenizer).
+
+    ``config_updates`` are extra ``config.json`` fields (a reward model's ``mean`` / ``std``).
 
     Collective over the whole world. Each owning rank streams its tensors into its own shard
     files; rank 0 renames them, writes the index, and moves the finished directory into place
@@ -261,7 +264,10 @@ def save_hf_checkpoint(
         if source_dir is not None:
             copy_side_files(source_dir, staging)
         value_head = any(name == "score.weight" for name in weight_map)
-        _hf_config_for_export(adapter, value_head).save_pretrained(staging)
+        hf_config = _hf_config_for_export(adapter, value_head)
+        for key, value in (config_updates or {}).items():
+            setattr(hf_config, key, value)
+        hf_config.save_pretrained(staging)
         for file_name, text in (extra_files or {}).items():
             (staging / file_name).write_text(text)
         if save_dir.exists():

@@ -91,6 +91,33 @@ class _ZigzagGather(torch.autograd.Function):
         return grad_local, None, None
 
 
+def all_reduce_sum(tensor: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable sum over ``group``: the backward all-reduces the gradients too.
+
+    For sequence-level losses under context parallelism (a sequence's log-prob is the sum of
+    every CP rank's share): each rank then holds the full value, computes the whole loss from
+    it and must contribute ``1 / cp_size`` of that loss, as with ``zigzag_gather``.
+    """
+    if dist.get_world_size(group=group) == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone().contiguous()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone().contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def zigzag_positions(seq_len: int, cp_rank: int, cp_size: int, *, device=None) -> torch.Tensor:
     """Global token positions (``int64``, length ``seq_len / cp_size``) held by CP rank ``cp_rank``."""
     _check_divisible(seq_len, cp_size, "seq_len")

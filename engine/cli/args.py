@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 
@@ -131,3 +132,32 @@ def offline_trainer_config(args, *, value_head: bool = False) -> OfflineTrainerC
             wandb_run_name=args.wandb_run_name,
         ),
     )
+
+
+# ----- what every offline trainer CLI shares --------------------------------------------------
+def offline_parser(description: str, *, learning_rate: float,
+                   add_trainer_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    """The flag groups of a torchrun-launched offline trainer, plus its own (``add_trainer_args``)."""
+    from engine.cli.data_args import add_data_args
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc_per_node", type=int, default=None, help="ranks to spawn when not under torchrun")
+    add_model_args(parser)
+    if add_trainer_args is not None:
+        add_trainer_args(parser)
+    add_parallel_args(parser)
+    add_optim_args(parser, learning_rate=learning_rate)
+    add_loop_args(parser)
+    add_data_args(parser)
+    return parser
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def launch(train: Callable, args, config: OfflineTrainerConfig) -> None:
+    """Run ``train(args)`` on every rank: TP x PP x CP ranks unless ``--nproc_per_node`` says more."""
+    from parallel.launch import run_on_ranks
+
+    run_on_ranks(train, args.nproc_per_node or config.engine.parallel.model_parallel_size, args)

@@ -9,28 +9,12 @@ Without torchrun, ``--nproc_per_node N`` spawns N local ranks itself.
 """
 from __future__ import annotations
 
-import argparse
-
-from engine.cli.args import (
-    add_loop_args,
-    add_model_args,
-    add_optim_args,
-    add_parallel_args,
-    offline_trainer_config,
-)
-from engine.cli.data_args import add_data_args, data_config
-from parallel.launch import run_on_ranks
+from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
+from engine.cli.data_args import data_config
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc_per_node", type=int, default=None, help="ranks to spawn when not under torchrun")
-    add_model_args(parser)
-    add_parallel_args(parser)
-    add_optim_args(parser, learning_rate=5e-6)
-    add_loop_args(parser)
-    add_data_args(parser)
-    return parser.parse_args(argv)
+def parse_args(argv=None):
+    return offline_parser(__doc__, learning_rate=5e-6).parse_args(argv)
 
 
 def train(args) -> list[dict]:
@@ -46,7 +30,7 @@ def train(args) -> list[dict]:
     eval_set = SFTDataset.from_config(data, tokenizer, split=data.eval_split) if data.eval_split else None
     trainer = SFTTrainer(
         config, train_set, eval_set,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad_token_id(tokenizer),
         packing_samples=data.packing_samples, max_len=data.max_len,
     )
     return trainer.fit()
@@ -56,7 +40,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     config = offline_trainer_config(args)  # validate flags before starting processes
     data_config(args)
-    run_on_ranks(train, args.nproc_per_node or config.engine.parallel.model_parallel_size, args)
+    launch(train, args, config)
 
 
 if __name__ == "__main__":

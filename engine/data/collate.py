@@ -63,12 +63,16 @@ def preference_collate(samples: list[dict], pad_id: int, *, pad_to_multiple_of: 
     """Pairs -> one padded batch of ``2B`` rows: the ``B`` chosen sequences, then the ``B``
     rejected ones (in the same order), with loss masks on the responses (after ``prompt_len``).
 
-    Returns the ``pad_collate`` keys plus ``margin`` (float32 ``[B]``).
+    Returns the ``pad_collate`` keys plus ``margin`` and ``pair_mask`` (float32 ``[B]``, ones:
+    the pair count the loss is normalised by) and ``last_index`` (long ``[2B]``: each row's
+    eos, where a reward model reads its score).
     """
     rows = [_response_sample(s["chosen_ids"], s["prompt_len"]) for s in samples]
     rows += [_response_sample(s["rejected_ids"], s["prompt_len"]) for s in samples]
     batch = pad_collate(rows, pad_id, pad_to_multiple_of=pad_to_multiple_of)
     batch["margin"] = torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32)
+    batch["pair_mask"] = torch.ones(len(samples), dtype=torch.float32)
+    batch["last_index"] = batch["attention_mask"].sum(dim=1) - 1
     return batch
 
 

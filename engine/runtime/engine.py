@@ -132,5 +132,6 @@ class TrainingEngine:
             print(f"resumed from {directory}", flush=True)
         return state
 
-    def save_hf(self, path: str | Path) -> None:
-        save_hf_checkpoint(self.model, self.adapter, path, source_dir=self.config.pretrain, progress=self.is_rank_zero)
+    def save_hf(self, path: str | Path, *, config_updates: dict | None = None) -> None:
+        save_hf_checkpoint(self.model, self.adapter, path, source_dir=self.config.pretrain, progress=self.is_rank_zero,
+                           config_updates=config_updates)

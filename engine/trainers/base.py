@@ -69,6 +69,7 @@ class OfflineTrainer:
         self._check_batch_sizes()
         self.logger = MetricsLogger(config.logging)
         self.history: list[dict] = []
+        self.eval_history: list[dict] = []
 
     # ----- subclass hooks -----------------------------------------------------------------
     def make_microbatches(self, samples: list) -> list[dict]:
@@ -76,6 +77,10 @@ class OfflineTrainer:
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
         raise NotImplementedError
+
+    def export_config_updates(self) -> dict:
+        """Extra fields for the final HF ``config.json`` (collective: every rank calls it)."""
+        return {}
 
     # ----- data placement -----------------------------------------------------------------
     def _check_batch_sizes(self) -> None:
@@ -124,7 +129,7 @@ class OfflineTrainer:
         if self.config.loop.eval_steps < 0 and self.eval_dataset is not None:
             self._evaluate(self.last_step)
         if self.config.loop.save_path:
-            self.engine.save_hf(self.config.loop.save_path)
+            self.engine.save_hf(self.config.loop.save_path, config_updates=self.export_config_updates())
         self.logger.close()
         return self.history
 
@@ -152,15 +157,21 @@ class OfflineTrainer:
         if self.eval_dataset is not None and eval_steps > 0 and step % eval_steps == 0:
             self._evaluate(step)
 
-    def _evaluate(self, step: int) -> dict:
+    def strided_share(self, dataset, limit: int | None = None) -> list:
+        """This DP rank's equal share of ``dataset`` (its first ``limit`` samples), for evaluation:
+        the remainder is left out so every rank joins the same collectives."""
         dp, rank = self.engine.data_parallel_size, self.engine.data_parallel_rank
-        usable = len(self.eval_dataset) // dp * dp  # equal shares: every rank joins the same collectives
-        if usable == 0:
+        size = len(dataset) if limit is None else min(limit, len(dataset))
+        return [dataset[i] for i in range(rank, size // dp * dp, dp)]
+
+    def _evaluate(self, step: int) -> dict:
+        samples = self.strided_share(self.eval_dataset)
+        if not samples:
             return {}
-        samples = [self.eval_dataset[i] for i in range(rank, usable, dp)]
         microbatches = self.make_microbatches(samples)
         metrics = self.engine.evaluate(microbatches, self.make_loss_fn(microbatches), normaliser_key=self.normaliser_key)
         self.logger.log(metrics, step, prefix="eval")
+        self.eval_history.append({"step": step, **metrics})
         if self.engine.is_rank_zero:
             tqdm.write(f"eval @ step {step}: {format_metrics(metrics)}")
         return metrics

@@ -1,0 +1,38 @@
+"""Per-sequence quantities from this rank's Megatron output, exact under TP / CP.
+
+Preference losses (RM, DPO, KTO) are functions of whole sequences, but under context
+parallelism each CP rank holds only its zigzag share of every sequence. Both helpers give every
+CP rank the full per-sequence value, differentiably; a loss built from them must then be
+divided by ``cp_size`` on each rank (``context_parallel_share``), because Megatron sums the CP
+ranks' gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from engine.rl.vocab_parallel import token_log_probs
+from parallel.context_parallel import all_reduce_sum, zigzag_gather
+
+
+def context_parallel_share(cp_group) -> float:
+    """The part of a sequence-level loss each CP rank contributes: ``1 / cp_size``."""
+    return 1.0 / dist.get_world_size(group=cp_group)
+
+
+def sequence_log_probs(logits: torch.Tensor, batch: dict, *, cp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum, count)`` per row of the label log-probs over ``loss_mask`` (the response tokens).
+
+    ``logits`` are vocab-parallel ``[rows, s_local, vocab/TP]``; the sums cover the whole
+    sequence on every CP rank and keep their gradient.
+    """
+    mask = batch["loss_mask"].float()
+    local = torch.stack([(token_log_probs(logits, batch["labels"]) * mask).sum(-1), mask.sum(-1)])
+    total = all_reduce_sum(local, group=cp_group)
+    return total[0], total[1].detach()
+
+
+def last_token_values(values: torch.Tensor, batch: dict, *, cp_group) -> torch.Tensor:
+    """Value-head output ``[rows, s_local, 1]`` read at each row's ``last_index`` (its eos)."""
+    full = zigzag_gather(values[..., 0].float(), dim=1, cp_group=cp_group)
+    return full.gather(1, batch["last_index"].to(full.device).unsqueeze(1)).squeeze(1)

@@ -12,21 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-source scripts/_tiny_loop_setup.sh
-ITERS=${ITERS:-1} INPUT_KEY=${INPUT_KEY:-input} BEST_OF_N=${BEST_OF_N:-4}
-ROLLOUT_BATCH_SIZE=${ROLLOUT_BATCH_SIZE:-1024} GENERATE_MAX_LEN=${GENERATE_MAX_LEN:-1024}
-TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64} MICRO_TRAIN_BATCH_SIZE=${MICRO_TRAIN_BATCH_SIZE:-4}
-GEN_ARGS=${GEN_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-}
+source scripts/_loop_common.sh
 
 for ((iter = 0; iter < ITERS; iter++)); do
   out=$WORKDIR/iter$iter
-  mkdir -p "$out"
-  "$PY" -m engine.cli.batch_inference --eval_task generate --pretrain "$POLICY" --dataset "$PROMPTS" \
-    --input_key "$INPUT_KEY" --best_of_n "$BEST_OF_N" --generate_max_len "$GENERATE_MAX_LEN" \
-    --temperature 1.0 --iter "$iter" --rollout_batch_size "$ROLLOUT_BATCH_SIZE" --seed "$iter" \
-    --output_path "$out/generate.jsonl" $GEN_ARGS
-  "$PY" -m engine.cli.batch_inference --eval_task rm --pretrain "$REWARD_MODEL" --dataset "$out/generate.jsonl" \
-    --post_processor iter_dpo --output_path "$out/pairs.jsonl"
+  generate_and_score "$iter" "$out" iter_dpo pairs.jsonl
   "$PY" -m engine.cli.train_dpo --pretrain "$POLICY" --ref_pretrain "$POLICY" --dataset "$out/pairs.jsonl" \
     --prompt_key prompt --chosen_key chosen --rejected_key rejected --beta "${BETA:-0.1}" \
     --train_batch_size "$TRAIN_BATCH_SIZE" --micro_train_batch_size "$MICRO_TRAIN_BATCH_SIZE" \

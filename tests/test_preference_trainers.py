@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -221,3 +224,26 @@ def test_kto_learns_and_tp2_matches(model_path, unpaired_data):
                                                NUM_COMPARED_STEPS), timeout=400)[0]
     for key in ("loss", "signed_reward", "kl"):
         _assert_same_curve(tp2, reference[:NUM_COMPARED_STEPS], key=key)
+
+
+# ------------------------------------------------------------------------------------------ CLIs
+
+def test_train_rm_cli_exports_a_sequence_classifier_with_reward_statistics(model_path, pair_data, tmp_path):
+    out = tmp_path / "rm"
+    subprocess.run([sys.executable, "-m", "engine.cli.train_rm", "--pretrain", model_path,
+                    "--dataset", f"json@{pair_data}", "--prompt_key", "prompt", "--input_template", "Q: {}\nA: ",
+                    "--eval_split", "test", "--max_len", "32", "--train_batch_size", "16",
+                    "--micro_train_batch_size", "4", "--max_steps", "2", "--save_path", str(out)],
+                   check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(out)
+    assert config.architectures == ["LlamaForSequenceClassification"] and config.num_labels == 1
+    assert math.isfinite(config.mean) and config.std > 0
+
+
+def test_kto_cli_names_the_missing_label_flag(model_path, unpaired_data):
+    from engine.cli import train_kto
+
+    with pytest.raises(SystemExit, match="--label_key"):
+        train_kto.main(["--pretrain", model_path, "--dataset", unpaired_data, "--input_key", "prompt"])

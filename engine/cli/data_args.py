@@ -55,3 +55,14 @@ def data_config(args):
         skip_bad_rows=args.skip_bad_rows,
         seed=args.seed,
     )
+
+
+def load_splits(dataset_cls, args, **options):
+    """``(tokenizer, train_set, eval_set or None)``: ``--dataset`` tokenised by ``--pretrain``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    data = data_config(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
+    train_set = dataset_cls.from_config(data, tokenizer, split=data.train_split, **options)
+    eval_set = dataset_cls.from_config(data, tokenizer, split=data.eval_split, **options) if data.eval_split else None
+    return tokenizer, train_set, eval_set

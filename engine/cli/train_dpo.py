@@ -11,7 +11,7 @@ Without torchrun, ``--nproc_per_node N`` spawns N local ranks itself.
 from __future__ import annotations
 
 from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config
+from engine.cli.data_args import data_config, load_splits
 
 
 def add_dpo_args(parser) -> None:
@@ -36,15 +36,10 @@ def dpo_config(args):
 
 
 def train(args) -> list[dict]:
-    from transformers import AutoTokenizer
-
     from engine.data.preference import PreferenceDataset
     from engine.trainers.dpo import DPOTrainer
 
-    data = data_config(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
-    train_set = PreferenceDataset.from_config(data, tokenizer, split=data.train_split)
-    eval_set = PreferenceDataset.from_config(data, tokenizer, split=data.eval_split) if data.eval_split else None
+    tokenizer, train_set, eval_set = load_splits(PreferenceDataset, args)
     trainer = DPOTrainer(offline_trainer_config(args), train_set, eval_set, dpo=dpo_config(args),
                          pad_token_id=pad_token_id(tokenizer))
     return trainer.fit()

@@ -12,7 +12,7 @@ estimated on mismatched prompt / completion pairs of each step. Without torchrun
 from __future__ import annotations
 
 from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config
+from engine.cli.data_args import data_config, load_splits
 
 
 def add_kto_args(parser) -> None:
@@ -37,17 +37,12 @@ def kto_config(args):
 
 
 def train(args) -> list[dict]:
-    from transformers import AutoTokenizer
-
     from engine.data.preference import UnpairedPreferenceDataset
     from engine.trainers.kto import KTOTrainer
 
-    data = data_config(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
-    train_set = UnpairedPreferenceDataset.from_config(data, tokenizer, split=data.train_split)
-    eval_set = UnpairedPreferenceDataset.from_config(data, tokenizer, split=data.eval_split) if data.eval_split else None
+    tokenizer, train_set, eval_set = load_splits(UnpairedPreferenceDataset, args)
     trainer = KTOTrainer(offline_trainer_config(args), train_set, eval_set, kto=kto_config(args),
-                         pad_token_id=pad_token_id(tokenizer), max_len=data.max_len)
+                         pad_token_id=pad_token_id(tokenizer), max_len=args.max_len)
     return trainer.fit()
 
 

@@ -11,7 +11,7 @@ spawns N local ranks itself.
 from __future__ import annotations
 
 from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config
+from engine.cli.data_args import data_config, load_splits
 
 
 def add_prm_args(parser) -> None:
@@ -26,23 +26,14 @@ def parse_args(argv=None):
 
 
 def train(args) -> list[dict]:
-    from transformers import AutoTokenizer
-
     from engine.data.process_reward import ProcessRewardDataset
     from engine.trainers.prm import PRMTrainer
 
-    config = offline_trainer_config(args)
-    data = data_config(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
-    options = dict(placeholder_token=args.placeholder_token, reward_tokens=args.reward_tokens)
-    train_set = ProcessRewardDataset.from_config(data, tokenizer, split=data.train_split, **options)
-    eval_set = ProcessRewardDataset.from_config(data, tokenizer, split=data.eval_split, **options) \
-        if data.eval_split else None
+    tokenizer, train_set, eval_set = load_splits(ProcessRewardDataset, args, placeholder_token=args.placeholder_token,
+                                                 reward_tokens=args.reward_tokens)
     reward_ids = list(train_set.reward_token_ids.values()) if train_set.reward_token_ids else None
-    trainer = PRMTrainer(
-        config, train_set, eval_set, reward_token_ids=reward_ids,
-        pad_token_id=pad_token_id(tokenizer),
-    )
+    trainer = PRMTrainer(offline_trainer_config(args), train_set, eval_set, reward_token_ids=reward_ids,
+                         pad_token_id=pad_token_id(tokenizer))
     return trainer.fit()
 
 

@@ -13,7 +13,7 @@ local ranks itself.
 from __future__ import annotations
 
 from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config
+from engine.cli.data_args import data_config, load_splits
 
 
 def parse_args(argv=None):
@@ -21,15 +21,10 @@ def parse_args(argv=None):
 
 
 def train(args) -> list[dict]:
-    from transformers import AutoTokenizer
-
     from engine.data.preference import PreferenceDataset
     from engine.trainers.rm import RewardModelTrainer
 
-    data = data_config(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
-    train_set = PreferenceDataset.from_config(data, tokenizer, split=data.train_split)
-    eval_set = PreferenceDataset.from_config(data, tokenizer, split=data.eval_split) if data.eval_split else None
+    tokenizer, train_set, eval_set = load_splits(PreferenceDataset, args)
     trainer = RewardModelTrainer(offline_trainer_config(args, value_head=True), train_set, eval_set,
                                  pad_token_id=pad_token_id(tokenizer))
     return trainer.fit()

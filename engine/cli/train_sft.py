@@ -10,7 +10,7 @@ Without torchrun, ``--nproc_per_node N`` spawns N local ranks itself.
 from __future__ import annotations
 
 from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config
+from engine.cli.data_args import data_config, load_splits
 
 
 def parse_args(argv=None):
@@ -18,21 +18,13 @@ def parse_args(argv=None):
 
 
 def train(args) -> list[dict]:
-    from transformers import AutoTokenizer
-
     from engine.data.sft import SFTDataset
     from engine.trainers.sft import SFTTrainer
 
-    config = offline_trainer_config(args)
     data = data_config(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
-    train_set = SFTDataset.from_config(data, tokenizer, split=data.train_split)
-    eval_set = SFTDataset.from_config(data, tokenizer, split=data.eval_split) if data.eval_split else None
-    trainer = SFTTrainer(
-        config, train_set, eval_set,
-        pad_token_id=pad_token_id(tokenizer),
-        packing_samples=data.packing_samples, max_len=data.max_len,
-    )
+    tokenizer, train_set, eval_set = load_splits(SFTDataset, args)
+    trainer = SFTTrainer(offline_trainer_config(args), train_set, eval_set, pad_token_id=pad_token_id(tokenizer),
+                         packing_samples=data.packing_samples, max_len=data.max_len)
     return trainer.fit()
 
 

@@ -145,6 +145,7 @@ class OfflineTrainer:
             "grad_norm": result.grad_norm,
             "lr": self.engine.learning_rate,
             "tokens_per_s": float(tokens) / elapsed,
+            "step_time": elapsed,
         }
 
     def _dp_group(self):

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from tools.bench.common import print_table, reference_model
+from tools.bench.common import print_table, reference_model, run_on_local_ranks
 
 
 def sample_lengths(num_samples: int, max_len: int, seed: int = 0) -> list[int]:
@@ -122,13 +122,7 @@ def _engine_worker(path, tp, packing, batches, steps, warmup, result_file):
 
 
 def engine_tokens_per_second(path, tp, packing, batches, steps, warmup) -> float:
-    from parallel.launch import run_on_ranks
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result_file = os.path.join(tmp, "result.pt")
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // tp))
-        run_on_ranks(_engine_worker, tp, path, tp, packing, batches, steps, warmup, result_file)
-        return torch.load(result_file)
+    return run_on_local_ranks(_engine_worker, tp, path, tp, packing, batches, steps, warmup)
 
 
 def main(argv=None) -> None:

@@ -34,3 +34,20 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+def run_on_local_ranks(worker, world_size: int, *args):
+    """``worker(*args, result_file)`` on ``world_size`` spawned ranks (threads split between
+    them); returns what rank 0 saved to ``result_file`` with ``torch.save``."""
+    import os
+    import tempfile
+
+    import torch
+
+    from parallel.launch import run_on_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "result.pt")
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world_size))
+        run_on_ranks(worker, world_size, *args, result_file)
+        return torch.load(result_file)

@@ -1,4 +1,4 @@
-# Sourced by scripts/rejection_sampling.sh and scripts/iterative_dpo.sh: when POLICY / REWARD_MODEL /
+# Sourced by scripts/rejection_sampling.sh and scripts/iterative_dpo.sh. When POLICY / REWARD_MODEL /
 # PROMPTS are not given, build a tiny vLLM-loadable policy (head_dim 32), a reward model made from
 # it, and an arithmetic prompt set in WORKDIR (no downloads; runs on CPU).
 PY=${PY:-.venv/bin/python}
@@ -30,3 +30,21 @@ PYEOF
   TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-2} MICRO_TRAIN_BATCH_SIZE=${MICRO_TRAIN_BATCH_SIZE:-1}
   TRAIN_ARGS=${TRAIN_ARGS:---max_len 64 --max_steps 2 --learning_rate 1e-4}
 fi
+
+ITERS=${ITERS:-1} INPUT_KEY=${INPUT_KEY:-input} BEST_OF_N=${BEST_OF_N:-4}
+ROLLOUT_BATCH_SIZE=${ROLLOUT_BATCH_SIZE:-1024} GENERATE_MAX_LEN=${GENERATE_MAX_LEN:-1024}
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64} MICRO_TRAIN_BATCH_SIZE=${MICRO_TRAIN_BATCH_SIZE:-4}
+GEN_ARGS=${GEN_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-}
+
+# generate_and_score ITER OUT_DIR POST_PROCESSOR OUTPUT_NAME: BEST_OF_N samples per prompt of the
+# ITER-th prompt slice from POLICY (vLLM), scored by REWARD_MODEL, post-processed into OUT_DIR/OUTPUT_NAME.
+generate_and_score() {
+  local iter=$1 out=$2 post_processor=$3 output_name=$4
+  mkdir -p "$out"
+  "$PY" -m engine.cli.batch_inference --eval_task generate --pretrain "$POLICY" --dataset "$PROMPTS" \
+    --input_key "$INPUT_KEY" --best_of_n "$BEST_OF_N" --generate_max_len "$GENERATE_MAX_LEN" \
+    --temperature 1.0 --iter "$iter" --rollout_batch_size "$ROLLOUT_BATCH_SIZE" --seed "$iter" \
+    --output_path "$out/generate.jsonl" $GEN_ARGS
+  "$PY" -m engine.cli.batch_inference --eval_task rm --pretrain "$REWARD_MODEL" --dataset "$out/generate.jsonl" \
+    --post_processor "$post_processor" --output_path "$out/$output_name"
+}

@@ -148,35 +148,47 @@ def _request(url: str, body: bytes | None = None) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def start_serve_rm(rm_path: str, log_path, *extra: str, timeout_s: float = 120.0):
-    """Start ``python -m engine.cli.serve_rm`` on a free port; wait (bounded) until /health answers."""
+def launch_serve_rm(rm_path: str, log_path, *extra: str):
+    """Start ``python -m engine.cli.serve_rm`` on a free port; returns (process, reward URL)."""
     import subprocess
     import sys
-    import urllib.error
 
     from tests.conftest import REPO
 
     port = _free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli.serve_rm", "--reward_pretrain", rm_path, "--host", "127.0.0.1",
-         "--port", str(port), *extra],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli.serve_rm", "--reward_pretrain", rm_path, "--host", "127.0.0.1",
+             "--port", str(port), *extra],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+    return proc, f"http://127.0.0.1:{port}/get_reward"
+
+
+def wait_for_serve_rm(proc, url: str, log_path, *, timeout_s: float = 120.0) -> None:
+    """Poll /health until it answers 200 (bounded); fail with the server's log if it dies or hangs."""
+    import urllib.error
+
+    health = url.replace("/get_reward", "/health")
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"serve_rm exited with {proc.returncode}:\n{open(log_path).read()}")
         try:
-            if _request(f"{base}/health")[0] == 200:
-                return proc, f"{base}/get_reward"
+            if _request(health)[0] == 200:
+                return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"serve_rm did not answer /health within {timeout_s:.0f}s:\n{open(log_path).read()}")
         time.sleep(0.25)
+
+
+def start_serve_rm(rm_path: str, log_path, *extra: str):
+    proc, url = launch_serve_rm(rm_path, log_path, *extra)
+    wait_for_serve_rm(proc, url, log_path)
+    return proc, url
 
 
 def stop_serve_rm(proc) -> int:

@@ -86,6 +86,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dynamic_filtering", action="store_true")
     g.add_argument("--freezing_actor_steps", type=int, default=0)
     g.add_argument("--critic_learning_rate", type=float, default=9e-6)
+    g = parser.add_argument_group("ptx (pretraining loss in the actor)")
+    g.add_argument("--pretrain_data", default=None,
+                   help="pretraining / SFT data (same sources as --prompt_data); adds --ptx_coef x NLL to the actor loss")
+    g.add_argument("--pretrain_data_probs", default=None, help="mixing probabilities of --pretrain_data")
+    g.add_argument("--pretrain_split", default="train")
+    g.add_argument("--pretrain_data_input_key", default=None, help="text column (default: --input_key)")
+    g.add_argument("--pretrain_data_output_key", default=None,
+                   help="response column: loss on it only (prompt rendered like --prompt_data); "
+                        "default: loss on every token of the input text")
+    g.add_argument("--ptx_coef", type=float, default=0.05)
     add_optim_args(parser, learning_rate=1e-6)
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--ckpt_path", default=None)
@@ -122,8 +132,56 @@ def ppo_config(args):
         value_clip=args.value_clip, init_kl_coef=args.init_kl_coef, kl_target=args.kl_target,
         kl_horizon=args.kl_horizon, use_kl_loss=args.use_kl_loss, kl_estimator=args.kl_estimator,
         normalize_reward=args.normalize_reward, dynamic_filtering=args.dynamic_filtering,
-        freezing_actor_steps=args.freezing_actor_steps, temperature=args.temperature, seed=args.seed,
+        freezing_actor_steps=args.freezing_actor_steps, ptx_coef=args.ptx_coef, temperature=args.temperature,
+        seed=args.seed,
     )
+
+
+def pretrain_data_config(args):
+    """The DataConfig of --pretrain_data (None without it): raw text with a loss on every
+    token (OpenRLHF's pretrain mode), or prompt / response pairs with --pretrain_data_output_key."""
+    if not args.pretrain_data:
+        return None
+    from engine.data.config import DataConfig
+
+    pairs = args.pretrain_data_output_key is not None
+    try:
+        return DataConfig(
+            dataset=args.pretrain_data, dataset_probs=args.pretrain_data_probs,
+            input_key=args.pretrain_data_input_key or args.input_key, output_key=args.pretrain_data_output_key,
+            input_template=args.input_template if pairs else None,
+            apply_chat_template=args.apply_chat_template and pairs,
+            tokenizer_chat_template=args.tokenizer_chat_template if pairs and args.apply_chat_template else None,
+            max_len=args.max_len, train_split=args.pretrain_split, pretrain_mode=not pairs,
+            skip_bad_rows=args.skip_bad_rows, seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ValueError(f"--pretrain_data: {_pretrain_flag_names(str(exc))}") from None
+
+
+# DataConfig's messages name the --dataset flags; here the user passed their --pretrain_* twins.
+_PRETRAIN_FLAGS = {"dataset_probs": "pretrain_data_probs", "dataset": "pretrain_data",
+                   "input_key": "pretrain_data_input_key", "output_key": "pretrain_data_output_key",
+                   "train_split": "pretrain_split"}
+
+
+def _pretrain_flag_names(message: str) -> str:
+    import re
+
+    return re.sub(r"--(dataset_probs|dataset|input_key|output_key|train_split)\b",
+                  lambda m: f"--{_PRETRAIN_FLAGS[m.group(1)]}", message)
+
+
+def load_pretrain_data(args, tokenizer):
+    config = pretrain_data_config(args)
+    if config is None or args.ptx_coef == 0:
+        return None
+    from engine.data.sft import SFTDataset
+
+    dataset = SFTDataset.from_config(config, tokenizer)
+    if len(dataset) == 0:
+        raise ValueError(f"--pretrain_data {args.pretrain_data} has no usable samples")
+    return dataset
 
 
 def role_config(args, role: str, *, pretrain: str, trainable: bool, value_head: bool, total_steps: int,
@@ -157,14 +215,27 @@ def _max_positions(path: str) -> int:
     return AutoConfig.from_pretrained(path).max_position_embeddings
 
 
-def build_and_fit(args) -> list[dict]:
-    """Start the cluster pieces, run the loop, shut everything down (also on errors)."""
+def sampling_config(args, tokenizer, **overrides):
+    from engine.ray.vllm_engine import SamplingConfig
+
+    return SamplingConfig(**{
+        "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.generate_max_len,
+        "n_samples_per_prompt": args.n_samples_per_prompt,
+        "stop_token_ids": tuple(t for t in (tokenizer.eos_token_id,) if t is not None), **overrides,
+    })
+
+
+def build_and_fit(args, *, sampling_overrides: dict | None = None) -> list[dict]:
+    """Start the cluster pieces, run the loop, shut everything down (also on errors).
+
+    ``sampling_overrides``: SamplingConfig fields no flag sets (benchmarks force full-length
+    rollouts with ``min_new_tokens``)."""
     import ray
     from transformers import AutoTokenizer
 
     from engine.data.prompts import PromptDataset
     from engine.ray.role_group import RoleGroup, make_placement
-    from engine.ray.vllm_engine import SamplingConfig, VLLMEngineConfig, create_engines, shutdown_engines
+    from engine.ray.vllm_engine import VLLMEngineConfig, create_engines, shutdown_engines
     from engine.ray.weight_sync import ActorWeightSync
     from engine.rl.ppo_trainer import PPOTrainer
     from engine.rl.rewards import make_reward_sources
@@ -174,6 +245,7 @@ def build_and_fit(args) -> list[dict]:
     config = ppo_config(args)
     tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
     prompts = PromptDataset.from_config(data_config(args), tokenizer)
+    pretrain_samples = load_pretrain_data(args, tokenizer)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
@@ -214,9 +286,7 @@ def build_and_fit(args) -> list[dict]:
         ))
         sync = ActorWeightSync(actor, engines, backend=args.vllm_sync_backend,
                                bucket_bytes=args.vllm_sync_bucket_mb << 20)
-        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
-                                  max_new_tokens=args.generate_max_len, n_samples_per_prompt=args.n_samples_per_prompt,
-                                  stop_token_ids=tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
+        sampling = sampling_config(args, tokenizer, **(sampling_overrides or {}))
         trainer = PPOTrainer(
             config, prompts=prompts, tokenizer=tokenizer, engines=engines, actor=actor, sampling=sampling,
             sync=sync, critic=critic, reference=reference, reward_models=reward_models,
@@ -226,7 +296,7 @@ def build_and_fit(args) -> list[dict]:
                                                wandb_run_name=args.wandb_run_name)),
             checkpoint=CheckpointConfig(ckpt_path=args.ckpt_path, save_steps=args.save_steps,
                                         max_ckpt_num=args.max_ckpt_num, load_checkpoint=args.load_checkpoint),
-            save_path=args.save_path, save_value_network=args.save_value_network,
+            save_path=args.save_path, save_value_network=args.save_value_network, pretrain_samples=pretrain_samples,
         )
         return trainer.fit()
     finally:
@@ -240,6 +310,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     ppo_config(args)  # flag errors before anything starts
     data_config(args)
+    pretrain_data_config(args)
     return build_and_fit(args)
 
 

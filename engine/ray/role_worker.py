@@ -194,13 +194,18 @@ class MegatronRoleWorker:
         return ShardResult(result.start, result.stop, {"out": scores})
 
     # ----- training -----------------------------------------------------------------------
-    def train(self, batch: dict, *, loss: str, settings: dict) -> dict:
+    def train(self, batch: dict, *, loss: str, settings: dict, ptx: dict | None = None) -> dict:
         """PPO epochs over ``batch`` (already this step's rollout), one optimizer step per
-        ``settings['train_batch_size']`` samples; returns averaged metrics."""
+        ``settings['train_batch_size']`` samples; returns averaged metrics.
+
+        ``ptx`` (actor only): padded pretraining rows, ``train_batch_size`` per optimizer step in
+        step order; each step's rows join its rollout micro-batches (``engine.rl.ptx``)."""
+        from engine.rl.ptx import attach_ptx, finish_ptx_metrics
         from engine.rl.train_losses import make_loss_fn
 
         total = len(batch["input_ids"])
         per_step, epochs = settings["train_batch_size"], settings["max_epochs"]
+        micro_size = settings["micro_train_batch_size"]
         generator = torch.Generator().manual_seed(settings["seed"])
         history = []
         for _ in range(epochs):
@@ -209,11 +214,19 @@ class MegatronRoleWorker:
                 rows = order[lo:lo + per_step]
                 step_batch = {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == (total,) else v for k, v in batch.items()}
                 start, stop = self._share(per_step)
-                micro = self._microbatches(step_batch, start, stop, settings["micro_train_batch_size"])
+                micro = self._microbatches(step_batch, start, stop, micro_size)
+                ptx_scale = 0.0
+                if ptx is not None:
+                    # len(history) optimizer steps are done: this step's ptx rows, this rank's share of them
+                    first = len(history) * per_step + start
+                    micro = attach_ptx(micro, {k: v[first:first + stop - start] for k, v in ptx.items()},
+                                       micro_batch_size=micro_size, pad_id=settings["pad_token_id"],
+                                       multiple=self._sequence_multiple())
+                    ptx_scale = self.engine.loss_scale(micro, key="loss_mask")
                 loss_fn = make_loss_fn(loss, settings, scale=self.engine.loss_scale(micro, key="action_mask"),
-                                       tp_group=self.ctx.tp_group)
+                                       tp_group=self.ctx.tp_group, ptx_scale=ptx_scale)
                 result = self.engine.train_step(micro, loss_fn, normaliser_key="num_tokens")
-                history.append({**result.metrics, "grad_norm": result.grad_norm})
+                history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
         return {k: sum(h[k] for h in history) / len(history) for k in history[0]} if history else {}
 
     # ----- weights out --------------------------------------------------------------------

@@ -47,6 +47,7 @@ class PPOConfig:
     normalize_reward: bool = False
     dynamic_filtering: bool = False  # drop GRPO groups whose rewards are all equal
     freezing_actor_steps: int = 0  # train only the critic for the first N rollouts
+    ptx_coef: float = 0.05  # weight of the pretraining NLL in the actor loss (with --pretrain_data)
     temperature: float = 1.0
     seed: int = 42
 
@@ -59,6 +60,8 @@ class PPOConfig:
             )
         if self.n_samples_per_prompt != self.advantage.n_samples_per_prompt:
             raise ValueError("--n_samples_per_prompt differs between the rollout and the advantage config")
+        if self.ptx_coef < 0:
+            raise ValueError(f"--ptx_coef must be >= 0, got {self.ptx_coef}")
 
     @property
     def needs_critic(self) -> bool:
@@ -85,7 +88,8 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, *, prompts, tokenizer, engines, actor, sampling, sync,
                  critic=None, reference=None, reward_models=(), reward_sources=(), logger=None,
-                 checkpoint=None, save_path: str | None = None, save_value_network: bool = False):
+                 checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
+                 pretrain_samples=None):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -101,6 +105,12 @@ class PPOTrainer:
         self.kl_controller = make_kl_controller(init_kl_coef=config.init_kl_coef, kl_target=config.kl_target,
                                                 kl_horizon=config.kl_horizon)
         self.reward_moments = RunningMoments()
+        self.ptx = None  # the pretraining samples of --pretrain_data, drawn per rollout
+        if pretrain_samples is not None and config.ptx_coef > 0:
+            from engine.rl.ptx import PtxSampler
+
+            self.ptx = PtxSampler(pretrain_samples, seed=config.seed,
+                                  stride=config.max_epochs * config.rollout_batch_size * config.n_samples_per_prompt)
         self.history: list[dict] = []
         steps_per_episode = len(prompts) // config.rollout_batch_size
         if steps_per_episode == 0:
@@ -125,6 +135,7 @@ class PPOTrainer:
 
     def train_one_rollout(self, step: int) -> dict:
         timer = Timer()
+        started = time.perf_counter()
         rows = self._prompt_rows(step)
         with timer.phase("generate"):
             batch, samples_meta = self.generate(rows, step)
@@ -136,6 +147,7 @@ class PPOTrainer:
             train_metrics = self.train(experience, step)
         with timer.phase("sync"):
             sync_metrics = self.sync.push()
+        timer.seconds["time/step"] = time.perf_counter() - started
         return {**scored["metrics"], **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
 
     # ----- phases -------------------------------------------------------------------------
@@ -263,6 +275,8 @@ class PPOTrainer:
             "temperature": self.config.temperature,
             "kl_loss_coef": self.kl_controller.value if self.config.use_kl_loss else 0.0,
             "kl_estimator": self.config.kl_estimator,
+            "ptx_coef": self.config.ptx_coef if self.ptx is not None else 0.0,
+            "pad_token_id": self._pad_id(),
         }
         metrics = {}
         ref = None
@@ -273,14 +287,29 @@ class PPOTrainer:
             critic = self.critic.run(lambda w: w.train.remote(ref, loss="value", settings=settings), "critic train")
             metrics.update({f"critic/{k}": v for k, v in critic[0].items()})
         if step >= self.config.freezing_actor_steps:
+            ptx = self._ptx_rows(step, len(experience["input_ids"]))
             actor = self.actor.run(lambda w: w.train.remote(ref if ref is not None else experience, loss="policy",
-                                                            settings=settings), "actor train")
+                                                            settings=settings, ptx=ptx), "actor train")
             metrics.update({f"actor/{k}": v for k, v in actor[0].items()})
         return metrics
 
+    def _ptx_rows(self, step: int, num_rows: int):
+        """One pretraining sample per rollout sample of every optimizer step (OpenRLHF pairs one
+        ptx micro-batch with each actor micro-batch), padded; None without --pretrain_data."""
+        if self.ptx is None:
+            return None
+        import ray
+
+        from engine.rl.ptx import collate_ptx
+
+        per_step = self.config.train_batch_size
+        num = self.config.max_epochs * (num_rows // per_step) * per_step
+        return ray.put(collate_ptx(self.ptx.samples(step, num), pad_id=self._pad_id()))
+
     # ----- bookkeeping --------------------------------------------------------------------
     def _report(self, step: int, metrics: dict) -> None:
-        shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens", "actor/approx_kl", "advantage_abs_mean", "rollout_logprob_abs_diff",
+        shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
+                 "actor/approx_kl", "actor/ptx_loss", "advantage_abs_mean", "rollout_logprob_abs_diff",
                  "time/generate", "time/score", "time/train", "time/sync")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         print(f"rollout {step}/{self.num_steps} {line}", flush=True)

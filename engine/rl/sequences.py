@@ -73,9 +73,10 @@ def build_rollout_batch(
     )
 
 
-def trim_to_content(batch: dict, *, multiple: int = 1) -> dict:
-    """Drop trailing all-padding columns of a micro-batch (rows are right-padded)."""
-    nonzero = batch["action_mask"].nonzero()
+def trim_to_content(batch: dict, *, multiple: int = 1, mask_key: str = "action_mask") -> dict:
+    """Drop trailing all-padding columns of a micro-batch (rows are right-padded): those after
+    the last position ``mask_key`` trains on."""
+    nonzero = batch[mask_key].nonzero()
     used = int(nonzero[:, 1].max()) + 2 if len(nonzero) else 1  # the last action's token is at t + 1
     width = min(batch["input_ids"].shape[1], -(-used // multiple) * multiple)
     return {k: v[:, :width] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}

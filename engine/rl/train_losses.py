@@ -2,19 +2,23 @@
 
 Each returns ``(loss_sum * scale, metrics)``: the masked token sum scaled to the optimizer
 step's global token mean (``engine.runtime.schedule.token_mean_scale``), so the gradient is
-the same for every TP / PP / CP / DP layout.
+the same for every TP / PP / CP / DP layout. The actor's ptx term (``engine.rl.ptx``) has its
+own scale: its token mean is over the step's pretraining tokens, not its response tokens.
 """
 from __future__ import annotations
 
 import torch
 
-from engine.rl.losses import kl_loss, policy_loss, value_loss
+from engine.rl.losses import kl_loss, policy_loss, sft_loss, value_loss
 from engine.rl.vocab_parallel import token_entropy, token_log_probs
 
 
-def policy_loss_fn(settings: dict, *, scale: float, tp_group):
+def policy_loss_fn(settings: dict, *, scale: float, tp_group, ptx_scale: float = 0.0):
+    """PPO surrogate (+ KL loss) on the rollout rows; with ``settings['ptx_coef']`` and a
+    ``loss_mask`` in the batch, plus ``ptx_coef`` x the NLL of the pretraining rows."""
     temperature = settings.get("temperature", 1.0)
     kl_coef = settings.get("kl_loss_coef", 0.0)
+    ptx_coef = settings.get("ptx_coef", 0.0)
 
     def loss_fn(logits: torch.Tensor, batch: dict):
         mask = batch["action_mask"]
@@ -33,9 +37,23 @@ def policy_loss_fn(settings: dict, *, scale: float, tp_group):
             metrics["kl_loss_sum"] = kl_sum.detach()
         entropy = token_entropy(logits, tp_group, temperature=temperature)
         metrics["entropy_sum"] = (entropy * mask).sum()
-        return total * scale, metrics
+        loss = total * scale
+        if ptx_coef > 0 and "loss_mask" in batch:
+            ptx_sum = _ptx_nll_sum(logits, batch, log_probs, temperature)
+            loss = loss + ptx_coef * ptx_sum * ptx_scale
+            # Not "_sum" names: reduce_metrics would divide them by the response-token count.
+            metrics["ptx_nll_total"] = ptx_sum.detach()
+            metrics["ptx_num_tokens"] = batch["loss_mask"].sum().detach()
+        return loss, metrics
 
     return loss_fn
+
+
+def _ptx_nll_sum(logits: torch.Tensor, batch: dict, log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    # The ptx NLL is the model's own likelihood: the sampling temperature does not apply.
+    if temperature != 1.0:
+        log_probs = token_log_probs(logits, batch["labels"])
+    return sft_loss(log_probs, batch["loss_mask"], normaliser=1.0)
 
 
 def value_loss_fn(settings: dict, *, scale: float, tp_group=None):
@@ -48,9 +66,9 @@ def value_loss_fn(settings: dict, *, scale: float, tp_group=None):
     return loss_fn
 
 
-def make_loss_fn(kind: str, settings: dict, *, scale: float, tp_group):
+def make_loss_fn(kind: str, settings: dict, *, scale: float, tp_group, ptx_scale: float = 0.0):
     if kind == "policy":
-        return policy_loss_fn(settings, scale=scale, tp_group=tp_group)
+        return policy_loss_fn(settings, scale=scale, tp_group=tp_group, ptx_scale=ptx_scale)
     if kind == "value":
         return value_loss_fn(settings, scale=scale)
     raise ValueError(f"unknown loss {kind!r}")

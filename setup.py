@@ -33,7 +33,9 @@ EXTRAS = {
         "bitsandbytes>=0.45",
     ],
     "test": ["pytest>=8", "pytest-timeout>=2.3"],
-    "bench": ["trl>=0.20"],
+    # TRL baselines of tools/bench (bench_rl_step, bench_dpo). 1.16 is the release measured and
+    # the one whose GRPOTrainer internals bench_rl_step times; it keeps transformers 5.19 / torch.
+    "bench": ["trl==1.16.0"],
 }
 
 setup(

@@ -103,14 +103,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _make_reward_model(root, *, with_stats: bool) -> str:
+def _make_reward_model(root, policy: str, *, with_stats: bool) -> str:
     """A tiny RM the way this project exports them: SequenceClassification, num_labels=1, `score` head."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from models.tiny import build_tiny_model
-
-    policy = build_tiny_model("llama", root / "policy", seed=0)
     torch.manual_seed(1)
     model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
     if with_stats:
@@ -202,9 +199,12 @@ def stop_serve_rm(proc) -> int:
 
 @pytest.fixture(scope="module")
 def reward_models(tmp_path_factory):
+    from models.tiny import build_tiny_model
+
     root = tmp_path_factory.mktemp("serve_rm")
-    return {"plain": _make_reward_model(root, with_stats=False), "stats": _make_reward_model(root, with_stats=True),
-            "root": root}
+    policy = build_tiny_model("llama", root / "policy", seed=0)
+    return {"plain": _make_reward_model(root, policy, with_stats=False),
+            "stats": _make_reward_model(root, policy, with_stats=True), "root": root}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Run a test body on N gloo ranks in fresh processes, with a timeout and every rank's traceback.
+"""Run a test body on N gloo ranks in new processes, with a timeout and every rank's traceback.
 
     from tests.dist_harness import run_distributed
 
@@ -14,14 +14,16 @@ A rank that raises, dies or hangs fails the test with a report naming every rank
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
 import socket
 import traceback
 from typing import Any, Callable
 
-_CTX = mp.get_context("spawn")
+from parallel.launch import adopt_environment, rank_process_context
+
+# Forked from a server with torch / megatron-core / transformers imported (parallel/launch.py).
+_CTX = rank_process_context()
 
 
 class DistributedTestError(AssertionError):
@@ -35,7 +37,7 @@ def _free_port() -> int:
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, env, queue):
-    os.environ.update(env)
+    adopt_environment(env)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -72,7 +74,7 @@ def run_distributed(
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank."""
     queue = _CTX.Queue()
     port = _free_port()
-    base_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    base_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     procs = [
         _CTX.Process(
             target=_worker,

@@ -26,6 +26,14 @@ def _cli(module: str, *args: str, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
+def _convert(module: str, *args: str) -> None:
+    """A conversion CLI's ``main`` in this process: its ranks fork from the warm forkserver
+    (the subprocess runs below test the CLI's exit codes and messages)."""
+    import importlib
+
+    importlib.import_module(module).main(list(args))
+
+
 def _tensors(hf_dir: str) -> dict[str, torch.Tensor]:
     directory = Path(hf_dir)
     index = directory / "model.safetensors.index.json"
@@ -50,9 +58,9 @@ def test_roundtrip_is_bit_exact_and_reshards(case, tiny_models, tmp_path):
     arch, layout = CASES[case]
     source = tiny_models[arch]
     mcore, exported = tmp_path / "mcore", tmp_path / "hf"
-    _cli("tools.convert.hf_to_mcore", "--hf_path", source, "--save_path", str(mcore), *layout)
+    _convert("tools.convert.hf_to_mcore", "--hf_path", source, "--save_path", str(mcore), *layout)
     # Export with one process: the TP/PP/EP-sharded checkpoint is resharded to TP=PP=EP=1.
-    _cli("tools.convert.mcore_to_hf", "--load_path", str(mcore), "--save_path", str(exported))
+    _convert("tools.convert.mcore_to_hf", "--load_path", str(mcore), "--save_path", str(exported))
 
     original, roundtrip = _tensors(source), _tensors(str(exported))
     assert sorted(roundtrip) == sorted(original)
@@ -97,7 +105,7 @@ def test_bad_parallel_size_names_the_flag(tiny_models, tmp_path):
 
 def test_truncated_checkpoint_is_detected(tiny_models, tmp_path):
     mcore = tmp_path / "mcore"
-    _cli("tools.convert.hf_to_mcore", "--hf_path", tiny_models["llama"], "--save_path", str(mcore))
+    _convert("tools.convert.hf_to_mcore", "--hf_path", tiny_models["llama"], "--save_path", str(mcore))
     shard = next(mcore.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = _cli("tools.convert.mcore_to_hf", "--load_path", str(mcore), "--save_path", str(tmp_path / "hf"), check=False)

@@ -170,7 +170,7 @@ def test_batch_inference_generate_score_select(ray_cluster, inference_models, tm
     batch_inference.main([
         "--eval_task", "generate", "--pretrain", inference_models["policy"], "--dataset", str(tmp_path / "prompts.jsonl"),
         "--input_key", "question", "--input_template", "User: {}\nAssistant: ", "--best_of_n", str(num_samples),
-        "--generate_max_len", "8", "--temperature", "1.0", "--output_path", str(generated),
+        "--generate_max_len", "8", "--temperature", "1.0", "--enforce_eager", "--output_path", str(generated),
     ])
     rows = read_jsonl(generated)
     assert len(rows) == num_samples * len(prompts)

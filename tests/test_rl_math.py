@@ -529,3 +529,35 @@ def test_sft_loss_is_token_mean_nll():
     values = [-token_log_probs[i, t].item() for i in range(B) for t in _real_positions(mask[i])]
     _assert_close(sft_loss(token_log_probs, mask), statistics.fmean(values))
     assert sft_loss(token_log_probs, torch.zeros(B, T)).item() == 0.0
+
+
+# ------------------------------------------------------------------ vocab-parallel log-probs
+
+def _vocab_parallel_body(rank, world_size):
+    from megatron.core import parallel_state as ps
+
+    from engine.rl.vocab_parallel import token_entropy, token_log_probs
+    from parallel.config import ParallelConfig
+    from parallel.initialize import initialize_parallel
+
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=world_size))
+    full = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(1))
+    local = full.chunk(world_size, dim=-1)[ps.get_tensor_model_parallel_rank()].clone()
+    before = local.clone()
+    log_probs = token_log_probs(local, labels, temperature=1.0)
+    entropy = token_entropy(local, ps.get_tensor_model_parallel_group())
+    return {"log_probs": log_probs, "entropy": entropy, "intact": torch.equal(local, before)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["tp1", "tp2"])
+def test_vocab_parallel_log_probs_and_entropy_match_full_softmax_and_keep_the_logits(world_size):
+    from tests.dist_harness import run_distributed
+
+    full = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = torch.log_softmax(full, -1)
+    for result in run_distributed(_vocab_parallel_body, world_size, timeout=120):
+        assert result["intact"]  # later terms (entropy, KD) read the same logits
+        torch.testing.assert_close(result["log_probs"], expected.gather(-1, labels[..., None])[..., 0])
+        torch.testing.assert_close(result["entropy"], -(expected.exp() * expected).sum(-1))

@@ -7,10 +7,16 @@ from megatron.core import tensor_parallel
 
 
 def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """log p(label) per position from ``[b, s, vocab/TP]`` logits; differentiable."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+    """log p(label) per position from ``[b, s, vocab/TP]`` logits; differentiable.
+
+    ``logits`` are left intact: megatron-core 0.16.1's vocab-parallel cross entropy subtracts the
+    max and exponentiates in place on its argument, which for fp32 logits would otherwise be the
+    caller's tensor (later entropy or KD terms would read garbage).
+    """
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    if scaled.data_ptr() == logits.data_ptr():
+        scaled = scaled.clone()
+    return -tensor_parallel.vocab_parallel_cross_entropy(scaled, labels)
 
 
 @torch.no_grad()

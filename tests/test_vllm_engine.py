@@ -166,6 +166,21 @@ def test_pack_unpack_roundtrip_mixed_dtypes():
 # Start-up failures (before any engine of the module is started).
 
 
+def test_reload_warning_filter_drops_only_the_expected_layers(caplog):
+    import logging
+
+    from engine.ray.vllm_worker_ext import _QuietExpectedReloadWarnings
+
+    logger = logging.getLogger("test.layerwise")
+    logger.addFilter(_QuietExpectedReloadWarnings(("RotaryEmbedding", "ParallelLMHead")))
+    with caplog.at_level(logging.WARNING, logger="test.layerwise"):
+        for layer in ("RotaryEmbedding", "Llama3RotaryEmbedding", "ParallelLMHead", "QKVParallelLinear"):
+            logger.warning("%s: Failed to load weights", layer)
+        logger.warning("%s: something else", "RotaryEmbedding")
+    assert [r.getMessage() for r in caplog.records] == [
+        "QKVParallelLinear: Failed to load weights", "RotaryEmbedding: something else"]
+
+
 def test_bad_flags_fail_before_starting(ray_cluster, checkpoints, tmp_path):
     started = time.monotonic()
     with pytest.raises(ValueError, match="--pretrain .*no such directory"):

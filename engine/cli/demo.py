@@ -1,6 +1,6 @@
 """The main job on a built-in tiny default: no downloads, a few minutes on a 2-core CPU box.
 
-    python -m engine.cli.demo [--workdir runs/demo] [--tensor_model_parallel_size 2] [--rl_steps 12]
+    python -m engine.cli.demo [--workdir runs/demo] [--tensor_model_parallel_size 2] [--rl_steps 30]
 
 1. builds a tiny Llama-architecture model and a locally trained tokenizer;
 2. writes a synthetic verifiable task (two-number addition) as jsonl;
@@ -21,7 +21,7 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
     parser.add_argument("--max_epochs", type=int, default=6)
-    parser.add_argument("--rl_steps", type=int, default=12, help="GRPO rollouts (0 skips RL)")
+    parser.add_argument("--rl_steps", type=int, default=30, help="GRPO rollouts (0 skips RL)")
     return parser.parse_args(argv)
 
 
@@ -74,9 +74,12 @@ def _grpo(args, model: str, data: str, out: Path) -> list[dict]:
     return train_ppo_ray.main([
         "--pretrain", model, "--prompt_data", f"json@{data}", "--input_key", "prompt", "--label_key", "label",
         "--remote_rm_url", arithmetic.__file__, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "8",
-        "--rollout_batch_size", "32", "--train_batch_size", "128", "--micro_train_batch_size", "32",
-        "--micro_rollout_batch_size", "64", "--generate_max_len", "6", "--max_steps", str(args.rl_steps),
-        "--learning_rate", "5e-5", "--lr_warmup_ratio", "0", "--lr_scheduler", "constant", "--init_kl_coef", "0",
+        # 8 optimizer steps per rollout (256 samples, batches of 32, two epochs): the sampled
+        # accuracy after SFT (~0.5, greedy ~0.9) climbs towards the greedy one within 30 rollouts.
+        "--rollout_batch_size", "32", "--train_batch_size", "32", "--micro_train_batch_size", "32",
+        "--max_epochs", "2", "--micro_rollout_batch_size", "64", "--generate_max_len", "6",
+        "--max_steps", str(args.rl_steps),
+        "--learning_rate", "2e-4", "--lr_warmup_ratio", "0", "--lr_scheduler", "constant", "--init_kl_coef", "0",
         "--actor_num_gpus_per_node", str(args.tensor_model_parallel_size),
         "--actor_tensor_model_parallel_size", str(args.tensor_model_parallel_size),
         "--enforce_eager", "--vllm_dtype", "float32", "--save_path", str(out),

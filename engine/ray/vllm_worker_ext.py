@@ -29,6 +29,7 @@ only the layers in flight (plus one bucket), never a second copy of the model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,11 @@ from parallel.weight_transfer import NamedTensor, WeightReceiver, open_receiver
 #   (WeightSyncExtension), never by writing parameters; and a layer that shares its weight with
 #   another (a tied lm_head) receives no tensor of its own, is never re-processed and would keep
 #   generating with the old embedding: `refresh_shared_cpu_layers` re-packs it.
+# * Every layerwise reload warns "RotaryEmbedding: Failed to load weights" (vLLM 0.32, any
+#   platform): the rotary cos/sin cache is a buffer no checkpoint holds, and vLLM restores it
+#   itself; with tied embeddings "ParallelLMHead" warns the same (it shares the embedding's
+#   weight; see above). `_QuietExpectedReloadWarnings` drops exactly those lines; any other layer
+#   that misses its tensors still warns, and `finish_weight_sync` reports every missing tensor.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -86,6 +92,24 @@ def refresh_shared_cpu_layers(model: torch.nn.Module) -> None:
             quant_method = getattr(module, "quant_method", None)
             if quant_method is not None and hasattr(module, "cpu_linear"):
                 quant_method.process_weights_after_loading(module)
+
+
+class _QuietExpectedReloadWarnings(logging.Filter):
+    def __init__(self, layer_classes: tuple[str, ...]):
+        super().__init__()
+        self.layer_classes = layer_classes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        layer = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+        return not (record.msg == "%s: Failed to load weights" and str(layer).endswith(self.layer_classes))
+
+
+def quiet_expected_reload_warnings(tied_embeddings: bool) -> None:
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if any(isinstance(f, _QuietExpectedReloadWarnings) for f in logger.filters):
+        return
+    layer_classes = ("RotaryEmbedding", "ParallelLMHead") if tied_embeddings else ("RotaryEmbedding",)
+    logger.addFilter(_QuietExpectedReloadWarnings(layer_classes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +219,7 @@ class WeightSyncExtension:
         model_dir = _local_model_dir(model_config.model, model_config.revision)
         self._expected_tensors = checkpoint_tensor_shapes(model_dir)
         self._weight_receivers: dict[str, WeightReceiver] = {}  # group id -> receiver
+        quiet_expected_reload_warnings(bool(getattr(model_config.hf_config, "tie_word_embeddings", False)))
         return self.weight_sync_rank_info()
 
     def init_weight_receiver(self, spec: dict, rank_offset: int) -> None:

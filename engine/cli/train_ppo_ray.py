@@ -44,16 +44,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     for role in ("actor", "critic", "ref", "reward"):
         _add_role_args(parser, role)
     g = parser.add_argument_group("placement")
-    g.add_argument("--colocate_actor_ref", action="store_true")
-    g.add_argument("--colocate_critic_reward", action="store_true")
-    g.add_argument("--colocate_all_models", action="store_true")
-    g.add_argument("--ref_reward_offload", action="store_true")
+    g.add_argument("--colocate_actor_ref", action="store_true", help="actor and reference share devices")
+    g.add_argument("--colocate_critic_reward", action="store_true", help="critic and reward models share devices")
+    g.add_argument("--colocate_all_models", action="store_true",
+                   help="every role and (on GPU) the vLLM engines share the actor's devices")
+    g.add_argument("--ref_reward_offload", action="store_true",
+                   help="reference / reward model weights stay in host memory except during their forward")
     g = parser.add_argument_group("vLLM rollouts")
     g.add_argument("--vllm_num_engines", type=int, default=1)
     g.add_argument("--vllm_tensor_parallel_size", type=int, default=1)
     g.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.9)
     g.add_argument("--enforce_eager", action="store_true")
     g.add_argument("--enable_prefix_caching", action="store_true")
+    g.add_argument("--vllm_enable_sleep", action="store_true",
+                   help="engines release GPU memory while the roles train (vLLM sleep mode, CUDA)")
     g.add_argument("--vllm_sync_backend", default="gloo", choices=["gloo", "nccl", "cuda_ipc"])
     g.add_argument("--vllm_sync_bucket_mb", type=int, default=64)
     g.add_argument("--vllm_dtype", default="auto")
@@ -184,6 +188,34 @@ def load_pretrain_data(args, tokenizer):
     return dataset
 
 
+def colocation_config(args):
+    from engine.ray.colocation import ColocationConfig
+
+    return ColocationConfig(colocate_actor_ref=args.colocate_actor_ref, colocate_critic_reward=args.colocate_critic_reward,
+                            colocate_all_models=args.colocate_all_models)
+
+
+def role_ranks(args, config) -> dict[str, int]:
+    """Ranks of every role this run starts (keys as build_and_fit names the groups)."""
+    def ranks(role):
+        return getattr(args, f"{role}_num_nodes") * getattr(args, f"{role}_num_gpus_per_node")
+
+    out = {"actor": ranks("actor")}
+    if config.needs_reference:
+        out["ref"] = ranks("ref")
+    out.update({f"reward{i}": ranks("reward") for i, p in enumerate((args.reward_pretrain or "").split(",")) if p})
+    if config.needs_critic:
+        out["critic"] = ranks("critic")
+    return out
+
+
+def check_colocation(args, config) -> None:
+    from engine.ray.colocation import colocated_sets
+
+    colocated_sets(colocation_config(args), role_ranks(args, config),
+                   engine_workers=args.vllm_num_engines * args.vllm_tensor_parallel_size)
+
+
 def role_config(args, role: str, *, pretrain: str, trainable: bool, value_head: bool, total_steps: int,
                 learning_rate: float | None = None):
     from engine.ray.role_worker import RoleConfig
@@ -234,7 +266,8 @@ def build_and_fit(args, *, sampling_overrides: dict | None = None) -> list[dict]
     from transformers import AutoTokenizer
 
     from engine.data.prompts import PromptDataset
-    from engine.ray.role_group import RoleGroup, make_placement
+    from engine.ray.colocation import make_placements, release_placements
+    from engine.ray.role_group import RoleGroup
     from engine.ray.vllm_engine import VLLMEngineConfig, create_engines, shutdown_engines
     from engine.ray.weight_sync import ActorWeightSync
     from engine.rl.ppo_trainer import PPOTrainer
@@ -254,35 +287,40 @@ def build_and_fit(args, *, sampling_overrides: dict | None = None) -> list[dict]
                           // config.train_batch_size, 1)
     started: list = []
     engines = []
+    placements: dict = {}
     try:
-        share = 2 if (args.colocate_actor_ref or args.colocate_all_models) else 1
-        actor = RoleGroup(role_config(args, "actor", pretrain=args.pretrain, trainable=True, value_head=False,
-                                      total_steps=optimizer_steps),
-                          make_placement(args.actor_num_nodes * args.actor_num_gpus_per_node, num_roles_sharing=share))
-        started.append(actor)
-        reference = None
-        if config.needs_reference:
-            reference = RoleGroup(role_config(args, "ref", pretrain=args.pretrain, trainable=False, value_head=False,
-                                              total_steps=1))
-            started.append(reference)
         reward_paths = [p for p in (args.reward_pretrain or "").split(",") if p]
-        reward_models = []
-        for path in reward_paths:
-            reward_models.append(RoleGroup(role_config(args, "reward", pretrain=path, trainable=False,
-                                                       value_head=True, total_steps=1)))
-            started.append(reward_models[-1])
-        critic = None
+        role_configs = {"actor": role_config(args, "actor", pretrain=args.pretrain, trainable=True, value_head=False,
+                                             total_steps=optimizer_steps)}
+        if config.needs_reference:
+            role_configs["ref"] = role_config(args, "ref", pretrain=args.pretrain, trainable=False, value_head=False,
+                                              total_steps=1)
+        for i, path in enumerate(reward_paths):
+            role_configs[f"reward{i}"] = role_config(args, "reward", pretrain=path, trainable=False, value_head=True,
+                                                     total_steps=1)
         if config.needs_critic:
-            critic_path = args.critic_pretrain or (reward_paths[0] if reward_paths else args.pretrain)
-            critic = RoleGroup(role_config(args, "critic", pretrain=critic_path, trainable=True, value_head=True,
-                                           total_steps=optimizer_steps, learning_rate=args.critic_learning_rate))
-            started.append(critic)
+            role_configs["critic"] = role_config(
+                args, "critic", pretrain=args.critic_pretrain or (reward_paths[0] if reward_paths else args.pretrain),
+                trainable=True, value_head=True, total_steps=optimizer_steps, learning_rate=args.critic_learning_rate)
+        placements = make_placements(colocation_config(args), role_ranks(args, config),
+                                     engine_workers=args.vllm_num_engines * args.vllm_tensor_parallel_size)
+        groups = {}
+        for key, role in role_configs.items():
+            frozen = key == "ref" or key.startswith("reward")
+            groups[key] = RoleGroup(role, placements[key], offload=args.ref_reward_offload and frozen)
+            started.append(groups[key])
+        actor, reference, critic = groups["actor"], groups.get("ref"), groups.get("critic")
+        reward_models = [groups[f"reward{i}"] for i in range(len(reward_paths))]
+        shared = placements.get("vllm")
         engines = create_engines(VLLMEngineConfig(
             pretrain=args.pretrain, num_engines=args.vllm_num_engines,
             tensor_parallel_size=args.vllm_tensor_parallel_size, enforce_eager=args.enforce_eager,
             enable_prefix_caching=args.enable_prefix_caching, dtype=args.vllm_dtype,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed,
             max_model_len=min(args.prompt_max_len + args.generate_max_len, _max_positions(args.pretrain)),
+            enable_sleep_mode=args.vllm_enable_sleep,
+            shared_placement_group=shared.placement_group if shared else None,
+            gpu_fraction=shared.gpu_per_rank if shared else 1.0,
         ))
         sync = ActorWeightSync(actor, engines, backend=args.vllm_sync_backend,
                                bucket_bytes=args.vllm_sync_bucket_mb << 20)
@@ -297,6 +335,7 @@ def build_and_fit(args, *, sampling_overrides: dict | None = None) -> list[dict]
             checkpoint=CheckpointConfig(ckpt_path=args.ckpt_path, save_steps=args.save_steps,
                                         max_ckpt_num=args.max_ckpt_num, load_checkpoint=args.load_checkpoint),
             save_path=args.save_path, save_value_network=args.save_value_network, pretrain_samples=pretrain_samples,
+            engines_sleep=args.vllm_enable_sleep,
         )
         return trainer.fit()
     finally:
@@ -304,11 +343,13 @@ def build_and_fit(args, *, sampling_overrides: dict | None = None) -> list[dict]
             shutdown_engines(engines)
         for group in started:
             group.shutdown()
+        release_placements(placements)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    ppo_config(args)  # flag errors before anything starts
+    config = ppo_config(args)  # flag errors before anything starts
+    check_colocation(args, config)
     data_config(args)
     pretrain_data_config(args)
     return build_and_fit(args)

@@ -113,6 +113,31 @@ class MegatronRoleWorker:
         load_hf_weights(self.model, self.adapter, self.config.pretrain)
         self.model.eval()
 
+    def placement_group_id(self) -> str | None:
+        """The placement group Ray put this rank in (colocated roles share one)."""
+        from engine.ray.colocation import current_placement_group_id
+
+        return current_placement_group_id()
+
+    # ----- --ref_reward_offload -------------------------------------------------------------
+    def offload_weights(self) -> str:
+        """Move a frozen role's weights to host memory until ``onload_weights``; returns where they
+        are. On a CPU build host memory is their home already: nothing moves."""
+        if self.engine is not None:
+            raise RuntimeError(f"--ref_reward_offload applies to frozen roles, not the trainable {self.config.name}")
+        if torch.cuda.is_available():
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        return self.weights_device()
+
+    def onload_weights(self) -> str:
+        if torch.cuda.is_available():
+            self.model.to(torch.device("cuda", torch.cuda.current_device()))
+        return self.weights_device()
+
+    def weights_device(self) -> str:
+        return str(next(self.model.parameters()).device)
+
     # ----- where this rank sits -----------------------------------------------------------
     def _share(self, num_items: int) -> tuple[int, int]:
         return split_evenly(num_items, self.ctx.data_parallel_size, self.ctx.dp_rank)

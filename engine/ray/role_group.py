@@ -49,7 +49,7 @@ class RoleGroup:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement.placement_group, placement_group_bundle_index=rank)
+                placement.placement_group, placement_group_bundle_index=self.bundle_indices[rank])
         return RemoteRoleWorker.options(**options).remote(self.config, rank)
 
     def _get(self, refs: list, what: str) -> list:

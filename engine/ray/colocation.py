@@ -40,11 +40,11 @@ def gpus_available() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def make_placement(num_ranks: int, *, num_roles_sharing: int = 1, num_engine_workers: int = 0) -> Placement:
+def make_placement(num_ranks: int, *, num_roles_sharing: int = 1, with_engines: bool = False) -> Placement:
     """A placement group of ``num_ranks`` bundles shared by ``num_roles_sharing`` roles (and, on
-    GPU, by ``num_engine_workers`` vLLM workers, one per bundle); uncolocated ranks on a CPU-only
-    cluster reserve nothing."""
-    sharing = num_roles_sharing + (1 if num_engine_workers else 0)
+    GPU ``with_engines``, by one vLLM worker per bundle); uncolocated ranks on a CPU-only cluster
+    reserve nothing."""
+    sharing = num_roles_sharing + int(with_engines)
     if gpus_available():
         group = _reserve([{"GPU": 1, "CPU": 1}] * num_ranks)
         # Ray counts resources in units of 1e-4: round down so that the shares fit in one GPU.
@@ -98,13 +98,13 @@ def make_placements(config: ColocationConfig, ranks: dict[str, int], *, engine_w
     """One Placement per role (colocated roles get the same one); ``"vllm"`` too under
     ``--colocate_all_models`` on GPU (the engines' bundles)."""
     placements: dict[str, Placement] = {}
+    with_engines = config.colocate_all_models and engine_workers > 0 and gpus_available()
     for members in colocated_sets(config, ranks, engine_workers=engine_workers):
-        engines_share = engine_workers if config.colocate_all_models and gpus_available() else 0
-        if len(members) == 1 and not engines_share:
+        if len(members) == 1 and not with_engines:
             continue
-        shared = make_placement(ranks[members[0]], num_roles_sharing=len(members), num_engine_workers=engines_share)
+        shared = make_placement(ranks[members[0]], num_roles_sharing=len(members), with_engines=with_engines)
         placements.update({role: shared for role in members})
-        if engines_share:
+        if with_engines:
             placements["vllm"] = shared
     for role, num in ranks.items():
         if role not in placements:

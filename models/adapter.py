@@ -2,13 +2,13 @@
 
 Each architecture module (llama, qwen2, mistral, mixtral) subclasses :class:`ModelAdapter` and
 declares its weight map as data: which Megatron parameter comes from which HF tensor(s), and how
-it is split over tensor parallel ranks (:class:`Split`). The mechanics of reading slices,
-gathering shards and fusing q/k/v or gate/up live in ``models/weights.py`` and
-``parallel/resharding.py``; nothing here knows about processes.
+it is split over tensor parallel ranks (a ``models.splits.Split`` strategy, which reads and
+exports its kind of tensor), and which options its Megatron layer spec needs
+(:class:`LayerSpecOptions`). Walking a model's tensors lives in ``models/weights.py``; nothing
+here knows about processes.
 """
 from __future__ import annotations
 
-import enum
 import math
 import re
 from dataclasses import dataclass
@@ -16,16 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.splits import Split
 
-class Split(enum.Enum):
-    """How a Megatron parameter relates to its HF tensor(s) and how TP shards it."""
-
-    REPLICATED = "replicated"  # norms, MoE router: same on every TP rank
-    COLUMN = "column"  # split on dim 0 (output features)
-    ROW = "row"  # split on dim 1 (input features)
-    VOCAB = "vocab"  # dim 0, padded to a multiple of TP x divisor; padding dropped on export
-    QKV = "qkv"  # [q; k; v] regrouped per query group, then whole groups split on dim 0
-    GATE_UP = "gate_up"  # [gate; up], each split on dim 0 and re-fused per rank
+__all__ = ["AttentionShape", "LayerSpecOptions", "ModelAdapter", "Split", "WeightSpec"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +37,15 @@ class AttentionShape:
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class LayerSpecOptions:
+    """What an architecture asks of Megatron's layer spec (``models.builder.layer_spec``)."""
+
+    num_experts: int | None = None  # MoE layers' experts (None: dense model)
+    qk_layernorm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, OLMo 2)
+    moe_layers: tuple[bool, ...] | None = None  # per global layer: MoE (True) or dense; None: all alike
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -112,6 +114,16 @@ class ModelAdapter:
     @property
     def qkv_bias(self) -> bool:
         return False
+
+    @property
+    def max_attention_span(self) -> int | None:
+        """Longest sample whose attention the Megatron model computes exactly (None: no limit
+        beyond the positions). An architecture with windowed attention returns its window: longer
+        samples are refused rather than silently attended in full."""
+        return None
+
+    def layer_spec_options(self) -> LayerSpecOptions:
+        return LayerSpecOptions(num_experts=self.num_experts)
 
     def transformer_config_kwargs(self) -> dict:
         """Architecture fields of Megatron's ``TransformerConfig`` (parallel sizes added by the builder)."""

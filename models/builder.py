@@ -11,34 +11,61 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from models.adapter import ModelAdapter
+from models.adapter import LayerSpecOptions, ModelAdapter
 from models.heads import ValueHead
 from parallel.attention.core_attention import CoreAttention
 from parallel.config import ParallelConfig
+from parallel.options import option
 
 
 @dataclass(kw_only=True)
 class ModelBuildConfig:
     """What the trainer asks of the model beyond its architecture."""
 
-    params_dtype: torch.dtype = torch.float32
+    bf16: bool = option(False, help="bf16 weights and compute (GPU)")
+    gradient_checkpointing: bool = option(False, help="full activation recompute")
+    aux_loss_coef: float | None = option(None, help="MoE load-balancing loss coefficient (default: the HF config's)")
+    ring_head_stride: int | None = option(None, help="KV heads per ring-attention pass under CP (default: all)")
     value_head: bool = False  # critic / reward model: a scalar per token instead of logits
-    recompute_granularity: str | None = None  # "full" with --gradient_checkpointing
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: int | None = None  # fixed by a checkpoint saved under another TP size
-    ring_head_stride: int | None = None  # --ring_head_stride: KV heads per ring pass (CP)
     overrides: dict = field(default_factory=dict)  # extra TransformerConfig fields
 
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
 
-def layer_spec(num_experts: int | None):
+
+def _local_layer_spec(options: LayerSpecOptions, moe: bool, build: ModelBuildConfig) -> ModuleSpec:
     """Megatron's local layer spec with our core attention (SDPA / flash-attn / ring attention)."""
     spec = get_gpt_layer_local_spec(
-        num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        num_experts=options.num_experts if moe else None, moe_grouped_gemm=False,
+        qk_layernorm=options.qk_layernorm, normalization="RMSNorm",
     )
-    spec.submodules.self_attention.submodules.core_attention = CoreAttention
+    # Options reach the attention through the spec (build_module passes ``params`` as kwargs).
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=CoreAttention, params={"ring_head_stride": build.ring_head_stride})
     return spec
+
+
+def layer_spec(options: LayerSpecOptions, config: TransformerConfig, build: ModelBuildConfig):
+    """One spec for every layer, or this pipeline stage's per-layer specs when the adapter mixes
+    dense and MoE layers (``options.moe_layers``)."""
+    if options.moe_layers is None:
+        return _local_layer_spec(options, bool(options.num_experts), build)
+    offset = get_transformer_layer_offset(config)
+    local = options.moe_layers[offset: offset + get_num_layers_to_build(config)]
+    specs = {moe: _local_layer_spec(options, moe, build) for moe in set(local)}
+    return TransformerBlockSubmodules(layer_specs=[specs[moe] for moe in local], layer_norm=LayerNormImpl)
 
 
 def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig) -> TransformerConfig:
@@ -69,12 +96,12 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
     )
     if adapter.num_experts:
         kwargs["moe_router_dtype"] = "fp32"
-    if build.recompute_granularity == "full":
+    if build.gradient_checkpointing:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if build.aux_loss_coef is not None:
+        kwargs["moe_aux_loss_coeff"] = build.aux_loss_coef
     kwargs.update(build.overrides)
-    config = TransformerConfig(**kwargs)
-    config.ring_head_stride = build.ring_head_stride  # read by parallel.attention.core_attention
-    return config
+    return TransformerConfig(**kwargs)
 
 
 def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig | None = None) -> GPTModel:
@@ -94,7 +121,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         model_kwargs["share_embeddings_and_output_weights"] = False
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(adapter.num_experts),
+        transformer_layer_spec=layer_spec(adapter.layer_spec_options(), config, build),
         vocab_size=padded_vocab,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -102,6 +129,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
     )
     model.true_vocab_size = adapter.vocab_size
     model.is_value_model = build.value_head
+    model.max_attention_span = adapter.max_attention_span  # checked per sample by the schedule
     if model.post_process:
         if build.value_head:
             model.output_layer = ValueHead(config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-
 VALUE_HEAD_SEED = 0
 
 

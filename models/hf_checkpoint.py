@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,6 +30,27 @@ _SIDE_FILES = (
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@contextmanager
+def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Collective: every rank writes into ``<directory>.partial`` inside the block; when all are
+    done, rank 0 moves it into place (replacing an older ``directory``). A crash or an error
+    leaves the staging directory, never a half-written ``directory``."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    yield staging
+    dist.barrier()
+    if rank == 0:
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    dist.barrier()
 
 
 class HFCheckpointReader:
@@ -84,9 +108,6 @@ class HFCheckpointReader:
         index = [slice(None)] * len(tensor_slice.get_shape())
         index[dim] = slice(start, stop)
         return tensor_slice[tuple(index)]
-
-    def total_bytes(self) -> int:
-        return sum((self.path / f).stat().st_size for f in set(self._files.values()))
 
     def close(self) -> None:
         for handle in self._handles.values():

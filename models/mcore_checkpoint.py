@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 
 from models.adapter import ModelAdapter
 from models.heads import is_value_model
-from models.hf_checkpoint import CheckpointError, copy_side_files
+from models.hf_checkpoint import CheckpointError, copy_side_files, staged_directory
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -92,39 +91,36 @@ def save_sharded(
     ``common_state`` (rank 0's, e.g. scheduler and data position) goes to ``common_state.pt``;
     ``rank_state`` (e.g. RNG states) to ``rank_state/<rank>.pt`` for every rank.
     """
-    directory = Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(sharded_state_dict, str(staging), sharded_strategy=_save_strategy())
-    if rank_state is not None:
-        (staging / RANK_STATE_DIR).mkdir(exist_ok=True)
-        torch.save(rank_state, staging / RANK_STATE_DIR / f"{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        hf_dir = staging / HF_DIR
-        hf_dir.mkdir()
-        adapter.hf_config.save_pretrained(hf_dir)
-        if hf_source_dir is not None:
-            copy_side_files(hf_source_dir, hf_dir)
-            adapter.hf_config.save_pretrained(hf_dir)  # the config we built from wins
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model_type": adapter.hf_config.model_type,
-            "padded_vocab_size": padded_vocab_size,
-            **(extra_meta or {}),
-        }
-        (staging / META).write_text(json.dumps(meta, indent=1))
-        if common_state is not None:
-            torch.save(common_state, staging / COMMON_STATE)
-        write_manifest(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    dist.barrier()
+    with staged_directory(directory) as staging:
+        dist_checkpointing.save(sharded_state_dict, str(staging), sharded_strategy=_save_strategy())
+        if rank_state is not None:
+            (staging / RANK_STATE_DIR).mkdir(exist_ok=True)
+            torch.save(rank_state, staging / RANK_STATE_DIR / f"{rank}.pt")
+        dist.barrier()
+        if rank == 0:
+            _write_side_files(staging, adapter, hf_source_dir=hf_source_dir, padded_vocab_size=padded_vocab_size,
+                              extra_meta=extra_meta, common_state=common_state)
+
+
+def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_size: int, extra_meta: dict | None,
+                      common_state: dict | None) -> None:
+    hf_dir = staging / HF_DIR
+    hf_dir.mkdir()
+    adapter.hf_config.save_pretrained(hf_dir)
+    if hf_source_dir is not None:
+        copy_side_files(hf_source_dir, hf_dir)
+        adapter.hf_config.save_pretrained(hf_dir)  # the config we built from wins
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": adapter.hf_config.model_type,
+        "padded_vocab_size": padded_vocab_size,
+        **(extra_meta or {}),
+    }
+    (staging / META).write_text(json.dumps(meta, indent=1))
+    if common_state is not None:
+        torch.save(common_state, staging / COMMON_STATE)
+    write_manifest(staging)
 
 
 def load_sharded(sharded_state_dict: dict, directory: str | os.PathLike) -> dict:

@@ -1,4 +1,9 @@
-"""Mistral: Llama layout. Sliding-window attention is exact only for sequences within the window."""
+"""Mistral: Llama layout with sliding-window attention.
+
+The Megatron model attends in full; within ``sliding_window`` tokens that is exactly Mistral's
+attention, so longer samples are refused (``max_attention_span``) instead of trained on a
+different model. Mistral 7B v0.2+ and most fine-tunes set no window: nothing is refused.
+"""
 from models.adapter import ModelAdapter
 
 
@@ -7,7 +12,5 @@ class MistralAdapter(ModelAdapter):
     hf_causal_lm_class = "MistralForCausalLM"
 
     @property
-    def max_sequence_length(self) -> int:
-        """Longest sequence whose full causal attention equals Mistral's sliding-window attention."""
-        window = getattr(self.hf_config, "sliding_window", None)
-        return min(window or self.hf_config.max_position_embeddings, self.hf_config.max_position_embeddings)
+    def max_attention_span(self) -> int | None:
+        return getattr(self.hf_config, "sliding_window", None) or None

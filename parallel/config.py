@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parallel.options import option
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
@@ -11,11 +13,12 @@ class ParallelConfig:
     Flag names follow Megatron (``--tensor_model_parallel_size`` ...); errors name the flag.
     """
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
-    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = option(1, help="tensor parallel size (Megatron)")
+    pipeline_model_parallel_size: int = option(1, help="pipeline parallel stages (1F1B schedule)")
+    context_parallel_size: int = option(1, aliases=("ring_attn_size",),
+                                        help="context parallel size: ring attention over the sequence")
+    expert_model_parallel_size: int = option(1, help="expert parallel size (MoE), carved out of DP x CP")
+    sequence_parallel: bool = option(False, help="Megatron sequence parallelism (needs TP > 1)")
 
     def __post_init__(self) -> None:
         for flag in (
@@ -37,6 +40,12 @@ class ParallelConfig:
             * self.pipeline_model_parallel_size
             * self.context_parallel_size
         )
+
+    def sequence_multiple(self) -> int:
+        """Sequence lengths must be multiples of this (sequence-parallel shards x zigzag CP chunks)."""
+        tp = self.tensor_model_parallel_size if self.sequence_parallel else 1
+        cp = self.context_parallel_size
+        return tp * 2 * cp if cp > 1 else tp
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; raises if the model-parallel grid does not divide it."""

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from parallel import cpu_backend, megatron_patches
 from parallel.config import ParallelConfig
+from parallel.ports import free_port
 
 
 @dataclass
@@ -113,7 +114,7 @@ def initialize_parallel(
         if "RANK" not in os.environ:
             # A plain ``python`` launch is a world of one.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group(
             backend=backend or default_backend(),
@@ -162,9 +163,3 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+from parallel.ports import free_port
 
 PRELOAD_MODULES = ("torch", "megatron.core.models.gpt.gpt_model", "megatron.core.pipeline_parallel", "transformers")
 
@@ -25,10 +26,6 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_process_context(preload: tuple[str, ...] = PRELOAD_MODULES):
@@ -72,5 +69,5 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args) -> None:
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     rank_process_context()  # sets the preload of the forkserver start_processes uses
-    mp.start_processes(_rank_main, args=(fn, world_size, _free_port(), dict(os.environ), args), nprocs=world_size,
+    mp.start_processes(_rank_main, args=(fn, world_size, free_port(), dict(os.environ), args), nprocs=world_size,
                        start_method="forkserver")

@@ -1,4 +1,4 @@
-"""Architecture-free resharding: split full tensors for a rank, gather shards back, fused parts.
+"""Architecture-free resharding: shard ranges, gathering shards back, fused parts.
 
 A *fused* tensor stacks ``num_parts`` logical tensors along ``dim`` (e.g. ``[gate; up]``) and is
 sharded part by part, so rank r holds ``[part0_r; part1_r; ...]`` -- not a contiguous slice of
@@ -18,18 +18,6 @@ def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * step, (rank + 1) * step
 
 
-def split_for_rank(full: torch.Tensor, *, dim: int, rank: int, world_size: int) -> torch.Tensor:
-    start, stop = shard_range(full.shape[dim], rank, world_size)
-    return full.narrow(dim, start, stop - start)
-
-
-def split_fused_for_rank(
-    full: torch.Tensor, *, dim: int, num_parts: int, rank: int, world_size: int
-) -> torch.Tensor:
-    parts = full.chunk(num_parts, dim=dim)
-    return torch.cat([split_for_rank(p, dim=dim, rank=rank, world_size=world_size) for p in parts], dim=dim)
-
-
 def all_gather_shards(local: torch.Tensor, group) -> list[torch.Tensor]:
     """Every rank's shard of ``local`` over ``group``, in group-rank order."""
     world_size = dist.get_world_size(group)
@@ -41,11 +29,7 @@ def all_gather_shards(local: torch.Tensor, group) -> list[torch.Tensor]:
     return shards
 
 
-def gather_along_dim(local: torch.Tensor, *, dim: int, group) -> torch.Tensor:
-    return torch.cat(all_gather_shards(local, group), dim=dim)
-
-
 def merge_fused_shards(shards: list[torch.Tensor], *, dim: int, num_parts: int) -> torch.Tensor:
-    """Inverse of ``split_fused_for_rank`` over all ranks: ``[p0_0; p1_0], [p0_1; p1_1] -> [p0; p1]``."""
+    """A fused tensor from every rank's fused shard: ``[p0_0; p1_0], [p0_1; p1_1] -> [p0; p1]``."""
     per_rank = [s.chunk(num_parts, dim=dim) for s in shards]
     return torch.cat([torch.cat([r[i] for r in per_rank], dim=dim) for i in range(num_parts)], dim=dim)

@@ -2,10 +2,12 @@
 
 Architecture-free: this module knows tensors, names, bytes and process groups, never a model.
 
-Sender side::
+Sender side (``engine.ray.weight_sync`` forms the group with the engines and checks their reports)::
 
-    transport = connect_transport(engines, backend="gloo")        # once; reused across syncs
-    stats = sync_weights(engines, exporter_iterator, bucket_bytes=64 << 20, transport=transport)
+    transport = make_transport("gloo", world_size=1 + num_workers, host=host)
+    ... every worker calls open_receiver(transport.receiver_spec(), rank=...) while ...
+    transport.connect()
+    stats = stream_weights(transport, exporter_iterator, bucket_bytes=64 << 20)
 
 The iterator contract: ``named_tensors`` yields ``(hf_name, full_tensor)`` pairs, each tensor
 complete (not a TP shard), any dtype, any device, in any order (layer by layer keeps the
@@ -27,8 +29,7 @@ Backends (``--vllm_sync_backend``):
   the sender's GPU.
 
 Every group is created on its own TCP store, so it touches neither the trainer's nor vLLM's
-default ``torch.distributed`` group. The engines are duck-typed Ray actor handles (see
-``WeightSyncEngine``); this module imports nothing of the project.
+default ``torch.distributed`` group. This module knows neither Ray nor the engines.
 """
 from __future__ import annotations
 
@@ -38,10 +39,9 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
-import ray
 import torch
 import torch.distributed as dist
 
@@ -53,24 +53,6 @@ DEFAULT_TIMEOUT_S = 600.0
 _ALIGN = 64
 
 NamedTensor = tuple[str, torch.Tensor]
-
-
-class WeightSyncError(RuntimeError):
-    """A weight update did not complete on every engine worker (names the tensors at fault)."""
-
-
-class WeightSyncEngine(Protocol):
-    """What ``sync_weights`` needs of an engine: a Ray actor handle with these methods.
-
-    * ``num_weight_sync_workers() -> int``: how many workers receive (vLLM: its TP size);
-    * ``init_weight_receiver(spec: dict, rank_offset: int)``: each worker joins the group
-      described by ``spec`` with rank ``rank_offset + worker_rank``;
-    * ``receive_weights(group_id: str) -> list[dict]``: receive buckets from that group until
-      the end marker, load them, and return one report per worker (see ``check_reports``);
-    * ``close_weight_receiver(group_id: str)``: leave the group.
-
-    An engine may belong to several groups at once (each transport is one group).
-    """
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +218,6 @@ class WeightTransport(ABC):
     backend: str
     device: torch.device
     group_id: str  # names this group on the workers, which may belong to several
-    engines: tuple = ()  # set by ``connect_transport``; ``close`` releases their side of the group
 
     @abstractmethod
     def receiver_spec(self) -> dict:
@@ -254,12 +235,9 @@ class WeightTransport(ABC):
     def send_end(self, *, aborted: bool, num_tensors: int) -> None:
         """Close the current update on every worker."""
 
-    def close(self, *, timeout_s: float = 60.0) -> None:
-        """Leave the group on this side and on every engine that joined it."""
+    def close(self) -> None:
+        """Leave the group on this side."""
         self.channel = None
-        refs = [engine.close_weight_receiver.remote(self.group_id) for engine in self.engines]
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        self.engines = ()
 
 
 class _BroadcastTransport(WeightTransport):
@@ -431,40 +409,7 @@ def open_receiver(spec: dict, *, rank: int, device: torch.device) -> WeightRecei
 
 
 # ---------------------------------------------------------------------------------------------
-# Orchestration from the sender.
-
-
-def _ray_get(refs: list, *, timeout_s: float, what: str) -> list:
-    """``ray.get`` of one ref per engine; failures name the engine instead of hanging."""
-    results = []
-    deadline = time.monotonic() + timeout_s
-    for index, ref in enumerate(refs):
-        try:
-            results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0)))
-        except ray.exceptions.GetTimeoutError as err:
-            raise WeightSyncError(f"engine {index} did not finish {what} within {timeout_s:.0f} s") from err
-        except ray.exceptions.RayError as err:
-            raise WeightSyncError(f"engine {index} failed during {what}: {err}") from err
-    return results
-
-
-def _sender_host() -> str:
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-
-
-def connect_transport(engines: list, *, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S,
-                      host: str | None = None) -> WeightTransport:
-    """Form the sync group: this process is rank 0, engine e's worker w is rank offset(e) + w."""
-    sizes = _ray_get([e.num_weight_sync_workers.remote() for e in engines], timeout_s=timeout_s, what="group setup")
-    transport = make_transport(backend, world_size=1 + sum(sizes), host=host or _sender_host(), timeout_s=timeout_s)
-    spec, offset, refs = transport.receiver_spec(), 1, []
-    for engine, size in zip(engines, sizes):
-        refs.append(engine.init_weight_receiver.remote(spec, offset))
-        offset += size
-    transport.connect()  # the workers are joining concurrently through the calls above
-    _ray_get(refs, timeout_s=timeout_s, what="group setup")
-    transport.engines = tuple(engines)
-    return transport
+# Streaming from the sender.
 
 
 @dataclass(frozen=True)
@@ -489,53 +434,12 @@ def _stream(transport: WeightTransport, named_tensors: Iterable[NamedTensor], bu
     return SyncStats(num_tensors, num_bytes, num_buckets, time.perf_counter() - start)
 
 
-def _format_names(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def report_problems(report: dict) -> list[str]:
-    """What went wrong on one worker during an update; empty for a complete update.
-
-    A worker report holds ``missing`` / ``unexpected`` / ``mismatched`` / ``duplicated`` name
-    lists, ``errors`` (loader failures) and ``aborted``; see ``engine.ray.vllm_worker_ext``.
-    """
-    problems = ["the sender aborted the update"] if report["aborted"] else []
-    problems += list(report["errors"])
-    for key in ("missing", "unexpected", "mismatched", "duplicated"):
-        if report[key]:
-            problems.append(f"{len(report[key])} {key} tensor(s): {_format_names(report[key])}")
-    return problems
-
-
-def check_reports(reports: list[list[dict]]) -> None:
-    """Raise ``WeightSyncError`` unless every worker of every engine loaded exactly what it expected."""
-    problems = []
-    for engine_index, engine_reports in enumerate(reports):
-        for report in engine_reports:
-            where = (f"engine {engine_index} worker {report['rank']} "
-                     f"(tp rank {report['tp_rank']}/{report['tp_size']})")
-            problems += [f"{where}: {problem}" for problem in report_problems(report)]
-    if problems:
-        raise WeightSyncError("weight sync incomplete; the engines refuse to generate until a full sync:\n  "
-                              + "\n  ".join(problems))
-
-
-def _abort(transport: WeightTransport, refs: list, *, timeout_s: float, cause: BaseException) -> None:
-    """Tell the workers the update is over (so they finalise and mark themselves stale)."""
-    try:
-        transport.send_end(aborted=True, num_tensors=-1)
-        _ray_get(refs, timeout_s=timeout_s, what="an aborted weight sync")
-    except Exception as err:  # the transport itself may be what failed: keep the first error
-        cause.add_note(f"while aborting the weight sync: {err!r}")
-
-
 def stream_weights(transport: WeightTransport, named_tensors: Iterable[NamedTensor], *,
                    bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> SyncStats:
     """Sender half only: stream into a connected group and close the update with an end marker.
 
-    For updates made of several groups (one sender per pipeline stage / expert rank), the
-    driver starts the engines' ``receive_weights(group_ids)`` and checks their reports.
+    The receivers' side (and the check that every worker got exactly its tensors) is the
+    caller's: ``engine.ray.weight_sync``.
     """
     try:
         stats = _stream(transport, named_tensors, bucket_bytes)
@@ -543,36 +447,4 @@ def stream_weights(transport: WeightTransport, named_tensors: Iterable[NamedTens
         transport.send_end(aborted=True, num_tensors=-1)
         raise
     transport.send_end(aborted=False, num_tensors=stats.num_tensors)
-    return stats
-
-
-def sync_weights(engines: list, named_tensors: Iterable[NamedTensor], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 transport: WeightTransport | None = None, backend: str = "gloo",
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> SyncStats:
-    """Push every ``(hf_name, full_tensor)`` of ``named_tensors`` into every engine, in place.
-
-    ``transport`` is a connected transport from ``connect_transport`` (reuse it across syncs);
-    without one, a ``backend`` transport is formed for this call and closed after it. Raises
-    ``WeightSyncError`` naming the tensors when any worker did not receive exactly the model's
-    tensors; if the iterator raises, the engines are told to abort and the error propagates.
-    """
-    if transport is not None and tuple(engines) != transport.engines:
-        # Workers outside the call would never take their part of the broadcasts: a hang.
-        raise ValueError("sync_weights: engines must be exactly the engines the transport was connected to")
-    own_transport = transport is None
-    transport = transport or connect_transport(engines, backend=backend, timeout_s=timeout_s)
-    try:
-        refs = [engine.receive_weights.remote(transport.group_id) for engine in engines]
-        try:
-            stats = _stream(transport, named_tensors, bucket_bytes)
-        except BaseException as err:
-            _abort(transport, refs, timeout_s=timeout_s, cause=err)
-            raise
-        transport.send_end(aborted=False, num_tensors=stats.num_tensors)
-        reports = _ray_get(refs, timeout_s=timeout_s, what="weight sync")
-        check_reports(reports)
-        stats = replace(stats, worker_load_seconds=max(r["load_seconds"] for rs in reports for r in rs))
-    finally:
-        if own_transport:
-            transport.close()
     return stats

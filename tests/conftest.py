@@ -16,3 +16,12 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """One tiny HF checkpoint per supported architecture: {arch: path}, built once per session."""
+    from models.tiny import ARCHITECTURES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: build_tiny_model(arch, root / arch, seed=i) for i, arch in enumerate(ARCHITECTURES)}

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from typing import Any, Callable
 
 from parallel.launch import adopt_environment, rank_process_context
+from parallel.ports import free_port
 
 # Forked from a server with torch / megatron-core / transformers imported (parallel/launch.py).
 _CTX = rank_process_context()
@@ -30,10 +30,6 @@ class DistributedTestError(AssertionError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, env, queue):
@@ -73,7 +69,7 @@ def run_distributed(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank."""
     queue = _CTX.Queue()
-    port = _free_port()
+    port = free_port()
     base_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     procs = [
         _CTX.Process(

@@ -55,6 +55,7 @@ def reward_model(tmp_path_factory):
 def _rollout_inputs(path: str):
     from transformers import AutoTokenizer
 
+    from engine.rl.experience import Experience
     from engine.rl.sequences import build_rollout_batch
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -62,50 +63,53 @@ def _rollout_inputs(path: str):
     batch = build_rollout_batch([tokenizer(p)["input_ids"] for p, _ in pairs],
                                 [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                                  for _, r in pairs], pad_id=tokenizer.pad_token_id)
-    return {**batch.model_inputs(), "last_index": batch.last_token_index()}
+    return Experience.from_rollout(batch)
 
 
-def _hf_scores(path: str, inputs: dict) -> torch.Tensor:
+def _hf_scores(path: str, inputs) -> torch.Tensor:
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     with torch.no_grad():
         return torch.tensor([float(model(input_ids=row[:last + 1][None]).logits[0, 0])
-                             for row, last in zip(inputs["input_ids"], inputs["last_index"])])
+                             for row, last in zip(inputs.input_ids, inputs.last_index)])
 
 
 def test_colocated_critic_and_rewards_share_bundles_and_score_like_hf(ray_cluster, reward_model):
-    import ray
-
     from engine.ray.colocation import make_placements, release_placements
     from engine.ray.role_group import RoleGroup
     from engine.ray.role_worker import RoleConfig
+    from engine.runtime.engine import EngineConfig
+    from models.builder import ModelBuildConfig
     from parallel.config import ParallelConfig
+
+    value_model = ModelBuildConfig(value_head=True)
 
     placements = make_placements(ColocationConfig(colocate_critic_reward=True), {"critic": 2, "reward0": 2})
     groups = []
     try:
-        reward = RoleGroup(RoleConfig(name="reward", pretrain=reward_model, value_head=True, num_ranks=2,
-                                      parallel=ParallelConfig(tensor_model_parallel_size=2)),
-                           placements["reward0"], offload=True)
+        reward = RoleGroup(RoleConfig(name="reward", num_ranks=2, offload=True, engine=EngineConfig(
+            pretrain=reward_model, build=value_model, parallel=ParallelConfig(tensor_model_parallel_size=2))),
+                           placements["reward0"])
         groups.append(reward)
         # A frozen value model in the critic's place: what matters here is where its ranks go (DP=2).
-        critic = RoleGroup(RoleConfig(name="critic", pretrain=reward_model, value_head=True, num_ranks=2),
+        critic = RoleGroup(RoleConfig(name="critic", num_ranks=2,
+                                      engine=EngineConfig(pretrain=reward_model, build=value_model)),
                            placements["critic"])
         groups.append(critic)
-        groups_seen = {pg for g in (reward, critic) for pg in ray.get([w.placement_group_id.remote() for w in g.workers])}
+        groups_seen = {pg for g in (reward, critic) for pg in g.placement_group_ids()}
         assert len(groups_seen) == 1 and None not in groups_seen, groups_seen  # Ray's own view of each rank
         assert reward.bundle_indices == critic.bundle_indices == [0, 1]
 
         inputs = _rollout_inputs(reward_model)
         expected = _hf_scores(reward_model, inputs)
-        scores = reward.per_sample(lambda w, b: w.compute_rewards.remote(b, 2), inputs, "rewards")
-        values = critic.per_sample(lambda w, b: w.compute_values.remote(b, 2), inputs, "values")
+        scores = reward.rewards(inputs, 2)
+        values = critic.values(inputs, 2)
         torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
-        torch.testing.assert_close(values.gather(1, inputs["last_index"][:, None])[:, 0], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(values.gather(1, inputs.last_index[:, None])[:, 0], expected, atol=1e-4, rtol=0)
         assert expected.std() > 1e-3  # distinct scores: a constant would not pass by luck
         # --ref_reward_offload: between forwards the weights live in host memory (their home on CPU).
-        assert ray.get([w.weights_device.remote() for w in reward.workers]) == ["cpu", "cpu"]
+        assert reward.weights_devices() == ["cpu", "cpu"]
     finally:
         for group in groups:
             group.shutdown()

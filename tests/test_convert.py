@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.fixtures import tiny_models  # noqa: F401
-
 REPO = Path(__file__).resolve().parents[1]
 
 

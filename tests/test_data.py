@@ -111,15 +111,11 @@ def test_config_probabilities_are_renormalised():
 
 
 def test_cli_flags_build_the_config():
-    import argparse
+    from engine.cli import train_sft
 
-    from engine.cli.data_args import add_data_args, data_config
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=3)
-    add_data_args(parser)
-    args = parser.parse_args(["--dataset", "a.jsonl,b.jsonl", "--dataset_probs", "0.4,0.6", "--apply_chat_template"])
-    cfg = data_config(args)
+    job = train_sft.parse_args(["--pretrain", "m", "--seed", "3", "--dataset", "a.jsonl,b.jsonl",
+                                "--dataset_probs", "0.4,0.6", "--apply_chat_template"])
+    cfg = job.data
     assert cfg.dataset_specs == ["a.jsonl", "b.jsonl"] and cfg.seed == 3 and cfg.apply_chat_template
 
 

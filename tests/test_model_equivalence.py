@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.fixtures import tiny_models  # noqa: F401
 
 ATOL = 1e-4  # fp32; observed differences are ~1e-6
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.fixtures import tiny_models  # noqa: F401
 
 NUM_MICROBATCHES = 4
 TOLERANCE = 1e-5  # fp32

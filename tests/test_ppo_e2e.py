@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO
-
 REWARD_FUNC = '''
 def reward_func(prompts, responses, labels):
     return [1.0 if r.strip().startswith("1") else 0.0 for r in responses]
@@ -117,6 +115,7 @@ def _ptx_experience(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from engine.rl.experience import Experience
     from engine.rl.ptx import collate_ptx
     from engine.rl.sequences import build_rollout_batch
 
@@ -129,38 +128,40 @@ def _ptx_experience(path: str):
         logits = model(input_ids=rollout.input_ids).logits / PTX_TEMPERATURE
         log_probs = torch.log_softmax(logits, -1).gather(-1, rollout.labels[..., None])[..., 0]
     mask = rollout.action_mask
-    experience = {**rollout.model_inputs(),
-                  # stale by up to +-0.3 nats: ratios away from 1, some clipped
-                  "old_log_probs": (log_probs + 0.3 * (2 * torch.rand(mask.shape, generator=g) - 1)) * mask,
-                  "advantages": torch.randn(mask.shape, generator=g) * mask}
+    experience = Experience.from_rollout(rollout).with_fields(
+        # stale by up to +-0.3 nats: ratios away from 1, some clipped
+        old_log_probs=(log_probs + 0.3 * (2 * torch.rand(mask.shape, generator=g) - 1)) * mask,
+        advantages=torch.randn(mask.shape, generator=g) * mask)
     lengths = (2, 3, 2, 4, 20, 17, 25, 19)
     samples = [{"input_ids": torch.randint(5, 400, (n,), generator=g).tolist(),
                 "loss_mask": [0] * (i % 2) + [1] * (n - i % 2)} for i, n in enumerate(lengths)]
     return experience, collate_ptx(samples, pad_id=0)
 
 
-def _ptx_settings() -> dict:
-    return {"train_batch_size": 8, "micro_train_batch_size": 2, "max_epochs": 1, "seed": 0, "eps_clip": 0.2,
-            "value_clip": None, "temperature": PTX_TEMPERATURE, "kl_loss_coef": 0.0, "ptx_coef": PTX_COEF,
-            "pad_token_id": 0}
+def _ptx_settings():
+    from engine.rl.train_losses import TrainSettings
+
+    return TrainSettings(train_batch_size=8, micro_train_batch_size=2, max_epochs=1, seed=0, eps_clip=0.2,
+                         value_clip=None, temperature=PTX_TEMPERATURE, kl_loss_coef=0.0, ptx_coef=PTX_COEF,
+                         pad_token_id=0)
 
 
 def _actor_train_with_ptx(rank, world_size, tp, path, experience, ptx):
     import os
 
     from engine.ray.role_worker import MegatronRoleWorker, RoleConfig
+    from engine.runtime.engine import EngineConfig
     from engine.runtime.optimizer import OptimConfig
     from parallel.config import ParallelConfig
 
-    config = RoleConfig(name="actor", pretrain=path, num_ranks=world_size, trainable=True,
-                        parallel=ParallelConfig(tensor_model_parallel_size=tp),
-                        optim=OptimConfig(learning_rate=1e-4, lr_warmup_ratio=0.0, lr_scheduler="constant"))
-    worker = MegatronRoleWorker(config, rank)
+    engine = EngineConfig(pretrain=path, parallel=ParallelConfig(tensor_model_parallel_size=tp),
+                          optim=OptimConfig(learning_rate=1e-4, lr_warmup_ratio=0.0, lr_scheduler="constant"))
+    worker = MegatronRoleWorker(RoleConfig(name="actor", engine=engine, num_ranks=world_size, trainable=True), rank)
     worker.setup(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
-    return worker.train(experience, loss="policy", settings=_ptx_settings(), ptx=ptx)
+    return worker.train(experience, "policy", _ptx_settings(), ptx=ptx)
 
 
-def _hf_reference(path: str, experience: dict, ptx: dict) -> dict:
+def _hf_reference(path: str, experience, ptx: dict) -> dict:
     """The step's loss straight from its definition, on HF: the policy loss's token mean over all
     response tokens + PTX_COEF x the NLL's token mean over all pretraining tokens; grad norm."""
     import torch
@@ -169,10 +170,10 @@ def _hf_reference(path: str, experience: dict, ptx: dict) -> dict:
     from engine.rl.losses import policy_loss
 
     model = AutoModelForCausalLM.from_pretrained(path)
-    logits = model(input_ids=experience["input_ids"]).logits / PTX_TEMPERATURE
-    log_probs = torch.log_softmax(logits, -1).gather(-1, experience["labels"][..., None])[..., 0]
-    policy, _ = policy_loss(log_probs, experience["old_log_probs"], experience["advantages"],
-                            experience["action_mask"], eps_clip=0.2)
+    logits = model(input_ids=experience.input_ids).logits / PTX_TEMPERATURE
+    log_probs = torch.log_softmax(logits, -1).gather(-1, experience.labels[..., None])[..., 0]
+    policy, _ = policy_loss(log_probs, experience.old_log_probs, experience.advantages,
+                            experience.action_mask, eps_clip=0.2)
     ptx_logits = model(input_ids=ptx["input_ids"]).logits
     nll = -torch.log_softmax(ptx_logits, -1).gather(-1, ptx["labels"][..., None])[..., 0]
     ptx_loss = (nll * ptx["loss_mask"]).sum() / ptx["loss_mask"].sum()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ from engine.rl.rewards import (
     combine_rewards,
     make_reward_sources,
 )
+from parallel.ports import free_port
 
 
 class _LengthRewardHandler(BaseHTTPRequestHandler):
@@ -55,9 +55,7 @@ def test_remote_reward_model_round_trip_in_batches(server_url):
 
 
 def test_unreachable_reward_server_fails_clearly():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     url = f"http://127.0.0.1:{port}/get_reward"
     (source,) = make_reward_sources(url, timeout_s=1.0, max_retries=1)
     started = time.monotonic()
@@ -69,7 +67,8 @@ def test_unreachable_reward_server_fails_clearly():
 
 def test_reward_function_file(tmp_path):
     good = tmp_path / "reward.py"
-    good.write_text("def reward_func(prompts, responses, labels):\n    return [float(r == l) for r, l in zip(responses, labels)]\n")
+    good.write_text("def reward_func(prompts, responses, labels):\n"
+                    "    return [float(r == l) for r, l in zip(responses, labels)]\n")
     assert RewardFunction(str(good)).score(["p", "q"], ["1", "2"], ["1", "3"]) == [1.0, 0.0]
     wrong_count = tmp_path / "short.py"
     wrong_count.write_text("def reward_func(prompts, responses, labels):\n    return [1.0]\n")
@@ -97,10 +96,6 @@ RM_MEAN, RM_STD = 0.25, 2.0  # what the reward-model trainer saves for --normali
 QUERIES = ["1+1=2", "12+30=42 and some more words", "", "9+9=", "a longer query: " + "7+8=15 " * 6]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _make_reward_model(root, policy: str, *, with_stats: bool) -> str:
@@ -152,7 +147,7 @@ def launch_serve_rm(rm_path: str, log_path, *extra: str):
 
     from tests.conftest import REPO
 
-    port = _free_port()
+    port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli.serve_rm", "--reward_pretrain", rm_path, "--host", "127.0.0.1",
@@ -250,7 +245,7 @@ def test_serve_rm_client_errors_are_not_retried(serve_rm):
 
 def test_serve_rm_normalize_reward_uses_the_config_statistics(reward_models):
     from engine.cli import serve_rm
-    from engine.rl.reward_server import RewardService
+    from engine.inference.reward_server import RewardService
 
     config = serve_rm.parse_args(["--reward_pretrain", reward_models["stats"], "--normalize_reward"])
     rewards = RewardService(config).rewards(QUERIES[:2])

@@ -318,7 +318,7 @@ def _pipeline_reference(estimator, rewards, kl, kl_coef, values, mask, n, gamma,
         for g in range(len(seq) // n):
             group = seq[g * n:(g + 1) * n]
             mean = statistics.fmean(group)
-            for j, r in enumerate(group):
+            for r in group:
                 if estimator == "rloo":
                     out.append(r - (sum(group) - r) / (n - 1))
                 elif estimator == "grpo":
@@ -536,7 +536,7 @@ def test_sft_loss_is_token_mean_nll():
 def _vocab_parallel_body(rank, world_size):
     from megatron.core import parallel_state as ps
 
-    from engine.rl.vocab_parallel import token_entropy, token_log_probs
+    from engine.runtime.vocab_parallel import token_entropy, token_log_probs
     from parallel.config import ParallelConfig
     from parallel.initialize import initialize_parallel
 

@@ -1,13 +1,9 @@
 """SFT on the Megatron engine: layouts agree, packing is exact, resume is exact, a task is learnt."""
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from tests.dist_harness import run_distributed
-from tests.fixtures import tiny_models  # noqa: F401
 
 NUM_STEPS = 5
 LOSS_TOLERANCE = 2e-4  # relative; fp32 reductions differ in order between layouts

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.fixtures import tiny_models  # noqa: F401
 
 
 def _ids(vocab_size: int) -> torch.Tensor:

@@ -22,15 +22,9 @@ from engine.ray.vllm_engine import (
     generate,
     shutdown_engines,
 )
+from engine.ray.weight_sync import WeightSyncError, connect_transport, sync_weights
 from models.tiny import EOS_ID, build_tiny_model
-from parallel.weight_transfer import (
-    WeightSyncError,
-    connect_transport,
-    iter_buckets,
-    pack_bucket,
-    sync_weights,
-    unpack_bucket,
-)
+from parallel.weight_transfer import iter_buckets, pack_bucket, unpack_bucket
 
 # fp32 on both sides: observed max difference 4.8e-7 (TP=1 and TP=2); the bound leaves 200x headroom.
 LOGPROB_ATOL = 1e-4

@@ -15,99 +15,116 @@
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, replace
+from typing import Literal
 
-from engine.cli.data_args import add_data_args, data_config
-
-TASKS = ("generate", "generate_vllm", "rm")
-POST_PROCESSORS = ("rs", "best_of_n", "csft", "iter_dpo")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval_task", required=True, choices=TASKS, help="generate (= generate_vllm) | rm")
-    parser.add_argument("--pretrain", required=True, help="HF directory: the policy (generate) or reward model (rm)")
-    parser.add_argument("--output_path", required=True, help="jsonl file to write")
-    parser.add_argument("--seed", type=int, default=42)
-    g = parser.add_argument_group("generation (vLLM)")
-    g.add_argument("--best_of_n", "--n_samples_per_prompt", dest="best_of_n", type=int, default=1,
-                   help="samples per prompt")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--generate_max_len", "--max_new_tokens", dest="generate_max_len", type=int, default=1024)
-    g.add_argument("--vllm_num_engines", type=int, default=1)
-    g.add_argument("--vllm_tensor_parallel_size", "--tp_size", dest="vllm_tensor_parallel_size", type=int, default=1)
-    g.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.9)
-    g.add_argument("--enforce_eager", action="store_true")
-    g.add_argument("--iter", type=int, default=None, help="with --rollout_batch_size: use prompt slice number ITER")
-    g.add_argument("--rollout_batch_size", type=int, default=None, help="prompts per --iter slice")
-    g = parser.add_argument_group("reward scoring and selection")
-    g.add_argument("--micro_batch_size", type=int, default=16, help="reward-model batch size")
-    g.add_argument("--post_processor", choices=POST_PROCESSORS, default=None,
-                   help="rs/best_of_n: best output per input; csft: reward-conditioned inputs; iter_dpo: pairs")
-    g.add_argument("--reward_template", default=None, help='csft: default "{input} <rm_score>: {reward} "')
-    g.add_argument("--normalize_reward", action="store_true", help="standardise rewards before post-processing")
-    add_data_args(parser)
-    return parser.parse_args(argv)
+from engine.cli.options import group, parse_job, run_cli
+from engine.data.config import DataConfig
+from engine.ray.vllm_engine import VLLMEngineConfig
+from engine.rl.rollout import SamplingConfig
+from parallel.options import option
 
 
-def _prompt_slice(args, prompts: list) -> list:
-    if args.iter is None or args.rollout_batch_size is None:
+@dataclass(kw_only=True)
+class BatchTask:
+    """What to run and where the rows go."""
+
+    eval_task: Literal["generate", "generate_vllm", "rm"] = option(help="generate (= generate_vllm) | rm")
+    pretrain: str = option(help="HF directory: the policy (generate) or reward model (rm)")
+    output_path: str = option(help="jsonl file to write")
+    seed: int = option(42, help="sampling seed")
+    iter: int | None = option(None, help="with --rollout_batch_size: use prompt slice number ITER")
+    rollout_batch_size: int | None = option(None, help="prompts per --iter slice")
+
+    def __post_init__(self) -> None:
+        if (self.iter is not None and self.iter < 0) or (self.rollout_batch_size is not None
+                                                          and self.rollout_batch_size < 1):
+            raise ValueError("--iter must be >= 0 and --rollout_batch_size >= 1")
+
+
+@dataclass(kw_only=True)
+class RewardScoring:
+    """Reward scoring (--eval_task rm) and selection."""
+
+    micro_batch_size: int = option(16, help="reward-model batch size")
+    post_processor: Literal["rs", "best_of_n", "csft", "iter_dpo"] | None = option(
+        None, help="rs/best_of_n: best output per input; csft: reward-conditioned inputs; iter_dpo: pairs")
+    reward_template: str | None = option(None, help='csft: default "{input} <rm_score>: {reward} "')
+    normalize_reward: bool = option(False, help="standardise rewards before post-processing")
+
+
+@dataclass(kw_only=True)
+class BatchInferenceJob:
+    task: BatchTask = group(title="task")
+    sampling: SamplingConfig = group(title="generation (vLLM)", rename={"n_samples_per_prompt": "best_of_n"},
+                                     aliases={"n_samples_per_prompt": ("n_samples_per_prompt",),
+                                              "max_new_tokens": ("max_new_tokens",)}, factory=SamplingConfig)
+    vllm: VLLMEngineConfig = group(title="generation (vLLM)", exclude=("enable_sleep_mode",),
+                                   aliases={"tensor_parallel_size": ("tp_size",)}, factory=VLLMEngineConfig)
+    scoring: RewardScoring = group(title="reward scoring and selection", factory=RewardScoring)
+    data: DataConfig = group(title="data", exclude=("chosen_key", "rejected_key", "prompt_key", "eval_split",
+                                                    "pretrain_mode", "packing_samples"))
+
+    def __post_init__(self) -> None:
+        seed = self.task.seed
+        self.sampling = replace(self.sampling, seed=seed, logprobs=False)
+        self.vllm = replace(self.vllm, pretrain=self.task.pretrain, seed=seed)
+        self.data = replace(self.data, seed=seed)
+
+
+def parse_args(argv=None) -> BatchInferenceJob:
+    return parse_job(BatchInferenceJob, argv, description=__doc__)
+
+
+def _prompt_slice(task: BatchTask, prompts: list) -> list:
+    if task.iter is None or task.rollout_batch_size is None:
         return prompts
-    if args.iter < 0 or args.rollout_batch_size < 1:
-        raise ValueError("--iter must be >= 0 and --rollout_batch_size >= 1")
-    size = min(args.rollout_batch_size, len(prompts))
-    start = (args.iter * size) % max(len(prompts), 1)  # wrap around the prompt set
+    size = min(task.rollout_batch_size, len(prompts))
+    start = (task.iter * size) % max(len(prompts), 1)  # wrap around the prompt set
     chosen = prompts[start:start + size]
     return chosen + prompts[: size - len(chosen)]
 
 
-def run_generate(args) -> list[dict]:
+def run_generate(job: BatchInferenceJob) -> list[dict]:
     """vLLM engines on Ray (joins ``RAY_ADDRESS`` or an already initialised cluster, else starts one)."""
     import ray
     from transformers import AutoTokenizer
 
     from engine.data.prompts import PromptDataset
     from engine.inference.batch import generate_rows
-    from engine.ray.vllm_engine import SamplingConfig, VLLMEngineConfig, create_engines, shutdown_engines
+    from engine.ray.vllm_engine import create_engines, shutdown_engines
 
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.generate_max_len,
-                              n_samples_per_prompt=args.best_of_n, seed=args.seed, logprobs=False)
-    engine_config = VLLMEngineConfig(
-        pretrain=args.pretrain, num_engines=args.vllm_num_engines, tensor_parallel_size=args.vllm_tensor_parallel_size,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization, enforce_eager=args.enforce_eager, seed=args.seed,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(args.pretrain)
-    data = data_config(args)
-    prompts = _prompt_slice(args, list(PromptDataset.from_config(data, tokenizer, split=data.train_split)))
+    tokenizer = AutoTokenizer.from_pretrained(job.task.pretrain)
+    prompts = _prompt_slice(job.task, list(PromptDataset.from_config(job.data, tokenizer, split=job.data.train_split)))
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init()
-    engines = create_engines(engine_config)
+    engines = create_engines(job.vllm)
     try:
-        return generate_rows(engines, tokenizer, prompts, sampling)
+        return generate_rows(engines, tokenizer, prompts, job.sampling)
     finally:
         shutdown_engines(engines)
         if started_ray:
             ray.shutdown()
 
 
-def run_rm(args) -> list[dict]:
+def run_rm(job: BatchInferenceJob) -> list[dict]:
     from engine.data.loading import blend_datasets
     from engine.inference import batch
 
-    data = data_config(args)
+    data, scoring = job.data, job.scoring
     rows = blend_datasets(data, split=data.train_split)
     rows = [rows[i] for i in range(len(rows))]
-    scorer = batch.RewardScorer(args.pretrain, micro_batch_size=args.micro_batch_size, max_len=args.max_len)
-    scored = scorer.score_rows(rows, input_key=args.input_key, output_key=args.output_key)
-    if args.normalize_reward:
+    scorer = batch.RewardScorer(job.task.pretrain, micro_batch_size=scoring.micro_batch_size, max_len=data.max_len)
+    scored = scorer.score_rows(rows, input_key=data.input_key, output_key=data.output_key)
+    if scoring.normalize_reward:
         scored = batch.normalize_rewards(scored)
-    if args.post_processor in ("rs", "best_of_n"):
+    if scoring.post_processor in ("rs", "best_of_n"):
         return batch.best_of_n(scored)
-    if args.post_processor == "csft":
-        return batch.conditional_sft_rows(scored, reward_template=args.reward_template or batch.DEFAULT_REWARD_TEMPLATE)
-    if args.post_processor == "iter_dpo":
+    if scoring.post_processor == "csft":
+        return batch.conditional_sft_rows(scored,
+                                          reward_template=scoring.reward_template or batch.DEFAULT_REWARD_TEMPLATE)
+    if scoring.post_processor == "iter_dpo":
         return batch.iterative_dpo_pairs(scored)
     return scored
 
@@ -115,14 +132,14 @@ def run_rm(args) -> list[dict]:
 def main(argv=None) -> list[dict]:
     from engine.inference.batch import write_jsonl
 
-    args = parse_args(argv)
-    if args.post_processor and args.eval_task != "rm":
+    job = parse_args(argv)
+    if job.scoring.post_processor and job.task.eval_task != "rm":
         raise SystemExit("--post_processor needs --eval_task rm (the rewards it selects by)")
-    rows = run_rm(args) if args.eval_task == "rm" else run_generate(args)
-    write_jsonl(rows, args.output_path)
-    print(f"wrote {len(rows)} rows to {args.output_path}", flush=True)
+    rows = run_rm(job) if job.task.eval_task == "rm" else run_generate(job)
+    write_jsonl(rows, job.task.output_path)
+    print(f"wrote {len(rows)} rows to {job.task.output_path}", flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

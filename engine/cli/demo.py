@@ -12,17 +12,30 @@
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from engine.cli.options import group, parse_job, run_cli
+from parallel.options import option
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--tensor_model_parallel_size", type=int, default=2)
-    parser.add_argument("--max_epochs", type=int, default=6)
-    parser.add_argument("--rl_steps", type=int, default=30, help="GRPO rollouts (0 skips RL)")
-    return parser.parse_args(argv)
+
+@dataclass(kw_only=True)
+class DemoOptions:
+    """The demo's sizes."""
+
+    workdir: str = option("runs/demo", help="where the model, data, logs and checkpoints go")
+    tensor_model_parallel_size: int = option(2, help="TP of the SFT stage and of the GRPO actor")
+    max_epochs: int = option(6, help="SFT epochs")
+    rl_steps: int = option(30, help="GRPO rollouts (0 skips RL)")
+
+
+@dataclass(kw_only=True)
+class DemoJob:
+    demo: DemoOptions = group(title="demo", factory=DemoOptions)
+
+
+def parse_args(argv=None) -> DemoOptions:
+    return parse_job(DemoJob, argv, description=__doc__).demo
 
 
 def prepare(workdir: Path) -> tuple[str, str]:
@@ -102,4 +115,4 @@ def _show_answers(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,27 +12,21 @@ and ``std`` the reward-model trainer saved in the model's config.json. SIGTERM /
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
+from dataclasses import dataclass
 
-from engine.rl.reward_server import RewardServerConfig, RewardService, make_server, server_url
+from engine.cli.options import group, parse_job
+from engine.inference.reward_server import RewardServerConfig, RewardService, make_server, server_url
+
+
+@dataclass(kw_only=True)
+class ServeRMJob:
+    server: RewardServerConfig = group(title="reward server")
 
 
 def parse_args(argv=None) -> RewardServerConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reward_pretrain", required=True,
-                        help="HF AutoModelForSequenceClassification directory (num_labels=1)")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=5000, help="0 picks a free port (printed)")
-    parser.add_argument("--micro_batch_size", type=int, default=16, help="queries per forward pass")
-    parser.add_argument("--max_len", type=int, default=2048, help="tokens per query, eos included (longer: cut)")
-    parser.add_argument("--normalize_reward", action="store_true",
-                        help="(r - mean) / std with the mean / std fields of the reward model's config.json")
-    args = parser.parse_args(argv)
-    return RewardServerConfig(reward_pretrain=args.reward_pretrain, host=args.host, port=args.port,
-                              micro_batch_size=args.micro_batch_size, max_len=args.max_len,
-                              normalize_reward=args.normalize_reward)
+    return parse_job(ServeRMJob, argv, description=__doc__).server
 
 
 def _stop_on_sigterm() -> None:

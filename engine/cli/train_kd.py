@@ -10,45 +10,51 @@ spawns N local ranks itself.
 """
 from __future__ import annotations
 
-from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config, load_splits
+from dataclasses import dataclass
+
+from engine.cli.offline import (
+    NOT_READ_BY_SFT,
+    LaunchOptions,
+    OfflineJob,
+    data_group,
+    launch,
+    launch_group,
+    load_splits,
+    pad_token_id,
+    parse_offline,
+    trainer_group,
+)
+from engine.cli.options import group, run_cli
+from engine.data.config import DataConfig
+from engine.trainers.base import OfflineTrainerConfig
+from engine.trainers.kd import KDConfig
 
 
-def add_kd_args(parser) -> None:
-    g = parser.add_argument_group("distillation")
-    g.add_argument("--teacher_model", required=True, help="HF directory of the frozen teacher")
-    g.add_argument("--kd_coef", type=float, default=0.4, help="weight of the distillation term (1 - it: NLL)")
+@dataclass(kw_only=True)
+class KDJob(OfflineJob):
+    launch: LaunchOptions = launch_group()
+    kd: KDConfig = group(title="distillation")
+    trainer: OfflineTrainerConfig = trainer_group(5e-6)
+    data: DataConfig = data_group(NOT_READ_BY_SFT)
 
 
-def parse_args(argv=None):
-    return offline_parser(__doc__, learning_rate=5e-6, add_trainer_args=add_kd_args).parse_args(argv)
+def parse_args(argv=None) -> KDJob:
+    return parse_offline(KDJob, argv, __doc__)
 
 
-def kd_config(args):
-    from engine.trainers.kd import KDConfig
-
-    return KDConfig(teacher_model=args.teacher_model, kd_coef=args.kd_coef)
-
-
-def train(args) -> list[dict]:
+def train(job: KDJob) -> list[dict]:
     from engine.data.sft import SFTDataset
     from engine.trainers.kd import KDTrainer
 
-    data = data_config(args)
-    tokenizer, train_set, eval_set = load_splits(SFTDataset, args)
-    trainer = KDTrainer(offline_trainer_config(args), train_set, eval_set, kd=kd_config(args),
-                        pad_token_id=pad_token_id(tokenizer), packing_samples=data.packing_samples,
-                        max_len=data.max_len)
+    tokenizer, train_set, eval_set = load_splits(SFTDataset, job)
+    trainer = KDTrainer(job.trainer, train_set, eval_set, kd=job.kd, pad_token_id=pad_token_id(tokenizer),
+                        packing_samples=job.data.packing_samples, max_len=job.data.max_len)
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    config = offline_trainer_config(args)  # validate flags before starting processes
-    data_config(args)
-    kd_config(args)
-    launch(train, args, config)
+    launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,49 +11,54 @@ estimated on mismatched prompt / completion pairs of each step. Without torchrun
 """
 from __future__ import annotations
 
-from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config, load_splits
+from dataclasses import dataclass
+
+from engine.cli.offline import (
+    NOT_READ_BY_UNPAIRED,
+    LaunchOptions,
+    OfflineJob,
+    data_group,
+    launch,
+    launch_group,
+    load_splits,
+    pad_token_id,
+    parse_offline,
+    trainer_group,
+)
+from engine.cli.options import group, run_cli
+from engine.data.config import DataConfig
+from engine.trainers.base import OfflineTrainerConfig
+from engine.trainers.kto import KTOConfig
 
 
-def add_kto_args(parser) -> None:
-    g = parser.add_argument_group("KTO")
-    g.add_argument("--ref_pretrain", default=None, help="reference HF directory (default: --pretrain)")
-    g.add_argument("--ref_offload", action="store_true", help="keep the reference in host memory between uses (GPU)")
-    g.add_argument("--beta", type=float, default=0.1)
-    g.add_argument("--desirable_loss_weight", type=float, default=1.0)
-    g.add_argument("--undesirable_loss_weight", type=float, default=1.0)
+@dataclass(kw_only=True)
+class KTOJob(OfflineJob):
+    launch: LaunchOptions = launch_group()
+    kto: KTOConfig = group(title="KTO", factory=KTOConfig)
+    trainer: OfflineTrainerConfig = trainer_group(5e-7)
+    data: DataConfig = data_group(NOT_READ_BY_UNPAIRED)
 
 
-def parse_args(argv=None):
-    return offline_parser(__doc__, learning_rate=5e-7, add_trainer_args=add_kto_args).parse_args(argv)
+def parse_args(argv=None) -> KTOJob:
+    return parse_offline(KTOJob, argv, __doc__)
 
 
-def kto_config(args):
-    from engine.trainers.kto import KTOConfig
-
-    return KTOConfig(beta=args.beta, desirable_loss_weight=args.desirable_loss_weight,
-                     undesirable_loss_weight=args.undesirable_loss_weight, ref_pretrain=args.ref_pretrain,
-                     ref_offload=args.ref_offload)
-
-
-def train(args) -> list[dict]:
+def train(job: KTOJob) -> list[dict]:
     from engine.data.preference import UnpairedPreferenceDataset
     from engine.trainers.kto import KTOTrainer
 
-    tokenizer, train_set, eval_set = load_splits(UnpairedPreferenceDataset, args)
-    trainer = KTOTrainer(offline_trainer_config(args), train_set, eval_set, kto=kto_config(args),
-                         pad_token_id=pad_token_id(tokenizer), max_len=args.max_len)
+    tokenizer, train_set, eval_set = load_splits(UnpairedPreferenceDataset, job)
+    trainer = KTOTrainer(job.trainer, train_set, eval_set, kto=job.kto, pad_token_id=pad_token_id(tokenizer),
+                         max_len=job.data.max_len)
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    config = offline_trainer_config(args)  # validate flags before starting processes
-    if data_config(args).label_key is None:
+    job = parse_args(argv)
+    if job.data.label_key is None:
         raise SystemExit("--label_key is required: the column saying whether a completion is desirable")
-    kto_config(args)
-    launch(train, args, config)
+    launch(train, job)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

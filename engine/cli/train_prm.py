@@ -10,41 +10,66 @@ spawns N local ranks itself.
 """
 from __future__ import annotations
 
-from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config, load_splits
+from dataclasses import dataclass
+
+from engine.cli.offline import (
+    NOT_READ_BY_PRM,
+    LaunchOptions,
+    OfflineJob,
+    data_group,
+    launch,
+    launch_group,
+    load_splits,
+    pad_token_id,
+    parse_offline,
+    trainer_group,
+)
+from engine.cli.options import group, run_cli
+from engine.data.config import DataConfig
+from engine.trainers.base import OfflineTrainerConfig
+from parallel.options import option
 
 
-def add_prm_args(parser) -> None:
-    g = parser.add_argument_group("process reward")
-    g.add_argument("--placeholder_token", required=True, help="single token after every step, e.g. 'ки'")
-    g.add_argument("--reward_tokens", nargs="*", default=None,
-                   help="label tokens, positive first (e.g. + -); default: the whole vocabulary")
+@dataclass(kw_only=True)
+class ProcessRewardOptions:
+    """Where the step labels go."""
+
+    placeholder_token: str = option(help="single token after every step, e.g. 'ки'")
+    reward_tokens: tuple[str, ...] | None = option(
+        None, help="label tokens, positive first (e.g. + -); default: the whole vocabulary")
 
 
-def parse_args(argv=None):
-    return offline_parser(__doc__, learning_rate=1e-6, add_trainer_args=add_prm_args).parse_args(argv)
+@dataclass(kw_only=True)
+class PRMJob(OfflineJob):
+    launch: LaunchOptions = launch_group()
+    prm: ProcessRewardOptions = group(title="process reward")
+    trainer: OfflineTrainerConfig = trainer_group(1e-6)
+    data: DataConfig = data_group(NOT_READ_BY_PRM)
 
 
-def train(args) -> list[dict]:
+def parse_args(argv=None) -> PRMJob:
+    return parse_offline(PRMJob, argv, __doc__)
+
+
+def train(job: PRMJob) -> list[dict]:
     from engine.data.process_reward import ProcessRewardDataset
     from engine.trainers.prm import PRMTrainer
 
-    tokenizer, train_set, eval_set = load_splits(ProcessRewardDataset, args, placeholder_token=args.placeholder_token,
-                                                 reward_tokens=args.reward_tokens)
+    reward_tokens = list(job.prm.reward_tokens) if job.prm.reward_tokens else None
+    tokenizer, train_set, eval_set = load_splits(ProcessRewardDataset, job, placeholder_token=job.prm.placeholder_token,
+                                                 reward_tokens=reward_tokens)
     reward_ids = list(train_set.reward_token_ids.values()) if train_set.reward_token_ids else None
-    trainer = PRMTrainer(offline_trainer_config(args), train_set, eval_set, reward_token_ids=reward_ids,
+    trainer = PRMTrainer(job.trainer, train_set, eval_set, reward_token_ids=reward_ids,
                          pad_token_id=pad_token_id(tokenizer))
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    config = offline_trainer_config(args)  # validate flags before starting processes
-    data = data_config(args)
-    if data.label_key is None:
+    job = parse_args(argv)
+    if job.data.label_key is None:
         raise SystemExit("--label_key is required: the column with one label per step")
-    launch(train, args, config)
+    launch(train, job)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

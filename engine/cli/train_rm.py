@@ -12,30 +12,48 @@ local ranks itself.
 """
 from __future__ import annotations
 
-from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config, load_splits
+from dataclasses import dataclass
+
+from engine.cli.offline import (
+    NOT_READ_BY_PAIRS,
+    LaunchOptions,
+    OfflineJob,
+    data_group,
+    launch,
+    launch_group,
+    load_splits,
+    pad_token_id,
+    parse_offline,
+    trainer_group,
+)
+from engine.cli.options import run_cli
+from engine.data.config import DataConfig
+from engine.trainers.base import OfflineTrainerConfig
 
 
-def parse_args(argv=None):
-    return offline_parser(__doc__, learning_rate=9e-6).parse_args(argv)
+@dataclass(kw_only=True)
+class RMJob(OfflineJob):
+    launch: LaunchOptions = launch_group()
+    trainer: OfflineTrainerConfig = trainer_group(9e-6)
+    data: DataConfig = data_group(NOT_READ_BY_PAIRS)
 
 
-def train(args) -> list[dict]:
+def parse_args(argv=None) -> RMJob:
+    return parse_offline(RMJob, argv, __doc__, value_head=True)
+
+
+def train(job: RMJob) -> list[dict]:
     from engine.data.preference import PreferenceDataset
     from engine.trainers.rm import RewardModelTrainer
 
-    tokenizer, train_set, eval_set = load_splits(PreferenceDataset, args)
-    trainer = RewardModelTrainer(offline_trainer_config(args, value_head=True), train_set, eval_set,
-                                 pad_token_id=pad_token_id(tokenizer))
+    tokenizer, train_set, eval_set = load_splits(PreferenceDataset, job)
+    trainer = RewardModelTrainer(job.trainer, train_set, eval_set, pad_token_id=pad_token_id(tokenizer))
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    config = offline_trainer_config(args, value_head=True)  # validate flags before starting processes
-    data_config(args)
-    launch(train, args, config)
+    launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

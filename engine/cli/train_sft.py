@@ -9,31 +9,49 @@ Without torchrun, ``--nproc_per_node N`` spawns N local ranks itself.
 """
 from __future__ import annotations
 
-from engine.cli.args import launch, offline_parser, offline_trainer_config, pad_token_id
-from engine.cli.data_args import data_config, load_splits
+from dataclasses import dataclass
+
+from engine.cli.offline import (
+    NOT_READ_BY_SFT,
+    LaunchOptions,
+    OfflineJob,
+    data_group,
+    launch,
+    launch_group,
+    load_splits,
+    pad_token_id,
+    parse_offline,
+    trainer_group,
+)
+from engine.cli.options import run_cli
+from engine.data.config import DataConfig
+from engine.trainers.base import OfflineTrainerConfig
 
 
-def parse_args(argv=None):
-    return offline_parser(__doc__, learning_rate=5e-6).parse_args(argv)
+@dataclass(kw_only=True)
+class SFTJob(OfflineJob):
+    launch: LaunchOptions = launch_group()
+    trainer: OfflineTrainerConfig = trainer_group(5e-6)
+    data: DataConfig = data_group(NOT_READ_BY_SFT)
 
 
-def train(args) -> list[dict]:
+def parse_args(argv=None) -> SFTJob:
+    return parse_offline(SFTJob, argv, __doc__)
+
+
+def train(job: SFTJob) -> list[dict]:
     from engine.data.sft import SFTDataset
     from engine.trainers.sft import SFTTrainer
 
-    data = data_config(args)
-    tokenizer, train_set, eval_set = load_splits(SFTDataset, args)
-    trainer = SFTTrainer(offline_trainer_config(args), train_set, eval_set, pad_token_id=pad_token_id(tokenizer),
-                         packing_samples=data.packing_samples, max_len=data.max_len)
+    tokenizer, train_set, eval_set = load_splits(SFTDataset, job)
+    trainer = SFTTrainer(job.trainer, train_set, eval_set, pad_token_id=pad_token_id(tokenizer),
+                         packing_samples=job.data.packing_samples, max_len=job.data.max_len)
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    config = offline_trainer_config(args)  # validate flags before starting processes
-    data_config(args)
-    launch(train, args, config)
+    launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -4,34 +4,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from parallel.options import option
+
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Flags: --dataset --dataset_probs --input_key --output_key --label_key --chosen_key
-    --rejected_key --prompt_key --input_template --apply_chat_template --tokenizer_chat_template
-    --max_len --prompt_max_len --max_samples --train_split --eval_split --pretrain_mode
-    --packing_samples --skip_bad_rows (and --seed, which orders the mixing)."""
+    """Which datasets, which columns, how rows become tokens (OpenRLHF's names)."""
 
-    dataset: str  # comma list: files, directories, TYPE@DIR, save_to_disk dirs or hub names
-    dataset_probs: str | None = None  # comma list, one per dataset; None: concatenate
-    input_key: str = "input"
-    output_key: str | None = "output"
-    label_key: str | None = None
-    chosen_key: str = "chosen"
-    rejected_key: str = "rejected"
-    prompt_key: str | None = None
-    input_template: str | None = None  # e.g. "User: {}\nAssistant: "
-    apply_chat_template: bool = False
-    tokenizer_chat_template: str | None = None  # overrides the tokenizer's own template
-    max_len: int = 2048  # tokens per sample (prompt + response)
-    prompt_max_len: int = 1024  # tokens per RL prompt
-    max_samples: int | None = None  # cap per dataset and on the mixture
-    train_split: str = "train"
-    eval_split: str | None = None
-    pretrain_mode: bool = False  # loss on every token, raw text, no template
-    packing_samples: bool = False
-    skip_bad_rows: bool = False  # skip (and count) malformed rows instead of failing
-    seed: int = 42
+    dataset: str = option(help="comma-separated: local json/jsonl/parquet/arrow/csv files or dirs, TYPE@DIR, "
+                               "HF save_to_disk dirs or hub names")
+    dataset_probs: str | None = option(None, help="comma-separated mixing probabilities, one per dataset "
+                                                  "(default: concatenate)")
+    input_key: str = option("input", help="prompt / text column")
+    output_key: str | None = option("output", help="response column")
+    label_key: str | None = option(None, help="label column")
+    chosen_key: str = option("chosen", help="preferred response column")
+    rejected_key: str = option("rejected", help="dispreferred response column")
+    prompt_key: str | None = option(None, help="prompt column of paired rows (chosen / rejected are its responses)")
+    input_template: str | None = option(None, help='prompt template with one {}, e.g. "User: {}\\nAssistant: "')
+    apply_chat_template: bool = option(False, help="render prompts with the tokenizer's chat template")
+    tokenizer_chat_template: str | None = option(None, help="a Jinja chat template overriding the tokenizer's")
+    max_len: int = option(2048, help="tokens per sample (prompt + response); longer samples are cut")
+    prompt_max_len: int = option(1024, help="tokens per prompt")
+    max_samples: int | None = option(None, help="cap per dataset and on the mixture")
+    train_split: str = option("train", help="split to train on")
+    eval_split: str | None = option(None, help="held-out split to evaluate on")
+    pretrain_mode: bool = option(False, help="continued pre-training: loss on every token of --input_key")
+    packing_samples: bool = option(False, help="several samples per sequence, attention kept inside each")
+    skip_bad_rows: bool = option(False, help="skip (and count) malformed rows instead of failing")
+    seed: int = 42  # orders the mixing (the job's --seed)
 
     def __post_init__(self) -> None:
         self._check_datasets()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import ray
 
+from parallel.options import option
+
 # CPU reserved per colocated rank on CPU-only clusters: enough for Ray to place it in its
 # bundle, too little to limit how many processes a small box runs.
 CPU_TOKEN = 0.01
@@ -29,11 +31,16 @@ class Placement:
     cpu_per_rank: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ColocationConfig:
-    colocate_actor_ref: bool = False  # --colocate_actor_ref
-    colocate_critic_reward: bool = False  # --colocate_critic_reward
-    colocate_all_models: bool = False  # --colocate_all_models (the vLLM engines too)
+    """Which roles share devices, and whether frozen roles leave them between forwards."""
+
+    colocate_actor_ref: bool = option(False, help="actor and reference share devices")
+    colocate_critic_reward: bool = option(False, help="critic and reward models share devices")
+    colocate_all_models: bool = option(False, help="every role and (on GPU) the vLLM engines share the "
+                                                   "actor's devices")
+    ref_reward_offload: bool = option(False, help="reference / reward model weights stay in host memory "
+                                                  "except during their forward passes")
 
 
 def gpus_available() -> bool:

@@ -1,24 +1,26 @@
 """A role (actor, critic, reference, reward) as a group of Ray actors forming one torch world.
 
-    group = RoleGroup(RoleConfig(name="actor", ...), placement=...)
-    log_probs = group.per_sample(lambda w, ref: w.compute_log_probs.remote(ref, 8), batch)
+    group = RoleGroup(RoleConfig(name="actor", engine=EngineConfig(...), num_ranks=2, trainable=True))
+    log_probs = group.log_probs(experience, micro_batch_size=8)      # [B, L], from the DP share heads
+    metrics = group.train(experience, "policy", settings)
 
-Placement (``engine.ray.colocation``): on GPU nodes every rank takes one GPU (a fraction when
-roles are colocated and share a placement group's bundles); on CPU-only clusters ranks reserve
-no resources (the processes share the machine's cores, as everything does on a laptop-sized box)
-beyond the token CPU that puts colocated ranks into their shared bundle.
+Every method is a typed call on the ranks' handles, waited on with a deadline; a failed or dead
+rank raises ``RoleError`` naming the role and the rank. Placement (``engine.ray.colocation``):
+on GPU nodes every rank takes one GPU (a fraction when roles are colocated and share a placement
+group's bundles); on CPU-only clusters ranks reserve no resources (the processes share the
+machine's cores, as everything does on a laptop-sized box) beyond the token CPU that puts
+colocated ranks into their shared bundle.
 """
 from __future__ import annotations
-
-import time
-from contextlib import contextmanager
-from typing import Callable
 
 import ray
 import torch
 
+from engine.ray.calls import get_each
 from engine.ray.colocation import Placement
-from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, ShardResult
+from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, SendStats, ShardResult
+from engine.rl.experience import Experience
+from engine.rl.train_losses import LossKind, TrainSettings
 
 
 class RoleError(RuntimeError):
@@ -26,21 +28,15 @@ class RoleError(RuntimeError):
 
 
 class RoleGroup:
-    def __init__(self, config: RoleConfig, placement: Placement | None = None, *, offload: bool = False,
-                 timeout_s: float = 1800.0):
-        """``offload`` (``--ref_reward_offload``, frozen roles): the weights live in host memory
-        except during this group's forward passes (``per_sample``)."""
+    def __init__(self, config: RoleConfig, placement: Placement | None = None, *, timeout_s: float = 1800.0):
         self.config = config
         self.timeout_s = timeout_s
-        self.offload = offload
         placement = placement or Placement()
         # rank i in bundle i: the ranks of colocated roles pair up device by device
         self.bundle_indices = list(range(config.num_ranks)) if placement.placement_group is not None else None
         self.workers = [self._start(rank, placement) for rank in range(config.num_ranks)]
-        master_addr, master_port = self._get([self.workers[0].address.remote()], "rendezvous")[0]
-        self._get([w.setup.remote(master_addr, master_port) for w in self.workers], "start-up")
-        if offload:
-            self.run(lambda w: w.offload_weights.remote(), "weight offload")
+        master_addr, master_port = self._wait([self.workers[0].address.remote()], "rendezvous")[0]
+        self._wait([w.setup.remote(master_addr, master_port) for w in self.workers], "start-up")
 
     def _start(self, rank: int, placement: Placement):
         options: dict = {"num_cpus": placement.cpu_per_rank, "num_gpus": placement.gpu_per_rank,
@@ -52,50 +48,69 @@ class RoleGroup:
                 placement.placement_group, placement_group_bundle_index=self.bundle_indices[rank])
         return RemoteRoleWorker.options(**options).remote(self.config, rank)
 
-    def _get(self, refs: list, what: str) -> list:
-        """Results of one call per rank; a failed or dead rank raises naming role and rank."""
-        results, deadline = [], time.monotonic() + self.timeout_s
-        for rank, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 1.0)))
-            except ray.exceptions.GetTimeoutError as err:
-                raise RoleError(f"{self.config.name} rank {rank} did not finish {what} in {self.timeout_s:.0f}s") from err
-            except ray.exceptions.RayError as err:
-                cause = getattr(err, "cause", None) or err
-                raise RoleError(f"{self.config.name} rank {rank} failed during {what}: {cause}") from err
-        return results
+    def _wait(self, refs: list, what: str) -> list:
+        names = [f"{self.config.name} rank {rank}" for rank in range(len(refs))]
+        return get_each(refs, names=names, timeout_s=self.timeout_s, what=what, error=RoleError)
 
-    def run(self, call: Callable, what: str, *args) -> list:
-        """``call(worker, *args)`` on every rank (e.g. ``lambda w: w.save_hf.remote(path)``)."""
-        return self._get([call(w, *args) for w in self.workers], what)
-
-    @contextmanager
-    def weights_on_device(self):
-        """With ``offload``: weights on the accelerator inside the block, in host memory after it."""
-        if not self.offload:
-            yield
-            return
-        self.run(lambda w: w.onload_weights.remote(), "weight onload")
-        try:
-            yield
-        finally:
-            self.run(lambda w: w.offload_weights.remote(), "weight offload")
-
-    def per_sample(self, call: Callable, batch: dict, what: str) -> torch.Tensor:
-        """Per-sample outputs (``[B, ...]``) assembled from the data-parallel share heads."""
-        batch_ref = ray.put(batch)
-        with self.weights_on_device():
-            shards: list[ShardResult] = [r for r in self.run(call, what, batch_ref) if r is not None]
-        size = len(batch["input_ids"])
-        filled = [s for s in shards if s.values]
-        out = torch.zeros((size, *filled[0].values["out"].shape[1:])) if filled else torch.zeros(size)
+    # ----- per-sample outputs, assembled from the data-parallel share heads --------------------
+    def _per_sample(self, refs: list, batch_size: int, what: str) -> torch.Tensor:
+        shards: list[ShardResult] = [r for r in self._wait(refs, what) if r is not None]
+        filled = [s for s in shards if s.values is not None]
+        out = torch.zeros((batch_size, *filled[0].values.shape[1:])) if filled else torch.zeros(batch_size)
         covered = 0
         for shard in filled:
-            out[shard.start:shard.stop] = shard.values["out"]
+            out[shard.start:shard.stop] = shard.values
             covered += shard.stop - shard.start
-        if covered != size:
-            raise RoleError(f"{self.config.name}: results cover {covered} of {size} samples")
+        if covered != batch_size:
+            raise RoleError(f"{self.config.name}: results cover {covered} of {batch_size} samples")
         return out
+
+    def log_probs(self, experience: Experience, micro_batch_size: int, *, temperature: float = 1.0) -> torch.Tensor:
+        """``[B, L]`` log-probs of ``labels`` (read where ``action_mask`` is 1)."""
+        ref = ray.put(experience)
+        return self._per_sample([w.compute_log_probs.remote(ref, micro_batch_size, temperature) for w in self.workers],
+                                experience.batch_size, f"{self.config.name} log-probs")
+
+    def values(self, experience: Experience, micro_batch_size: int) -> torch.Tensor:
+        """``[B, L]`` value-head outputs."""
+        ref = ray.put(experience)
+        return self._per_sample([w.compute_values.remote(ref, micro_batch_size) for w in self.workers],
+                                experience.batch_size, f"{self.config.name} values")
+
+    def rewards(self, experience: Experience, micro_batch_size: int) -> torch.Tensor:
+        """``[B]`` scores at each row's last real token."""
+        ref = ray.put(experience)
+        return self._per_sample([w.compute_rewards.remote(ref, micro_batch_size) for w in self.workers],
+                                experience.batch_size, f"{self.config.name} rewards")
+
+    # ----- training and weights ---------------------------------------------------------------
+    def train(self, experience, loss: LossKind, settings: TrainSettings, ptx=None) -> dict:
+        """PPO epochs over ``experience`` (an ``Experience`` or its object reference); metrics of rank 0."""
+        return self._wait([w.train.remote(experience, loss, settings, ptx) for w in self.workers],
+                          f"{self.config.name} train")[0]
+
+    def connect_weight_sync(self, engines: list, backend: str) -> list[str | None]:
+        return self._wait([w.connect_weight_sync.remote(engines, backend) for w in self.workers], "weight-sync setup")
+
+    def send_weights(self, bucket_bytes: int) -> list[SendStats | None]:
+        return self._wait([w.send_weights.remote(bucket_bytes) for w in self.workers], "weight sync")
+
+    # ----- persistence --------------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_config, step: int, state: dict) -> None:
+        self._wait([w.save_checkpoint.remote(ckpt_config, step, state) for w in self.workers],
+                   f"{self.config.name} checkpoint")
+
+    def resume(self, ckpt_config) -> dict | None:
+        return self._wait([w.resume.remote(ckpt_config) for w in self.workers], f"{self.config.name} resume")[0]
+
+    def save_hf(self, path: str) -> None:
+        self._wait([w.save_hf.remote(path) for w in self.workers], f"{self.config.name} HF export")
+
+    def weights_devices(self) -> list[str]:
+        return self._wait([w.weights_device.remote() for w in self.workers], "weights device")
+
+    def placement_group_ids(self) -> list[str | None]:
+        return self._wait([w.placement_group_id.remote() for w in self.workers], "placement")
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -2,11 +2,11 @@
 
     engines = create_engines(VLLMEngineConfig(pretrain=path, num_engines=2, tensor_parallel_size=1))
     samples = generate(engines, prompt_token_ids, SamplingConfig(n_samples_per_prompt=4, seed=0))
-    sync_weights(engines, exporter_iterator, bucket_bytes=...)   # parallel.weight_transfer
+    sync_weights(engines, exporter_iterator, bucket_bytes=...)   # engine.ray.weight_sync
     shutdown_engines(engines)
 
 Every engine is one ``LLMEngineActor`` wrapping ``vllm.LLM`` with ``WeightSyncExtension`` mixed
-into its workers, so it can join a weight-sync group (``parallel.weight_transfer``) and load
+into its workers, so it can join a weight-sync group (``engine.ray.weight_sync``) and load
 HF-named full tensors in place. Calls on the handles are typed (``engine.generate.remote(...)``);
 every wait has a timeout and names the engine that failed.
 """
@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import ray
 
+from engine.ray.calls import get_each, split_evenly
 from engine.ray.vllm_worker_ext import WeightSyncExtension, check_vllm_cpu_head_size, vllm_cpu_env
-from parallel.weight_transfer import report_problems
+from engine.ray.weight_sync import report_problems
+from engine.rl.rollout import RolloutSample, SamplingConfig
+from parallel.options import option
+
+__all__ = ["EngineError", "EngineStartupError", "RolloutSample", "SamplingConfig", "VLLMEngineConfig",
+           "create_engines", "generate", "shutdown_engines"]
 
 WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,22 +47,24 @@ class EngineStartupError(EngineError):
 
 @dataclass(kw_only=True)
 class VLLMEngineConfig:
-    """How to start the rollout engines (one field per flag; errors name the flag)."""
+    """The vLLM rollout engines."""
 
-    pretrain: str  # --pretrain: HF checkpoint directory (or hub id already in the local cache)
-    num_engines: int = 1  # --vllm_num_engines
-    tensor_parallel_size: int = 1  # --vllm_tensor_parallel_size
-    enforce_eager: bool = False  # --enforce_eager
-    enable_prefix_caching: bool = True  # --enable_prefix_caching
-    gpu_memory_utilization: float = 0.9  # --vllm_gpu_memory_utilization
-    max_model_len: int | None = None  # --max_model_len (default: the model's)
-    dtype: str = "auto"  # --vllm_dtype: auto | bfloat16 | float16 | float32
-    seed: int = 42  # --seed (engine i uses seed + i for requests without their own seed)
+    num_engines: int = option(1, flag="vllm_num_engines", help="vLLM engines (Ray actors)")
+    tensor_parallel_size: int = option(1, flag="vllm_tensor_parallel_size", help="tensor parallel size of each engine")
+    gpu_memory_utilization: float = option(0.9, flag="vllm_gpu_memory_utilization",
+                                           help="share of each GPU vLLM may take (weights + KV cache)")
+    enforce_eager: bool = option(False, help="no CUDA graphs / torch.compile in vLLM")
+    enable_prefix_caching: bool = option(False, help="vLLM prefix caching (shared prompt prefixes)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", flag="vllm_dtype", help="vLLM weights")
+    enable_sleep_mode: bool = option(False, flag="vllm_enable_sleep",
+                                     help="engines release weights and KV cache between rollouts (CUDA)")
+    pretrain: str = ""  # the actor's --pretrain (HF checkpoint directory, or a hub id in the local cache)
+    max_model_len: int | None = None  # prompt + response tokens (default: the model's)
+    seed: int = 42  # the job's --seed (engine i uses seed + i for requests without their own seed)
     # Which log-probs vLLM returns: "raw_logprobs" are log_softmax of the model's logits, before
     # temperature / top-k / top-p, i.e. what the trainer recomputes from its own forward pass.
     logprobs_mode: str = "raw_logprobs"
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when the Ray cluster has GPUs)
-    enable_sleep_mode: bool = False  # --vllm_enable_sleep: free weights / KV cache between rollouts (CUDA)
     # --colocate_all_models (GPU): a placement group shared with the Megatron roles; engine i's
     # workers take bundles [i * tp, (i + 1) * tp), ``gpu_fraction`` of each GPU.
     shared_placement_group: object | None = None
@@ -67,9 +74,12 @@ class VLLMEngineConfig:
     cpu_omp_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0|1" for TP=2 on 2 cores
     startup_timeout_s: float = 900.0
 
-    def __post_init__(self):
+    def check(self) -> None:
+        """The check that needs ``pretrain`` (set by code after the flags are parsed)."""
         if not self.pretrain:
             raise ValueError("--pretrain is required for the vLLM engines")
+
+    def __post_init__(self):
         for flag, value in (("--vllm_num_engines", self.num_engines),
                             ("--vllm_tensor_parallel_size", self.tensor_parallel_size)):
             if not isinstance(value, int) or value < 1:
@@ -82,47 +92,6 @@ class VLLMEngineConfig:
             raise ValueError(f"engine device must be auto, cpu or cuda, got {self.device!r}")
         if self.logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
             raise ValueError(f"logprobs_mode must be raw_logprobs or processed_logprobs, got {self.logprobs_mode!r}")
-
-
-@dataclass(kw_only=True)
-class SamplingConfig:
-    """How to sample one rollout (one field per flag)."""
-
-    temperature: float = 1.0  # --temperature (0: greedy)
-    top_p: float = 1.0  # --top_p
-    top_k: int = -1  # --top_k (-1: off)
-    max_new_tokens: int = 1024  # --generate_max_len
-    min_new_tokens: int = 0
-    n_samples_per_prompt: int = 1  # --n_samples_per_prompt (vLLM's n: one prefill per prompt)
-    seed: int | None = None  # sample j of prompt i uses seed + i * n + j: independent of engine count
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: bool = True  # return the log-prob of every sampled token
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"--top_k must be -1 (off) or positive, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--generate_max_len must be positive, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, --generate_max_len], got {self.min_new_tokens}")
-        if self.n_samples_per_prompt < 1:
-            raise ValueError(f"--n_samples_per_prompt must be positive, got {self.n_samples_per_prompt}")
-
-
-@dataclass(frozen=True)
-class RolloutSample:
-    """One generated response."""
-
-    prompt_index: int  # index into the prompt list given to ``generate``
-    sample_index: int  # 0 .. n_samples_per_prompt - 1
-    response_token_ids: list[int]
-    logprobs: list[float] | None  # log-prob of each response token (see VLLMEngineConfig.logprobs_mode)
-    finish_reason: str  # "stop" (EOS / stop token) or "length" (hit --generate_max_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,26 +224,8 @@ class LLMEngineActor:
 def _gather(refs: list, *, timeout_s: float, what: str, engine_indices: list[int] | None = None,
             error: type[EngineError] = EngineError, context: str = "") -> list:
     """``ray.get`` of one ref per engine with a shared deadline; errors name the engine."""
-    results, deadline = [], time.monotonic() + timeout_s
-    for index, ref in zip(engine_indices or range(len(refs)), refs):
-        try:
-            results.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0)))
-        except ray.exceptions.GetTimeoutError as err:
-            raise error(f"vLLM engine {index} did not finish {what} within {timeout_s:.0f} s{context}") from err
-        except ray.exceptions.RayActorError as err:
-            raise error(f"vLLM engine {index} died during {what}{context}: {_root_cause(err)}") from err
-        except ray.exceptions.RayTaskError as err:
-            raise error(f"vLLM engine {index} failed during {what}{context}: {_root_cause(err)}") from err
-    return results
-
-
-def _root_cause(err: Exception, max_lines: int = 6) -> str:
-    """The remote exception of a Ray error, without the remote traceback."""
-    cause = getattr(err, "cause", None)  # RayTaskError carries the exception the method raised
-    if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {cause}"
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return "\n".join(lines[-max_lines:])
+    names = [f"vLLM engine {i}" for i in (engine_indices or range(len(refs)))]
+    return get_each(refs, names=names, timeout_s=timeout_s, what=what, error=error, context=context)
 
 
 def _read_hf_config(config: VLLMEngineConfig) -> dict | None:
@@ -400,6 +351,7 @@ def create_engines(config: VLLMEngineConfig) -> list:
     """
     if not ray.is_initialized():
         raise RuntimeError("create_engines needs a Ray cluster: call ray.init() first")
+    config.check()
     device = _resolve_device(config)
     _check_platform(config, device)
     _check_model(config, device)
@@ -441,17 +393,6 @@ def shutdown_engines(engines: list, *, graceful: bool = True, timeout_s: float =
     _remove_groups([g for g in groups if g is not None])
 
 
-def _split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) ranges, sizes differing by at most one."""
-    base, extra = divmod(num_items, num_parts)
-    ranges, start = [], 0
-    for part in range(num_parts):
-        stop = start + base + (part < extra)
-        ranges.append((start, stop))
-        start = stop
-    return ranges
-
-
 def generate(engines: list, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
              timeout_s: float = 3600.0) -> list[RolloutSample]:
     """Spread the prompts over the engines and return every sample, ordered by (prompt, sample).
@@ -459,7 +400,7 @@ def generate(engines: list, prompt_token_ids: list[list[int]], sampling: Samplin
     Prompts are split into contiguous, even chunks (one per engine); with ``sampling.seed`` set the
     result does not depend on the number of engines. A dead or hung engine raises ``EngineError``.
     """
-    ranges = _split_evenly(len(prompt_token_ids), len(engines))
+    ranges = split_evenly(len(prompt_token_ids), len(engines))
     busy = [i for i, (start, stop) in enumerate(ranges) if stop > start]
     refs = [engines[i].generate.remote(prompt_token_ids[ranges[i][0]:ranges[i][1]], sampling, ranges[i][0])
             for i in busy]

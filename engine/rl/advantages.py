@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from parallel.options import option
+
 AdvantageEstimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo"]
 ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline", "rloo", "grpo")
 # OpenRLHF calls GRPO's group normalisation "group_norm"; accept its flag value too.
@@ -216,12 +218,15 @@ def whiten(
 class AdvantageConfig:
     """How advantages are estimated (the RL loop's ``--advantage_estimator`` family of flags)."""
 
-    estimator: str = "gae"                 # --advantage_estimator
-    gamma: float = 1.0                     # --gamma
-    lambd: float = 1.0                     # --lambd (GAE only)
-    n_samples_per_prompt: int = 1          # --n_samples_per_prompt
-    reward_clip_range: tuple[float, float] | None = None  # --reward_clip_range
-    advantage_std_norm: bool = True        # False: --no_advantage_std_norm
+    estimator: Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "group_norm"] = option(
+        "gae", flag="advantage_estimator",
+        help="gae (critic), reinforce (REINFORCE++), reinforce_baseline, rloo, grpo (alias group_norm)")
+    gamma: float = option(1.0, help="discount")
+    lambd: float = option(1.0, help="GAE lambda")
+    reward_clip_range: tuple[float, float] | None = option(None, help="clip sequence rewards to [low, high]")
+    advantage_std_norm: bool = option(True, flag="no_advantage_std_norm",
+                                      help="do not divide advantages by their standard deviation")
+    n_samples_per_prompt: int = 1  # the rollout's --n_samples_per_prompt (groups for the baselines)
 
     def __post_init__(self):
         self.estimator = ADVANTAGE_ESTIMATOR_ALIASES.get(self.estimator, self.estimator)

@@ -1,15 +1,15 @@
-"""The RL loop on Ray: generate -> score -> advantages -> train -> sync, one rollout per step.
+"""The RL loop: generate -> score -> advantages -> train -> sync, one rollout per step.
 
-The driver holds references and small tensors only; the models live in the role groups
-(Megatron worlds of Ray actors) and the vLLM engines.
+The loop is given its pieces (built by ``engine.cli.train_ppo_ray``): the rollout engines
+(``engine.rl.rollout.RolloutEngines``), the roles (``RoleGroup``s: typed calls on Megatron
+worlds of Ray actors) and the reward sources. It holds references and small tensors only.
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 
@@ -20,36 +20,43 @@ from engine.rl.advantages import (
     compute_advantages,
     filter_all_equal_groups,
 )
+from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
+from engine.rl.rollout import RolloutEngines, SamplingConfig
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
+from engine.rl.train_losses import TrainSettings
+from parallel.options import option
 
 
 @dataclass(kw_only=True)
 class PPOConfig:
-    """The RL algorithm's flags (OpenRLHF names)."""
+    """The RL algorithm (OpenRLHF's flags)."""
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    rollout_batch_size: int = 8  # prompts per rollout
-    n_samples_per_prompt: int = 1
-    train_batch_size: int = 8  # samples per optimizer step
-    micro_train_batch_size: int = 4
-    micro_rollout_batch_size: int = 8  # samples per forward micro-batch when scoring
-    max_epochs: int = 1  # PPO epochs per rollout
-    num_episodes: int = 1
-    max_steps: int | None = None  # rollouts to run (default: the prompt set over num_episodes)
-    eps_clip: float = 0.2
-    value_clip: float | None = 0.2
-    init_kl_coef: float = 0.01
-    kl_target: float | None = None
-    kl_horizon: int = 10000
-    use_kl_loss: bool = False  # KL as a loss term (GRPO style) instead of a reward penalty
-    kl_estimator: str = "k1"
-    normalize_reward: bool = False
-    dynamic_filtering: bool = False  # drop GRPO groups whose rewards are all equal
-    freezing_actor_steps: int = 0  # train only the critic for the first N rollouts
-    ptx_coef: float = 0.05  # weight of the pretraining NLL in the actor loss (with --pretrain_data)
-    temperature: float = 1.0
-    seed: int = 42
+    rollout_batch_size: int = option(8, help="prompts per rollout")
+    n_samples_per_prompt: int = option(1, help="responses sampled per prompt")
+    train_batch_size: int = option(8, help="samples per optimizer step")
+    micro_train_batch_size: int = option(4, help="samples per training micro-batch per rank")
+    micro_rollout_batch_size: int = option(8, help="samples per forward micro-batch when scoring")
+    max_epochs: int = option(1, help="PPO epochs over each rollout")
+    num_episodes: int = option(1, help="passes over the prompt set")
+    max_steps: int | None = option(None, help="rollouts to run (default: the prompt set over --num_episodes)")
+    eps_clip: float = option(0.2, help="PPO clip range")
+    eps_clip_low_high: tuple[float, float] | None = option(
+        None, help="asymmetric clip range LOW HIGH (DAPO's clip-higher); overrides --eps_clip")
+    dual_clip: float | None = option(None, help="dual-clip PPO bound (> 1) on the loss of negative advantages")
+    value_clip: float | None = option(0.2, help="critic value clip range")
+    init_kl_coef: float = option(0.01, help="KL coefficient (0: no reference model)")
+    kl_target: float | None = option(None, help="adaptive KL controller target (default: a fixed coefficient)")
+    kl_horizon: int = option(10000, help="adaptive KL controller horizon")
+    use_kl_loss: bool = option(False, help="KL as a loss term (GRPO) instead of a reward penalty")
+    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", value_aliases={"use_kl_estimator_k3": "k3"},
+                                                     help="KL estimator")
+    normalize_reward: bool = option(False, help="normalise rewards by running mean / std")
+    dynamic_filtering: bool = option(False, help="drop GRPO groups whose rewards are all equal")
+    freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
+    ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
+    seed: int = 42  # the job's --seed
 
     def __post_init__(self) -> None:
         samples = self.rollout_batch_size * self.n_samples_per_prompt
@@ -58,10 +65,20 @@ class PPOConfig:
                 f"--rollout_batch_size x --n_samples_per_prompt ({samples}) must be divisible by "
                 f"--train_batch_size ({self.train_batch_size})"
             )
-        if self.n_samples_per_prompt != self.advantage.n_samples_per_prompt:
-            raise ValueError("--n_samples_per_prompt differs between the rollout and the advantage config")
+        if self.advantage.n_samples_per_prompt != self.n_samples_per_prompt:
+            # The advantage groups are the rollout's samples of one prompt.
+            self.advantage = replace(self.advantage, n_samples_per_prompt=self.n_samples_per_prompt)
         if self.ptx_coef < 0:
             raise ValueError(f"--ptx_coef must be >= 0, got {self.ptx_coef}")
+        if self.eps_clip_low_high is not None and min(self.eps_clip_low_high) < 0:
+            raise ValueError(f"--eps_clip_low_high must be two values >= 0, got {self.eps_clip_low_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"--dual_clip must be > 1.0, got {self.dual_clip}")
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(low, high) clip of the policy ratio."""
+        return self.eps_clip_low_high or (self.eps_clip, self.eps_clip)
 
     @property
     def needs_critic(self) -> bool:
@@ -84,23 +101,23 @@ class Timer:
 
 
 class PPOTrainer:
-    """Owns the loop; the roles, engines and reward sources are built by the CLI and passed in."""
+    """Owns the loop; the roles, rollout engines and reward sources are built by the CLI and passed in.
 
-    def __init__(self, config: PPOConfig, *, prompts, tokenizer, engines, actor, sampling, sync,
-                 critic=None, reference=None, reward_models=(), reward_sources=(), logger=None,
-                 checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
-                 pretrain_samples=None, engines_sleep: bool = False):
-        """``engines_sleep`` (--vllm_enable_sleep): the engines release their GPU memory after each
-        generation and take it back just before the weight sync."""
+    ``actor`` / ``critic`` / ``reference`` / ``reward_models`` offer the ``RoleGroup`` calls
+    (``log_probs``, ``values``, ``rewards``, ``train``, ``save_checkpoint``, ``resume``,
+    ``save_hf``); ``rollouts`` generates and takes the actor's weights."""
+
+    def __init__(self, config: PPOConfig, *, prompts, tokenizer, rollouts: RolloutEngines, actor,
+                 sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
+                 logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
+                 pretrain_samples=None):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
-        self.engines = engines
-        self.engines_sleep = engines_sleep
+        self.rollouts = rollouts
         self.actor, self.critic, self.reference = actor, critic, reference
         self.reward_models, self.reward_sources = list(reward_models), list(reward_sources)
         self.sampling = sampling
-        self.sync = sync  # engine.ray.weight_sync.ActorWeightSync
         self.logger = logger
         self.checkpoint = checkpoint
         self.save_path = save_path
@@ -131,9 +148,9 @@ class PPOTrainer:
             self._report(step + 1, metrics)
             self._maybe_checkpoint(step + 1)
         if self.save_path:
-            self.actor.run(lambda w: w.save_hf.remote(f"{self.save_path}"), "HF export")
+            self.actor.save_hf(self.save_path)
             if self.critic is not None and self.save_value_network:
-                self.critic.run(lambda w: w.save_hf.remote(f"{self.save_path}_critic"), "HF export")
+                self.critic.save_hf(f"{self.save_path}_critic")
         return self.history
 
     def train_one_rollout(self, step: int) -> dict:
@@ -142,24 +159,17 @@ class PPOTrainer:
         rows = self._prompt_rows(step)
         with timer.phase("generate"):
             batch, samples_meta = self.generate(rows, step)
-            if self.engines_sleep:
-                from engine.ray.vllm_engine import sleep_engines
-
-                sleep_engines(self.engines)
+            self.rollouts.release_memory()
         with timer.phase("score"):
-            scored = self.score(batch, samples_meta)
+            experience, rewards, metrics = self.score(batch, samples_meta)
         with timer.phase("advantages"):
-            experience, adv_metrics = self.advantages(batch, scored)
+            experience, adv_metrics = self.advantages(experience, rewards)
         with timer.phase("train"):
             train_metrics = self.train(experience, step)
         with timer.phase("sync"):
-            if self.engines_sleep:
-                from engine.ray.vllm_engine import wake_up_engines
-
-                wake_up_engines(self.engines)
-            sync_metrics = self.sync.push()
+            sync_metrics = self.rollouts.sync_weights()
         timer.seconds["time/step"] = time.perf_counter() - started
-        return {**scored["metrics"], **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
+        return {**metrics, **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
 
     # ----- phases -------------------------------------------------------------------------
     def _prompt_rows(self, step: int) -> list[dict]:
@@ -169,12 +179,8 @@ class PPOTrainer:
         return [self.prompts[int(i)] for i in chosen]
 
     def generate(self, rows: list[dict], step: int) -> tuple[RolloutBatch, dict]:
-        from dataclasses import replace
-
-        from engine.ray.vllm_engine import generate
-
         sampling = replace(self.sampling, seed=self.config.seed + step * 100003)
-        samples = generate(self.engines, [list(r["prompt_ids"]) for r in rows], sampling)
+        samples = self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling)
         prompt_ids = [list(rows[s.prompt_index]["prompt_ids"]) for s in samples]
         batch = build_rollout_batch(
             prompt_ids, [s.response_token_ids for s in samples], pad_id=self._pad_id(),
@@ -192,20 +198,17 @@ class PPOTrainer:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
-    def score(self, batch: RolloutBatch, meta: dict) -> dict:
-        micro = self.config.micro_rollout_batch_size
-        inputs = {**batch.model_inputs(), "last_index": batch.last_token_index()}
-        temperature = self.config.temperature
-        old_log_probs = self.actor.per_sample(lambda w, b: w.compute_log_probs.remote(b, micro, temperature),
-                                              inputs, "actor log-probs")
-        ref_log_probs = None
-        if self.reference is not None:
-            ref_log_probs = self.reference.per_sample(lambda w, b: w.compute_log_probs.remote(b, micro, temperature),
-                                                      inputs, "reference log-probs")
-        values = None
-        if self.critic is not None:
-            values = self.critic.per_sample(lambda w, b: w.compute_values.remote(b, micro), inputs, "critic values")
-        rewards = self._rewards(inputs, meta)
+    def score(self, batch: RolloutBatch, meta: dict) -> tuple[Experience, torch.Tensor, dict]:
+        """The rollout as an ``Experience`` with old / reference log-probs and values; its rewards."""
+        micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
+        experience = Experience.from_rollout(batch)
+        experience = experience.with_fields(
+            old_log_probs=self.actor.log_probs(experience, micro, temperature=temperature),
+            ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature)
+                           if self.reference is not None else None),
+            values=self.critic.values(experience, micro) if self.critic is not None else None,
+        )
+        rewards = self._rewards(experience, meta)
         mask = batch.action_mask
         metrics = {
             "reward": float(rewards.mean()),
@@ -214,94 +217,79 @@ class PPOTrainer:
         }
         if batch.rollout_log_probs is not None:
             # Training-inference mismatch: vLLM's log-probs vs the Megatron actor's, same tokens.
-            diff = (batch.rollout_log_probs - old_log_probs).abs() * mask
+            diff = (batch.rollout_log_probs - experience.old_log_probs).abs() * mask
             metrics["rollout_logprob_abs_diff"] = float(diff.sum() / mask.sum().clamp(min=1))
-        return {"old_log_probs": old_log_probs, "ref_log_probs": ref_log_probs, "values": values,
-                "rewards": rewards, "metrics": metrics}
+        return experience, rewards, metrics
 
-    def _rewards(self, inputs: dict, meta: dict) -> torch.Tensor:
+    def _rewards(self, experience: Experience, meta: dict) -> torch.Tensor:
         from engine.rl.rewards import combine_rewards
 
-        per_source = [
-            group.per_sample(lambda w, b: w.compute_rewards.remote(b, self.config.micro_rollout_batch_size),
-                             inputs, "reward model").tolist()
-            for group in self.reward_models
-        ]
+        micro = self.config.micro_rollout_batch_size
+        per_source = [group.rewards(experience, micro).tolist() for group in self.reward_models]
         per_source += [src.score(meta["prompts"], meta["responses"], meta["labels"]) for src in self.reward_sources]
         if not per_source:
             raise ValueError("no reward source: pass --reward_pretrain and/or --remote_rm_url")
         return torch.tensor(combine_rewards(per_source), dtype=torch.float32)
 
-    def advantages(self, batch: RolloutBatch, scored: dict) -> tuple[dict, dict]:
+    def advantages(self, experience: Experience, raw_rewards: torch.Tensor) -> tuple[Experience, dict]:
         config = self.config
-        rewards = scored["rewards"]
+        rewards = raw_rewards
         if config.normalize_reward:
             self.reward_moments.update(rewards)
             rewards = self.reward_moments.normalize(rewards)
-        mask = batch.action_mask
+        mask = experience.action_mask
         kl = None
         metrics = {}
-        if scored["ref_log_probs"] is not None:
-            kl = kl_estimate(scored["old_log_probs"], scored["ref_log_probs"], estimator=config.kl_estimator,
+        if experience.ref_log_probs is not None:
+            kl = kl_estimate(experience.old_log_probs, experience.ref_log_probs, estimator=config.kl_estimator,
                              action_mask=mask)
             metrics["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
         reward_kl_coef = 0.0 if config.use_kl_loss else self.kl_controller.value
         advantages, returns = compute_advantages(
-            AdvantageInputs(rewards=rewards, action_mask=mask, kl=kl, kl_coef=reward_kl_coef, values=scored["values"]),
+            AdvantageInputs(rewards=rewards, action_mask=mask, kl=kl, kl_coef=reward_kl_coef, values=experience.values),
             config.advantage,
         )
         if metrics.get("kl") is not None:
-            self.kl_controller.update(metrics["kl"], batch.batch_size)
+            self.kl_controller.update(metrics["kl"], experience.batch_size)
         metrics["kl_coef"] = self.kl_controller.value
-        experience = {
-            **batch.model_inputs(),
-            "old_log_probs": scored["old_log_probs"], "advantages": advantages, "returns": returns,
-        }
-        if scored["ref_log_probs"] is not None:
-            experience["ref_log_probs"] = scored["ref_log_probs"]
-        if scored["values"] is not None:
-            experience["values"] = scored["values"]
+        experience = experience.with_fields(advantages=advantages, returns=returns)
         if config.dynamic_filtering:
-            keep = filter_all_equal_groups(scored["rewards"], config.n_samples_per_prompt)
+            keep = filter_all_equal_groups(raw_rewards, config.n_samples_per_prompt)
             metrics["filtered_ratio"] = 1.0 - float(keep.float().mean())
-            experience = self._keep_rows(experience, keep)
+            experience = experience.select(self._rows_to_keep(keep))
         metrics["advantage_abs_mean"] = float((advantages.abs() * mask).sum() / mask.sum().clamp(min=1))
         return experience, metrics
 
-    def _keep_rows(self, experience: dict, keep: torch.Tensor) -> dict:
-        """Keep a multiple of --train_batch_size rows, preferring the informative ones."""
+    def _rows_to_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """A multiple of --train_batch_size rows, preferring the informative ones."""
         order = torch.argsort((~keep).to(torch.int8), stable=True)
         num_keep = max(int(keep.sum()) // self.config.train_batch_size, 1) * self.config.train_batch_size
-        rows = order[:num_keep]
-        return {k: v[rows] for k, v in experience.items()}
+        return order[:num_keep]
 
-    def train(self, experience: dict, step: int) -> dict:
-        settings = {
-            "train_batch_size": self.config.train_batch_size,
-            "micro_train_batch_size": self.config.micro_train_batch_size,
-            "max_epochs": self.config.max_epochs,
-            "seed": self.config.seed + step,
-            "eps_clip": self.config.eps_clip,
-            "value_clip": self.config.value_clip,
-            "temperature": self.config.temperature,
-            "kl_loss_coef": self.kl_controller.value if self.config.use_kl_loss else 0.0,
-            "kl_estimator": self.config.kl_estimator,
-            "ptx_coef": self.config.ptx_coef if self.ptx is not None else 0.0,
-            "pad_token_id": self._pad_id(),
-        }
+    def train_settings(self, step: int) -> TrainSettings:
+        config = self.config
+        low, high = config.clip_range
+        return TrainSettings(
+            train_batch_size=config.train_batch_size, micro_train_batch_size=config.micro_train_batch_size,
+            max_epochs=config.max_epochs, seed=config.seed + step, eps_clip=low, eps_clip_high=high,
+            dual_clip=config.dual_clip, value_clip=config.value_clip, temperature=self.sampling.temperature,
+            kl_loss_coef=self.kl_controller.value if config.use_kl_loss else 0.0, kl_estimator=config.kl_estimator,
+            ptx_coef=config.ptx_coef if self.ptx is not None else 0.0, pad_token_id=self._pad_id(),
+        )
+
+    def train(self, experience: Experience, step: int) -> dict:
+        import ray
+
+        settings = self.train_settings(step)
         metrics = {}
-        ref = None
+        shared = ray.put(experience)  # one copy in the object store for both roles
         if self.critic is not None:
-            import ray
-
-            ref = ray.put(experience)
-            critic = self.critic.run(lambda w: w.train.remote(ref, loss="value", settings=settings), "critic train")
-            metrics.update({f"critic/{k}": v for k, v in critic[0].items()})
+            critic = self.critic.train(shared, "value", settings)
+            metrics.update({f"critic/{k}": v for k, v in critic.items()})
         if step >= self.config.freezing_actor_steps:
-            ptx = self._ptx_rows(step, len(experience["input_ids"]))
-            actor = self.actor.run(lambda w: w.train.remote(ref if ref is not None else experience, loss="policy",
-                                                            settings=settings, ptx=ptx), "actor train")
-            metrics.update({f"actor/{k}": v for k, v in actor[0].items()})
+            ptx = self._ptx_rows(step, experience.batch_size)
+            actor = self.actor.train(shared, "policy", settings, ptx)
+            metrics.update({f"actor/{k}": v for k, v in actor.items()})
         return metrics
 
     def _ptx_rows(self, step: int, num_rows: int):
@@ -331,40 +319,31 @@ class PPOTrainer:
         return {"step": step, "kl_coef": self.kl_controller.value,
                 "reward_moments": self.reward_moments.state()}
 
+    def _role_checkpoint(self, role: str):
+        return replace(self.checkpoint, ckpt_path=f"{self.checkpoint.ckpt_path}/{role}")
+
     def _maybe_checkpoint(self, step: int) -> None:
         ckpt = self.checkpoint
         if ckpt is None or not ckpt.ckpt_path or ckpt.save_steps <= 0:
             return
         if step % ckpt.save_steps and step != self.num_steps:
             return
-        from dataclasses import replace
-
         state = self._state(step)
-        self.actor.run(lambda w: w.save_checkpoint.remote(replace(ckpt, ckpt_path=f"{ckpt.ckpt_path}/actor"), step, state),
-                       "actor checkpoint")
+        self.actor.save_checkpoint(self._role_checkpoint("actor"), step, state)
         if self.critic is not None:
-            self.critic.run(lambda w: w.save_checkpoint.remote(replace(ckpt, ckpt_path=f"{ckpt.ckpt_path}/critic"),
-                                                              step, state), "critic checkpoint")
+            self.critic.save_checkpoint(self._role_checkpoint("critic"), step, state)
 
     def _resume(self) -> int:
         ckpt = self.checkpoint
         if ckpt is None or not ckpt.load_checkpoint:
             return 0
-        from dataclasses import replace
-
-        states = self.actor.run(lambda w: w.resume.remote(replace(ckpt, ckpt_path=f"{ckpt.ckpt_path}/actor")), "resume")
-        state = states[0]
+        state = self.actor.resume(self._role_checkpoint("actor"))
         if state is None:
             return 0
         if self.critic is not None:
-            self.critic.run(lambda w: w.resume.remote(replace(ckpt, ckpt_path=f"{ckpt.ckpt_path}/critic")), "resume")
+            self.critic.resume(self._role_checkpoint("critic"))
         self.kl_controller.value = state["kl_coef"]
         self.reward_moments.merge(*state["reward_moments"])
-        self.sync.push()  # the engines still hold the initial weights
+        self.rollouts.sync_weights()  # the engines still hold the initial weights
         print(f"resumed the RL run at rollout {state['step']}", flush=True)
         return state["step"]
-
-
-def save_run_config(path: str, config: PPOConfig) -> None:
-    Path(path).mkdir(parents=True, exist_ok=True)
-    (Path(path) / "ppo_config.json").write_text(json.dumps(asdict(config), indent=1, default=str))

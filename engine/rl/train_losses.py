@@ -7,32 +7,58 @@ own scale: its token mean is over the step's pretraining tokens, not its respons
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
+from engine.rl.kl import KLEstimator
 from engine.rl.losses import kl_loss, policy_loss, sft_loss, value_loss
-from engine.rl.vocab_parallel import token_entropy, token_log_probs
+from engine.runtime.vocab_parallel import token_entropy, token_log_probs
 
 
-def policy_loss_fn(settings: dict, *, scale: float, tp_group, ptx_scale: float = 0.0):
-    """PPO surrogate (+ KL loss) on the rollout rows; with ``settings['ptx_coef']`` and a
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """What the driver sends the actor / critic ranks to train on one rollout."""
+
+    train_batch_size: int  # samples per optimizer step
+    micro_train_batch_size: int
+    max_epochs: int  # passes over the rollout
+    seed: int  # shuffles the rollout's rows each epoch
+    eps_clip: float = 0.2  # low clip (and high, unless eps_clip_high)
+    eps_clip_high: float | None = None
+    dual_clip: float | None = None
+    value_clip: float | None = None
+    temperature: float = 1.0  # the sampling temperature, applied to the trainer's logits too
+    kl_loss_coef: float = 0.0  # 0: no KL loss term
+    kl_estimator: KLEstimator = "k1"
+    ptx_coef: float = 0.0  # 0: no pretraining rows
+    pad_token_id: int = 0
+
+
+LossKind = Literal["policy", "value"]
+
+
+def policy_loss_fn(settings: TrainSettings, *, scale: float, tp_group, ptx_scale: float = 0.0):
+    """PPO surrogate (+ KL loss) on the rollout rows; with ``settings.ptx_coef`` and a
     ``loss_mask`` in the batch, plus ``ptx_coef`` x the NLL of the pretraining rows."""
-    temperature = settings.get("temperature", 1.0)
-    kl_coef = settings.get("kl_loss_coef", 0.0)
-    ptx_coef = settings.get("ptx_coef", 0.0)
+    temperature = settings.temperature
+    kl_coef = settings.kl_loss_coef
+    ptx_coef = settings.ptx_coef
 
     def loss_fn(logits: torch.Tensor, batch: dict):
         mask = batch["action_mask"]
         log_probs = token_log_probs(logits, batch["labels"], temperature=temperature)
         loss_sum, info = policy_loss(
             log_probs, batch["old_log_probs"], batch["advantages"], mask,
-            eps_clip=settings["eps_clip"], eps_clip_high=settings.get("eps_clip_high"),
-            dual_clip=settings.get("dual_clip"), normaliser=1.0,
+            eps_clip=settings.eps_clip, eps_clip_high=settings.eps_clip_high,
+            dual_clip=settings.dual_clip, normaliser=1.0,
         )
         metrics = {"policy_loss_sum": loss_sum.detach(), "num_tokens": mask.sum().detach(),
                    "clip_frac": info["clip_frac"].detach(), "approx_kl": info["approx_kl"].detach()}
         total = loss_sum
         if kl_coef > 0:
-            kl_sum = kl_loss(log_probs, batch["ref_log_probs"], mask, settings.get("kl_estimator", "k3"), normaliser=1.0)
+            kl_sum = kl_loss(log_probs, batch["ref_log_probs"], mask, settings.kl_estimator, normaliser=1.0)
             total = total + kl_coef * kl_sum
             metrics["kl_loss_sum"] = kl_sum.detach()
         entropy = token_entropy(logits, tp_group, temperature=temperature)
@@ -56,17 +82,17 @@ def _ptx_nll_sum(logits: torch.Tensor, batch: dict, log_probs: torch.Tensor, tem
     return sft_loss(log_probs, batch["loss_mask"], normaliser=1.0)
 
 
-def value_loss_fn(settings: dict, *, scale: float, tp_group=None):
+def value_loss_fn(settings: TrainSettings, *, scale: float):
     def loss_fn(values: torch.Tensor, batch: dict):
         mask = batch["action_mask"]
         loss_sum = value_loss(values[..., 0].float(), batch["values"], batch["returns"], mask,
-                              value_clip=settings.get("value_clip"), normaliser=1.0)
+                              value_clip=settings.value_clip, normaliser=1.0)
         return loss_sum * scale, {"value_loss_sum": loss_sum.detach(), "num_tokens": mask.sum().detach()}
 
     return loss_fn
 
 
-def make_loss_fn(kind: str, settings: dict, *, scale: float, tp_group, ptx_scale: float = 0.0):
+def make_loss_fn(kind: LossKind, settings: TrainSettings, *, scale: float, tp_group, ptx_scale: float = 0.0):
     if kind == "policy":
         return policy_loss_fn(settings, scale=scale, tp_group=tp_group, ptx_scale=ptx_scale)
     if kind == "value":

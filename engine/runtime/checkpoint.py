@@ -28,6 +28,7 @@ from models.mcore_checkpoint import (
     save_sharded,
     verify_checkpoint,
 )
+from parallel.options import option
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
@@ -38,12 +39,12 @@ _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    """Flags: --ckpt_path --save_steps --max_ckpt_num --load_checkpoint."""
+    """Resumable training checkpoints."""
 
-    ckpt_path: str | None = None
-    save_steps: int = -1  # -1: only at the end
-    max_ckpt_num: int = 3
-    load_checkpoint: bool = False
+    ckpt_path: str | None = option(None, help="directory of resumable training checkpoints")
+    save_steps: int = option(-1, help="checkpoint every N steps (-1: only at the end, with --ckpt_path)")
+    max_ckpt_num: int = option(3, help="checkpoints kept (oldest removed)")
+    load_checkpoint: bool = option(False, help="resume from the newest valid checkpoint under --ckpt_path")
 
     def __post_init__(self) -> None:
         if self.max_ckpt_num < 1:
@@ -79,7 +80,7 @@ def step_directories(ckpt_path: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_valid_checkpoint(ckpt_path: str | Path) -> Path | None:
-    for step, directory in reversed(step_directories(ckpt_path)):
+    for _, directory in reversed(step_directories(ckpt_path)):
         try:
             verify_checkpoint(directory)
             return directory

@@ -4,11 +4,20 @@ optimizer, LR schedule, checkpoints and HF export.
     engine = TrainingEngine(EngineConfig(pretrain=..., parallel=..., optim=...), total_steps=100)
     result = engine.train_step(microbatches, loss_fn)
     engine.save_checkpoint(ckpt, step, trainer_state); engine.save_hf(path)
+
+    reference = frozen_copy(engine, ref_path, role="--ref_pretrain", offload=True)
+    log_probs = reference.forward_outputs(microbatches, compute)   # forward only, last stage
+
+A frozen engine (``trainable=False``) has no DDP, optimizer or schedule; with ``offload`` its
+weights wait in host memory except inside ``forward_outputs`` (on GPU; a CPU build has nothing
+to move). The RL role workers and the offline trainers' reference / teacher are such engines.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,31 +36,48 @@ from models.builder import ModelBuildConfig, build_model
 from models.registry import load_adapter
 from models.weights import load_hf_weights, save_hf_checkpoint
 from parallel.config import ParallelConfig
+from parallel.context_parallel import zigzag_gather
 from parallel.initialize import initialize_parallel
+from parallel.options import option
 
 
 @dataclass(kw_only=True)
 class EngineConfig:
-    pretrain: str  # HF directory (--pretrain)
+    pretrain: str = option(help="HF model directory to start from")
+    seed: int = option(42, help="random seed (initialisation, data order, sampling)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     build: ModelBuildConfig = field(default_factory=ModelBuildConfig)
-    seed: int = 42
 
 
 class TrainingEngine:
     """One role's model, trainable, on this process's slot of the TP/PP/CP/EP/DP grid."""
 
-    def __init__(self, config: EngineConfig, *, total_steps: int, load_weights: bool = True):
+    def __init__(self, config: EngineConfig, *, total_steps: int = 1, trainable: bool = True,
+                 load_weights: bool = True, offload: bool = False, ctx=None):
+        """``ctx``: the parallel context of an engine already on this grid (a frozen copy shares it)."""
         self.config = config
-        self.ctx = initialize_parallel(config.parallel, seed=config.seed)
+        self.trainable = trainable
+        self.ctx = ctx or initialize_parallel(config.parallel, seed=config.seed)
         self.adapter = load_adapter(config.pretrain)
-        self.model = build_model(self.adapter, config.parallel, config.build)
+        build = config.build if trainable else replace(config.build, gradient_checkpointing=False)
+        self.model = build_model(self.adapter, config.parallel, build)
         if load_weights:
             load_hf_weights(self.model, self.adapter, config.pretrain, progress=self.is_rank_zero)
-        self.ddp_model = wrap_ddp(self.model, config.optim)
-        self.optimizer = build_optimizer(self.ddp_model, config.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps=total_steps)
+        self.ddp_model = self.optimizer = self.scheduler = None
+        if trainable:
+            self.ddp_model = wrap_ddp(self.model, config.optim)
+            self.optimizer = build_optimizer(self.ddp_model, config.optim, bf16=config.build.bf16)
+            self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps=total_steps)
+        else:
+            self.model.eval()
+            self.model.requires_grad_(False)
+        self.device = next(self.model.parameters()).device
+        if offload and trainable:
+            raise ValueError("weight offload applies to frozen models (reference, reward, teacher), not trained ones")
+        self.offload = offload and self.device.type == "cuda"
+        if self.offload:
+            self.offload_weights()
 
     # ----- facts about this rank ----------------------------------------------------------
     @property
@@ -72,9 +98,36 @@ class TrainingEngine:
 
     def sequence_multiple(self) -> int:
         """Sequence lengths must be multiples of this (sequence parallel x zigzag CP chunks)."""
-        parallel = self.config.parallel
-        tp = parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1
-        return tp * 2 * parallel.context_parallel_size if parallel.context_parallel_size > 1 else tp
+        return self.config.parallel.sequence_multiple()
+
+    @property
+    def forward_model(self):
+        return self.ddp_model if self.trainable else self.model
+
+    # ----- weights in host memory between uses (frozen models, GPU) -----------------------
+    def offload_weights(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def onload_weights(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+
+    def weights_device(self) -> str:
+        return str(next(self.model.parameters()).device)
+
+    @contextmanager
+    def weights_on_device(self):
+        """With ``offload``: the weights on the accelerator inside the block, in host memory after it."""
+        if not self.offload:
+            yield
+            return
+        self.onload_weights()
+        try:
+            yield
+        finally:
+            self.offload_weights()
 
     # ----- steps --------------------------------------------------------------------------
     def global_token_count(self, microbatches: list[dict], key: str = "loss_mask") -> int:
@@ -101,12 +154,29 @@ class TrainingEngine:
     @torch.no_grad()
     def forward_only(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
         """Per-micro-batch outputs of ``loss_fn`` on the last stage (empty list elsewhere)."""
-        self.ddp_model.eval()
-        return run_microbatches(
-            self.ddp_model, microbatches, loss_fn, num_microbatches=len(microbatches), forward_only=True,
-            seq_length=max(b["input_ids"].shape[1] for b in microbatches),
-            micro_batch_size=microbatches[0]["input_ids"].shape[0],
-        )
+        model = self.forward_model
+        model.eval()
+        with self.weights_on_device():
+            return run_microbatches(
+                model, microbatches, loss_fn, num_microbatches=len(microbatches), forward_only=True,
+                seq_length=max(b["input_ids"].shape[1] for b in microbatches),
+                micro_batch_size=microbatches[0]["input_ids"].shape[0],
+            )
+
+    def forward_outputs(self, microbatches: list[dict], compute: Callable[[torch.Tensor, dict], torch.Tensor], *,
+                        gather_context_parallel: bool = False) -> list[torch.Tensor]:
+        """``compute(output, micro_batch)`` per micro-batch, forward only, on the last pipeline stage
+        ([] elsewhere). ``gather_context_parallel``: per-token results ``[b, s_local, ...]`` of the CP
+        ranks joined back into the full sequence order."""
+        cp_group = self.ctx.cp_group if gather_context_parallel and self.config.parallel.context_parallel_size > 1 else None
+
+        def keep(output: torch.Tensor, batch: dict):
+            result = compute(output, batch)
+            if cp_group is not None:
+                result = zigzag_gather(result, dim=1, cp_group=cp_group)
+            return output.new_zeros(()), {"out": result}
+
+        return [r["out"] for r in self.forward_only(microbatches, keep)]
 
     def evaluate(self, microbatches: list[dict], loss_fn: LossFn, *, normaliser_key: str | None = None) -> dict:
         return reduce_metrics(self.forward_only(microbatches, loss_fn), normaliser_key=normaliser_key)
@@ -135,3 +205,17 @@ class TrainingEngine:
     def save_hf(self, path: str | Path, *, config_updates: dict | None = None) -> None:
         save_hf_checkpoint(self.model, self.adapter, path, source_dir=self.config.pretrain, progress=self.is_rank_zero,
                            config_updates=config_updates)
+
+
+def frozen_copy(engine: TrainingEngine, hf_path: str, *, role: str, offload: bool = False,
+                value_head: bool = False) -> TrainingEngine:
+    """A frozen model on ``engine``'s grid (the DPO / KTO reference, the KD teacher): same TP / PP /
+    CP layout, so its micro-batches split the same way; ``role`` names its flag in errors."""
+    config = replace(engine.config, pretrain=hf_path, build=replace(engine.config.build, value_head=value_head))
+    copy = TrainingEngine(config, trainable=False, offload=offload, ctx=engine.ctx, load_weights=False)
+    if copy.vocab_size != engine.vocab_size:
+        raise ValueError(f"{role} {hf_path} has a vocabulary of {copy.vocab_size} tokens, the trained "
+                         f"model {engine.vocab_size}: the two must share a tokenizer")
+    with copy.weights_on_device():
+        load_hf_weights(copy.model, copy.adapter, hf_path, progress=engine.is_rank_zero)
+    return copy

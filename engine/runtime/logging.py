@@ -6,16 +6,18 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from parallel.options import option
+
 
 @dataclass(kw_only=True)
 class LoggingConfig:
-    """Flags: --logging_steps --use_tensorboard DIR --use_wandb [KEY] --wandb_project --wandb_run_name."""
+    """Where metrics go."""
 
-    logging_steps: int = 1
-    use_tensorboard: str | None = None
-    use_wandb: str | None = None  # an API key, or "offline"
-    wandb_project: str = "megatron-rlhf"
-    wandb_run_name: str | None = None
+    logging_steps: int = option(1, help="log metrics every N steps")
+    use_tensorboard: str | None = option(None, metavar="DIR", help="TensorBoard log directory")
+    use_wandb: str | None = option(None, metavar="KEY|offline", help="wandb API key, or offline")
+    wandb_project: str = option("megatron-rlhf", help="wandb project")
+    wandb_run_name: str | None = option(None, help="wandb run name")
 
     def __post_init__(self) -> None:
         if self.logging_steps < 1:

@@ -2,29 +2,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from parallel.options import option
+
 _SCHEDULES = {"cosine_with_min_lr": "cosine", "cosine": "cosine", "constant": "constant", "linear": "linear"}
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """Flags: --learning_rate --lr_warmup_ratio --lr_scheduler --min_lr_ratio --l2 --adam_betas --max_norm."""
+    """Megatron's distributed Adam and its LR schedule."""
 
-    learning_rate: float = 1e-5
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio (OpenRLHF's default)
-    lr_warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine_with_min_lr"
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)
+    learning_rate: float = option(1e-5, help="peak learning rate")
+    lr_warmup_ratio: float = option(0.03, help="fraction of the steps spent in linear warmup")
+    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "constant", "linear"] = option(
+        "cosine_with_min_lr", help="learning-rate schedule after warmup")
+    min_lr_ratio: float = option(0.1, help="cosine / linear decay ends at learning_rate x this")
+    weight_decay: float = option(0.0, flag="l2", help="weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.95), help="Adam beta1 beta2")
+    max_norm: float = option(1.0, help="gradient clipping (0 disables)")
     adam_eps: float = 1e-8
-    max_norm: float = 1.0
     use_distributed_optimizer: bool = True
-    bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -51,7 +54,7 @@ def wrap_ddp(model, optim: OptimConfig) -> DistributedDataParallel:
     return ddp
 
 
-def build_optimizer(ddp_model, optim: OptimConfig):
+def build_optimizer(ddp_model, optim: OptimConfig, *, bf16: bool = False):
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.learning_rate,
@@ -61,8 +64,8 @@ def build_optimizer(ddp_model, optim: OptimConfig):
         adam_beta2=optim.adam_betas[1],
         adam_eps=optim.adam_eps,
         clip_grad=optim.max_norm,
-        bf16=optim.bf16,
-        params_dtype=torch.bfloat16 if optim.bf16 else torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=optim.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model], use_gloo_process_groups=torch.cuda.is_available())

@@ -51,6 +51,26 @@ def model_forward(model, batch: dict) -> torch.Tensor:
     )
 
 
+def _max_attention_span(model) -> int | None:
+    while not hasattr(model, "max_attention_span") and hasattr(model, "module"):
+        model = model.module  # DDP / Float16Module wrappers
+    return getattr(model, "max_attention_span", None)
+
+
+def check_attention_span(batch: dict, span: int | None) -> None:
+    """Refuse samples longer than the model computes exactly (Mistral's sliding window)."""
+    if span is None:
+        return
+    cu_seqlens = batch.get("cu_seqlens")
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None else batch["input_ids"].shape[1]
+    if longest > span:
+        raise ValueError(
+            f"a sample of {longest} tokens is longer than the model's sliding attention window ({span}), which "
+            f"this engine computes as full attention: cut samples with --max_len {span} (or --prompt_max_len + "
+            f"--generate_max_len <= {span})"
+        )
+
+
 def run_microbatches(
     model,
     microbatches: Iterable[dict],
@@ -69,9 +89,12 @@ def run_microbatches(
     device = next(model.parameters()).device
 
     cp_rank, cp_size = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
+    span = _max_attention_span(model)
 
     def forward_step(data_iterator, chunk):
-        batch = split_for_context_parallel(next(data_iterator), cp_rank=cp_rank, cp_size=cp_size)
+        batch = next(data_iterator)
+        check_attention_span(batch, span)
+        batch = split_for_context_parallel(batch, cp_rank=cp_rank, cp_size=cp_size)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         output = model_forward(chunk, batch)
         return output, lambda out: loss_fn(out, batch)

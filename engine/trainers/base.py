@@ -17,19 +17,20 @@ from engine.runtime.checkpoint import CheckpointConfig
 from engine.runtime.engine import EngineConfig, TrainingEngine
 from engine.runtime.logging import LoggingConfig, MetricsLogger, format_metrics
 from engine.runtime.schedule import LossFn
+from parallel.options import option
 
 
 @dataclass(kw_only=True)
 class TrainLoopConfig:
-    """Flags: --max_epochs --train_batch_size --micro_train_batch_size --eval_steps --save_path --save_hf_ckpt --max_steps."""
+    """Epochs, batch sizes, evaluation and the final export."""
 
-    max_epochs: int = 1
-    train_batch_size: int = 128  # samples per optimizer step, over all data-parallel ranks
-    micro_train_batch_size: int = 8  # samples per micro-batch per rank (packing: ignored)
-    max_steps: int | None = None  # stop early (tests, smoke runs)
-    eval_steps: int = -1  # -1: evaluate at the end only (when an eval split exists)
-    save_path: str | None = None  # final HF checkpoint
-    save_hf_ckpt: bool = False  # also export HF weights with every training checkpoint
+    max_epochs: int = option(1, help="passes over the training set")
+    train_batch_size: int = option(128, help="samples per optimizer step, over all data-parallel ranks")
+    micro_train_batch_size: int = option(8, help="samples per micro-batch per rank (gradient accumulation fills the rest)")
+    max_steps: int | None = option(None, help="stop after N optimizer steps (the LR schedule is unchanged)")
+    eval_steps: int = option(-1, help="evaluate every N steps (-1: at the end, when --eval_split is given)")
+    save_path: str | None = option(None, help="final HF checkpoint directory")
+    save_hf_ckpt: bool = option(False, help="also export HF weights with each training checkpoint")
 
     def __post_init__(self) -> None:
         for flag in ("max_epochs", "train_batch_size", "micro_train_batch_size"):

@@ -15,23 +15,24 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state as ps
 
+from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn
-from engine.trainers.frozen import FrozenModel
 from engine.trainers.losses import dpo_loss
 from engine.trainers.pairs import PairwiseTrainer
 from engine.trainers.sequence_outputs import context_parallel_share, sequence_log_probs
+from parallel.options import option
 
 
 @dataclass(kw_only=True)
 class DPOConfig:
-    """Flags: --beta --ipo --label_smoothing --nll_loss_coef --ref_pretrain --ref_offload."""
+    """The DPO family's loss and its reference model."""
 
-    beta: float = 0.1
-    ipo: bool = False
-    label_smoothing: float = 0.0  # cDPO: the assumed rate of flipped preference labels
-    nll_loss_coef: float = 0.0  # adds the chosen responses' per-token NLL (RPO)
-    ref_pretrain: str | None = None  # default: the policy's --pretrain
-    ref_offload: bool = False
+    beta: float = option(0.1, help="DPO temperature")
+    ipo: bool = option(False, help="IPO loss instead of DPO's")
+    label_smoothing: float = option(0.0, help="cDPO: the assumed rate of flipped preference labels")
+    nll_loss_coef: float = option(0.0, help="weight of the chosen responses' per-token NLL (RPO)")
+    ref_pretrain: str | None = option(None, help="reference HF directory (default: --pretrain)")
+    ref_offload: bool = option(False, help="keep the reference in host memory between uses (GPU)")
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -74,10 +75,10 @@ class DPOTrainer(PairwiseTrainer):
     def __init__(self, config, train_dataset, eval_dataset=None, *, dpo: DPOConfig, pad_token_id: int):
         self.dpo = dpo
         super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id)
-        self.reference = FrozenModel(dpo.ref_pretrain or config.engine.pretrain, self.engine,
+        self.reference = frozen_copy(self.engine, dpo.ref_pretrain or config.engine.pretrain,
                                      role="--ref_pretrain", offload=dpo.ref_offload)
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
         cp_group = ps.get_context_parallel_group()
-        reference = self.reference.run(microbatches, lambda out, b: sequence_log_probs(out, b, cp_group=cp_group)[0])
+        reference = self.reference.forward_outputs(microbatches, lambda out, b: sequence_log_probs(out, b, cp_group=cp_group)[0])
         return dpo_loss_fn(self.pair_loss_scale(microbatches), self.dpo, deque(reference), cp_group)

@@ -13,19 +13,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn, gather_vocab
 from engine.trainers.base import OfflineTrainerConfig
-from engine.trainers.frozen import FrozenModel
 from engine.trainers.losses import kd_loss, log_probs_from_logits
 from engine.trainers.sft import SFTTrainer
+from parallel.options import option
 
 
 @dataclass(kw_only=True)
 class KDConfig:
-    """Flags: --teacher_model --kd_coef."""
+    """Distillation from a frozen teacher with the student's tokenizer."""
 
-    teacher_model: str
-    kd_coef: float = 0.4
+    teacher_model: str = option(help="HF directory of the frozen teacher")
+    kd_coef: float = option(0.4, help="weight of the distillation term (1 - it: NLL)")
 
     def __post_init__(self) -> None:
         if not self.teacher_model:
@@ -67,11 +68,12 @@ class KDTrainer(SFTTrainer):
         self.kd = kd
         super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id,
                          packing_samples=packing_samples, max_len=max_len)
-        self.teacher = FrozenModel(kd.teacher_model, self.engine, role="--teacher_model")
+        self.teacher = frozen_copy(self.engine, kd.teacher_model, role="--teacher_model")
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
         vocab_size = self.engine.vocab_size
         # Full-vocabulary teacher logits (this CP rank's share) for every micro-batch, kept on the last stage.
-        teacher_logits = deque(self.teacher.run(microbatches, lambda out, batch: gather_vocab(out, vocab_size).float()))
+        teacher_logits = deque(self.teacher.forward_outputs(
+            microbatches, lambda out, batch: gather_vocab(out, vocab_size).float()))
         return kd_loss_fn(self.engine.loss_scale(microbatches), self.kd.kd_coef, self.engine.vocab_size,
                           teacher_logits)

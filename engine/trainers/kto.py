@@ -16,22 +16,23 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from engine.data.collate import pad_collate
+from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn
 from engine.trainers.base import OfflineTrainer, OfflineTrainerConfig
-from engine.trainers.frozen import FrozenModel
 from engine.trainers.losses import kto_loss
 from engine.trainers.sequence_outputs import context_parallel_share, sequence_log_probs
+from parallel.options import option
 
 
 @dataclass(kw_only=True)
 class KTOConfig:
-    """Flags: --beta --desirable_loss_weight --undesirable_loss_weight --ref_pretrain --ref_offload."""
+    """KTO's loss and its reference model."""
 
-    beta: float = 0.1
-    desirable_loss_weight: float = 1.0
-    undesirable_loss_weight: float = 1.0
-    ref_pretrain: str | None = None  # default: the policy's --pretrain
-    ref_offload: bool = False
+    beta: float = option(0.1, help="KTO temperature")
+    desirable_loss_weight: float = option(1.0, help="weight of desirable completions")
+    undesirable_loss_weight: float = option(1.0, help="weight of undesirable completions")
+    ref_pretrain: str | None = option(None, help="reference HF directory (default: --pretrain)")
+    ref_offload: bool = option(False, help="keep the reference in host memory between uses (GPU)")
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -86,7 +87,7 @@ class KTOTrainer(OfflineTrainer):
         self.pad_token_id = pad_token_id
         self.max_len = max_len
         super().__init__(config, train_dataset, eval_dataset)
-        self.reference = FrozenModel(kto.ref_pretrain or config.engine.pretrain, self.engine,
+        self.reference = frozen_copy(self.engine, kto.ref_pretrain or config.engine.pretrain,
                                      role="--ref_pretrain", offload=kto.ref_offload)
 
     def _collate(self, samples: list[dict]) -> dict:
@@ -112,7 +113,7 @@ class KTOTrainer(OfflineTrainer):
             return out.new_zeros(()), {"log_probs": sequence_log_probs(out, b, cp_group=cp_group)[0]}
 
         policy = [r["log_probs"] for r in self.engine.forward_only(kl_batches, scores)]
-        reference = self.reference.run(kl_batches, lambda out, b: scores(out, b)[1]["log_probs"])
+        reference = self.reference.forward_outputs(kl_batches, lambda out, b: scores(out, b)[1]["log_probs"])
         totals = torch.zeros(2, dtype=torch.float64)
         if ps.is_pipeline_last_stage():
             for p, r in zip(policy, reference):
@@ -123,6 +124,6 @@ class KTOTrainer(OfflineTrainer):
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
         cp_group = ps.get_context_parallel_group()
         kl = self._kl_estimate([b["kl_batch"] for b in microbatches], cp_group)
-        reference = self.reference.run(microbatches, lambda out, b: sequence_log_probs(out, b, cp_group=cp_group)[0])
+        reference = self.reference.forward_outputs(microbatches, lambda out, b: sequence_log_probs(out, b, cp_group=cp_group)[0])
         scale = self.engine.loss_scale(microbatches, key="sample_mask")
         return kto_loss_fn(scale, self.kto, deque(reference), kl, cp_group)

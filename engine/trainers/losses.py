@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.rl.losses import aggregate_loss, masked_mean
-
+from engine.runtime.reductions import aggregate_loss, masked_mean
 
 # ------------------------------------------------------------------------------- log-probs
 

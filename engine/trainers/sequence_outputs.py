@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from engine.rl.vocab_parallel import token_log_probs
+from engine.runtime.vocab_parallel import token_log_probs
 from parallel.context_parallel import all_reduce_sum, zigzag_gather
 
 

@@ -84,14 +84,17 @@ class CoreAttention(MegatronModule):
         softmax_scale=None,
         cp_comm_type=None,
         pg_collection=None,
+        ring_head_stride: int | None = None,
         **kwargs,
     ):
+        """``ring_head_stride`` (``--ring_head_stride``, from the layer spec's params): KV heads
+        per ring pass under context parallelism (None: all at once)."""
         super().__init__(config=config)
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.ring_head_stride = getattr(config, "ring_head_stride", None)
+        self.ring_head_stride = ring_head_stride
 
     def _context_parallel(self) -> bool:
         return self.cp_group is not None and self.cp_group.size() > 1

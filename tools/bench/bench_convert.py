@@ -104,9 +104,9 @@ def main(argv=None) -> None:
     rows = [("read safetensors (floor)", gb / floor_s, 1.0)]
     for label, seconds in (
         (f"HF -> running Megatron model, TP={tp} (slice-wise load)", to_mcore_s[0]),
-        (f"running model -> sharded Megatron checkpoint", to_mcore_s[1]),
+        ("running model -> sharded Megatron checkpoint", to_mcore_s[1]),
         (f"sharded checkpoint -> running model, TP={tp}", to_hf_s[0]),
-        (f"running model -> HF safetensors (streamed export)", to_hf_s[1]),
+        ("running model -> HF safetensors (streamed export)", to_hf_s[1]),
     ):
         rows.append((label, gb / seconds, floor_s / seconds))
     print_table(f"conversion throughput, {nbytes / 1e6:.0f} MB of weights", ["step", "GB/s", "ratio vs floor"], rows)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 import weakref
 
@@ -24,6 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from parallel.ports import free_port
 
 
 class PeakLiveBytes(TorchDispatchMode):
@@ -128,16 +129,12 @@ def _worker(rank, world_size, port, kind, args, num_threads, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(kind: str, world_size: int, num_threads: int, args) -> dict:
     """Spawn ``world_size`` ranks; return the slowest rank's time and the largest per-rank peak."""
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(world_size, _free_port(), kind, args, num_threads, results), nprocs=world_size)
+    mp.spawn(_worker, args=(world_size, free_port(), kind, args, num_threads, results), nprocs=world_size)
     rows = [results.get() for _ in range(world_size)]
     return {"time_s": max(r[1] for r in rows), "peak_bytes": max(r[2] for r in rows),
             "ranks": world_size, "threads": num_threads}

@@ -160,7 +160,7 @@ def sync_seconds(engines, tensors: dict[str, torch.Tensor], bucket_bytes: int,
                  repeats: int) -> tuple[float, float, int]:
     """``sync_weights`` into running engines, transport reused: median seconds of ``repeats``, the
     median of the workers' time inside vLLM's loader, and the number of buckets."""
-    from parallel.weight_transfer import connect_transport, sync_weights
+    from engine.ray.weight_sync import connect_transport, sync_weights
 
     transport = connect_transport(engines, backend="gloo")
     times, load_times, buckets = [], [], 0

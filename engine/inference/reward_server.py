@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from parallel.options import option
+
 REWARD_PATH = "/get_reward"
 HEALTH_PATH = "/health"
 MAX_BODY_BYTES = 256 << 20  # a request this large is a client bug, not a batch
@@ -24,14 +26,15 @@ MAX_BODY_BYTES = 256 << 20  # a request this large is a client bug, not a batch
 
 @dataclass(kw_only=True)
 class RewardServerConfig:
-    """Flags of ``engine.cli.serve_rm``."""
+    """The reward model served and where."""
 
-    reward_pretrain: str  # HF AutoModelForSequenceClassification directory (num_labels=1)
-    host: str = "0.0.0.0"
-    port: int = 5000
-    micro_batch_size: int = 16
-    max_len: int = 2048  # tokens per query, eos included
-    normalize_reward: bool = False  # (r - mean) / std with the RM config's `mean` / `std`
+    reward_pretrain: str = option(help="HF AutoModelForSequenceClassification directory (num_labels=1)")
+    host: str = option("0.0.0.0", help="interface to listen on")
+    port: int = option(5000, help="port (0 picks a free one, printed)")
+    micro_batch_size: int = option(16, help="queries per forward pass")
+    max_len: int = option(2048, help="tokens per query, eos included (longer: cut)")
+    normalize_reward: bool = option(False, help="(r - mean) / std with the mean / std fields of the reward "
+                                                "model's config.json")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -1,0 +1,278 @@
+"""The CLI generated from typed configs: one declaration per option, in the config's dataclass.
+
+A job is a dataclass whose fields are config dataclasses (groups)::
+
+    @dataclass(kw_only=True)
+    class PPOJob:
+        actor: RoleOptions = group(prefix="actor_", title="actor role")
+        data: DataConfig = group(rename={"dataset": "prompt_data"}, exclude=("eval_split",))
+
+    job = parse_job(PPOJob, argv, description=__doc__)   # a PPOJob, every field typed
+
+Every field made with ``parallel.options.option`` becomes a flag (its help, type, ``Literal``
+choices, aliases); nested dataclasses add their options flat, under the group's prefix; plain
+fields are left to code (their defaults, or ``overrides`` of ``parse_job``). Two fields that
+would share a flag are an error when the parser is built, so a flag always maps to one field.
+
+Validation errors of the configs name flags as ``--<field flag>``; they are rewritten to the
+flag the user typed (``--actor_tensor_model_parallel_size``, ``--prompt_data``) and raised as
+:class:`OptionError` (a ``ValueError``). ``naming_flags(job_cls, "actor")`` does the same for
+checks made later (model shapes against a role's grid).
+
+Why not a library: tyro nests prefixes as ``--actor.tensor_model_parallel_size`` and
+simple-parsing adds a ``--noX`` twin to every boolean; neither rewrites validation errors to
+the prefixed flag. This module is the ~200 lines of it that this project needs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import types
+import typing
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Iterator, Literal, get_args, get_origin
+
+from parallel.options import flag_name, option_info
+
+GROUP = "option_group"
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    prefix: str = ""
+    title: str | None = None
+    rename: dict[str, str] = field(default_factory=dict)  # dotted field path -> flag (before the prefix)
+    exclude: tuple[str, ...] = ()  # dotted paths: not flags in this job (their defaults stand)
+    defaults: dict[str, Any] = field(default_factory=dict)  # dotted path -> this job's default
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dotted path -> extra flag names
+
+
+def group(*, prefix: str = "", title: str | None = None, rename: dict | None = None, exclude: tuple = (),
+          defaults: dict | None = None, aliases: dict | None = None, factory=None) -> Any:
+    """A job field holding one config group (``factory`` builds it when the job is made in code)."""
+    info = GroupInfo(prefix, title, dict(rename or {}), tuple(exclude), dict(defaults or {}), dict(aliases or {}))
+    extra = {"default_factory": factory} if factory is not None else {}
+    return dataclasses.field(metadata={GROUP: info}, **extra)
+
+
+class OptionError(ValueError):
+    """A bad option value; the message names the flag as the user typed it."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One option field of a job and the flag(s) it is set by."""
+
+    path: tuple[str, ...]  # field names from the job down to the option
+    flag: str  # without "--"
+    canonical: str  # how the config's own messages spell it
+    aliases: tuple[str, ...]
+    value_aliases: tuple[tuple[str, Any], ...]
+    field: dataclasses.Field
+    type: Any
+    default: Any  # MISSING: required
+    group: str  # the job field it belongs to
+    owner: type  # the dataclass declaring it (its help section)
+
+    @property
+    def dest(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def option_strings(self) -> list[str]:
+        return [f"--{name}" for name in (self.flag, *self.aliases, *(n for n, _ in self.value_aliases))]
+
+
+# ----- walking the dataclasses ----------------------------------------------------------------
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def job_flags(job_cls) -> list[Flag]:
+    """Every flag of a job, in declaration order; raises if two fields would share a flag."""
+    flags: list[Flag] = []
+    hints = _hints(job_cls)
+    for f in dataclasses.fields(job_cls):
+        info: GroupInfo = f.metadata.get(GROUP) or GroupInfo()
+        if not _is_dataclass_type(hints[f.name]):
+            raise TypeError(f"{job_cls.__name__}.{f.name}: a job field must be a config dataclass")
+        flags += _walk(hints[f.name], (f.name,), (), info, f.name)
+    seen: dict[str, Flag] = {}
+    for flag in flags:
+        for name in flag.option_strings:
+            if name in seen:
+                raise TypeError(f"{name} would set both {seen[name].dest} and {flag.dest}")
+            seen[name] = flag
+    return flags
+
+
+def _walk(cls, path: tuple[str, ...], rel: tuple[str, ...], info: GroupInfo, group_name: str) -> list[Flag]:
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, sub = hints[f.name], rel + (f.name,)
+        dotted = ".".join(sub)
+        if dotted in info.exclude:
+            continue
+        opt = option_info(f)
+        if opt is None:
+            if _is_dataclass_type(tp):
+                out += _walk(tp, path + (f.name,), sub, info, group_name)
+            continue
+        default = info.defaults.get(dotted, _field_default(f))
+        flag = info.prefix + info.rename.get(dotted, opt.flag or f.name)
+        aliases = tuple(info.prefix + a for a in (*opt.aliases, *info.aliases.get(dotted, ())))
+        value_aliases = tuple((info.prefix + name, value) for name, value in opt.value_aliases)
+        out.append(Flag(path + (f.name,), flag, flag_name(f), aliases, value_aliases, f, tp, default, group_name, cls))
+    return out
+
+
+# ----- argparse -------------------------------------------------------------------------------
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _argparse_kwargs(flag: Flag) -> dict:
+    tp, _ = _unwrap_optional(flag.type)
+    info = option_info(flag.field)
+    kwargs: dict[str, Any] = {"dest": flag.dest, "help": info.help}
+    if flag.default is MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = flag.default
+        if flag.default is not None and not isinstance(flag.default, bool) and flag.default != ():
+            kwargs["help"] += f" (default: {_show(flag.default)})"
+    kwargs["metavar"] = info.metavar or getattr(tp, "__name__", "VALUE").upper()
+    if tp is bool:
+        if flag.default is True and not flag.flag.split("_", 1)[0] == "no":
+            raise TypeError(f"--{flag.flag}: a boolean option that defaults to True needs a no_* flag name")
+        kwargs["action"] = "store_false" if flag.default is True else "store_true"
+        kwargs.pop("metavar", None)
+        return kwargs
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        kwargs.pop("metavar")
+        return {**kwargs, "choices": list(args), "type": type(args[0])}
+    if origin in (tuple, list):
+        fixed = origin is tuple and Ellipsis not in args
+        kwargs["metavar"] = info.metavar or args[0].__name__.upper()
+        return {**kwargs, "nargs": len(args) if fixed else "+", "type": args[0]}
+    return {**kwargs, "type": tp}
+
+
+def _summary(cls) -> str:
+    doc = (cls.__doc__ or "").strip()
+    return doc.splitlines()[0].rstrip(".") if doc and not doc.startswith(cls.__name__ + "(") else cls.__name__
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def build_parser(job_cls, *, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sections: dict[tuple, argparse._ArgumentGroup] = {}
+    titles = {f.name: (f.metadata.get(GROUP) or GroupInfo()).title or f.name.replace("_", " ")
+              for f in dataclasses.fields(job_cls)}
+    for flag in job_flags(job_cls):
+        key = (flag.group, flag.owner)
+        if key not in sections:
+            sections[key] = parser.add_argument_group(f"{titles[flag.group]}: {_summary(flag.owner)}")
+        section = sections[key]
+        kwargs = _argparse_kwargs(flag)
+        section.add_argument(*[f"--{n}" for n in (flag.flag, *flag.aliases)], **kwargs)
+        for name, value in flag.value_aliases:
+            section.add_argument(f"--{name}", dest=flag.dest, action="store_const", const=value,
+                                 help=f"alias of --{flag.flag} {value}")
+    return parser
+
+
+# ----- building the configs back --------------------------------------------------------------
+_FLAG_TOKEN = re.compile(r"--([A-Za-z][A-Za-z0-9_]*)")
+
+
+@contextmanager
+def renaming_flags(mapping: dict[str, str], *, context: str = "") -> Iterator[None]:
+    """Inside the block, a ValueError's ``--name`` becomes ``--mapping[name]`` (an OptionError,
+    prefixed with ``context``); OptionErrors pass through as they are."""
+    try:
+        yield
+    except OptionError:
+        raise
+    except ValueError as err:
+        message = _FLAG_TOKEN.sub(lambda m: f"--{mapping.get(m.group(1), m.group(1))}", str(err))
+        raise OptionError(context + message) from err
+
+
+def _flag_names(flags: list[Flag]):
+    return renaming_flags({f.canonical: f.flag for f in flags if f.canonical != f.flag})
+
+
+def naming_flags(job_cls, group_name: str):
+    """Inside the block, ValueErrors name ``group_name``'s flags as the user typed them."""
+    return _flag_names([f for f in job_flags(job_cls) if f.group == group_name])
+
+
+def _convert(value, tp):
+    tp, _ = _unwrap_optional(tp)
+    if isinstance(value, list) and get_origin(tp) is tuple:
+        return tuple(value)
+    return value
+
+
+def _construct(cls, path: tuple[str, ...], values: dict[str, Any], flags: list[Flag]):
+    """``cls`` at ``path`` from the parsed values (options) and overrides (plain fields)."""
+    hints, kwargs = _hints(cls), {}
+    for f in dataclasses.fields(cls):
+        sub = path + (f.name,)
+        dotted = ".".join(sub)
+        if dotted in values:
+            kwargs[f.name] = values[dotted]
+        elif _is_dataclass_type(hints[f.name]) and any(k.startswith(dotted + ".") for k in values):
+            kwargs[f.name] = _construct(hints[f.name], sub, values, flags)
+    below = [f for f in flags if f.path[: len(path)] == path]
+    with _flag_names(below):
+        return cls(**kwargs)
+
+
+def build_job(job_cls, parsed: dict[str, Any], overrides: dict[str, Any] | None = None):
+    """The job from parsed option values (dest -> value) and plain-field ``overrides`` (dotted paths)."""
+    flags = job_flags(job_cls)
+    types_by_dest = {f.dest: f.type for f in flags}
+    values = {dest: _convert(v, types_by_dest[dest]) for dest, v in parsed.items()}
+    values.update(overrides or {})
+    return _construct(job_cls, (), values, flags)
+
+
+def parse_job(job_cls, argv=None, *, description: str | None = None, overrides: dict[str, Any] | None = None):
+    """Parse ``argv`` into a ``job_cls`` instance; a bad value raises ``OptionError`` naming the flag."""
+    namespace = build_parser(job_cls, description=description).parse_args(argv)
+    return build_job(job_cls, vars(namespace), overrides)
+
+
+def run_cli(main, argv=None):
+    """A CLI's ``__main__``: flag errors end the process with one line naming the flag, not a traceback."""
+    try:
+        return main(argv)
+    except OptionError as err:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")

@@ -1,0 +1,31 @@
+"""The RL loop's rollout engines on Ray: vLLM engine actors and the actor -> engine weight sync
+(``engine.rl.rollout.RolloutEngines``)."""
+from __future__ import annotations
+
+from engine.ray.vllm_engine import generate, sleep_engines, wake_up_engines
+from engine.ray.weight_sync import ActorWeightSync
+from engine.rl.rollout import RolloutSample, SamplingConfig
+
+
+class VLLMRollouts:
+    def __init__(self, engines: list, sync: ActorWeightSync, *, sleep: bool = False):
+        """``sleep`` (--vllm_enable_sleep): the engines release their GPU memory after each
+        generation and take it back just before the weight sync."""
+        self.engines = engines
+        self.sync = sync
+        self.sleep = sleep
+        self._asleep = False
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
+        return generate(self.engines, prompt_token_ids, sampling)
+
+    def release_memory(self) -> None:
+        if self.sleep:
+            sleep_engines(self.engines)
+            self._asleep = True
+
+    def sync_weights(self) -> dict:
+        if self._asleep:
+            wake_up_engines(self.engines)
+            self._asleep = False
+        return self.sync.push()

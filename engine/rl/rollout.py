@@ -1,0 +1,62 @@
+"""What the RL loop asks of generation: how to sample, what comes back, and the interface of the
+rollout engines it is given (``engine.ray.rollouts.VLLMRollouts`` on a Ray cluster)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from parallel.options import option
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How responses are sampled."""
+
+    temperature: float = option(1.0, help="sampling temperature (0: greedy); also applied to the trainer's log-probs")
+    top_p: float = option(1.0, help="nucleus sampling")
+    top_k: int = option(-1, help="top-k sampling (-1: off)")
+    max_new_tokens: int = option(1024, flag="generate_max_len", help="tokens per response")
+    n_samples_per_prompt: int = option(1, help="responses per prompt (vLLM's n: one prefill per prompt)")
+    min_new_tokens: int = 0  # benchmarks force full-length responses
+    seed: int | None = None  # sample j of prompt i uses seed + i * n + j: independent of engine count
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = True  # return the log-prob of every sampled token
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1 or self.top_k == 0:
+            raise ValueError(f"--top_k must be -1 (off) or positive, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--generate_max_len must be positive, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, --generate_max_len], got {self.min_new_tokens}")
+        if self.n_samples_per_prompt < 1:
+            raise ValueError(f"--n_samples_per_prompt must be positive, got {self.n_samples_per_prompt}")
+
+
+@dataclass(frozen=True)
+class RolloutSample:
+    """One generated response."""
+
+    prompt_index: int  # index into the prompt list given to ``generate``
+    sample_index: int  # 0 .. n_samples_per_prompt - 1
+    response_token_ids: list[int]
+    logprobs: list[float] | None  # log-prob of each response token, before temperature / top-p
+    finish_reason: str  # "stop" (EOS / stop token) or "length" (hit --generate_max_len)
+
+
+class RolloutEngines(Protocol):
+    """The generation side of the loop."""
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
+        """Every sample of every prompt, ordered by (prompt, sample)."""
+
+    def release_memory(self) -> None:
+        """Generation is over until the next weight sync (free accelerator memory if configured to)."""
+
+    def sync_weights(self) -> dict:
+        """Load the policy's current weights into every engine; returns metrics."""

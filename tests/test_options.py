@@ -1,0 +1,172 @@
+"""Every CLI flag maps to exactly one config field and back (engine/cli/options.py).
+
+For every job: the parser's option strings are exactly the flags generated from the job's option
+fields; every option field of the job's configs is a flag or deliberately excluded; and setting
+any one flag to a non-default value changes that field, and no other option field, in the job
+the CLI builds. Errors name the flag as the user typed it (role prefixes, renamed groups).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import pytest
+
+from engine.cli.options import OptionError, build_job, build_parser, job_flags
+from parallel.options import option_info
+
+JOBS = {
+    "train_sft": "SFTJob", "train_rm": "RMJob", "train_dpo": "DPOJob", "train_kto": "KTOJob",
+    "train_prm": "PRMJob", "train_kd": "KDJob", "train_ppo_ray": "PPOJob", "serve_rm": "ServeRMJob",
+    "batch_inference": "BatchInferenceJob", "demo": "DemoJob",
+}
+REQUIRED = {"pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
+            "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
+# Values that a generic rule would make invalid, and flags that only make sense with another.
+SPECIAL = {"input_template": "Q: {}", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
+           "train_batch_size": "4"}
+NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "load_checkpoint": ["--ckpt_path", "c"],
+         "sequence_parallel": ["--tensor_model_parallel_size", "2"]}
+
+
+def _job(module: str):
+    return getattr(importlib.import_module(f"engine.cli.{module}"), JOBS[module])
+
+
+def _unwrap(tp):
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (typing.Union, type(int | None)) else []
+    return args[0] if len(args) == 1 else tp
+
+
+def _other_value(flag) -> list[str]:
+    """Command-line words giving ``flag`` a valid value other than its default."""
+    name = flag.flag.removeprefix(flag.flag.split("_")[0] + "_") if flag.group in ("actor", "critic", "ref", "reward") \
+        else flag.flag
+    if name in SPECIAL:
+        return [SPECIAL[name]]
+    tp, default = _unwrap(flag.type), flag.default
+    if tp is bool:
+        return []
+    if get_origin(tp) is Literal:
+        return [next(str(c) for c in get_args(tp) if c != default)]
+    if get_origin(tp) is tuple:
+        return ["0.25", "0.5"] if default is None else [str(v / 2) for v in default]
+    if tp is int:
+        return [str(2 if default is None else (default * 2 if default > 0 else default + 1))]
+    if tp is float:
+        return [str(2.0 if default is None else (default / 2 if default else 0.25))]
+    return ["x"]
+
+
+def _required_words(job_cls) -> list[str]:
+    return [w for f in job_flags(job_cls) if f.default is dataclasses.MISSING for w in (f"--{f.flag}", REQUIRED[f.flag])]
+
+
+def _option_values(job, flags) -> dict:
+    def get(path):
+        obj = job
+        for part in path:
+            obj = getattr(obj, part)
+        return obj
+
+    return {f.dest: get(f.path) for f in flags}
+
+
+def _all_option_fields(cls, path=()) -> set[str]:
+    hints, out = typing.get_type_hints(cls), set()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if option_info(f) is not None:
+            out.add(".".join(path + (f.name,)))
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out |= _all_option_fields(tp, path + (f.name,))
+    return out
+
+
+def _excluded(job_cls) -> set[str]:
+    from engine.cli.options import GROUP, GroupInfo
+
+    return {f"{f.name}.{path}" for f in dataclasses.fields(job_cls)
+            for path in (f.metadata.get(GROUP) or GroupInfo()).exclude}
+
+
+def test_every_cli_has_a_job():
+    clis = {p.stem for p in Path("engine/cli").glob("*.py") if "def main(" in p.read_text()}
+    assert clis == set(JOBS)
+
+
+@pytest.mark.parametrize("module", sorted(JOBS))
+def test_flags_and_fields_map_one_to_one(module):
+    job_cls = _job(module)
+    flags = job_flags(job_cls)  # raises if two fields would share a flag
+    parser = build_parser(job_cls)
+    parsed = {s for action in parser._actions for s in action.option_strings if s not in ("-h", "--help")}
+    assert parsed == {s for f in flags for s in f.option_strings}
+    # ... and back: every option field of the job's configs is a flag unless the job excludes it.
+    assert _all_option_fields(job_cls) == {f.dest for f in flags} | _excluded(job_cls)
+
+
+@pytest.mark.parametrize("module", sorted(JOBS))
+def test_each_flag_sets_its_field_and_nothing_else(module):
+    job_cls = _job(module)
+    flags = job_flags(job_cls)
+    parser = build_parser(job_cls)
+    required = _required_words(job_cls)
+    base = _option_values(build_job(job_cls, vars(parser.parse_args(required))), flags)
+    for flag in flags:
+        if flag.default is dataclasses.MISSING:
+            continue
+        needs = NEEDS.get(flag.flag.split("_", 1)[1] if flag.group in ("actor", "critic", "ref", "reward")
+                          and flag.flag.split("_", 1)[1] in NEEDS else flag.flag, [])
+        if flag.group in ("actor", "critic", "ref", "reward") and needs[:1] == ["--tensor_model_parallel_size"]:
+            needs = [f"--{flag.group}_tensor_model_parallel_size", "2"]
+        words = required + needs + [f"--{flag.flag}", *_other_value(flag)]
+        values = _option_values(build_job(job_cls, vars(parser.parse_args(words))), flags)
+        changed = {dest for dest in values if values[dest] != base[dest]}
+        expected_changes = {flag.dest} | {f.dest for f in flags if f"--{f.flag}" in needs}
+        assert changed == expected_changes, (module, flag.flag, changed)
+        for alias in flag.aliases:
+            again = build_job(job_cls, vars(parser.parse_args(required + needs + [f"--{alias}", *_other_value(flag)])))
+            assert _option_values(again, flags)[flag.dest] == values[flag.dest], alias
+        for alias, value in flag.value_aliases:
+            aliased = build_job(job_cls, vars(parser.parse_args(required + [f"--{alias}"])))
+            assert _option_values(aliased, flags)[flag.dest] == value, alias
+
+
+def test_errors_name_the_flag_the_user_typed():
+    from engine.cli import train_ppo_ray, train_sft
+
+    base = ["--pretrain", "m", "--prompt_data", "p.jsonl"]
+    with pytest.raises(OptionError, match=r"--critic_sequence_parallel needs --critic_tensor_model_parallel_size > 1"):
+        train_ppo_ray.parse_args([*base, "--critic_sequence_parallel"])
+    with pytest.raises(OptionError, match=r"--prompt_data_probs has 2 values but --prompt_data names 1"):
+        train_ppo_ray.parse_args([*base, "--prompt_data_probs", "0.5,0.5"])
+    job = train_ppo_ray.parse_args([*base, "--reward_pretrain", "rm", "--reward_num_gpus_per_node", "3",
+                                    "--reward_tensor_model_parallel_size", "2"])
+    with pytest.raises(OptionError, match=r"world size 3 is not divisible by --reward_tensor_model_parallel_size \(2\)"):
+        train_ppo_ray.role_configs(job, total_steps=1)
+    with pytest.raises(OptionError, match=r"--sequence_parallel needs --tensor_model_parallel_size > 1"):
+        train_sft.parse_args(["--pretrain", "m", "--dataset", "d.jsonl", "--sequence_parallel"])
+    with pytest.raises(SystemExit):  # a flag the job does not read is refused, not ignored
+        train_sft.parse_args(["--pretrain", "m", "--dataset", "d.jsonl", "--chosen_key", "c"])
+
+
+def test_rl_clip_flags_reach_the_loss_settings():
+    """--eps_clip_low_high and --dual_clip were parsed-nowhere settings before; they reach the loss now."""
+    from engine.cli import train_ppo_ray
+    from engine.rl.ppo_trainer import PPOTrainer
+
+    job = train_ppo_ray.parse_args(["--pretrain", "m", "--prompt_data", "p.jsonl", "--eps_clip_low_high", "0.2", "0.28",
+                                    "--dual_clip", "3", "--use_kl_estimator_k3"])
+    trainer = PPOTrainer.__new__(PPOTrainer)  # only what train_settings reads
+    trainer.config, trainer.sampling, trainer.ptx = job.ppo, job.sampling, None
+    trainer.kl_controller = type("K", (), {"value": 0.0})()
+    trainer.tokenizer = type("T", (), {"pad_token_id": 0, "eos_token_id": 1})()
+    settings = trainer.train_settings(step=3)
+    assert (settings.eps_clip, settings.eps_clip_high, settings.dual_clip) == (0.2, 0.28, 3.0)
+    assert settings.kl_estimator == "k3" and settings.seed == job.models.seed + 3
+    default = train_ppo_ray.parse_args(["--pretrain", "m", "--prompt_data", "p.jsonl"])
+    assert default.ppo.kl_estimator == "k1"  # one default, the config's

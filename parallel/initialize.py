@@ -30,30 +30,12 @@ class ParallelContext:
         return _ps().get_tensor_model_parallel_group()
 
     @property
-    def pp_group(self):
-        return _ps().get_pipeline_model_parallel_group()
-
-    @property
     def cp_group(self):
         return _ps().get_context_parallel_group()
 
     @property
-    def dp_group(self):
-        """Data parallel group (without context parallel ranks)."""
-        return _ps().get_data_parallel_group()
-
-    @property
-    def dp_cp_group(self):
-        """Ranks that see different data or different sequence chunks: gradients reduce here."""
-        return _ps().get_data_parallel_group(with_context_parallel=True)
-
-    @property
     def tp_rank(self) -> int:
         return _ps().get_tensor_model_parallel_rank()
-
-    @property
-    def pp_rank(self) -> int:
-        return _ps().get_pipeline_model_parallel_rank()
 
     @property
     def cp_rank(self) -> int:
@@ -62,14 +44,6 @@ class ParallelContext:
     @property
     def dp_rank(self) -> int:
         return _ps().get_data_parallel_rank()
-
-    @property
-    def ep_rank(self) -> int:
-        return _ps().get_expert_model_parallel_rank()
-
-    @property
-    def is_first_stage(self) -> bool:
-        return _ps().is_pipeline_first_stage()
 
     @property
     def is_last_stage(self) -> bool:
@@ -152,14 +126,5 @@ def initialize_parallel(
         device=device,
         data_parallel_size=data_parallel_size,
     )
-
-
-def destroy_parallel() -> None:
-    megatron_patches.apply()
-    ps = _ps()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 

@@ -41,10 +41,22 @@ def _unwrap(tp):
     return args[0] if len(args) == 1 else tp
 
 
+ROLES = ("actor", "critic", "ref", "reward")
+
+
+def _unprefixed(flag) -> str:
+    return flag.flag.removeprefix(f"{flag.group}_") if flag.group in ROLES else flag.flag
+
+
+def _needs(flag) -> list[str]:
+    """The flags ``flag`` only makes sense with (a role's own, under its prefix)."""
+    prefix = f"{flag.group}_" if flag.group in ROLES else ""
+    return [f"--{prefix}{w[2:]}" if w.startswith("--") else w for w in NEEDS.get(_unprefixed(flag), [])]
+
+
 def _other_value(flag) -> list[str]:
     """Command-line words giving ``flag`` a valid value other than its default."""
-    name = flag.flag.removeprefix(flag.flag.split("_")[0] + "_") if flag.group in ("actor", "critic", "ref", "reward") \
-        else flag.flag
+    name = _unprefixed(flag)
     if name in SPECIAL:
         return [SPECIAL[name]]
     tp, default = _unwrap(flag.type), flag.default
@@ -119,10 +131,7 @@ def test_each_flag_sets_its_field_and_nothing_else(module):
     for flag in flags:
         if flag.default is dataclasses.MISSING:
             continue
-        needs = NEEDS.get(flag.flag.split("_", 1)[1] if flag.group in ("actor", "critic", "ref", "reward")
-                          and flag.flag.split("_", 1)[1] in NEEDS else flag.flag, [])
-        if flag.group in ("actor", "critic", "ref", "reward") and needs[:1] == ["--tensor_model_parallel_size"]:
-            needs = [f"--{flag.group}_tensor_model_parallel_size", "2"]
+        needs = _needs(flag)
         words = required + needs + [f"--{flag.flag}", *_other_value(flag)]
         values = _option_values(build_job(job_cls, vars(parser.parse_args(words))), flags)
         changed = {dest for dest in values if values[dest] != base[dest]}

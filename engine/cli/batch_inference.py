@@ -15,8 +15,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from engine.cli.options import group, parse_job, run_cli
 from engine.data.config import DataConfig
@@ -65,15 +65,12 @@ class BatchInferenceJob:
     data: DataConfig = group(title="data", exclude=("chosen_key", "rejected_key", "prompt_key", "eval_split",
                                                     "pretrain_mode", "packing_samples"))
 
-    def __post_init__(self) -> None:
-        seed = self.task.seed
-        self.sampling = replace(self.sampling, seed=seed, logprobs=False)
-        self.vllm = replace(self.vllm, pretrain=self.task.pretrain, seed=seed)
-        self.data = replace(self.data, seed=seed)
+    derived: ClassVar[dict[str, str]] = {"sampling.seed": "task.seed", "vllm.seed": "task.seed",
+                                         "data.seed": "task.seed", "vllm.pretrain": "task.pretrain"}
 
 
 def parse_args(argv=None) -> BatchInferenceJob:
-    return parse_job(BatchInferenceJob, argv, description=__doc__)
+    return parse_job(BatchInferenceJob, argv, description=__doc__, overrides={"sampling.logprobs": False})
 
 
 def _prompt_slice(task: BatchTask, prompts: list) -> list:

@@ -2,8 +2,8 @@
 the launch on local ranks or under torchrun, and the tokenizer / split loading."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 from engine.cli.options import group, parse_job
 from engine.data.config import DataConfig
@@ -45,10 +45,8 @@ class OfflineJob:
     launch: LaunchOptions
     trainer: OfflineTrainerConfig
     data: DataConfig
-
-    def __post_init__(self) -> None:
-        # --seed (the engine's) also orders the dataset mixing.
-        self.data = replace(self.data, seed=self.trainer.engine.seed)
+    # --seed (the engine's) also orders the dataset mixing.
+    derived: ClassVar[dict[str, str]] = {"data.seed": "trainer.engine.seed"}
 
 
 def parse_offline(job_cls, argv, description: str, *, value_head: bool = False):

@@ -6,6 +6,7 @@ A job is a dataclass whose fields are config dataclasses (groups)::
     class PPOJob:
         actor: RoleOptions = group(prefix="actor_", title="actor role")
         data: DataConfig = group(rename={"dataset": "prompt_data"}, exclude=("eval_split",))
+        derived: ClassVar[dict] = {"data.seed": "models.seed"}   # plain fields fed by one flag
 
     job = parse_job(PPOJob, argv, description=__doc__)   # a PPOJob, every field typed
 
@@ -256,10 +257,16 @@ def _construct(cls, path: tuple[str, ...], values: dict[str, Any], flags: list[F
 
 
 def build_job(job_cls, parsed: dict[str, Any], overrides: dict[str, Any] | None = None):
-    """The job from parsed option values (dest -> value) and plain-field ``overrides`` (dotted paths)."""
+    """The job from parsed option values (dest -> value) and plain-field ``overrides`` (dotted paths).
+
+    ``job_cls.derived`` (dotted target -> dotted option) gives fields that are not flags of their
+    own the value of one that is (one ``--seed`` for every config that needs a seed), before any
+    config is constructed, so its validation sees the value the job runs with."""
     flags = job_flags(job_cls)
     types_by_dest = {f.dest: f.type for f in flags}
     values = {dest: _convert(v, types_by_dest[dest]) for dest, v in parsed.items()}
+    for target, source in getattr(job_cls, "derived", {}).items():
+        values[target] = values[source]
     values.update(overrides or {})
     return _construct(job_cls, (), values, flags)
 

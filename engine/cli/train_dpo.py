@@ -12,18 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.cli.offline import (
-    NOT_READ_BY_PAIRS,
-    LaunchOptions,
-    OfflineJob,
-    data_group,
-    launch,
-    launch_group,
-    load_splits,
-    pad_token_id,
-    parse_offline,
-    trainer_group,
-)
+from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
@@ -31,28 +20,28 @@ from engine.trainers.dpo import DPOConfig
 
 
 @dataclass(kw_only=True)
-class DPOJob(OfflineJob):
-    launch: LaunchOptions = launch_group()
+class DPOJob(offline.OfflineJob):
+    launch: offline.LaunchOptions = offline.launch_group()
     dpo: DPOConfig = group(title="DPO", factory=DPOConfig)
-    trainer: OfflineTrainerConfig = trainer_group(5e-7)
-    data: DataConfig = data_group(NOT_READ_BY_PAIRS)
+    trainer: OfflineTrainerConfig = offline.trainer_group(5e-7)
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_PAIRS)
 
 
 def parse_args(argv=None) -> DPOJob:
-    return parse_offline(DPOJob, argv, __doc__)
+    return offline.parse_offline(DPOJob, argv, __doc__)
 
 
 def train(job: DPOJob) -> list[dict]:
     from engine.data.preference import PreferenceDataset
     from engine.trainers.dpo import DPOTrainer
 
-    tokenizer, train_set, eval_set = load_splits(PreferenceDataset, job)
-    trainer = DPOTrainer(job.trainer, train_set, eval_set, dpo=job.dpo, pad_token_id=pad_token_id(tokenizer))
+    tokenizer, train_set, eval_set = offline.load_splits(PreferenceDataset, job)
+    trainer = DPOTrainer(job.trainer, train_set, eval_set, dpo=job.dpo, pad_token_id=offline.pad_token_id(tokenizer))
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    launch(train, parse_args(argv))
+    offline.launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,18 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.cli.offline import (
-    NOT_READ_BY_SFT,
-    LaunchOptions,
-    OfflineJob,
-    data_group,
-    launch,
-    launch_group,
-    load_splits,
-    pad_token_id,
-    parse_offline,
-    trainer_group,
-)
+from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
@@ -31,29 +20,29 @@ from engine.trainers.kd import KDConfig
 
 
 @dataclass(kw_only=True)
-class KDJob(OfflineJob):
-    launch: LaunchOptions = launch_group()
+class KDJob(offline.OfflineJob):
+    launch: offline.LaunchOptions = offline.launch_group()
     kd: KDConfig = group(title="distillation")
-    trainer: OfflineTrainerConfig = trainer_group(5e-6)
-    data: DataConfig = data_group(NOT_READ_BY_SFT)
+    trainer: OfflineTrainerConfig = offline.trainer_group(5e-6)
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_SFT)
 
 
 def parse_args(argv=None) -> KDJob:
-    return parse_offline(KDJob, argv, __doc__)
+    return offline.parse_offline(KDJob, argv, __doc__)
 
 
 def train(job: KDJob) -> list[dict]:
     from engine.data.sft import SFTDataset
     from engine.trainers.kd import KDTrainer
 
-    tokenizer, train_set, eval_set = load_splits(SFTDataset, job)
-    trainer = KDTrainer(job.trainer, train_set, eval_set, kd=job.kd, pad_token_id=pad_token_id(tokenizer),
+    tokenizer, train_set, eval_set = offline.load_splits(SFTDataset, job)
+    trainer = KDTrainer(job.trainer, train_set, eval_set, kd=job.kd, pad_token_id=offline.pad_token_id(tokenizer),
                         packing_samples=job.data.packing_samples, max_len=job.data.max_len)
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    launch(train, parse_args(argv))
+    offline.launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":

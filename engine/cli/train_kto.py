@@ -13,18 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.cli.offline import (
-    NOT_READ_BY_UNPAIRED,
-    LaunchOptions,
-    OfflineJob,
-    data_group,
-    launch,
-    launch_group,
-    load_splits,
-    pad_token_id,
-    parse_offline,
-    trainer_group,
-)
+from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
@@ -32,23 +21,23 @@ from engine.trainers.kto import KTOConfig
 
 
 @dataclass(kw_only=True)
-class KTOJob(OfflineJob):
-    launch: LaunchOptions = launch_group()
+class KTOJob(offline.OfflineJob):
+    launch: offline.LaunchOptions = offline.launch_group()
     kto: KTOConfig = group(title="KTO", factory=KTOConfig)
-    trainer: OfflineTrainerConfig = trainer_group(5e-7)
-    data: DataConfig = data_group(NOT_READ_BY_UNPAIRED)
+    trainer: OfflineTrainerConfig = offline.trainer_group(5e-7)
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_UNPAIRED)
 
 
 def parse_args(argv=None) -> KTOJob:
-    return parse_offline(KTOJob, argv, __doc__)
+    return offline.parse_offline(KTOJob, argv, __doc__)
 
 
 def train(job: KTOJob) -> list[dict]:
     from engine.data.preference import UnpairedPreferenceDataset
     from engine.trainers.kto import KTOTrainer
 
-    tokenizer, train_set, eval_set = load_splits(UnpairedPreferenceDataset, job)
-    trainer = KTOTrainer(job.trainer, train_set, eval_set, kto=job.kto, pad_token_id=pad_token_id(tokenizer),
+    tokenizer, train_set, eval_set = offline.load_splits(UnpairedPreferenceDataset, job)
+    trainer = KTOTrainer(job.trainer, train_set, eval_set, kto=job.kto, pad_token_id=offline.pad_token_id(tokenizer),
                          max_len=job.data.max_len)
     return trainer.fit()
 
@@ -57,7 +46,7 @@ def main(argv=None) -> None:
     job = parse_args(argv)
     if job.data.label_key is None:
         raise SystemExit("--label_key is required: the column saying whether a completion is desirable")
-    launch(train, job)
+    offline.launch(train, job)
 
 
 if __name__ == "__main__":

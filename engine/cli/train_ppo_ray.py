@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from engine.cli.options import group, naming_flags, parse_job, renaming_flags, run_cli
 from engine.data.config import DataConfig
@@ -101,13 +102,12 @@ class PPOJob:
                              exclude=("output_key", "chosen_key", "rejected_key", "prompt_key", "eval_split",
                                       "pretrain_mode", "packing_samples"))
 
-    def __post_init__(self) -> None:
-        # One --seed, one --n_samples_per_prompt, one --pretrain: the configs that need them get them here.
-        seed = self.models.seed
-        self.ppo = replace(self.ppo, seed=seed)
-        self.data = replace(self.data, seed=seed)
-        self.sampling = replace(self.sampling, n_samples_per_prompt=self.ppo.n_samples_per_prompt)
-        self.vllm = replace(self.vllm, pretrain=self.models.pretrain, seed=seed)
+    # One --seed, one --n_samples_per_prompt, one --pretrain for every config that needs them.
+    derived: ClassVar[dict[str, str]] = {
+        "ppo.seed": "models.seed", "data.seed": "models.seed", "vllm.seed": "models.seed",
+        "vllm.pretrain": "models.pretrain", "sampling.n_samples_per_prompt": "ppo.n_samples_per_prompt",
+        "ppo.advantage.n_samples_per_prompt": "ppo.n_samples_per_prompt",
+    }
 
     def role(self, name: str) -> RoleOptions:
         return getattr(self, name)

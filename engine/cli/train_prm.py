@@ -12,18 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.cli.offline import (
-    NOT_READ_BY_PRM,
-    LaunchOptions,
-    OfflineJob,
-    data_group,
-    launch,
-    launch_group,
-    load_splits,
-    pad_token_id,
-    parse_offline,
-    trainer_group,
-)
+from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
@@ -40,15 +29,15 @@ class ProcessRewardOptions:
 
 
 @dataclass(kw_only=True)
-class PRMJob(OfflineJob):
-    launch: LaunchOptions = launch_group()
+class PRMJob(offline.OfflineJob):
+    launch: offline.LaunchOptions = offline.launch_group()
     prm: ProcessRewardOptions = group(title="process reward")
-    trainer: OfflineTrainerConfig = trainer_group(1e-6)
-    data: DataConfig = data_group(NOT_READ_BY_PRM)
+    trainer: OfflineTrainerConfig = offline.trainer_group(1e-6)
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_PRM)
 
 
 def parse_args(argv=None) -> PRMJob:
-    return parse_offline(PRMJob, argv, __doc__)
+    return offline.parse_offline(PRMJob, argv, __doc__)
 
 
 def train(job: PRMJob) -> list[dict]:
@@ -56,11 +45,11 @@ def train(job: PRMJob) -> list[dict]:
     from engine.trainers.prm import PRMTrainer
 
     reward_tokens = list(job.prm.reward_tokens) if job.prm.reward_tokens else None
-    tokenizer, train_set, eval_set = load_splits(ProcessRewardDataset, job, placeholder_token=job.prm.placeholder_token,
+    tokenizer, train_set, eval_set = offline.load_splits(ProcessRewardDataset, job, placeholder_token=job.prm.placeholder_token,
                                                  reward_tokens=reward_tokens)
     reward_ids = list(train_set.reward_token_ids.values()) if train_set.reward_token_ids else None
     trainer = PRMTrainer(job.trainer, train_set, eval_set, reward_token_ids=reward_ids,
-                         pad_token_id=pad_token_id(tokenizer))
+                         pad_token_id=offline.pad_token_id(tokenizer))
     return trainer.fit()
 
 
@@ -68,7 +57,7 @@ def main(argv=None) -> None:
     job = parse_args(argv)
     if job.data.label_key is None:
         raise SystemExit("--label_key is required: the column with one label per step")
-    launch(train, job)
+    offline.launch(train, job)
 
 
 if __name__ == "__main__":

@@ -14,45 +14,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.cli.offline import (
-    NOT_READ_BY_PAIRS,
-    LaunchOptions,
-    OfflineJob,
-    data_group,
-    launch,
-    launch_group,
-    load_splits,
-    pad_token_id,
-    parse_offline,
-    trainer_group,
-)
+from engine.cli import offline
 from engine.cli.options import run_cli
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
 
 
 @dataclass(kw_only=True)
-class RMJob(OfflineJob):
-    launch: LaunchOptions = launch_group()
-    trainer: OfflineTrainerConfig = trainer_group(9e-6)
-    data: DataConfig = data_group(NOT_READ_BY_PAIRS)
+class RMJob(offline.OfflineJob):
+    launch: offline.LaunchOptions = offline.launch_group()
+    trainer: OfflineTrainerConfig = offline.trainer_group(9e-6)
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_PAIRS)
 
 
 def parse_args(argv=None) -> RMJob:
-    return parse_offline(RMJob, argv, __doc__, value_head=True)
+    return offline.parse_offline(RMJob, argv, __doc__, value_head=True)
 
 
 def train(job: RMJob) -> list[dict]:
     from engine.data.preference import PreferenceDataset
     from engine.trainers.rm import RewardModelTrainer
 
-    tokenizer, train_set, eval_set = load_splits(PreferenceDataset, job)
-    trainer = RewardModelTrainer(job.trainer, train_set, eval_set, pad_token_id=pad_token_id(tokenizer))
+    tokenizer, train_set, eval_set = offline.load_splits(PreferenceDataset, job)
+    trainer = RewardModelTrainer(job.trainer, train_set, eval_set, pad_token_id=offline.pad_token_id(tokenizer))
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    launch(train, parse_args(argv))
+    offline.launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":

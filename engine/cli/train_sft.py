@@ -11,46 +11,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.cli.offline import (
-    NOT_READ_BY_SFT,
-    LaunchOptions,
-    OfflineJob,
-    data_group,
-    launch,
-    launch_group,
-    load_splits,
-    pad_token_id,
-    parse_offline,
-    trainer_group,
-)
+from engine.cli import offline
 from engine.cli.options import run_cli
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
 
 
 @dataclass(kw_only=True)
-class SFTJob(OfflineJob):
-    launch: LaunchOptions = launch_group()
-    trainer: OfflineTrainerConfig = trainer_group(5e-6)
-    data: DataConfig = data_group(NOT_READ_BY_SFT)
+class SFTJob(offline.OfflineJob):
+    launch: offline.LaunchOptions = offline.launch_group()
+    trainer: OfflineTrainerConfig = offline.trainer_group(5e-6)
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_SFT)
 
 
 def parse_args(argv=None) -> SFTJob:
-    return parse_offline(SFTJob, argv, __doc__)
+    return offline.parse_offline(SFTJob, argv, __doc__)
 
 
 def train(job: SFTJob) -> list[dict]:
     from engine.data.sft import SFTDataset
     from engine.trainers.sft import SFTTrainer
 
-    tokenizer, train_set, eval_set = load_splits(SFTDataset, job)
-    trainer = SFTTrainer(job.trainer, train_set, eval_set, pad_token_id=pad_token_id(tokenizer),
+    tokenizer, train_set, eval_set = offline.load_splits(SFTDataset, job)
+    trainer = SFTTrainer(job.trainer, train_set, eval_set, pad_token_id=offline.pad_token_id(tokenizer),
                          packing_samples=job.data.packing_samples, max_len=job.data.max_len)
     return trainer.fit()
 
 
 def main(argv=None) -> None:
-    launch(train, parse_args(argv))
+    offline.launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":

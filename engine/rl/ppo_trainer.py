@@ -65,9 +65,8 @@ class PPOConfig:
                 f"--rollout_batch_size x --n_samples_per_prompt ({samples}) must be divisible by "
                 f"--train_batch_size ({self.train_batch_size})"
             )
-        if self.advantage.n_samples_per_prompt != self.n_samples_per_prompt:
-            # The advantage groups are the rollout's samples of one prompt.
-            self.advantage = replace(self.advantage, n_samples_per_prompt=self.n_samples_per_prompt)
+        if self.n_samples_per_prompt != self.advantage.n_samples_per_prompt:
+            raise ValueError("--n_samples_per_prompt differs between the rollout and the advantage config")
         if self.ptx_coef < 0:
             raise ValueError(f"--ptx_coef must be >= 0, got {self.ptx_coef}")
         if self.eps_clip_low_high is not None and min(self.eps_clip_low_high) < 0:

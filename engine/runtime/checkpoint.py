@@ -24,7 +24,6 @@ from models.mcore_checkpoint import (
     load_common_state,
     load_rank_state,
     load_sharded,
-    read_meta,
     save_sharded,
     verify_checkpoint,
 )
@@ -151,7 +150,3 @@ def _materialise_optimizer_state(optimizer) -> None:
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not inner.optimizer.state:
             inner._init_optimizer_states_with_dummy_values()
-
-
-def checkpoint_meta(directory: Path) -> dict:
-    return read_meta(directory)

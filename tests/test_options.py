@@ -19,11 +19,14 @@ from engine.cli.options import OptionError, build_job, build_parser, job_flags
 from parallel.options import option_info
 
 JOBS = {
-    "train_sft": "SFTJob", "train_rm": "RMJob", "train_dpo": "DPOJob", "train_kto": "KTOJob",
-    "train_prm": "PRMJob", "train_kd": "KDJob", "train_ppo_ray": "PPOJob", "serve_rm": "ServeRMJob",
-    "batch_inference": "BatchInferenceJob", "demo": "DemoJob",
+    "engine.cli.train_sft": "SFTJob", "engine.cli.train_rm": "RMJob", "engine.cli.train_dpo": "DPOJob",
+    "engine.cli.train_kto": "KTOJob", "engine.cli.train_prm": "PRMJob", "engine.cli.train_kd": "KDJob",
+    "engine.cli.train_ppo_ray": "PPOJob", "engine.cli.serve_rm": "ServeRMJob",
+    "engine.cli.batch_inference": "BatchInferenceJob", "engine.cli.demo": "DemoJob",
+    "tools.convert.hf_to_mcore": "ToMcoreJob", "tools.convert.mcore_to_hf": "ToHFJob",
 }
-REQUIRED = {"pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
+REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore",
+            "pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"input_template": "Q: {}", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
@@ -33,7 +36,7 @@ NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "load_checkpoint"
 
 
 def _job(module: str):
-    return getattr(importlib.import_module(f"engine.cli.{module}"), JOBS[module])
+    return getattr(importlib.import_module(module), JOBS[module])
 
 
 def _unwrap(tp):
@@ -106,7 +109,8 @@ def _excluded(job_cls) -> set[str]:
 
 
 def test_every_cli_has_a_job():
-    clis = {p.stem for p in Path("engine/cli").glob("*.py") if "def main(" in p.read_text()}
+    clis = {".".join(p.with_suffix("").parts) for folder in ("engine/cli", "tools/convert")
+            for p in Path(folder).glob("*.py") if "def main(" in p.read_text()}
     assert clis == set(JOBS)
 
 

@@ -43,6 +43,8 @@ from parallel.options import option
 
 @dataclass(kw_only=True)
 class EngineConfig:
+    """The model, its grid and its optimizer."""
+
     pretrain: str = option(help="HF model directory to start from")
     seed: int = option(42, help="random seed (initialisation, data order, sampling)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -51,7 +53,7 @@ class EngineConfig:
 
 
 class TrainingEngine:
-    """One role's model, trainable, on this process's slot of the TP/PP/CP/EP/DP grid."""
+    """One role's model, trainable or frozen, on this process's slot of the TP/PP/CP/EP/DP grid."""
 
     def __init__(self, config: EngineConfig, *, total_steps: int = 1, trainable: bool = True,
                  load_weights: bool = True, offload: bool = False, ctx=None):

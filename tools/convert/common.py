@@ -1,30 +1,23 @@
-"""Shared pieces of the conversion CLIs."""
+"""Shared pieces of the conversion CLIs: their option groups and the output-directory check."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from engine.cli.options import group
+from parallel.config import ParallelConfig
 
-def add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("parallelism of the Megatron model")
-    group.add_argument("--tensor_model_parallel_size", type=int, default=1)
-    group.add_argument("--pipeline_model_parallel_size", type=int, default=1)
-    group.add_argument("--expert_model_parallel_size", type=int, default=1)
-
-
-def parallel_config(args):
-    from parallel.config import ParallelConfig
-
-    return ParallelConfig(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-    )
+# A conversion has no sequence to split: context parallelism and sequence parallelism are not its flags.
+CONVERT_PARALLEL_GROUP = dict(title="parallelism of the Megatron model",
+                              exclude=("context_parallel_size", "sequence_parallel"))
 
 
-def world_size(args) -> int:
+def parallel_group():
+    return group(factory=ParallelConfig, **CONVERT_PARALLEL_GROUP)
+
+
+def world_size(config: ParallelConfig) -> int:
     """TP x PP x EP ranks: Megatron carves expert parallelism out of data parallelism."""
-    return args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.expert_model_parallel_size
+    return config.tensor_model_parallel_size * config.pipeline_model_parallel_size * config.expert_model_parallel_size
 
 
 def check_output_dir(path: str, overwrite: bool, flag: str = "--save_path") -> None:

@@ -7,21 +7,34 @@ Spawns TP x PP local processes (or runs under torchrun); each reads only its own
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from tools.convert.common import add_parallel_args, check_output_dir, parallel_config, world_size
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf_path", required=True, help="HF model directory (safetensors)")
-    parser.add_argument("--save_path", required=True, help="output Megatron checkpoint directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path")
-    add_parallel_args(parser)
-    return parser.parse_args(argv)
+from engine.cli.options import group, naming_flags, parse_job, run_cli
+from parallel.config import ParallelConfig
+from parallel.options import option
+from tools.convert.common import check_output_dir, parallel_group, world_size
 
 
-def convert(args) -> None:
+@dataclass(kw_only=True)
+class ToMcorePaths:
+    """Where the HF model comes from and the Megatron checkpoint goes."""
+
+    hf_path: str = option(help="HF model directory (safetensors)")
+    save_path: str = option(help="output Megatron checkpoint directory")
+    overwrite: bool = option(False, help="replace a non-empty --save_path")
+
+
+@dataclass(kw_only=True)
+class ToMcoreJob:
+    paths: ToMcorePaths = group(title="paths")
+    parallel: ParallelConfig = parallel_group()
+
+
+def parse_args(argv=None) -> ToMcoreJob:
+    return parse_job(ToMcoreJob, argv, description=__doc__)
+
+
+def convert(args: ToMcoreJob) -> None:
     import torch.distributed as dist
 
     from models.builder import build_model
@@ -30,32 +43,33 @@ def convert(args) -> None:
     from models.weights import load_hf_weights
     from parallel.initialize import initialize_parallel
 
-    config = parallel_config(args)
-    adapter = load_adapter(args.hf_path)
+    config, paths = args.parallel, args.paths
+    adapter = load_adapter(paths.hf_path)
     initialize_parallel(config)
     model = build_model(adapter, config)
-    load_hf_weights(model, adapter, args.hf_path, progress=dist.get_rank() == 0)
-    save_model(model, args.save_path, adapter=adapter, hf_source_dir=args.hf_path)
+    load_hf_weights(model, adapter, paths.hf_path, progress=dist.get_rank() == 0)
+    save_model(model, paths.save_path, adapter=adapter, hf_source_dir=paths.hf_path)
     if dist.get_rank() == 0:
-        print(f"saved Megatron checkpoint to {args.save_path}")
+        print(f"saved Megatron checkpoint to {paths.save_path}")
     dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_output_dir(args.save_path, args.overwrite)
+    check_output_dir(args.paths.save_path, args.paths.overwrite)
     from models.registry import load_adapter
     from parallel.launch import run_on_ranks
 
-    adapter = load_adapter(args.hf_path)  # fail fast on unsupported architectures / bad sizes
-    parallel_config(args).validate_model(
-        num_layers=adapter.num_layers,
-        num_attention_heads=adapter.attention.num_heads,
-        num_query_groups=adapter.attention.num_kv_heads,
-        num_experts=adapter.num_experts,
-    )
-    run_on_ranks(convert, world_size(args), args)
+    with naming_flags(ToMcoreJob, "parallel"):  # fail fast on unsupported architectures / bad sizes
+        adapter = load_adapter(args.paths.hf_path)
+        args.parallel.validate_model(
+            num_layers=adapter.num_layers,
+            num_attention_heads=adapter.attention.num_heads,
+            num_query_groups=adapter.attention.num_kv_heads,
+            num_experts=adapter.num_experts,
+        )
+    run_on_ranks(convert, world_size(args.parallel), args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,22 +8,35 @@ safetensors shards with an index, and copies config and tokenizer files, so that
 """
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from tools.convert.common import add_parallel_args, check_output_dir, parallel_config, world_size
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load_path", required=True, help="Megatron checkpoint directory")
-    parser.add_argument("--save_path", required=True, help="output HF directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_path")
-    parser.add_argument("--max_shard_size_mb", type=int, default=2048, help="size of each safetensors file")
-    add_parallel_args(parser)
-    return parser.parse_args(argv)
+from engine.cli.options import group, parse_job, run_cli
+from parallel.config import ParallelConfig
+from parallel.options import option
+from tools.convert.common import check_output_dir, parallel_group, world_size
 
 
-def convert(args) -> None:
+@dataclass(kw_only=True)
+class ToHFPaths:
+    """Where the Megatron checkpoint comes from and the HF model goes."""
+
+    load_path: str = option(help="Megatron checkpoint directory")
+    save_path: str = option(help="output HF directory")
+    overwrite: bool = option(False, help="replace a non-empty --save_path")
+    max_shard_size_mb: int = option(2048, help="size of each safetensors file")
+
+
+@dataclass(kw_only=True)
+class ToHFJob:
+    paths: ToHFPaths = group(title="paths")
+    parallel: ParallelConfig = parallel_group()
+
+
+def parse_args(argv=None) -> ToHFJob:
+    return parse_job(ToHFJob, argv, description=__doc__)
+
+
+def convert(args: ToHFJob) -> None:
     import torch.distributed as dist
 
     from models.builder import ModelBuildConfig, build_model
@@ -32,33 +45,33 @@ def convert(args) -> None:
     from models.weights import save_hf_checkpoint
     from parallel.initialize import initialize_parallel
 
-    meta = verify_checkpoint(args.load_path)
-    hf_dir = f"{args.load_path}/{HF_DIR}"
+    paths, config = args.paths, args.parallel
+    meta = verify_checkpoint(paths.load_path)
+    hf_dir = f"{paths.load_path}/{HF_DIR}"
     adapter = load_adapter(hf_dir)
-    config = parallel_config(args)
     initialize_parallel(config)
     value_head = meta.get("value_head", False)
     build = ModelBuildConfig(padded_vocab_size=meta["padded_vocab_size"], value_head=value_head)
     model = build_model(adapter, config, build)
-    load_model(model, args.load_path)
+    load_model(model, paths.load_path)
     save_hf_checkpoint(
-        model, adapter, args.save_path, source_dir=hf_dir,
-        max_shard_bytes=args.max_shard_size_mb << 20, progress=dist.get_rank() == 0,
+        model, adapter, paths.save_path, source_dir=hf_dir,
+        max_shard_bytes=paths.max_shard_size_mb << 20, progress=dist.get_rank() == 0,
     )
     if dist.get_rank() == 0:
-        print(f"saved HF model to {args.save_path}")
+        print(f"saved HF model to {paths.save_path}")
     dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_output_dir(args.save_path, args.overwrite)
+    check_output_dir(args.paths.save_path, args.paths.overwrite)
     from models.mcore_checkpoint import verify_checkpoint
     from parallel.launch import run_on_ranks
 
-    verify_checkpoint(args.load_path)
-    run_on_ranks(convert, world_size(args), args)
+    verify_checkpoint(args.paths.load_path)
+    run_on_ranks(convert, world_size(args.parallel), args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,7 +3,7 @@
     @dataclass(kw_only=True)
     class OptimConfig:
         learning_rate: float = option(1e-5, help="peak learning rate")
-        weight_decay: float = option(0.0, flag="l2", help="AdamW weight decay")
+        weight_decay: float = option(0.0, flag="l2", help="weight decay")
 
 A field made with :func:`option` is a flag (named after the field unless ``flag`` says
 otherwise: OpenRLHF's or Megatron's name); a plain field is set by code, never by a flag.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import MISSING
-from typing import Any, Callable
+from typing import Any
 
 OPTION = "option"  # the dataclasses.field metadata key
 
@@ -31,12 +31,11 @@ class OptionInfo:
 
 
 def option(default: Any = MISSING, *, help: str, flag: str | None = None, aliases: tuple[str, ...] = (),
-           value_aliases: dict[str, Any] | None = None, metavar: str | None = None,
-           default_factory: Callable[[], Any] | Any = MISSING) -> Any:
+           value_aliases: dict[str, Any] | None = None, metavar: str | None = None) -> Any:
     """A dataclass field that is a user option. Without a default the flag is required."""
     info = OptionInfo(help=help, flag=flag, aliases=tuple(aliases),
                       value_aliases=tuple((value_aliases or {}).items()), metavar=metavar)
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={OPTION: info})
+    return dataclasses.field(default=default, metadata={OPTION: info})
 
 
 def option_info(field: dataclasses.Field) -> OptionInfo | None:

@@ -15,7 +15,7 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 
-from engine.cli.options import OptionError, build_job, build_parser, job_flags
+from engine.cli.options import OptionError, build_job, build_parser, job_flags, unwrap_optional
 from parallel.options import option_info
 
 JOBS = {
@@ -39,11 +39,6 @@ def _job(module: str):
     return getattr(importlib.import_module(module), JOBS[module])
 
 
-def _unwrap(tp):
-    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (typing.Union, type(int | None)) else []
-    return args[0] if len(args) == 1 else tp
-
-
 ROLES = ("actor", "critic", "ref", "reward")
 
 
@@ -62,7 +57,7 @@ def _other_value(flag) -> list[str]:
     name = _unprefixed(flag)
     if name in SPECIAL:
         return [SPECIAL[name]]
-    tp, default = _unwrap(flag.type), flag.default
+    tp, default = unwrap_optional(flag.type), flag.default
     if tp is bool:
         return []
     if get_origin(tp) is Literal:

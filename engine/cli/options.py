@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -76,8 +77,12 @@ class Flag:
     field: dataclasses.Field
     type: Any
     default: Any  # MISSING: required
-    group: str  # the job field it belongs to
     owner: type  # the dataclass declaring it (its help section)
+
+    @property
+    def group(self) -> str:
+        """The job field it belongs to."""
+        return self.path[0]
 
     @property
     def dest(self) -> str:
@@ -105,7 +110,8 @@ def _field_default(f: dataclasses.Field) -> Any:
     return MISSING
 
 
-def job_flags(job_cls) -> list[Flag]:
+@functools.cache
+def job_flags(job_cls) -> tuple[Flag, ...]:
     """Every flag of a job, in declaration order; raises if two fields would share a flag."""
     flags: list[Flag] = []
     hints = _hints(job_cls)
@@ -113,17 +119,18 @@ def job_flags(job_cls) -> list[Flag]:
         info: GroupInfo = f.metadata.get(GROUP) or GroupInfo()
         if not _is_dataclass_type(hints[f.name]):
             raise TypeError(f"{job_cls.__name__}.{f.name}: a job field must be a config dataclass")
-        flags += _walk(hints[f.name], (f.name,), (), info, f.name)
+        flags += _walk(hints[f.name], (), info, f.name)
     seen: dict[str, Flag] = {}
     for flag in flags:
         for name in flag.option_strings:
             if name in seen:
                 raise TypeError(f"{name} would set both {seen[name].dest} and {flag.dest}")
             seen[name] = flag
-    return flags
+    return tuple(flags)
 
 
-def _walk(cls, path: tuple[str, ...], rel: tuple[str, ...], info: GroupInfo, group_name: str) -> list[Flag]:
+def _walk(cls, rel: tuple[str, ...], info: GroupInfo, group_name: str) -> list[Flag]:
+    """The flags of ``cls`` at ``rel`` inside job field ``group_name`` (nested dataclasses flat)."""
     out = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -134,27 +141,28 @@ def _walk(cls, path: tuple[str, ...], rel: tuple[str, ...], info: GroupInfo, gro
         opt = option_info(f)
         if opt is None:
             if _is_dataclass_type(tp):
-                out += _walk(tp, path + (f.name,), sub, info, group_name)
+                out += _walk(tp, sub, info, group_name)
             continue
         default = info.defaults.get(dotted, _field_default(f))
         flag = info.prefix + info.rename.get(dotted, opt.flag or f.name)
         aliases = tuple(info.prefix + a for a in (*opt.aliases, *info.aliases.get(dotted, ())))
         value_aliases = tuple((info.prefix + name, value) for name, value in opt.value_aliases)
-        out.append(Flag(path + (f.name,), flag, flag_name(f), aliases, value_aliases, f, tp, default, group_name, cls))
+        out.append(Flag((group_name, *sub), flag, flag_name(f), aliases, value_aliases, f, tp, default, cls))
     return out
 
 
 # ----- argparse -------------------------------------------------------------------------------
-def _unwrap_optional(tp) -> tuple[Any, bool]:
+def unwrap_optional(tp):
+    """``X`` for ``X | None``; any other type as it is."""
     if get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            return args[0], True
-    return tp, False
+            return args[0]
+    return tp
 
 
 def _argparse_kwargs(flag: Flag) -> dict:
-    tp, _ = _unwrap_optional(flag.type)
+    tp = unwrap_optional(flag.type)
     info = option_info(flag.field)
     kwargs: dict[str, Any] = {"dest": flag.dest, "help": info.help}
     if flag.default is MISSING:
@@ -225,7 +233,7 @@ def renaming_flags(mapping: dict[str, str], *, context: str = "") -> Iterator[No
         raise OptionError(context + message) from err
 
 
-def _flag_names(flags: list[Flag]):
+def _flag_names(flags):
     return renaming_flags({f.canonical: f.flag for f in flags if f.canonical != f.flag})
 
 
@@ -235,13 +243,13 @@ def naming_flags(job_cls, group_name: str):
 
 
 def _convert(value, tp):
-    tp, _ = _unwrap_optional(tp)
+    tp = unwrap_optional(tp)
     if isinstance(value, list) and get_origin(tp) is tuple:
         return tuple(value)
     return value
 
 
-def _construct(cls, path: tuple[str, ...], values: dict[str, Any], flags: list[Flag]):
+def _construct(cls, path: tuple[str, ...], values: dict[str, Any], flags: tuple[Flag, ...]):
     """``cls`` at ``path`` from the parsed values (options) and overrides (plain fields)."""
     hints, kwargs = _hints(cls), {}
     for f in dataclasses.fields(cls):

@@ -109,9 +109,6 @@ class PPOJob:
         "ppo.advantage.n_samples_per_prompt": "ppo.n_samples_per_prompt",
     }
 
-    def role(self, name: str) -> RoleOptions:
-        return getattr(self, name)
-
 
 def parse_args(argv=None) -> PPOJob:
     return parse_job(PPOJob, argv, description=__doc__)
@@ -138,15 +135,13 @@ def pretrain_data_config(job: PPOJob) -> DataConfig | None:
         )
 
 
-def role_ranks(job: PPOJob) -> dict[str, int]:
-    """Ranks of every role this run starts (keys as ``build_and_fit`` names the groups)."""
-    out = {"actor": job.actor.num_ranks}
-    if job.ppo.needs_reference:
-        out["ref"] = job.ref.num_ranks
-    out.update({f"reward{i}": job.reward.num_ranks for i, _ in enumerate(job.models.reward_paths)})
-    if job.ppo.needs_critic:
-        out["critic"] = job.critic.num_ranks
-    return out
+def _flag_group(key: str) -> str:
+    """The job field whose flags configure role ``key`` (reward0, reward1 ... share --reward_*)."""
+    return "reward" if key.startswith("reward") else key
+
+
+def _ranks(configs: dict) -> dict[str, int]:
+    return {key: config.num_ranks for key, config in configs.items()}
 
 
 def _engine_workers(job: PPOJob) -> int:
@@ -159,11 +154,11 @@ def check_job(job: PPOJob) -> None:
     from engine.ray.colocation import colocated_sets
     from models.registry import load_adapter
 
-    colocated_sets(job.placement, role_ranks(job), engine_workers=_engine_workers(job))
+    configs = role_configs(job, total_steps=1)
+    colocated_sets(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
     pretrain_data_config(job)
-    for key, config in role_configs(job, total_steps=1).items():
-        role = "reward" if key.startswith("reward") else key
-        with naming_flags(PPOJob, role):
+    for key, config in configs.items():
+        with naming_flags(PPOJob, _flag_group(key)):
             adapter = load_adapter(config.engine.pretrain)
             config.engine.parallel.validate_model(
                 num_layers=adapter.num_layers, num_attention_heads=adapter.attention.num_heads,
@@ -172,16 +167,16 @@ def check_job(job: PPOJob) -> None:
 
 # ----- the roles ------------------------------------------------------------------------------
 def role_configs(job: PPOJob, *, total_steps: int) -> dict:
-    """The RoleConfig of every role this run starts (keys as ``role_ranks``)."""
+    """The RoleConfig of every role this run starts: actor, ref, reward0 ..., critic."""
     from engine.ray.role_worker import RoleConfig
     from engine.runtime.engine import EngineConfig
 
     offload = job.placement.ref_reward_offload
 
-    def config(key: str, role: str, pretrain: str, *, trainable: bool, value_head: bool, learning_rate=None):
+    def config(key: str, pretrain: str, *, trainable: bool, value_head: bool, learning_rate=None):
         optim = replace(job.optim, learning_rate=learning_rate) if learning_rate is not None else job.optim
-        options = job.role(role)
-        with naming_flags(PPOJob, role):
+        options: RoleOptions = getattr(job, _flag_group(key))
+        with naming_flags(PPOJob, _flag_group(key)):
             return RoleConfig(
                 name=key, num_ranks=options.num_ranks, trainable=trainable, offload=offload and not trainable,
                 total_steps=total_steps if trainable else 1,
@@ -189,14 +184,14 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
                                     build=replace(job.build, value_head=value_head)))
 
     models, reward_paths = job.models, job.models.reward_paths
-    out = {"actor": config("actor", "actor", models.pretrain, trainable=True, value_head=False)}
+    out = {"actor": config("actor", models.pretrain, trainable=True, value_head=False)}
     if job.ppo.needs_reference:
-        out["ref"] = config("ref", "ref", models.pretrain, trainable=False, value_head=False)
+        out["ref"] = config("ref", models.pretrain, trainable=False, value_head=False)
     for i, path in enumerate(reward_paths):
-        out[f"reward{i}"] = config(f"reward{i}", "reward", path, trainable=False, value_head=True)
+        out[f"reward{i}"] = config(f"reward{i}", path, trainable=False, value_head=True)
     if job.ppo.needs_critic:
         critic_path = models.critic_pretrain or (reward_paths[0] if reward_paths else models.pretrain)
-        out["critic"] = config("critic", "critic", critic_path, trainable=True, value_head=True,
+        out["critic"] = config("critic", critic_path, trainable=True, value_head=True,
                                learning_rate=models.critic_learning_rate)
     return out
 
@@ -255,7 +250,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     placements: dict = {}
     try:
         configs = role_configs(job, total_steps=_optimizer_steps(job, len(prompts)))
-        placements = make_placements(job.placement, role_ranks(job), engine_workers=_engine_workers(job))
+        placements = make_placements(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
         for key, config in configs.items():
             groups[key] = RoleGroup(config, placements[key])
         shared = placements.get("vllm")

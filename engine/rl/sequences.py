@@ -31,10 +31,6 @@ class RolloutBatch:
         """Index of each row's last real token (the reward model scores there)."""
         return self.prompt_lengths + self.response_lengths - 1
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "labels": self.labels, "position_ids": self.position_ids,
-                "action_mask": self.action_mask}
-
 
 def build_rollout_batch(
     prompt_ids: list[list[int]],

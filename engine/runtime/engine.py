@@ -77,9 +77,9 @@ class TrainingEngine:
         self.device = next(self.model.parameters()).device
         if offload and trainable:
             raise ValueError("weight offload applies to frozen models (reference, reward, teacher), not trained ones")
-        self.offload = offload and self.device.type == "cuda"
+        self.offload = offload and self.device.type == "cuda"  # on a CPU build host memory is home already
         if self.offload:
-            self.offload_weights()
+            self._to_host()
 
     # ----- facts about this rank ----------------------------------------------------------
     @property
@@ -102,19 +102,10 @@ class TrainingEngine:
         """Sequence lengths must be multiples of this (sequence parallel x zigzag CP chunks)."""
         return self.config.parallel.sequence_multiple()
 
-    @property
-    def forward_model(self):
-        return self.ddp_model if self.trainable else self.model
-
     # ----- weights in host memory between uses (frozen models, GPU) -----------------------
-    def offload_weights(self) -> None:
-        if self.device.type == "cuda":
-            self.model.to("cpu")
-            torch.cuda.empty_cache()
-
-    def onload_weights(self) -> None:
-        if self.device.type == "cuda":
-            self.model.to(self.device)
+    def _to_host(self) -> None:
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
 
     def weights_device(self) -> str:
         return str(next(self.model.parameters()).device)
@@ -125,11 +116,11 @@ class TrainingEngine:
         if not self.offload:
             yield
             return
-        self.onload_weights()
+        self.model.to(self.device)
         try:
             yield
         finally:
-            self.offload_weights()
+            self._to_host()
 
     # ----- steps --------------------------------------------------------------------------
     def global_token_count(self, microbatches: list[dict], key: str = "loss_mask") -> int:
@@ -156,7 +147,7 @@ class TrainingEngine:
     @torch.no_grad()
     def forward_only(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
         """Per-micro-batch outputs of ``loss_fn`` on the last stage (empty list elsewhere)."""
-        model = self.forward_model
+        model = self.ddp_model if self.trainable else self.model
         model.eval()
         with self.weights_on_device():
             return run_microbatches(
@@ -209,15 +200,11 @@ class TrainingEngine:
                            config_updates=config_updates)
 
 
-def frozen_copy(engine: TrainingEngine, hf_path: str, *, role: str, offload: bool = False,
-                value_head: bool = False) -> TrainingEngine:
+def frozen_copy(engine: TrainingEngine, hf_path: str, *, role: str, offload: bool = False) -> TrainingEngine:
     """A frozen model on ``engine``'s grid (the DPO / KTO reference, the KD teacher): same TP / PP /
     CP layout, so its micro-batches split the same way; ``role`` names its flag in errors."""
-    config = replace(engine.config, pretrain=hf_path, build=replace(engine.config.build, value_head=value_head))
-    copy = TrainingEngine(config, trainable=False, offload=offload, ctx=engine.ctx, load_weights=False)
+    copy = TrainingEngine(replace(engine.config, pretrain=hf_path), trainable=False, offload=offload, ctx=engine.ctx)
     if copy.vocab_size != engine.vocab_size:
         raise ValueError(f"{role} {hf_path} has a vocabulary of {copy.vocab_size} tokens, the trained "
                          f"model {engine.vocab_size}: the two must share a tokenizer")
-    with copy.weights_on_device():
-        load_hf_weights(copy.model, copy.adapter, hf_path, progress=engine.is_rank_zero)
     return copy

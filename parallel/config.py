@@ -1,6 +1,7 @@
 """Typed parallelism configuration, validated where it is defined."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from parallel.options import option
@@ -40,6 +41,11 @@ class ParallelConfig:
             * self.pipeline_model_parallel_size
             * self.context_parallel_size
         )
+
+    def minimum_world_size(self) -> int:
+        """The smallest world this grid fits: TP x PP x CP, times the DP that EP needs (EP is carved out of DP x CP)."""
+        ep, cp = self.expert_model_parallel_size, self.context_parallel_size
+        return self.model_parallel_size * (ep // math.gcd(ep, cp))
 
     def sequence_multiple(self) -> int:
         """Sequence lengths must be multiples of this (sequence-parallel shards x zigzag CP chunks)."""

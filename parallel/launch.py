@@ -1,8 +1,11 @@
-"""Start N local ranks the way torchrun does, for CLIs that can be run with a plain ``python``.
+"""Run a job on its ranks: in place under torchrun (one node or many), or on local ranks started
+here the way torchrun would, for CLIs run with a plain ``python``.
 
-Under torchrun (``RANK`` in the environment) the function runs in place; otherwise it starts
-``world_size`` processes (one included: the caller's process stays free of distributed state)
-with torchrun's environment variables, and fails if any rank fails.
+Under torchrun (``RANK`` in the environment) the world is torchrun's and data parallelism is
+what the model-parallel grid leaves of it, as in Megatron; a world the grid does not divide is
+refused before any process group forms. Otherwise ``--nproc_per_node`` processes are started
+(one included: the caller's process stays free of distributed state) with torchrun's
+environment variables, and the launch fails if any rank fails.
 
 Ranks are forked from multiprocessing's forkserver with torch, megatron-core and transformers
 preloaded: importing them costs ~10 s of CPU per process, which dominated short jobs and
@@ -17,6 +20,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from parallel.config import ParallelConfig
 from parallel.ports import free_port
 
 PRELOAD_MODULES = ("torch", "megatron.core.models.gpt.gpt_model", "megatron.core.pipeline_parallel", "transformers")
@@ -24,8 +28,6 @@ PRELOAD_MODULES = ("torch", "megatron.core.models.gpt.gpt_model", "megatron.core
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 
 
 def rank_process_context(preload: tuple[str, ...] = PRELOAD_MODULES):
@@ -58,15 +60,47 @@ def _rank_main(rank: int, fn: Callable, world_size: int, port: int, env: dict, a
     fn(*args)
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args) -> None:
-    """Run ``fn(*args)`` on every rank of a ``world_size`` world (spawned here unless torchrun did)."""
+class LaunchError(ValueError):
+    """The launch does not fit the parallel sizes; the message names the flags and the launcher's numbers."""
+
+
+def check_world(grid: ParallelConfig, world_size: int, source: str) -> int:
+    """The data-parallel size of ``world_size`` ranks on ``grid``; ``source`` says where the number came from."""
+    try:
+        return grid.data_parallel_size(world_size)
+    except ValueError as exc:
+        raise LaunchError(f"{source}: {exc}") from None
+
+
+def check_torchrun_world(grid: ParallelConfig, nproc_per_node: int | None) -> int:
+    """Under torchrun the world is torchrun's: DP is what remains of it after TP x PP x CP."""
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if nproc_per_node is not None and nproc_per_node != local:
+        raise LaunchError(
+            f"--nproc_per_node {nproc_per_node} was given to the job, but torchrun started {local} ranks per node: "
+            "under torchrun the ranks are torchrun's (pass --nproc_per_node to torchrun only)"
+        )
+    return check_world(grid, world, f"torchrun started WORLD_SIZE={world} ranks (--nnodes x --nproc_per_node)")
+
+
+def run_on_ranks(fn: Callable[..., Any], *args, grid: ParallelConfig, nproc_per_node: int | None = None) -> None:
+    """Run ``fn(*args)`` on every rank of a world that fits ``grid``.
+
+    Under torchrun, in place: the world is torchrun's (any multiple of the grid, one node or many)
+    and data parallelism takes the rest. Otherwise ``nproc_per_node`` local ranks are spawned here,
+    by default the smallest world the grid fits (TP x PP x CP, times what EP needs of DP).
+    """
     if launched_by_torchrun():
-        if int(os.environ["WORLD_SIZE"]) != world_size:
-            raise ValueError(
-                f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but the parallel sizes need {world_size} ranks"
-            )
+        check_torchrun_world(grid, nproc_per_node)
         fn(*args)
         return
+    nprocs = nproc_per_node or grid.minimum_world_size()
+    check_world(grid, nprocs, f"--nproc_per_node {nprocs}")
+    spawn_local_ranks(fn, nprocs, *args)
+
+
+def spawn_local_ranks(fn: Callable[..., Any], world_size: int, *args) -> None:
+    """``fn(*args)`` on ``world_size`` ranks spawned on this machine; fails if any rank fails."""
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     rank_process_context()  # sets the preload of the forkserver start_processes uses
     mp.start_processes(_rank_main, args=(fn, world_size, free_port(), dict(os.environ), args), nprocs=world_size,

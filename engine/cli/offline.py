@@ -23,7 +23,10 @@ NOT_READ_BY_PRM = ("output_key", "chosen_key", "rejected_key", "prompt_key", "pr
 class LaunchOptions:
     """How the ranks start."""
 
-    nproc_per_node: int | None = option(None, help="ranks to spawn when not under torchrun (default: TP x PP x CP)")
+    nproc_per_node: int | None = option(
+        None, help="ranks to spawn on this machine when not under torchrun (default: the smallest world the "
+                   "parallel sizes fit, TP x PP x CP (x what EP needs); data parallelism takes the rest). "
+                   "Under torchrun the world is torchrun's: use torchrun's own --nnodes / --nproc_per_node")
 
 
 def trainer_group(learning_rate: float):
@@ -70,7 +73,7 @@ def load_splits(dataset_cls, job: OfflineJob, **options):
 
 
 def launch(train: Callable, job: OfflineJob) -> None:
-    """Run ``train(job)`` on every rank: TP x PP x CP ranks unless ``--nproc_per_node`` says more."""
+    """Run ``train(job)`` on every rank: torchrun's world, or ``--nproc_per_node`` ranks spawned here."""
     from parallel.launch import run_on_ranks
 
-    run_on_ranks(train, job.launch.nproc_per_node or job.trainer.engine.parallel.model_parallel_size, job)
+    run_on_ranks(train, job, grid=job.trainer.engine.parallel, nproc_per_node=job.launch.nproc_per_node)

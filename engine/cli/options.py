@@ -287,7 +287,9 @@ def parse_job(job_cls, argv=None, *, description: str | None = None, overrides: 
 
 def run_cli(main, argv=None):
     """A CLI's ``__main__``: flag errors end the process with one line naming the flag, not a traceback."""
+    from parallel.launch import LaunchError
+
     try:
         return main(argv)
-    except OptionError as err:
+    except (OptionError, LaunchError) as err:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")

@@ -81,11 +81,11 @@ def _to_hf(load_path, save_path, tp, result_file):
 
 
 def timed_on_ranks(fn, world_size: int, *args) -> tuple[float, float]:
-    from parallel.launch import run_on_ranks
+    from parallel.launch import spawn_local_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "seconds.pt")
-        run_on_ranks(fn, world_size, *args, result)
+        spawn_local_ranks(fn, world_size, *args, result)
         return torch.load(result)
 
 

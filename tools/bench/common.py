@@ -44,10 +44,10 @@ def run_on_local_ranks(worker, world_size: int, *args):
 
     import torch
 
-    from parallel.launch import run_on_ranks
+    from parallel.launch import spawn_local_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.pt")
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world_size))
-        run_on_ranks(worker, world_size, *args, result_file)
+        spawn_local_ranks(worker, world_size, *args, result_file)
         return torch.load(result_file)

@@ -15,11 +15,6 @@ def parallel_group():
     return group(factory=ParallelConfig, **CONVERT_PARALLEL_GROUP)
 
 
-def world_size(config: ParallelConfig) -> int:
-    """TP x PP x EP ranks: Megatron carves expert parallelism out of data parallelism."""
-    return config.tensor_model_parallel_size * config.pipeline_model_parallel_size * config.expert_model_parallel_size
-
-
 def check_output_dir(path: str, overwrite: bool, flag: str = "--save_path") -> None:
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

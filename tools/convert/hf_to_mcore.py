@@ -3,7 +3,8 @@
     python -m tools.convert.hf_to_mcore --hf_path HF_DIR --save_path MCORE_DIR \\
         --tensor_model_parallel_size 2 --pipeline_model_parallel_size 2 [--expert_model_parallel_size 2]
 
-Spawns TP x PP local processes (or runs under torchrun); each reads only its own slices.
+Spawns TP x PP x EP local processes, or runs under torchrun at any multiple of that (data-parallel
+replicas read the same slices); each rank reads only its own slices.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from engine.cli.options import group, naming_flags, parse_job, run_cli
 from parallel.config import ParallelConfig
 from parallel.options import option
-from tools.convert.common import check_output_dir, parallel_group, world_size
+from tools.convert.common import check_output_dir, parallel_group
 
 
 @dataclass(kw_only=True)
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
             num_query_groups=adapter.attention.num_kv_heads,
             num_experts=adapter.num_experts,
         )
-    run_on_ranks(convert, world_size(args.parallel), args)
+    run_on_ranks(convert, args, grid=args.parallel)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from engine.cli.options import group, parse_job, run_cli
 from parallel.config import ParallelConfig
 from parallel.options import option
-from tools.convert.common import check_output_dir, parallel_group, world_size
+from tools.convert.common import check_output_dir, parallel_group
 
 
 @dataclass(kw_only=True)
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     from parallel.launch import run_on_ranks
 
     verify_checkpoint(args.paths.load_path)
-    run_on_ranks(convert, world_size(args.parallel), args)
+    run_on_ranks(convert, args, grid=args.parallel)
 
 
 if __name__ == "__main__":

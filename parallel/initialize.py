@@ -73,6 +73,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def local_device_index(env, *, rank: int, device_count: int) -> int:
+    """This process's GPU on its node: torchrun's LOCAL_RANK (the global RANK counts every node's
+    ranks); without one (a launcher that sets only RANK) the rank modulo the node's devices."""
+    if "LOCAL_RANK" in env:
+        index = int(env["LOCAL_RANK"])
+        if index >= device_count:
+            raise ValueError(f"LOCAL_RANK={index} but this node has {device_count} visible GPU(s): start at most "
+                             f"{device_count} ranks per node (--nproc_per_node) or check CUDA_VISIBLE_DEVICES")
+        return index
+    return rank % device_count
+
+
 def initialize_parallel(
     config: ParallelConfig,
     *,
@@ -98,7 +110,7 @@ def initialize_parallel(
     data_parallel_size = config.data_parallel_size(world_size)
 
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+        local_rank = local_device_index(os.environ, rank=dist.get_rank(), device_count=torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -234,3 +234,13 @@ def test_spawned_world_the_grid_does_not_divide_names_nproc_per_node():
                                           r"--tensor_model_parallel_size \(2\)"):
         train_sft.main(["--pretrain", "unused", "--dataset", "unused", "--nproc_per_node", "3",
                         "--tensor_model_parallel_size", "2"])
+
+
+def test_devices_come_from_local_rank_not_rank():
+    from parallel.initialize import local_device_index
+
+    # rank 9 = node 1, local rank 1 of 8 GPUs
+    assert local_device_index({"LOCAL_RANK": "1", "RANK": "9"}, rank=9, device_count=8) == 1
+    assert local_device_index({}, rank=9, device_count=8) == 1
+    with pytest.raises(ValueError, match="LOCAL_RANK=8 but this node has 8 visible GPU"):
+        local_device_index({"LOCAL_RANK": "8"}, rank=8, device_count=8)

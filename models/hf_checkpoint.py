@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# {hf_name: shape} of the HF checkpoint a Megatron checkpoint came from, kept in its hf/ directory:
+# what a weight sync into vLLM engines started without weights must carry.
+TENSOR_SHAPES_NAME = "tensor_shapes.json"
 # Files copied next to exported weights so the directory is a complete HF model.
 _SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -165,3 +168,19 @@ def copy_side_files(source: str | os.PathLike, destination: str | os.PathLike) -
         src = Path(source) / name
         if src.exists():
             shutil.copy2(src, Path(destination) / name)
+
+
+def hf_tensor_shapes(directory: str | os.PathLike) -> dict[str, list[int]] | None:
+    """``{name: shape}`` of an HF checkpoint's tensors (safetensors headers only), or the
+    ``tensor_shapes.json`` a Megatron checkpoint's ``hf/`` directory keeps of them; None when
+    ``directory`` has neither."""
+    directory = Path(directory)
+    if (directory / TENSOR_SHAPES_NAME).exists():
+        return json.loads((directory / TENSOR_SHAPES_NAME).read_text())
+    if not ((directory / INDEX_NAME).exists() or (directory / SINGLE_NAME).exists()):
+        return None
+    reader = HFCheckpointReader(directory)
+    try:
+        return {name: reader.shape(name) for name in reader.keys()}
+    finally:
+        reader.close()

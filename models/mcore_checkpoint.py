@@ -5,7 +5,8 @@ A checkpoint directory holds:
 - megatron-core ``dist_checkpointing`` files of the model's sharded state dict (optionally the
   optimizer's and more, added by the trainer): reloadable under a different TP / PP / EP layout;
 - ``hf/``: the HF config and tokenizer files the model came from (so it can be rebuilt and
-  exported without the original directory);
+  exported without the original directory), and ``tensor_shapes.json``, the names and shapes of
+  that HF checkpoint's tensors (vLLM engines started from ``hf/`` check weight syncs against it);
 - ``meta.json``: format version, architecture and the padded vocabulary size;
 - ``manifest.json``, written last: every file with its size. A directory without a manifest or
   whose files disagree with it (a crash or a truncated copy) is not a checkpoint.
@@ -25,7 +26,13 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 
 from models.adapter import ModelAdapter
 from models.heads import is_value_model
-from models.hf_checkpoint import CheckpointError, copy_side_files, staged_directory
+from models.hf_checkpoint import (
+    TENSOR_SHAPES_NAME,
+    CheckpointError,
+    copy_side_files,
+    hf_tensor_shapes,
+    staged_directory,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -111,6 +118,9 @@ def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_siz
     if hf_source_dir is not None:
         copy_side_files(hf_source_dir, hf_dir)
         adapter.hf_config.save_pretrained(hf_dir)  # the config we built from wins
+        shapes = hf_tensor_shapes(hf_source_dir)  # of an HF source, or carried on from a Megatron one's hf/
+        if shapes is not None:
+            (hf_dir / TENSOR_SHAPES_NAME).write_text(json.dumps(shapes))
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": adapter.hf_config.model_type,

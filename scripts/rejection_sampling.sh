@@ -16,7 +16,9 @@ source scripts/_loop_common.sh
 for ((iter = 0; iter < ITERS; iter++)); do
   out=$WORKDIR/iter$iter
   generate_and_score "$iter" "$out" rs best.jsonl
+  # "input" is the rendered prompt already: no template on top (OpenRLHF's script passes the same).
   "$PY" -m engine.cli.train_sft --pretrain "$POLICY" --dataset "$out/best.jsonl" --input_key input --output_key output \
+    --input_template "" \
     --train_batch_size "$TRAIN_BATCH_SIZE" --micro_train_batch_size "$MICRO_TRAIN_BATCH_SIZE" \
     --save_path "$out/model" $TRAIN_ARGS
   POLICY=$out/model

@@ -1,9 +1,12 @@
 """Every CLI flag maps to exactly one config field and back (engine/cli/options.py).
 
 For every job: the parser's option strings are exactly the flags generated from the job's option
+fields plus its CLI's entries of the OpenRLHF table (engine/cli/openrlhf_compat.py), which are not
 fields; every option field of the job's configs is a flag or deliberately excluded; and setting
 any one flag to a non-default value changes that field, and no other option field, in the job
-the CLI builds. Errors name the flag as the user typed it (role prefixes, renamed groups).
+the CLI builds. An OpenRLHF entry changes nothing and prints its notice, is refused naming the
+flag, or (a fan-out) changes exactly the fields of the flags it stands for. Errors name the flag
+as the user typed it (role prefixes, renamed groups).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 
-from engine.cli.options import OptionError, build_job, build_parser, job_flags, unwrap_optional
+from engine.cli.options import OptionError, build_job, build_parser, foreign_flags, job_flags, parse_job, unwrap_optional
 from parallel.options import option_info
 
 JOBS = {
@@ -115,7 +118,8 @@ def test_flags_and_fields_map_one_to_one(module):
     flags = job_flags(job_cls)  # raises if two fields would share a flag
     parser = build_parser(job_cls)
     parsed = {s for action in parser._actions for s in action.option_strings if s not in ("-h", "--help")}
-    assert parsed == {s for f in flags for s in f.option_strings}
+    fields, foreign = {s for f in flags for s in f.option_strings}, {f"--{e.flag}" for e in foreign_flags(job_cls)}
+    assert parsed == fields | foreign and not fields & foreign
     # ... and back: every option field of the job's configs is a flag unless the job excludes it.
     assert _all_option_fields(job_cls) == {f.dest for f in flags} | _excluded(job_cls)
 
@@ -142,6 +146,41 @@ def test_each_flag_sets_its_field_and_nothing_else(module):
         for alias, value in flag.value_aliases:
             aliased = build_job(job_cls, vars(parser.parse_args(required + [f"--{alias}"])))
             assert _option_values(aliased, flags)[flag.dest] == value, alias
+
+
+def _foreign_value(entry, *, refused: bool) -> list[str]:
+    """Command-line words after an OpenRLHF entry: an accepted value, or (``refused``) one it refuses."""
+    if entry.type is None:
+        return []
+    if entry.accepted and not refused:
+        return [str(entry.accepted[0])]
+    return {int: ["8"], float: ["0.5"], str: ["x"]}[entry.type] * (2 if entry.nargs else 1)
+
+
+@pytest.mark.parametrize("module", sorted(JOBS))
+def test_each_openrlhf_flag_is_acted_on_or_refused(module, capsys):
+    job_cls = _job(module)
+    flags = job_flags(job_cls)
+    required = _required_words(job_cls)
+    base = _option_values(parse_job(job_cls, required), flags)
+    capsys.readouterr()
+    by_flag = {f.flag: f for f in flags}
+    for entry in foreign_flags(job_cls):
+        typed = f"--{entry.flag}"
+        if entry.fans_out_to:  # an alias of several flags: exactly their fields change
+            values = _option_values(parse_job(job_cls, required + [typed, "2"]), flags)
+            assert {d for d in values if values[d] != base[d]} == {by_flag[t].dest for t in entry.fans_out_to}
+            continue
+        if entry.refused:
+            with pytest.raises(OptionError, match=rf"^{typed}\b.*not supported"):
+                parse_job(job_cls, required + [typed, *_foreign_value(entry, refused=True)])
+            if not entry.accepted:
+                continue
+        # A notice: the job is the one without the flag, and one line names it.
+        assert _option_values(parse_job(job_cls, required + [typed, *_foreign_value(entry, refused=False)]),
+                              flags) == base, entry.flag
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"note: {typed}")]
+        assert len(lines) == 1 and entry.says in lines[0], (entry.flag, lines)
 
 
 def test_errors_name_the_flag_the_user_typed():

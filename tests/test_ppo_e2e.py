@@ -24,6 +24,7 @@ def rl_setup(tmp_path_factory):
     sft = root / "sft"
     train_sft.main([
         "--pretrain", model, "--dataset", f"json@{data}", "--input_key", "prompt", "--output_key", "answer",
+        "--input_template", "",  # RL prompts are the raw "3+4=" (train_sft's default template is OpenRLHF's)
         "--max_len", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32", "--max_epochs", "4",
         "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "100", "--save_path", str(sft),
     ])

@@ -226,14 +226,24 @@ def test_smallest_world_of_a_grid():
     assert ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2).minimum_world_size() == 4
 
 
-def test_spawned_world_the_grid_does_not_divide_names_nproc_per_node():
+def test_spawned_world_the_grid_does_not_divide_names_nproc_per_node(tiny_models):
     from engine.cli import train_sft
     from parallel.launch import LaunchError
 
     with pytest.raises(LaunchError, match=r"--nproc_per_node 3: world size 3 is not divisible by "
                                           r"--tensor_model_parallel_size \(2\)"):
-        train_sft.main(["--pretrain", "unused", "--dataset", "unused", "--nproc_per_node", "3",
+        train_sft.main(["--pretrain", tiny_models["llama"], "--dataset", "unused", "--nproc_per_node", "3",
                         "--tensor_model_parallel_size", "2"])
+
+
+def test_model_that_does_not_split_fails_before_any_rank_starts(tiny_models, tmp_path):
+    from engine.cli import train_sft
+    from engine.cli.options import OptionError
+
+    with pytest.raises(OptionError, match=r"--tensor_model_parallel_size \(8\) must divide the number of attention"):
+        train_sft.main(["--pretrain", tiny_models["llama"], "--dataset", "unused", "--tensor_model_parallel_size", "8"])
+    with pytest.raises(OptionError, match=r"--pretrain .* is neither an HF model directory"):
+        train_sft.main(["--pretrain", str(tmp_path), "--dataset", "unused"])
 
 
 def test_devices_come_from_local_rank_not_rank():

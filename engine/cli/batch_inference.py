@@ -15,7 +15,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 from engine.cli.options import group, parse_job, run_cli
@@ -30,9 +30,9 @@ class BatchTask:
     """What to run and where the rows go."""
 
     eval_task: Literal["generate", "generate_vllm", "rm"] = option(help="generate (= generate_vllm) | rm")
-    pretrain: str = option(help="HF directory: the policy (generate) or reward model (rm)")
+    pretrain: str = option(help="the policy (generate) or reward model (rm): HF directory or Megatron checkpoint")
     output_path: str = option(help="jsonl file to write")
-    seed: int = option(42, help="sampling seed")
+    seed: int = option(1234, help="sampling seed")
     iter: int | None = option(None, help="with --rollout_batch_size: use prompt slice number ITER")
     rollout_batch_size: int | None = option(None, help="prompts per --iter slice")
 
@@ -58,12 +58,14 @@ class BatchInferenceJob:
     task: BatchTask = group(title="task")
     sampling: SamplingConfig = group(title="generation (vLLM)", rename={"n_samples_per_prompt": "best_of_n"},
                                      aliases={"n_samples_per_prompt": ("n_samples_per_prompt",),
-                                              "max_new_tokens": ("max_new_tokens",)}, factory=SamplingConfig)
+                                              "max_new_tokens": ("max_new_tokens",)},
+                                     value_aliases={"temperature": {"greedy_sampling": 0.0}}, factory=SamplingConfig)
     vllm: VLLMEngineConfig = group(title="generation (vLLM)", exclude=("enable_sleep_mode",),
                                    aliases={"tensor_parallel_size": ("tp_size",)}, factory=VLLMEngineConfig)
     scoring: RewardScoring = group(title="reward scoring and selection", factory=RewardScoring)
-    data: DataConfig = group(title="data", exclude=("chosen_key", "rejected_key", "prompt_key", "eval_split",
-                                                    "pretrain_mode", "packing_samples"))
+    data: DataConfig = group(title="data", aliases={"train_split": ("dataset_split",)},
+                             exclude=("chosen_key", "rejected_key", "prompt_key", "eval_split", "pretrain_mode",
+                                      "packing_samples"))
 
     derived: ClassVar[dict[str, str]] = {"sampling.seed": "task.seed", "vllm.seed": "task.seed",
                                          "data.seed": "task.seed", "vllm.pretrain": "task.pretrain"}
@@ -89,20 +91,23 @@ def run_generate(job: BatchInferenceJob) -> list[dict]:
 
     from engine.data.prompts import PromptDataset
     from engine.inference.batch import generate_rows
+    from engine.inference.hf_model import hf_model_dir
     from engine.ray.vllm_engine import create_engines, shutdown_engines
 
-    tokenizer = AutoTokenizer.from_pretrained(job.task.pretrain)
-    prompts = _prompt_slice(job.task, list(PromptDataset.from_config(job.data, tokenizer, split=job.data.train_split)))
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init()
-    engines = create_engines(job.vllm)
-    try:
-        return generate_rows(engines, tokenizer, prompts, job.sampling)
-    finally:
-        shutdown_engines(engines)
+    with hf_model_dir(job.task.pretrain, flag="--pretrain", value_head=False) as hf_path:
+        tokenizer = AutoTokenizer.from_pretrained(hf_path)
+        prompts = _prompt_slice(job.task, list(PromptDataset.from_config(job.data, tokenizer,
+                                                                         split=job.data.train_split)))
+        started_ray = not ray.is_initialized()
         if started_ray:
-            ray.shutdown()
+            ray.init()
+        engines = create_engines(replace(job.vllm, pretrain=hf_path))
+        try:
+            return generate_rows(engines, tokenizer, prompts, job.sampling)
+        finally:
+            shutdown_engines(engines)
+            if started_ray:
+                ray.shutdown()
 
 
 def run_rm(job: BatchInferenceJob) -> list[dict]:

@@ -60,8 +60,9 @@ def main(argv=None) -> None:
 
     sft_out = workdir / "sft"
     train_sft.main([
+        # The RL stage prompts with the raw "3+4=": no template (train_sft's default is OpenRLHF's).
         "--pretrain", model, "--dataset", f"json@{data}", "--input_key", "prompt", "--output_key", "answer",
-        "--eval_split", "test", "--max_len", "32",
+        "--input_template", "", "--eval_split", "test", "--max_len", "32",
         "--tensor_model_parallel_size", str(args.tensor_model_parallel_size),
         "--train_batch_size", "64", "--micro_train_batch_size", "16", "--max_epochs", str(args.max_epochs),
         "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "8",

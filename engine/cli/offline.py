@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
-from engine.cli.options import group, parse_job
+from engine.cli.openrlhf_compat import NO_SAVE_PATH
+from engine.cli.options import group, naming_flags, parse_job, print_notices
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
 from parallel.options import option
@@ -29,16 +30,19 @@ class LaunchOptions:
                    "Under torchrun the world is torchrun's: use torchrun's own --nnodes / --nproc_per_node")
 
 
-def trainer_group(learning_rate: float):
-    return group(title="training", defaults={"engine.optim.learning_rate": learning_rate})
+def trainer_group(learning_rate: float, *, job: str, defaults: dict | None = None):
+    """The trainer's flags with OpenRLHF's defaults of ``train_<job>``: its learning rate, resumable
+    checkpoints under ./ckpt/checkpoints_<job> (written only with --save_steps)."""
+    return group(title="training", defaults={"engine.optim.learning_rate": learning_rate,
+                                             "checkpoint.ckpt_path": f"./ckpt/checkpoints_{job}", **(defaults or {})})
 
 
 def launch_group():
     return group(title="launch", factory=LaunchOptions)
 
 
-def data_group(not_read: tuple[str, ...]):
-    return group(title="data", exclude=not_read)
+def data_group(not_read: tuple[str, ...], *, defaults: dict | None = None):
+    return group(title="data", exclude=not_read, defaults=defaults)
 
 
 @dataclass(kw_only=True)
@@ -52,9 +56,16 @@ class OfflineJob:
     derived: ClassVar[dict[str, str]] = {"data.seed": "trainer.engine.seed"}
 
 
-def parse_offline(job_cls, argv, description: str, *, value_head: bool = False):
-    overrides = {"trainer.engine.build.value_head": True} if value_head else None
-    return parse_job(job_cls, argv, description=description, overrides=overrides)
+def parse_offline(job_cls, argv, description: str, *, value_head: bool = False, input_template: str | None = None):
+    """``input_template``: the prompt template without --input_template / --apply_chat_template /
+    --pretrain_mode (OpenRLHF's SFT, KTO and KD default one)."""
+    overrides = {"trainer.engine.build.value_head": True} if value_head else {}
+    if input_template is not None:
+        overrides["data.default_input_template"] = input_template
+    job = parse_job(job_cls, argv, description=description, overrides=overrides)
+    if not job.trainer.loop.save_path:
+        print_notices([NO_SAVE_PATH])
+    return job
 
 
 def pad_token_id(tokenizer) -> int:
@@ -63,17 +74,36 @@ def pad_token_id(tokenizer) -> int:
 
 def load_splits(dataset_cls, job: OfflineJob, **options):
     """``(tokenizer, train_set, eval_set or None)``: ``--dataset`` tokenised by ``--pretrain``'s tokenizer."""
-    from transformers import AutoTokenizer
+    from models.sources import ModelSource
 
     data = job.data
-    tokenizer = AutoTokenizer.from_pretrained(job.trainer.engine.pretrain)
+    tokenizer = ModelSource.open(job.trainer.engine.pretrain).tokenizer()  # an HF dir or a Megatron checkpoint
     train_set = dataset_cls.from_config(data, tokenizer, split=data.train_split, **options)
     eval_set = dataset_cls.from_config(data, tokenizer, split=data.eval_split, **options) if data.eval_split else None
     return tokenizer, train_set, eval_set
+
+
+def check_model(job: OfflineJob) -> None:
+    """``--pretrain`` against the grid before any rank starts: a path that is no model (or a corrupt
+    checkpoint), an unsupported architecture or sizes that do not split fail once, naming the flag."""
+    from models.hf_checkpoint import CheckpointError
+    from models.sources import ModelSource
+
+    engine = job.trainer.engine
+    with naming_flags(type(job), "trainer"):
+        try:
+            source = ModelSource.open(engine.pretrain, flag="--pretrain")
+        except CheckpointError as exc:
+            raise ValueError(str(exc)) from exc
+        source.check_role(value_head=engine.build.value_head, trainable=True)
+        adapter = source.adapter()
+        engine.parallel.validate_model(num_layers=adapter.num_layers, num_attention_heads=adapter.attention.num_heads,
+                                       num_query_groups=adapter.attention.num_kv_heads, num_experts=adapter.num_experts)
 
 
 def launch(train: Callable, job: OfflineJob) -> None:
     """Run ``train(job)`` on every rank: torchrun's world, or ``--nproc_per_node`` ranks spawned here."""
     from parallel.launch import run_on_ranks
 
+    check_model(job)
     run_on_ranks(train, job, grid=job.trainer.engine.parallel, nproc_per_node=job.launch.nproc_per_node)

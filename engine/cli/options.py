@@ -15,6 +15,11 @@ choices, aliases); nested dataclasses add their options flat, under the group's 
 fields are left to code (their defaults, or ``overrides`` of ``parse_job``). Two fields that
 would share a flag are an error when the parser is built, so a flag always maps to one field.
 
+OpenRLHF's flags that are not fields (``engine/cli/openrlhf_compat.py``: DeepSpeed-only ones,
+LoRA, ...) are added for the job's CLI from that one table: ``parse_job`` refuses a refused one
+with an OptionError naming it, prints one notice line per accepted one (rank 0 only) and builds
+the job without them; a fan-out sets the fields of the flags it stands for.
+
 Validation errors of the configs name flags as ``--<field flag>``; they are rewritten to the
 flag the user typed (``--actor_tensor_model_parallel_size``, ``--prompt_data``) and raised as
 :class:`OptionError` (a ``ValueError``). ``naming_flags(job_cls, "actor")`` does the same for
@@ -38,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Iterator, Literal, get_args, get_origin
 
+from engine.cli.openrlhf_compat import Foreign, entries_for
 from parallel.options import flag_name, option_info
 
 GROUP = "option_group"
@@ -51,12 +57,15 @@ class GroupInfo:
     exclude: tuple[str, ...] = ()  # dotted paths: not flags in this job (their defaults stand)
     defaults: dict[str, Any] = field(default_factory=dict)  # dotted path -> this job's default
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dotted path -> extra flag names
+    value_aliases: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted path -> {flag: fixed value}
 
 
 def group(*, prefix: str = "", title: str | None = None, rename: dict | None = None, exclude: tuple = (),
-          defaults: dict | None = None, aliases: dict | None = None, factory=None) -> Any:
+          defaults: dict | None = None, aliases: dict | None = None, value_aliases: dict | None = None,
+          factory=None) -> Any:
     """A job field holding one config group (``factory`` builds it when the job is made in code)."""
-    info = GroupInfo(prefix, title, dict(rename or {}), tuple(exclude), dict(defaults or {}), dict(aliases or {}))
+    info = GroupInfo(prefix, title, dict(rename or {}), tuple(exclude), dict(defaults or {}), dict(aliases or {}),
+                     dict(value_aliases or {}))
     extra = {"default_factory": factory} if factory is not None else {}
     return dataclasses.field(metadata={GROUP: info}, **extra)
 
@@ -146,7 +155,8 @@ def _walk(cls, rel: tuple[str, ...], info: GroupInfo, group_name: str) -> list[F
         default = info.defaults.get(dotted, _field_default(f))
         flag = info.prefix + info.rename.get(dotted, opt.flag or f.name)
         aliases = tuple(info.prefix + a for a in (*opt.aliases, *info.aliases.get(dotted, ())))
-        value_aliases = tuple((info.prefix + name, value) for name, value in opt.value_aliases)
+        value_aliases = tuple((info.prefix + name, value)
+                              for name, value in (*opt.value_aliases, *info.value_aliases.get(dotted, {}).items()))
         out.append(Flag((group_name, *sub), flag, flag_name(f), aliases, value_aliases, f, tp, default, cls))
     return out
 
@@ -213,7 +223,91 @@ def build_parser(job_cls, *, description: str | None = None) -> argparse.Argumen
         for name, value in flag.value_aliases:
             section.add_argument(f"--{name}", dest=flag.dest, action="store_const", const=value,
                                  help=f"alias of --{flag.flag} {value}")
+    _add_foreign_flags(parser, job_cls)
     return parser
+
+
+# ----- OpenRLHF's flags that are not options (engine/cli/openrlhf_compat.py) -------------------
+_FOREIGN = "openrlhf:"  # argparse dest prefix of the entries (never a field path)
+
+
+def cli_name(job_cls) -> str:
+    """The CLI a job belongs to: its module's name (``engine.cli.train_sft`` -> ``train_sft``), also
+    when the module runs as ``__main__`` (``python -m``: the name is in its spec)."""
+    spec = getattr(sys.modules.get(job_cls.__module__), "__spec__", None)
+    return (spec.name if spec is not None else job_cls.__module__).rsplit(".", 1)[-1]
+
+
+@functools.cache
+def foreign_flags(job_cls) -> tuple[Foreign, ...]:
+    """The OpenRLHF table entries of a job's CLI; an entry that is also an option of the job (or
+    fans out to a flag it does not have) is an error, so a flag is a field or an entry, never both."""
+    entries = entries_for(cli_name(job_cls))
+    options = {s for f in job_flags(job_cls) for s in f.option_strings}
+    for entry in entries:
+        if f"--{entry.flag}" in options:
+            raise TypeError(f"--{entry.flag} is an option of {job_cls.__name__} and an entry of the OpenRLHF table")
+        missing = [t for t in entry.fans_out_to if f"--{t}" not in options]
+        if missing:
+            raise TypeError(f"--{entry.flag} fans out to flags {job_cls.__name__} does not have: {missing}")
+    return entries
+
+
+class _FanOut(argparse.Action):
+    """One flag setting several options (their dests) to its value."""
+
+    def __init__(self, option_strings, dest, *, targets: tuple[str, ...], **kwargs):
+        self.targets = targets
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for target in self.targets:
+            setattr(namespace, target, values)
+
+
+def _add_foreign_flags(parser: argparse.ArgumentParser, job_cls) -> None:
+    entries = foreign_flags(job_cls)
+    if not entries:
+        return
+    by_flag = {f.flag: f for f in job_flags(job_cls)}
+    section = parser.add_argument_group("OpenRLHF flags: accepted with a one-line notice, aliases of several "
+                                        "options here, or refused with the reason")
+    for entry in entries:
+        kwargs: dict[str, Any] = {"dest": _FOREIGN + entry.flag, "default": argparse.SUPPRESS}
+        if entry.fans_out_to:
+            targets = [by_flag[name] for name in entry.fans_out_to]
+            kwargs.update(action=_FanOut, targets=tuple(t.dest for t in targets), type=unwrap_optional(targets[0].type),
+                          help="alias of " + ", ".join(f"--{t.flag}" for t in targets))
+        else:
+            refused = "refused" + (f" unless {' / '.join(map(str, entry.accepted))}" if entry.accepted else "")
+            kwargs["help"] = f"{refused}: {entry.says}" if entry.refused else entry.says
+            if entry.type is None:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs.update(type=entry.type, nargs=entry.nargs, metavar=entry.type.__name__.upper())
+        section.add_argument(f"--{entry.flag}", **kwargs)
+
+
+def take_foreign_flags(job_cls, parsed: dict[str, Any]) -> list[str]:
+    """Remove the OpenRLHF entries from ``parsed``: their notice lines; a refused value raises
+    an OptionError naming the flag. (Fan-outs have already set their options.)"""
+    notices = []
+    for entry in foreign_flags(job_cls):
+        if _FOREIGN + entry.flag not in parsed:
+            continue
+        value = parsed.pop(_FOREIGN + entry.flag)
+        if entry.refuses(value):
+            raise OptionError(entry.line(value))
+        notices.append(entry.line(value))
+    return notices
+
+
+def print_notices(notices: list[str]) -> None:
+    """One line each, on rank 0 only (under torchrun every rank parses the same command line)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for line in notices:
+        print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 # ----- building the configs back --------------------------------------------------------------
@@ -280,9 +374,13 @@ def build_job(job_cls, parsed: dict[str, Any], overrides: dict[str, Any] | None 
 
 
 def parse_job(job_cls, argv=None, *, description: str | None = None, overrides: dict[str, Any] | None = None):
-    """Parse ``argv`` into a ``job_cls`` instance; a bad value raises ``OptionError`` naming the flag."""
-    namespace = build_parser(job_cls, description=description).parse_args(argv)
-    return build_job(job_cls, vars(namespace), overrides)
+    """Parse ``argv`` into a ``job_cls`` instance; a bad value raises ``OptionError`` naming the flag.
+    OpenRLHF flags of the table are acted on: refused ones raise, notices are printed (rank 0)."""
+    parsed = vars(build_parser(job_cls, description=description).parse_args(argv))
+    notices = take_foreign_flags(job_cls, parsed)
+    job = build_job(job_cls, parsed, overrides)
+    print_notices(notices)
+    return job
 
 
 def run_cli(main, argv=None):

@@ -1,4 +1,4 @@
-"""Serve an HF reward model over HTTP (OpenRLHF's reward-server protocol).
+"""Serve a reward model (HF directory or Megatron checkpoint) over HTTP (OpenRLHF's reward-server protocol).
 
     python -m engine.cli.serve_rm --reward_pretrain RM_HF_DIR --port 5000 [--host 0.0.0.0] \\
         [--micro_batch_size 16] [--max_len 2048] [--normalize_reward]
@@ -22,7 +22,7 @@ from engine.inference.reward_server import RewardServerConfig, RewardService, ma
 
 @dataclass(kw_only=True)
 class ServeRMJob:
-    server: RewardServerConfig = group(title="reward server")
+    server: RewardServerConfig = group(title="reward server", aliases={"micro_batch_size": ("batch_size",)})
 
 
 def parse_args(argv=None) -> RewardServerConfig:

@@ -23,8 +23,8 @@ from engine.trainers.dpo import DPOConfig
 class DPOJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
     dpo: DPOConfig = group(title="DPO", factory=DPOConfig)
-    trainer: OfflineTrainerConfig = offline.trainer_group(5e-7)
-    data: DataConfig = offline.data_group(offline.NOT_READ_BY_PAIRS)
+    trainer: OfflineTrainerConfig = offline.trainer_group(1e-5, job="dpo")
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_PAIRS, defaults={"max_len": 512})
 
 
 def parse_args(argv=None) -> DPOJob:

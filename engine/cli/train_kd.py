@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from engine.cli import offline
 from engine.cli.options import group, run_cli
-from engine.data.config import DataConfig
+from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
 from engine.trainers.base import OfflineTrainerConfig
 from engine.trainers.kd import KDConfig
 
@@ -23,12 +23,12 @@ from engine.trainers.kd import KDConfig
 class KDJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
     kd: KDConfig = group(title="distillation")
-    trainer: OfflineTrainerConfig = offline.trainer_group(5e-6)
+    trainer: OfflineTrainerConfig = offline.trainer_group(5e-6, job="kd")
     data: DataConfig = offline.data_group(offline.NOT_READ_BY_SFT)
 
 
 def parse_args(argv=None) -> KDJob:
-    return offline.parse_offline(KDJob, argv, __doc__)
+    return offline.parse_offline(KDJob, argv, __doc__, input_template=OPENRLHF_INPUT_TEMPLATE)
 
 
 def train(job: KDJob) -> list[dict]:

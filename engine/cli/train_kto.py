@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from engine.cli import offline
 from engine.cli.options import group, run_cli
-from engine.data.config import DataConfig
+from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
 from engine.trainers.base import OfflineTrainerConfig
 from engine.trainers.kto import KTOConfig
 
@@ -24,12 +24,12 @@ from engine.trainers.kto import KTOConfig
 class KTOJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
     kto: KTOConfig = group(title="KTO", factory=KTOConfig)
-    trainer: OfflineTrainerConfig = offline.trainer_group(5e-7)
+    trainer: OfflineTrainerConfig = offline.trainer_group(1e-5, job="kto")
     data: DataConfig = offline.data_group(offline.NOT_READ_BY_UNPAIRED)
 
 
 def parse_args(argv=None) -> KTOJob:
-    return offline.parse_offline(KTOJob, argv, __doc__)
+    return offline.parse_offline(KTOJob, argv, __doc__, input_template=OPENRLHF_INPUT_TEMPLATE)
 
 
 def train(job: KTOJob) -> list[dict]:

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from engine.cli.options import group, naming_flags, parse_job, renaming_flags, run_cli
+from engine.cli.openrlhf_compat import NO_SAVE_PATH
+from engine.cli.options import group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
 from engine.data.config import DataConfig
 from engine.ray.colocation import ColocationConfig
 from engine.ray.vllm_engine import VLLMEngineConfig
@@ -36,10 +37,11 @@ PTX_TWINS = {"dataset": "pretrain_data", "dataset_probs": "pretrain_data_probs",
 class RLModels:
     """Which models play which role."""
 
-    pretrain: str = option(help="actor (and reference) HF directory")
-    critic_pretrain: str | None = option(None, help="critic HF directory (default: the first reward model, else "
-                                                    "the actor)")
-    reward_pretrain: str | None = option(None, help="comma-separated reward model HF directories (rewards averaged)")
+    pretrain: str = option(help="actor (and reference) model: HF directory or Megatron checkpoint")
+    critic_pretrain: str | None = option(None, help="critic HF directory or Megatron checkpoint (default: the first "
+                                                    "reward model, else the actor)")
+    reward_pretrain: str | None = option(None, help="comma-separated reward models, HF directories or Megatron "
+                                                    "checkpoints (rewards averaged)")
     remote_rm_url: str | None = option(None, help="comma-separated reward server URLs and/or reward_func .py files")
     critic_learning_rate: float = option(9e-6, help="the critic's peak learning rate (the actor's: --learning_rate)")
     save_path: str | None = option(None, help="final HF export of the actor")
@@ -90,15 +92,20 @@ class PPOJob:
     ref: RoleOptions = role_group("ref")
     reward: RoleOptions = role_group("reward")
     placement: ColocationConfig = group(title="placement", factory=ColocationConfig)
-    vllm: VLLMEngineConfig = group(title="vLLM rollouts", factory=VLLMEngineConfig)
+    vllm: VLLMEngineConfig = group(title="vLLM rollouts", defaults={"gpu_memory_utilization": 0.95},
+                                   factory=VLLMEngineConfig)
     sync: WeightSyncConfig = group(title="vLLM rollouts", factory=WeightSyncConfig)
     sampling: SamplingConfig = group(title="vLLM rollouts", exclude=("n_samples_per_prompt",), factory=SamplingConfig)
-    ppo: PPOConfig = group(title="algorithm", factory=PPOConfig)
+    ppo: PPOConfig = group(title="algorithm", defaults={"advantage.reward_clip_range": (-10.0, 10.0)},
+                           factory=PPOConfig)
     ptx: PtxData = group(title="ptx", factory=PtxData)
-    optim: OptimConfig = group(title="optimizer", defaults={"learning_rate": 1e-6}, factory=OptimConfig)
-    checkpoint: CheckpointConfig = group(title="checkpoints", factory=CheckpointConfig)
+    optim: OptimConfig = group(title="optimizer", defaults={"learning_rate": 1e-6},
+                               aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
+    checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
+                                         factory=CheckpointConfig)
     logging: LoggingConfig = group(title="logging", factory=LoggingConfig)
     data: DataConfig = group(title="prompts", rename={"dataset": "prompt_data", "dataset_probs": "prompt_data_probs"},
+                             aliases={"train_split": ("prompt_split",)},
                              exclude=("output_key", "chosen_key", "rejected_key", "prompt_key", "eval_split",
                                       "pretrain_mode", "packing_samples"))
 
@@ -111,7 +118,10 @@ class PPOJob:
 
 
 def parse_args(argv=None) -> PPOJob:
-    return parse_job(PPOJob, argv, description=__doc__)
+    job = parse_job(PPOJob, argv, description=__doc__)
+    if not job.models.save_path:
+        print_notices([NO_SAVE_PATH])
+    return job
 
 
 # ----- checks before anything starts ----------------------------------------------------------
@@ -152,14 +162,16 @@ def check_job(job: PPOJob) -> None:
     """Every check that needs no cluster: colocation, each role's grid against its ranks and its
     model (errors name the role's own flags), the ptx data flags."""
     from engine.ray.colocation import colocated_sets
-    from models.registry import load_adapter
+    from models.sources import ModelSource
 
     configs = role_configs(job, total_steps=1)
     colocated_sets(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
     pretrain_data_config(job)
     for key, config in configs.items():
         with naming_flags(PPOJob, _flag_group(key)):
-            adapter = load_adapter(config.engine.pretrain)
+            source = ModelSource.open(config.engine.pretrain, flag=config.engine.pretrain_flag)
+            source.check_role(value_head=config.engine.build.value_head, trainable=config.trainable)
+            adapter = source.adapter()
             config.engine.parallel.validate_model(
                 num_layers=adapter.num_layers, num_attention_heads=adapter.attention.num_heads,
                 num_query_groups=adapter.attention.num_kv_heads, num_experts=adapter.num_experts)
@@ -173,25 +185,27 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
 
     offload = job.placement.ref_reward_offload
 
-    def config(key: str, pretrain: str, *, trainable: bool, value_head: bool, learning_rate=None):
+    def config(key: str, pretrain: str, flag: str, *, trainable: bool, value_head: bool, learning_rate=None):
         optim = replace(job.optim, learning_rate=learning_rate) if learning_rate is not None else job.optim
         options: RoleOptions = getattr(job, _flag_group(key))
         with naming_flags(PPOJob, _flag_group(key)):
             return RoleConfig(
                 name=key, num_ranks=options.num_ranks, trainable=trainable, offload=offload and not trainable,
                 total_steps=total_steps if trainable else 1,
-                engine=EngineConfig(pretrain=pretrain, seed=job.models.seed, parallel=options.parallel, optim=optim,
+                engine=EngineConfig(pretrain=pretrain, pretrain_flag=flag, seed=job.models.seed,
+                                    parallel=options.parallel, optim=optim,
                                     build=replace(job.build, value_head=value_head)))
 
     models, reward_paths = job.models, job.models.reward_paths
-    out = {"actor": config("actor", models.pretrain, trainable=True, value_head=False)}
+    out = {"actor": config("actor", models.pretrain, "--pretrain", trainable=True, value_head=False)}
     if job.ppo.needs_reference:
-        out["ref"] = config("ref", models.pretrain, trainable=False, value_head=False)
+        out["ref"] = config("ref", models.pretrain, "--pretrain", trainable=False, value_head=False)
     for i, path in enumerate(reward_paths):
-        out[f"reward{i}"] = config(f"reward{i}", path, trainable=False, value_head=True)
+        out[f"reward{i}"] = config(f"reward{i}", path, "--reward_pretrain", trainable=False, value_head=True)
     if job.ppo.needs_critic:
-        critic_path = models.critic_pretrain or (reward_paths[0] if reward_paths else models.pretrain)
-        out["critic"] = config("critic", critic_path, trainable=True, value_head=True,
+        critic_path, flag = ((models.critic_pretrain, "--critic_pretrain") if models.critic_pretrain else
+                             (reward_paths[0], "--reward_pretrain") if reward_paths else (models.pretrain, "--pretrain"))
+        out["critic"] = config("critic", critic_path, flag, trainable=True, value_head=True,
                                learning_rate=models.critic_learning_rate)
     return out
 
@@ -203,10 +217,10 @@ def _optimizer_steps(job: PPOJob, num_prompts: int) -> int:
                // ppo.train_batch_size, 1)
 
 
-def _max_positions(path: str) -> int:
+def _max_positions(source) -> int:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).max_position_embeddings
+    return AutoConfig.from_pretrained(source.hf_dir).max_position_embeddings
 
 
 def load_pretrain_data(job: PPOJob, tokenizer):
@@ -226,41 +240,44 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
 
     ``sampling_overrides``: SamplingConfig fields no flag sets (benchmarks force full-length
     rollouts with ``min_new_tokens``)."""
-    import ray
-    from transformers import AutoTokenizer
-
     from engine.data.prompts import PromptDataset
-    from engine.ray.colocation import make_placements, release_placements
+    from engine.ray.cluster import join_cluster
+    from engine.ray.colocation import NodeDealer, describe_placement, make_placements, release_placements
     from engine.ray.role_group import RoleGroup
     from engine.ray.rollouts import VLLMRollouts
-    from engine.ray.vllm_engine import create_engines, shutdown_engines
+    from engine.ray.vllm_engine import create_engines, loads_own_weights, shutdown_engines
     from engine.ray.weight_sync import ActorWeightSync
     from engine.rl.ppo_trainer import PPOTrainer
     from engine.rl.rewards import make_reward_sources
     from engine.runtime.logging import MetricsLogger
+    from models.sources import ModelSource
 
-    tokenizer = AutoTokenizer.from_pretrained(job.models.pretrain)
+    source = ModelSource.open(job.models.pretrain)
+    tokenizer = source.tokenizer()
     prompts = PromptDataset.from_config(job.data, tokenizer)
     pretrain_samples = load_pretrain_data(job, tokenizer)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    join_cluster()
     groups: dict = {}
     engines: list = []
     placements: dict = {}
     try:
         configs = role_configs(job, total_steps=_optimizer_steps(job, len(prompts)))
         placements = make_placements(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
+        dealer = NodeDealer.of_cluster()
         for key, config in configs.items():
-            groups[key] = RoleGroup(config, placements[key])
+            groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks))
         shared = placements.get("vllm")
-        engines = create_engines(replace(
-            job.vllm, max_model_len=min(job.data.prompt_max_len + job.sampling.max_new_tokens,
-                                        _max_positions(job.models.pretrain)),
+        # weights_from_trainer: the actor's weights reach the engines before the first rollout, so
+        # a Megatron --pretrain starts them without weights of their own.
+        engine_config = replace(
+            job.vllm, max_model_len=min(job.data.prompt_max_len + job.sampling.max_new_tokens, _max_positions(source)),
             shared_placement_group=shared.placement_group if shared else None,
-            gpu_fraction=shared.gpu_per_rank if shared else 1.0))
+            node_ids=() if shared else dealer.deal(job.vllm.num_engines),
+            gpu_fraction=shared.gpu_per_rank if shared else 1.0, weights_from_trainer=True)
+        engines = create_engines(engine_config)
+        print(describe_placement(groups, engines), flush=True)
         rollouts = VLLMRollouts(engines, ActorWeightSync(groups["actor"], engines, job.sync),
-                                sleep=job.vllm.enable_sleep_mode)
+                                sleep=job.vllm.enable_sleep_mode, synced=loads_own_weights(engine_config))
         stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
         trainer = PPOTrainer(
             job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],
@@ -281,8 +298,11 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
 
 
 def main(argv=None) -> list[dict]:
+    from engine.ray.cluster import check_address
+
     job = parse_args(argv)
     check_job(job)  # flag errors before anything starts
+    check_address(os.environ.get("RAY_ADDRESS"))
     return build_and_fit(job)
 
 

@@ -32,7 +32,7 @@ class ProcessRewardOptions:
 class PRMJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
     prm: ProcessRewardOptions = group(title="process reward")
-    trainer: OfflineTrainerConfig = offline.trainer_group(1e-6)
+    trainer: OfflineTrainerConfig = offline.trainer_group(1e-6, job="prm", defaults={"loop.micro_train_batch_size": 1})
     data: DataConfig = offline.data_group(offline.NOT_READ_BY_PRM)
 
 

@@ -15,16 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.cli import offline
-from engine.cli.options import run_cli
+from engine.cli.options import group, run_cli
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
+from engine.trainers.rm import RMConfig
 
 
 @dataclass(kw_only=True)
 class RMJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
-    trainer: OfflineTrainerConfig = offline.trainer_group(9e-6)
-    data: DataConfig = offline.data_group(offline.NOT_READ_BY_PAIRS)
+    rm: RMConfig = group(title="reward model", factory=RMConfig)
+    trainer: OfflineTrainerConfig = offline.trainer_group(9e-6, job="rm", defaults={"loop.micro_train_batch_size": 1})
+    data: DataConfig = offline.data_group(offline.NOT_READ_BY_PAIRS, defaults={"max_len": 512})
 
 
 def parse_args(argv=None) -> RMJob:
@@ -36,7 +38,8 @@ def train(job: RMJob) -> list[dict]:
     from engine.trainers.rm import RewardModelTrainer
 
     tokenizer, train_set, eval_set = offline.load_splits(PreferenceDataset, job)
-    trainer = RewardModelTrainer(job.trainer, train_set, eval_set, pad_token_id=offline.pad_token_id(tokenizer))
+    trainer = RewardModelTrainer(job.trainer, train_set, eval_set, pad_token_id=offline.pad_token_id(tokenizer),
+                                 rm=job.rm)
     return trainer.fit()
 
 

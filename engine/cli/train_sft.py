@@ -13,19 +13,19 @@ from dataclasses import dataclass
 
 from engine.cli import offline
 from engine.cli.options import run_cli
-from engine.data.config import DataConfig
+from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
 from engine.trainers.base import OfflineTrainerConfig
 
 
 @dataclass(kw_only=True)
 class SFTJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
-    trainer: OfflineTrainerConfig = offline.trainer_group(5e-6)
+    trainer: OfflineTrainerConfig = offline.trainer_group(5e-6, job="sft", defaults={"loop.max_epochs": 2})
     data: DataConfig = offline.data_group(offline.NOT_READ_BY_SFT)
 
 
 def parse_args(argv=None) -> SFTJob:
-    return offline.parse_offline(SFTJob, argv, __doc__)
+    return offline.parse_offline(SFTJob, argv, __doc__, input_template=OPENRLHF_INPUT_TEMPLATE)
 
 
 def train(job: SFTJob) -> list[dict]:

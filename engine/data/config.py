@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from parallel.options import option
 
+# OpenRLHF's train_sft / train_kto / train_kd default template: those jobs render plain-text
+# inputs with it unless --input_template ("" for none), --apply_chat_template or --pretrain_mode says otherwise.
+OPENRLHF_INPUT_TEMPLATE = "User: {}\nAssistant: "
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -21,7 +25,9 @@ class DataConfig:
     chosen_key: str = option("chosen", help="preferred response column")
     rejected_key: str = option("rejected", help="dispreferred response column")
     prompt_key: str | None = option(None, help="prompt column of paired rows (chosen / rejected are its responses)")
-    input_template: str | None = option(None, help='prompt template with one {}, e.g. "User: {}\\nAssistant: "')
+    input_template: str | None = option(None, help='prompt template with one {}, e.g. "User: {}\\nAssistant: " '
+                                                   '("": none; train_sft / train_kto / train_kd default to that one '
+                                                   'unless --apply_chat_template or --pretrain_mode)')
     apply_chat_template: bool = option(False, help="render prompts with the tokenizer's chat template")
     tokenizer_chat_template: str | None = option(None, help="a Jinja chat template overriding the tokenizer's")
     max_len: int = option(2048, help="tokens per sample (prompt + response); longer samples are cut")
@@ -33,6 +39,9 @@ class DataConfig:
     packing_samples: bool = option(False, help="several samples per sequence, attention kept inside each")
     skip_bad_rows: bool = option(False, help="skip (and count) malformed rows instead of failing")
     seed: int = 42  # orders the mixing (the job's --seed)
+    # The template used without --input_template, --apply_chat_template and --pretrain_mode (set by
+    # the jobs that follow OpenRLHF's default, OPENRLHF_INPUT_TEMPLATE); read ``template``.
+    default_input_template: str | None = None
 
     def __post_init__(self) -> None:
         self._check_datasets()
@@ -46,6 +55,13 @@ class DataConfig:
                 raise ValueError(f"--{flag} must not be empty (leave it out instead)")
 
     # ----- derived views --------------------------------------------------------------------
+    @property
+    def template(self) -> str | None:
+        """The prompt template rows are rendered with (None: the input as it is, or the chat template)."""
+        if self.input_template is not None:
+            return self.input_template or None  # "": explicitly none (OpenRLHF's spelling)
+        return None if self.apply_chat_template or self.pretrain_mode else self.default_input_template
+
     @property
     def dataset_specs(self) -> list[str]:
         """The entries of ``--dataset``, stripped."""
@@ -88,16 +104,16 @@ class DataConfig:
             raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}")
 
     def _check_templates(self) -> None:
-        if self.input_template is not None and self.input_template.count("{}") != 1:
+        if self.input_template and self.input_template.count("{}") != 1:
             raise ValueError(
                 f"--input_template must contain exactly one '{{}}' where the input goes, got {self.input_template!r}"
             )
-        if self.input_template is not None and self.apply_chat_template:
+        if self.input_template and self.apply_chat_template:
             # OpenRLHF silently ignores the input template here; a clear choice is safer.
             raise ValueError("--input_template and --apply_chat_template exclude each other; pass one")
         if self.tokenizer_chat_template is not None and not self.apply_chat_template:
             raise ValueError("--tokenizer_chat_template only takes effect with --apply_chat_template")
-        if self.pretrain_mode and (self.apply_chat_template or self.input_template is not None):
+        if self.pretrain_mode and (self.apply_chat_template or self.input_template):
             raise ValueError("--pretrain_mode trains on raw text: drop --apply_chat_template / --input_template")
 
 

@@ -39,7 +39,7 @@ class PromptTemplate:
     def from_config(cls, config: DataConfig, tokenizer) -> "PromptTemplate":
         return cls(
             tokenizer=tokenizer,
-            input_template=config.input_template,
+            input_template=config.template,
             apply_chat_template=config.apply_chat_template,
             chat_template=config.tokenizer_chat_template,
         )

@@ -53,17 +53,23 @@ class RewardScorer:
     """An HF ``AutoModelForSequenceClassification`` reward model (``num_labels=1``, as
     ``engine`` exports reward models) scoring ``input + output`` at its last token (eos
     appended), in right-padded batches; the score is read at each row's own last token, so it
-    does not depend on the batch or on how the tokenizer's pad token relates to eos."""
+    does not depend on the batch or on how the tokenizer's pad token relates to eos.
+
+    ``model_path`` may be a Megatron checkpoint of a reward model (exported to HF for loading);
+    ``flag`` names it in errors."""
 
     def __init__(self, model_path: str, *, micro_batch_size: int = 16, max_len: int = 2048,
-                 device: str | None = None):
+                 device: str | None = None, flag: str = "--pretrain"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from engine.inference.hf_model import hf_model_dir
 
         if micro_batch_size < 1:
             raise ValueError(f"--micro_batch_size must be >= 1, got {micro_batch_size}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).to(self.device)
+        with hf_model_dir(model_path, flag=flag, value_head=True) as hf_path:  # loaded into memory inside
+            self.tokenizer = AutoTokenizer.from_pretrained(hf_path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(hf_path, num_labels=1).to(self.device)
         self.model.eval()
         self.micro_batch_size = micro_batch_size
         self.max_len = max_len

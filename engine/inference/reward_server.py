@@ -28,7 +28,8 @@ MAX_BODY_BYTES = 256 << 20  # a request this large is a client bug, not a batch
 class RewardServerConfig:
     """The reward model served and where."""
 
-    reward_pretrain: str = option(help="HF AutoModelForSequenceClassification directory (num_labels=1)")
+    reward_pretrain: str = option(help="reward model: HF AutoModelForSequenceClassification directory (num_labels=1) "
+                                       "or Megatron checkpoint of one")
     host: str = option("0.0.0.0", help="interface to listen on")
     port: int = option(5000, help="port (0 picks a free one, printed)")
     micro_batch_size: int = option(16, help="queries per forward pass")
@@ -113,7 +114,7 @@ class RewardService:
             from engine.inference.batch import RewardScorer
 
             scorer = RewardScorer(config.reward_pretrain, micro_batch_size=config.micro_batch_size,
-                                  max_len=config.max_len)
+                                  max_len=config.max_len, flag="--reward_pretrain")
         self.scorer = scorer
         self.config = config
         self.mean, self.std = 0.0, 1.0

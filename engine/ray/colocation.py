@@ -10,7 +10,7 @@ processes still share the machine's cores like every uncolocated rank.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 
@@ -29,6 +29,7 @@ class Placement:
     placement_group: object | None = None
     gpu_per_rank: float = 0.0
     cpu_per_rank: float = 0.0
+    node_ids: tuple[str, ...] = ()  # no group on a multi-node CPU-only cluster: rank i's node (see NodeDealer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,12 +120,60 @@ def make_placements(config: ColocationConfig, ranks: dict[str, int], *, engine_w
     return placements
 
 
+class NodeDealer:
+    """Deals the processes that reserve nothing (uncolocated ranks and engines on a CPU-only
+    cluster) over the alive nodes in turn, the driver's node first: without it Ray would put
+    every zero-CPU actor on the driver's node and a multi-node CPU cluster would use one node.
+    Where there is one node, or GPUs (resources decide), it deals nothing."""
+
+    def __init__(self, node_ids: list[str]):
+        self.node_ids, self.next = node_ids, 0
+
+    @classmethod
+    def of_cluster(cls) -> "NodeDealer":
+        if gpus_available():
+            return cls([])
+        here = ray.get_runtime_context().get_node_id()
+        others = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here)
+        return cls([here, *others] if others else [])
+
+    def deal(self, count: int) -> tuple[str, ...]:
+        if not self.node_ids:
+            return ()
+        dealt = tuple(self.node_ids[(self.next + i) % len(self.node_ids)] for i in range(count))
+        self.next += count
+        return dealt
+
+    def pin(self, placement: Placement, num_ranks: int) -> Placement:
+        """``placement`` with a node per rank, unless it already has a placement group."""
+        if placement.placement_group is not None:
+            return placement
+        return replace(placement, node_ids=self.deal(num_ranks))
+
+
+def node_affinity(node_id: str):
+    """Run on ``node_id`` while it is alive (soft: elsewhere if it is gone)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id, soft=True)
+
+
 def release_placements(placements: dict[str, Placement]) -> None:
     from ray.util.placement_group import remove_placement_group
 
     groups = {id(p.placement_group): p.placement_group for p in placements.values() if p.placement_group is not None}
     for group in groups.values():
         remove_placement_group(group)
+
+
+def describe_placement(groups: dict, engines: list) -> str:
+    """One line saying which Ray node each role rank and engine runs on (nodes numbered by first use)."""
+    where = {f"{key} rank {rank}": node for key, group in groups.items() for rank, node in enumerate(group.node_ids())}
+    where.update({f"engine {i}": node for i, node in enumerate(ray.get([e.node_id.remote() for e in engines]))})
+    numbers: dict[str, int] = {}
+    for node in where.values():
+        numbers.setdefault(node, len(numbers))
+    return "placement: " + ", ".join(f"{name} on node {numbers[node]} ({node[:8]})" for name, node in where.items())
 
 
 def current_placement_group_id() -> str | None:

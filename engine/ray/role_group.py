@@ -17,7 +17,7 @@ import ray
 import torch
 
 from engine.ray.calls import get_each
-from engine.ray.colocation import Placement
+from engine.ray.colocation import Placement, node_affinity
 from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, SendStats, ShardResult
 from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
@@ -46,6 +46,8 @@ class RoleGroup:
 
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement.placement_group, placement_group_bundle_index=self.bundle_indices[rank])
+        elif placement.node_ids:
+            options["scheduling_strategy"] = node_affinity(placement.node_ids[rank])
         return RemoteRoleWorker.options(**options).remote(self.config, rank)
 
     def _wait(self, refs: list, what: str) -> list:
@@ -108,6 +110,10 @@ class RoleGroup:
 
     def weights_devices(self) -> list[str]:
         return self._wait([w.weights_device.remote() for w in self.workers], "weights device")
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each rank, rank order."""
+        return self._wait([w.node_id.remote() for w in self.workers], "node lookup")
 
     def placement_group_ids(self) -> list[str | None]:
         return self._wait([w.placement_group_id.remote() for w in self.workers], "placement")

@@ -81,6 +81,9 @@ class MegatronRoleWorker:
             return 0 if visible else self.rank % max(torch.cuda.device_count(), 1)
         return self.rank
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def placement_group_id(self) -> str | None:
         """The placement group Ray put this rank in (colocated roles share one)."""
         from engine.ray.colocation import current_placement_group_id

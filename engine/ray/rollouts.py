@@ -8,15 +8,20 @@ from engine.rl.rollout import RolloutSample, SamplingConfig
 
 
 class VLLMRollouts:
-    def __init__(self, engines: list, sync: ActorWeightSync, *, sleep: bool = False):
+    def __init__(self, engines: list, sync: ActorWeightSync, *, sleep: bool = False, synced: bool = True):
         """``sleep`` (--vllm_enable_sleep): the engines release their GPU memory after each
-        generation and take it back just before the weight sync."""
+        generation and take it back just before the weight sync. ``synced=False``: the engines
+        hold no weights yet (started from a Megatron --pretrain with dummy weights), so the first
+        generation pushes the actor's weights first."""
         self.engines = engines
         self.sync = sync
         self.sleep = sleep
         self._asleep = False
+        self._synced = synced
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
+        if not self._synced:
+            self.sync_weights()
         return generate(self.engines, prompt_token_ids, sampling)
 
     def release_memory(self) -> None:
@@ -28,4 +33,6 @@ class VLLMRollouts:
         if self._asleep:
             wake_up_engines(self.engines)
             self._asleep = False
-        return self.sync.push()
+        metrics = self.sync.push()
+        self._synced = True
+        return metrics

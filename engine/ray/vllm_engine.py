@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import ray
 
 from engine.ray.calls import get_each, split_evenly
+from engine.ray.colocation import node_affinity
 from engine.ray.vllm_worker_ext import WeightSyncExtension, check_vllm_cpu_head_size, vllm_cpu_env
 from engine.ray.weight_sync import report_problems
 from engine.rl.rollout import RolloutSample, SamplingConfig
@@ -58,7 +59,12 @@ class VLLMEngineConfig:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", flag="vllm_dtype", help="vLLM weights")
     enable_sleep_mode: bool = option(False, flag="vllm_enable_sleep",
                                      help="engines release weights and KV cache between rollouts (CUDA)")
-    pretrain: str = ""  # the actor's --pretrain (HF checkpoint directory, or a hub id in the local cache)
+    pretrain: str = ""  # the actor's --pretrain (HF directory, hub id in the local cache, or Megatron checkpoint)
+    # The caller syncs weights into the engines before their first generation (the RL loop does):
+    # a Megatron --pretrain then starts them from its hf/ config with dummy weights (see
+    # engine_start_config). Without it a Megatron --pretrain is refused (vLLM reads HF weights).
+    weights_from_trainer: bool = False
+    load_format: str = "auto"  # vLLM's; "dummy" set by engine_start_config for a Megatron --pretrain
     max_model_len: int | None = None  # prompt + response tokens (default: the model's)
     seed: int = 42  # the job's --seed (engine i uses seed + i for requests without their own seed)
     # Which log-probs vLLM returns: "raw_logprobs" are log_softmax of the model's logits, before
@@ -68,6 +74,7 @@ class VLLMEngineConfig:
     # --colocate_all_models (GPU): a placement group shared with the Megatron roles; engine i's
     # workers take bundles [i * tp, (i + 1) * tp), ``gpu_fraction`` of each GPU.
     shared_placement_group: object | None = None
+    node_ids: tuple[str, ...] = ()  # CPU-only multi-node cluster: engine i's node (colocation.NodeDealer)
     gpu_fraction: float = 1.0
     # vllm-cpu only (see the adaptations in engine/ray/vllm_worker_ext.py):
     cpu_kvcache_space_gib: int = 1  # KV cache size (VLLM_CPU_KVCACHE_SPACE)
@@ -136,7 +143,8 @@ class LLMEngineActor:
         self.stale_reason: str | None = None
         use_ray_workers = device == "cuda" and config.tensor_parallel_size > 1
         self.llm = LLM(
-            model=config.pretrain, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
+            model=config.pretrain, load_format=config.load_format,
+            tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
             seed=config.seed + engine_index, enforce_eager=config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching, max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization, logprobs_mode=config.logprobs_mode,
@@ -209,6 +217,9 @@ class LLMEngineActor:
     def wake_up(self) -> None:
         self.llm.wake_up()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def shutdown(self):
         """Stop vLLM's engine-core and worker processes; returns the placement group to release."""
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
@@ -226,6 +237,34 @@ def _gather(refs: list, *, timeout_s: float, what: str, engine_indices: list[int
     """``ray.get`` of one ref per engine with a shared deadline; errors name the engine."""
     names = [f"vLLM engine {i}" for i in (engine_indices or range(len(refs)))]
     return get_each(refs, names=names, timeout_s=timeout_s, what=what, error=error, context=context)
+
+
+def loads_own_weights(config: VLLMEngineConfig) -> bool:
+    """Whether the engines read their weights from ``--pretrain`` (an HF model) rather than wait
+    for the trainer's first sync (a Megatron checkpoint, with ``weights_from_trainer``)."""
+    from models.sources import ModelSource
+
+    return not ModelSource.open(config.pretrain, flag="--pretrain").is_megatron
+
+
+def engine_start_config(config: VLLMEngineConfig) -> VLLMEngineConfig:
+    """``config`` with what vLLM starts from: an HF ``--pretrain`` as it is; a Megatron
+    checkpoint's ``hf/`` config and tokenizer with dummy weights, which only a caller that syncs
+    the weights before the first generation (``weights_from_trainer``) may ask for."""
+    from models.hf_checkpoint import TENSOR_SHAPES_NAME
+    from models.sources import ModelSource
+
+    source = ModelSource.open(config.pretrain, flag="--pretrain")
+    if not source.is_megatron:
+        return config
+    source.check_role(value_head=False, trainable=False)
+    if not config.weights_from_trainer:
+        raise ValueError(f"{source.describe()}: vLLM engines load HF weights; export it first with "
+                         f"python -m tools.convert.mcore_to_hf --load_path {config.pretrain} --save_path HF_DIR")
+    if not (Path(source.hf_dir) / TENSOR_SHAPES_NAME).exists():  # what each sync is checked against
+        raise ValueError(f"{source.describe()} has no hf/{TENSOR_SHAPES_NAME} (written by an older version): "
+                         "convert the HF model again with tools.convert.hf_to_mcore, or pass an HF export")
+    return replace(config, pretrain=source.hf_dir, load_format="dummy")
 
 
 def _read_hf_config(config: VLLMEngineConfig) -> dict | None:
@@ -304,6 +343,8 @@ def _start_engine(config: VLLMEngineConfig, engine_index: int, device: str, grou
     elif device == "cpu":
         # vLLM pins its own threads; Ray must not count the engine against the CPUs it schedules.
         options.update(num_cpus=0, num_gpus=0)
+        if config.node_ids:  # a multi-node CPU-only cluster: the node dealt to this engine
+            options["scheduling_strategy"] = node_affinity(config.node_ids[engine_index])
     elif config.tensor_parallel_size == 1:
         options.update(num_cpus=1, num_gpus=1)
     else:
@@ -352,12 +393,14 @@ def create_engines(config: VLLMEngineConfig) -> list:
     if not ray.is_initialized():
         raise RuntimeError("create_engines needs a Ray cluster: call ray.init() first")
     config.check()
+    flags = (f"--pretrain {config.pretrain}, --vllm_num_engines {config.num_engines}, "
+             f"--vllm_tensor_parallel_size {config.tensor_parallel_size}")
+    config = engine_start_config(config)
     device = _resolve_device(config)
     _check_platform(config, device)
     _check_model(config, device)
     engines, groups = [], []
-    context = (f" (--pretrain {config.pretrain}, --vllm_num_engines {config.num_engines}, "
-               f"--vllm_tensor_parallel_size {config.tensor_parallel_size}, device {device})")
+    context = f" ({flags}, device {device})"
     try:
         for i in range(config.num_engines):
             engines.append(_start_engine(config, i, device, groups))

@@ -121,8 +121,12 @@ _UNLOADED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_em
 
 
 def checkpoint_tensor_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """``{hf_name: shape}`` of every tensor of an HF safetensors checkpoint (headers only)."""
+    """``{hf_name: shape}`` of every tensor of an HF safetensors checkpoint (headers only), or of
+    the one a Megatron checkpoint came from (its ``hf/`` directory, where engines started with
+    dummy weights read their config, keeps them in ``tensor_shapes.json``)."""
     from safetensors import safe_open
+
+    from models.hf_checkpoint import TENSOR_SHAPES_NAME
 
     directory = Path(model_dir)
     index = directory / "model.safetensors.index.json"
@@ -130,8 +134,11 @@ def checkpoint_tensor_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[in
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files and (directory / TENSOR_SHAPES_NAME).exists():
+        shapes = json.loads((directory / TENSOR_SHAPES_NAME).read_text())
+        return {name: tuple(shape) for name, shape in shapes.items() if not name.endswith(_UNLOADED_SUFFIXES)}
     if not files:
-        raise FileNotFoundError(f"no safetensors files in {directory}: "
+        raise FileNotFoundError(f"no safetensors files (nor {TENSOR_SHAPES_NAME}) in {directory}: "
                                 "cannot tell which tensors a weight sync must carry")
     shapes = {}
     for file in files:

@@ -18,17 +18,17 @@ import torch
 
 from parallel.options import option
 
-AdvantageEstimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo"]
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline", "rloo", "grpo")
+AdvantageEstimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo"]
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo")
 # OpenRLHF calls GRPO's group normalisation "group_norm"; accept its flag value too.
 ADVANTAGE_ESTIMATOR_ALIASES = {"group_norm": "grpo"}
 # Estimators whose baseline comes from the other samples of the same prompt.
-GROUP_ESTIMATORS: tuple[str, ...] = ("reinforce_baseline", "rloo", "grpo")
+GROUP_ESTIMATORS: tuple[str, ...] = ("reinforce_baseline", "rloo", "grpo", "dr_grpo")
 # Estimators whose advantages are whitened over the whole batch afterwards (OpenRLHF's choice:
 # RLOO and GRPO advantages are already centred per group).
 WHITENED_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline")
 
-BaselineKind = Literal["rloo", "grpo", "reinforce_baseline"]
+BaselineKind = Literal["rloo", "grpo", "reinforce_baseline", "dr_grpo"]
 
 
 # --------------------------------------------------------------------------------- validation
@@ -156,7 +156,8 @@ def group_baseline(
 
     ``rloo``: minus the mean of the other ``n - 1`` samples (leave-one-out).
     ``grpo``: ``(r - mean) / (std + eps)`` per group (unbiased std, as OpenRLHF's group_norm).
-    ``reinforce_baseline``: ``r - mean`` per group (REINFORCE++-baseline).
+    ``reinforce_baseline`` / ``dr_grpo``: ``r - mean`` per group (REINFORCE++-baseline; Dr. GRPO,
+    which unlike it is not whitened over the batch afterwards, as OpenRLHF's dr_grpo).
     """
     if kind not in GROUP_ESTIMATORS:
         raise ValueError(f"--advantage_estimator {kind!r} has no group baseline; expected one of {GROUP_ESTIMATORS}")
@@ -218,9 +219,10 @@ def whiten(
 class AdvantageConfig:
     """How advantages are estimated (the RL loop's ``--advantage_estimator`` family of flags)."""
 
-    estimator: Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "group_norm"] = option(
+    estimator: Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "group_norm", "dr_grpo"] = option(
         "gae", flag="advantage_estimator",
-        help="gae (critic), reinforce (REINFORCE++), reinforce_baseline, rloo, grpo (alias group_norm)")
+        help="gae (critic), reinforce (REINFORCE++), reinforce_baseline, rloo, grpo (alias group_norm), dr_grpo "
+             "(group mean baseline, no std)")
     gamma: float = option(1.0, help="discount")
     lambd: float = option(1.0, help="GAE lambda")
     reward_clip_range: tuple[float, float] | None = option(None, help="clip sequence rewards to [low, high]")
@@ -266,7 +268,7 @@ class AdvantageInputs:
 def compute_advantages(inputs: AdvantageInputs, config: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages, returns)``, both ``[batch, response_len]``, for ``config.estimator``.
 
-    As OpenRLHF: group baseline on the sequence rewards (rloo / grpo / reinforce_baseline) ->
+    As OpenRLHF: group baseline on the sequence rewards (rloo / grpo / reinforce_baseline / dr_grpo) ->
     token rewards (clip, KL penalty) -> GAE (gae) or return-to-go (the others; advantages =
     returns) -> batch whitening (gae / reinforce / reinforce_baseline).
     """

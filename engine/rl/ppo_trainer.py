@@ -33,9 +33,9 @@ class PPOConfig:
     """The RL algorithm (OpenRLHF's flags)."""
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    rollout_batch_size: int = option(8, help="prompts per rollout")
+    rollout_batch_size: int = option(1024, help="prompts per rollout")
     n_samples_per_prompt: int = option(1, help="responses sampled per prompt")
-    train_batch_size: int = option(8, help="samples per optimizer step")
+    train_batch_size: int = option(128, help="samples per optimizer step")
     micro_train_batch_size: int = option(4, help="samples per training micro-batch per rank")
     micro_rollout_batch_size: int = option(8, help="samples per forward micro-batch when scoring")
     max_epochs: int = option(1, help="PPO epochs over each rollout")

@@ -41,7 +41,7 @@ class CheckpointConfig:
     """Resumable training checkpoints."""
 
     ckpt_path: str | None = option(None, help="directory of resumable training checkpoints")
-    save_steps: int = option(-1, help="checkpoint every N steps (-1: only at the end, with --ckpt_path)")
+    save_steps: int = option(-1, help="checkpoint every N steps and at the last one (-1: no checkpoints)")
     max_ckpt_num: int = option(3, help="checkpoints kept (oldest removed)")
     load_checkpoint: bool = option(False, help="resume from the newest valid checkpoint under --ckpt_path")
 

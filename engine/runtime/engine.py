@@ -33,8 +33,8 @@ from engine.runtime.optimizer import OptimConfig, build_optimizer, build_schedul
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
 from engine.runtime.train_step import StepResult, reduce_metrics, train_step
 from models.builder import ModelBuildConfig, build_model
-from models.registry import load_adapter
-from models.weights import load_hf_weights, save_hf_checkpoint
+from models.sources import ModelSource
+from models.weights import save_hf_checkpoint
 from parallel.config import ParallelConfig
 from parallel.context_parallel import zigzag_gather
 from parallel.initialize import initialize_parallel
@@ -45,11 +45,13 @@ from parallel.options import option
 class EngineConfig:
     """The model, its grid and its optimizer."""
 
-    pretrain: str = option(help="HF model directory to start from")
+    pretrain: str = option(help="model to start from: an HF directory or a Megatron checkpoint (tools.convert."
+                                "hf_to_mcore output or <ckpt_path>/global_stepN), written under any layout")
     seed: int = option(42, help="random seed (initialisation, data order, sampling)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     build: ModelBuildConfig = field(default_factory=ModelBuildConfig)
+    pretrain_flag: str = "--pretrain"  # the flag ``pretrain`` came from (--reward_pretrain ...), named in errors
 
 
 class TrainingEngine:
@@ -60,12 +62,15 @@ class TrainingEngine:
         """``ctx``: the parallel context of an engine already on this grid (a frozen copy shares it)."""
         self.config = config
         self.trainable = trainable
+        self.source = ModelSource.open(config.pretrain, flag=config.pretrain_flag)
+        self.source.check_role(value_head=config.build.value_head, trainable=trainable)
         self.ctx = ctx or initialize_parallel(config.parallel, seed=config.seed)
-        self.adapter = load_adapter(config.pretrain)
+        self.adapter = self.source.adapter()
         build = config.build if trainable else replace(config.build, gradient_checkpointing=False)
         self.model = build_model(self.adapter, config.parallel, build)
         if load_weights:
-            load_hf_weights(self.model, self.adapter, config.pretrain, progress=self.is_rank_zero)
+            # Weights only: a training checkpoint as a start is not a resume (see resume()).
+            self.source.load_weights(self.model, self.adapter, progress=self.is_rank_zero)
         self.ddp_model = self.optimizer = self.scheduler = None
         if trainable:
             self.ddp_model = wrap_ddp(self.model, config.optim)
@@ -182,7 +187,7 @@ class TrainingEngine:
     def save_checkpoint(self, config: CheckpointConfig, step: int, trainer_state: dict) -> Path:
         return save_training_checkpoint(
             config, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            trainer_state=trainer_state, adapter=self.adapter, hf_source_dir=self.config.pretrain,
+            trainer_state=trainer_state, adapter=self.adapter, hf_source_dir=self.source.hf_dir,
         )
 
     def resume(self, config: CheckpointConfig) -> dict | None:
@@ -196,14 +201,16 @@ class TrainingEngine:
         return state
 
     def save_hf(self, path: str | Path, *, config_updates: dict | None = None) -> None:
-        save_hf_checkpoint(self.model, self.adapter, path, source_dir=self.config.pretrain, progress=self.is_rank_zero,
+        save_hf_checkpoint(self.model, self.adapter, path, source_dir=self.source.hf_dir, progress=self.is_rank_zero,
                            config_updates=config_updates)
 
 
 def frozen_copy(engine: TrainingEngine, hf_path: str, *, role: str, offload: bool = False) -> TrainingEngine:
     """A frozen model on ``engine``'s grid (the DPO / KTO reference, the KD teacher): same TP / PP /
-    CP layout, so its micro-batches split the same way; ``role`` names its flag in errors."""
-    copy = TrainingEngine(replace(engine.config, pretrain=hf_path), trainable=False, offload=offload, ctx=engine.ctx)
+    CP layout, so its micro-batches split the same way; ``role`` names its flag in errors.
+    ``hf_path``: an HF directory or a Megatron checkpoint, as ``--pretrain``."""
+    copy = TrainingEngine(replace(engine.config, pretrain=hf_path, pretrain_flag=role), trainable=False,
+                          offload=offload, ctx=engine.ctx)
     if copy.vocab_size != engine.vocab_size:
         raise ValueError(f"{role} {hf_path} has a vocabulary of {copy.vocab_size} tokens, the trained "
                          f"model {engine.vocab_size}: the two must share a tokenizer")

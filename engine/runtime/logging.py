@@ -15,7 +15,10 @@ class LoggingConfig:
 
     logging_steps: int = option(1, help="log metrics every N steps")
     use_tensorboard: str | None = option(None, metavar="DIR", help="TensorBoard log directory")
-    use_wandb: str | None = option(None, metavar="KEY|offline", help="wandb API key, or offline")
+    use_wandb: str | None = option(None, metavar="KEY|True|offline",
+                                   help="wandb API key; True: the existing login (offline without one); offline")
+    wandb_org: str | None = option(None, help="wandb entity (team or user)")
+    wandb_group: str | None = option(None, help="wandb run group")
     wandb_project: str = option("megatron-rlhf", help="wandb project")
     wandb_run_name: str | None = option(None, help="wandb run name")
 
@@ -45,11 +48,16 @@ class MetricsLogger:
     def _init_wandb(config: LoggingConfig, run_config: dict):
         import wandb
 
-        if config.use_wandb == "offline" or not os.environ.get("WANDB_API_KEY") and config.use_wandb in ("1", "true"):
+        if config.use_wandb.lower() in ("1", "true"):
+            # OpenRLHF's "True": the login already there (WANDB_API_KEY or `wandb login`), else offline.
+            if not os.environ.get("WANDB_API_KEY") and not wandb.login(prompt=False):
+                os.environ["WANDB_MODE"] = "offline"
+        elif config.use_wandb == "offline":
             os.environ["WANDB_MODE"] = "offline"
         else:
             os.environ.setdefault("WANDB_API_KEY", config.use_wandb)
-        return wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=run_config)
+        return wandb.init(entity=config.wandb_org, project=config.wandb_project, group=config.wandb_group,
+                          name=config.wandb_run_name, config=run_config)
 
     def log(self, metrics: dict[str, float], step: int, *, prefix: str = "train") -> None:
         if not self.enabled:

@@ -31,7 +31,7 @@ class DPOConfig:
     ipo: bool = option(False, help="IPO loss instead of DPO's")
     label_smoothing: float = option(0.0, help="cDPO: the assumed rate of flipped preference labels")
     nll_loss_coef: float = option(0.0, help="weight of the chosen responses' per-token NLL (RPO)")
-    ref_pretrain: str | None = option(None, help="reference HF directory (default: --pretrain)")
+    ref_pretrain: str | None = option(None, help="reference model, HF directory or Megatron checkpoint (default: --pretrain)")
     ref_offload: bool = option(False, help="keep the reference in host memory between uses (GPU)")
 
     def __post_init__(self) -> None:

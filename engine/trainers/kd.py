@@ -25,8 +25,9 @@ from parallel.options import option
 class KDConfig:
     """Distillation from a frozen teacher with the student's tokenizer."""
 
-    teacher_model: str = option(help="HF directory of the frozen teacher")
+    teacher_model: str = option(help="the frozen teacher: HF directory or Megatron checkpoint")
     kd_coef: float = option(0.4, help="weight of the distillation term (1 - it: NLL)")
+    teacher_offload: bool = option(False, help="keep the teacher in host memory between uses (GPU)")
 
     def __post_init__(self) -> None:
         if not self.teacher_model:
@@ -68,7 +69,7 @@ class KDTrainer(SFTTrainer):
         self.kd = kd
         super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id,
                          packing_samples=packing_samples, max_len=max_len)
-        self.teacher = frozen_copy(self.engine, kd.teacher_model, role="--teacher_model")
+        self.teacher = frozen_copy(self.engine, kd.teacher_model, role="--teacher_model", offload=kd.teacher_offload)
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
         vocab_size = self.engine.vocab_size

@@ -28,10 +28,10 @@ from parallel.options import option
 class KTOConfig:
     """KTO's loss and its reference model."""
 
-    beta: float = option(0.1, help="KTO temperature")
+    beta: float = option(0.01, help="KTO temperature")
     desirable_loss_weight: float = option(1.0, help="weight of desirable completions")
     undesirable_loss_weight: float = option(1.0, help="weight of undesirable completions")
-    ref_pretrain: str | None = option(None, help="reference HF directory (default: --pretrain)")
+    ref_pretrain: str | None = option(None, help="reference model, HF directory or Megatron checkpoint (default: --pretrain)")
     ref_offload: bool = option(False, help="keep the reference in host memory between uses (GPU)")
 
     def __post_init__(self) -> None:

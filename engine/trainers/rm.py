@@ -1,7 +1,8 @@
 """Pairwise (Bradley-Terry) reward model: a value head read at each sequence's eos.
 
 Batches are ``preference_collate``'s ``2B`` rows (chosen, then rejected). The loss is the mean
-over pairs of ``-logsigmoid(r_chosen - r_rejected - margin)``, exact under every TP / PP / CP /
+over pairs of ``-logsigmoid(r_chosen - r_rejected - margin)`` in fp32 (``margin``: the row's
+``margin`` column with ``--margin_loss``, else 0, as in OpenRLHF), exact under every TP / PP / CP /
 DP layout. The HF export (``AutoModelForSequenceClassification``, ``score`` head) carries the
 reward statistics ``mean`` / ``std`` in its config, measured at the end of training on the
 eval split (else on the first training pairs), so consumers can normalise rewards.
@@ -9,6 +10,7 @@ eval split (else on the first training pairs), so consumers can normalise reward
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
@@ -18,18 +20,28 @@ from engine.trainers.base import OfflineTrainerConfig
 from engine.trainers.losses import pairwise_rm_loss
 from engine.trainers.pairs import PairwiseTrainer
 from engine.trainers.sequence_outputs import context_parallel_share, last_token_values
+from parallel.options import option
 
 STATS_MAX_PAIRS = 1024  # pairs scored for the exported reward statistics without an eval split
 
 
-def rm_loss_fn(scale: float, cp_group) -> LossFn:
+@dataclass(kw_only=True)
+class RMConfig:
+    """The pairwise loss."""
+
+    margin_loss: bool = option(False, help="subtract each pair's margin column inside the loss (without it "
+                                           "margins are read but not used, as in OpenRLHF)")
+
+
+def rm_loss_fn(scale: float, cp_group, *, margin_loss: bool = False) -> LossFn:
     share = context_parallel_share(cp_group)
 
     def loss_fn(values: torch.Tensor, batch: dict):
-        rewards = last_token_values(values, batch, cp_group=cp_group)
+        rewards = last_token_values(values, batch, cp_group=cp_group)  # fp32
         num_pairs = rewards.shape[0] // 2
         chosen, rejected = rewards[:num_pairs], rewards[num_pairs:]
-        loss_sum = pairwise_rm_loss(chosen, rejected, batch["margin"].to(rewards.device)) * num_pairs
+        margin = batch["margin"].to(rewards.device, torch.float32) if margin_loss else None
+        loss_sum = pairwise_rm_loss(chosen, rejected, margin) * num_pairs
         with torch.no_grad():
             metrics = {"loss_sum": loss_sum, "acc_sum": (chosen > rejected).float().sum(),
                        "chosen_reward_sum": chosen.sum(), "reject_reward_sum": rejected.sum(),
@@ -55,13 +67,16 @@ def reward_moments_fn(cp_group) -> LossFn:
 class RewardModelTrainer(PairwiseTrainer):
     """The engine must be built with a value head (``offline_trainer_config(args, value_head=True)``)."""
 
-    def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None, *, pad_token_id: int):
+    def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None, *, pad_token_id: int,
+                 rm: RMConfig | None = None):
         if not config.engine.build.value_head:
             raise ValueError("the reward model trainer needs an engine built with a value head")
+        self.rm = rm or RMConfig()
         super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id)
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
-        return rm_loss_fn(self.pair_loss_scale(microbatches), ps.get_context_parallel_group())
+        return rm_loss_fn(self.pair_loss_scale(microbatches), ps.get_context_parallel_group(),
+                          margin_loss=self.rm.margin_loss)
 
     def reward_statistics(self) -> dict[str, float]:
         """Mean and standard deviation of the rewards of chosen and rejected sequences."""

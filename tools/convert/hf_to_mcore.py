@@ -38,16 +38,19 @@ def parse_args(argv=None) -> ToMcoreJob:
 def convert(args: ToMcoreJob) -> None:
     import torch.distributed as dist
 
-    from models.builder import build_model
+    from models.builder import ModelBuildConfig, build_model
     from models.mcore_checkpoint import save_model
     from models.registry import load_adapter
+    from models.sources import ModelSource
     from models.weights import load_hf_weights
     from parallel.initialize import initialize_parallel
 
     config, paths = args.parallel, args.paths
     adapter = load_adapter(paths.hf_path)
     initialize_parallel(config)
-    model = build_model(adapter, config)
+    # A reward model / critic (*ForSequenceClassification) keeps its value head.
+    value_head = ModelSource.open(paths.hf_path, flag="--hf_path").value_head is True
+    model = build_model(adapter, config, ModelBuildConfig(value_head=value_head))
     load_hf_weights(model, adapter, paths.hf_path, progress=dist.get_rank() == 0)
     save_model(model, paths.save_path, adapter=adapter, hf_source_dir=paths.hf_path)
     if dist.get_rank() == 0:

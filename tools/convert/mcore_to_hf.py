@@ -39,25 +39,15 @@ def parse_args(argv=None) -> ToHFJob:
 def convert(args: ToHFJob) -> None:
     import torch.distributed as dist
 
-    from models.builder import ModelBuildConfig, build_model
-    from models.mcore_checkpoint import HF_DIR, load_model, verify_checkpoint
-    from models.registry import load_adapter
-    from models.weights import save_hf_checkpoint
+    from models.sources import ModelSource
     from parallel.initialize import initialize_parallel
 
     paths, config = args.paths, args.parallel
-    meta = verify_checkpoint(paths.load_path)
-    hf_dir = f"{paths.load_path}/{HF_DIR}"
-    adapter = load_adapter(hf_dir)
+    # A converted model or a training checkpoint (<ckpt_path>/global_stepN: its model only), any layout.
+    source = ModelSource.open(paths.load_path, flag="--load_path")
     initialize_parallel(config)
-    value_head = meta.get("value_head", False)
-    build = ModelBuildConfig(padded_vocab_size=meta["padded_vocab_size"], value_head=value_head)
-    model = build_model(adapter, config, build)
-    load_model(model, paths.load_path)
-    save_hf_checkpoint(
-        model, adapter, paths.save_path, source_dir=hf_dir,
-        max_shard_bytes=paths.max_shard_size_mb << 20, progress=dist.get_rank() == 0,
-    )
+    source.export_hf(paths.save_path, parallel=config, max_shard_bytes=paths.max_shard_size_mb << 20,
+                     progress=dist.get_rank() == 0)
     if dist.get_rank() == 0:
         print(f"saved HF model to {paths.save_path}")
     dist.destroy_process_group()

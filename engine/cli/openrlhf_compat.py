@@ -1,0 +1,168 @@
+"""OpenRLHF's flags that are not options here, each declared once with what this engine does about it.
+
+Users bring OpenRLHF command lines (DeepSpeed launches of ``openrlhf.cli.*``). A flag whose
+concept exists here is an option or an alias of the config field (``--actor_learning_rate``,
+``--prompt_split``, ``--wandb_org``, ...); every other flag of OpenRLHF's CLIs (as of commit
+c1970206, 2025-03-31) is an entry of :data:`TABLE`, one of:
+
+- a **notice**: accepted; one line on rank 0 / the driver says what this engine does instead
+  (``--zero_stage 3``: the distributed optimizer shards Adam states over DP; TP / PP shard the
+  weights). The notice is the action: nothing else changes;
+- a **refusal**: an error naming the flag and why (LoRA, 4-bit loading, EMA, ...); ``accepted``
+  values are what this engine does anyway (``--lora_rank 0``) and pass with the notice;
+- a **fan-out**: one OpenRLHF flag that is several options here (``--ring_attn_size`` sets every
+  RL role's context-parallel size).
+
+``engine/cli/options.py`` adds the entries of a job's CLI (the job module's name) to its parser
+and acts on them; a flag that is both an option and an entry is an error when the parser is
+built. ``tests/test_openrlhf_compat.py`` holds OpenRLHF's flag lists and checks that every one is
+an option, an alias or an entry here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+OFFLINE = ("train_sft", "train_rm", "train_dpo", "train_kto", "train_prm", "train_kd")
+TRAINERS = (*OFFLINE, "train_ppo_ray")
+RL = ("train_ppo_ray",)
+EVERY = (*TRAINERS, "batch_inference", "serve_rm")
+ROLES = ("actor", "critic", "ref", "reward")
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """One OpenRLHF flag that is not an option of the CLIs in ``clis``."""
+
+    flag: str  # without "--"
+    clis: tuple[str, ...]
+    says: str  # notice: what this engine does instead; refusal: why not, and what to use
+    type: type | None = None  # None: a switch (store_true)
+    nargs: str | None = None
+    refused: bool = False
+    accepted: tuple[Any, ...] = ()  # refused flags: values that are what this engine does (the notice is printed)
+    fans_out_to: tuple[str, ...] = ()  # flags here that take the value (the entry is then an alias of all of them)
+
+    def __post_init__(self) -> None:
+        assert not (self.fans_out_to and (self.refused or self.accepted)), self.flag
+        assert not self.accepted or self.refused, self.flag
+
+    def refuses(self, value: Any) -> bool:
+        return self.refused and value not in self.accepted
+
+    def line(self, value: Any) -> str:
+        """The notice (or, for a refused value, the error) naming the flag as typed."""
+        shown = f"--{self.flag}" if self.type is None else f"--{self.flag} {_show(value)}"
+        return f"{shown}: {'not supported: ' if self.refuses(value) else ''}{self.says}"
+
+
+def _show(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _zero(parallel_flags: str) -> str:
+    return ("this engine shards optimizer state over data-parallel ranks (Megatron distributed optimizer) at "
+            f"any stage; use {parallel_flags} to shard the weights")
+
+
+_OFFLINE_GRID = "--tensor_model_parallel_size / --pipeline_model_parallel_size"
+_RL_GRID = "--{actor,critic,ref,reward}_tensor_model_parallel_size / ..._pipeline_model_parallel_size"
+_PADDED = "batches are padded to their longest sample (the loss equals the packed one; packing only saves compute)"
+
+TABLE: tuple[Foreign, ...] = (
+    # ----- DeepSpeed and the launcher ------------------------------------------------------------
+    Foreign("zero_stage", OFFLINE, _zero(_OFFLINE_GRID), type=int),
+    Foreign("zero_stage", RL, _zero(_RL_GRID), type=int),
+    Foreign("zero_stage", ("batch_inference",), "no DeepSpeed here: generation runs on vLLM engines, reward "
+            "scoring on one HF model", type=int),
+    Foreign("local_rank", (*TRAINERS, "batch_inference"), "set by the deepspeed launcher; this engine reads "
+            "LOCAL_RANK (and RANK / WORLD_SIZE) from the environment, as torchrun and deepspeed set them", type=int),
+    Foreign("zpg", TRAINERS, "optimizer state is sharded over all data-parallel ranks (Megatron distributed "
+            "optimizer); there are no ZeRO++ partition groups", type=int),
+    Foreign("adam_offload", TRAINERS, "Adam states stay on the device, sharded over data-parallel ranks "
+            "(Megatron distributed optimizer); nothing is offloaded to the CPU"),
+    Foreign("grad_accum_dtype", TRAINERS, "gradients accumulate and are reduced in fp32 (Megatron DDP main "
+            "grads) whatever the parameter dtype", type=str),
+    Foreign("overlap_comm", TRAINERS, "the data-parallel gradient reduction runs after the backward pass "
+            "(Megatron DDP without overlap)"),
+    Foreign("deepspeed_enable_sleep", RL, "trainable roles keep weights and optimizer states on their devices "
+            "during generation; under --colocate_all_models leave vLLM room with --vllm_gpu_memory_utilization"),
+    Foreign("actor_init_on_gpu", RL, "every rank builds its own model shard directly on its device"),
+    Foreign("disable_ds_ckpt", ("train_sft", "train_dpo", "train_ppo_ray"), "at each --save_steps this engine "
+            "writes its resumable Megatron checkpoint (plus HF weights with --save_hf_ckpt where offered); there "
+            "is no HF-only checkpointing"),
+    Foreign("use_ds_universal_ckpt", TRAINERS, "Megatron checkpoints reload under any TP / PP / DP layout "
+            "without a conversion step"),
+    Foreign("max_ckpt_mem", TRAINERS, "old checkpoints are removed by count (--max_ckpt_num), not by size",
+            type=int),
+    # ----- kernels and precision -----------------------------------------------------------------
+    Foreign("flash_attn", EVERY, "the attention kernel is chosen automatically: flash-attn for fp16 / bf16 on "
+            "CUDA when installed, else PyTorch SDPA (CPU: SDPA), ring attention under context parallelism"),
+    Foreign("gradient_checkpointing_use_reentrant", TRAINERS, "--gradient_checkpointing is Megatron's full "
+            "recompute of every layer, which has no reentrant switch"),
+    Foreign("use_liger_kernel", ("train_sft", "train_dpo", "train_kto", "train_prm", "train_kd", "train_ppo_ray"),
+            "Liger patches HF modules; Megatron-core layers run their own (unfused on CPU) kernels"),
+    Foreign("torch_compile", TRAINERS, "the model is not torch.compile'd (Megatron-core layers run eagerly)"),
+    Foreign("compute_fp32_loss", ("train_rm",), "the reward model loss is always computed in fp32"),
+    Foreign("bf16", ("serve_rm",), "the reward model scores in its checkpoint's dtype (bf16 for a bf16 "
+            "checkpoint); the flag does not cast"),
+    Foreign("bf16", ("batch_inference",), "generation runs in --vllm_dtype (auto: the checkpoint's dtype); "
+            "reward scoring in the checkpoint's dtype"),
+    Foreign("full_determinism", (*TRAINERS, "batch_inference"), "deterministic kernels are not forced (runs "
+            "repeat for a --seed and layout on CPU)", refused=True),
+    # ----- packing: exact here, padding gives the same loss ----------------------------------------
+    Foreign("packing_samples", ("train_rm", "train_dpo", "train_prm"), "pairs and PRM " + _PADDED),
+    Foreign("packing_samples", RL, "RL micro-batches " + _PADDED.removeprefix("batches ")),
+    # ----- models and heads ----------------------------------------------------------------------
+    Foreign("value_head_prefix", ("train_rm", "train_ppo_ray", "serve_rm", "batch_inference"),
+            "reward and critic heads are always 'score' (what AutoModelForSequenceClassification loads)",
+            type=str, refused=True, accepted=("score",)),
+    Foreign("disable_fast_tokenizer", EVERY, "tokenizers load as transformers' AutoTokenizer default (the fast "
+            "tokenizer when the model has one)", refused=True),
+    Foreign("load_in_4bit", (*TRAINERS, "serve_rm"), "4-bit (bitsandbytes) loading of Megatron models",
+            refused=True),
+    Foreign("lora_rank", TRAINERS, "LoRA: full-parameter training only (0, no LoRA, is what runs)", type=int,
+            refused=True, accepted=(0,)),
+    Foreign("lora_alpha", TRAINERS, "LoRA is not supported (--lora_rank > 0 is refused), so this has no effect",
+            type=int),
+    Foreign("lora_dropout", TRAINERS, "LoRA is not supported (--lora_rank > 0 is refused), so this has no effect",
+            type=float),
+    Foreign("target_modules", TRAINERS, "LoRA is not supported (--lora_rank > 0 is refused), so this has no "
+            "effect", type=str, nargs="*"),
+    Foreign("enable_ema", RL, "no EMA copy of the actor is kept", refused=True),
+    Foreign("use_ms", EVERY, "ModelScope hub downloads: download the model and pass its directory", refused=True),
+    # ----- algorithms and data -------------------------------------------------------------------
+    Foreign("loss", ("train_rm",), "the pairwise loss is -logsigmoid(r_chosen - r_rejected [- margin with "
+            "--margin_loss]), which is OpenRLHF's 'sigmoid' and, without margins, also its 'logexp' loss", type=str),
+    Foreign("multiturn", ("train_sft",), "with --apply_chat_template a conversation in --input_key trains on its "
+            "last assistant turn only", refused=True),
+    Foreign("eval_steps", RL, "train_ppo_ray has no evaluation pass (OpenRLHF's is a placeholder at this "
+            "version)", type=int),
+    Foreign("save_hf_ckpt", RL, "train_ppo_ray exports HF weights at the end (--save_path, "
+            "--save_value_network); resumable checkpoints go to --ckpt_path", refused=True),
+    Foreign("perf", RL, "per-phase times are always logged (time/generate, time/train, ...)"),
+    Foreign("vllm_sync_with_ray", RL, "weights travel over --vllm_sync_backend groups (gloo / nccl / cuda_ipc); "
+            "Ray's collective library is not used"),
+    Foreign("ring_attn_size", RL, "alias of every role's context-parallel size", type=int,
+            fans_out_to=tuple(f"{role}_context_parallel_size" for role in ROLES)),
+    # ----- batch inference -----------------------------------------------------------------------
+    Foreign("max_num_seqs", ("batch_inference",), "vLLM's own scheduler default is used", type=int),
+    Foreign("repetition_penalty", ("batch_inference",), "sampling has no repetition penalty (1.0 is what "
+            "runs)", type=float, refused=True, accepted=(1.0,)),
+    Foreign("enable_csft", ("batch_inference",), "conditional-SFT prompts at generation: append the score "
+            "prompt to the inputs yourself (--post_processor csft builds the training rows)", refused=True),
+    Foreign("csft_prompt", ("batch_inference",), "conditional-SFT prompts at generation: append the score prompt "
+            "to the inputs yourself (--post_processor csft builds the training rows)", type=str, refused=True),
+)
+
+
+# Not a flag but its absence: OpenRLHF exports to ./ckpt by default, this engine only where --save_path says.
+NO_SAVE_PATH = "no --save_path: the trained model will not be exported (OpenRLHF's default was ./ckpt)"
+
+
+def entries_for(cli: str) -> tuple[Foreign, ...]:
+    """The entries of one CLI (a module name under engine/cli); at most one per flag."""
+    entries = tuple(entry for entry in TABLE if cli in entry.clis)
+    names = [entry.flag for entry in entries]
+    assert len(names) == len(set(names)), f"{cli}: an OpenRLHF flag declared twice"
+    return entries

@@ -90,13 +90,21 @@ def run_on_ranks(fn: Callable[..., Any], *args, grid: ParallelConfig, nproc_per_
     and data parallelism takes the rest. Otherwise ``nproc_per_node`` local ranks are spawned here,
     by default the smallest world the grid fits (TP x PP x CP, times what EP needs of DP).
     """
+    nprocs = check_launch(grid, nproc_per_node)
     if launched_by_torchrun():
-        check_torchrun_world(grid, nproc_per_node)
         fn(*args)
         return
+    spawn_local_ranks(fn, nprocs, *args)
+
+
+def check_launch(grid: ParallelConfig, nproc_per_node: int | None) -> int:
+    """The world this launch makes fits ``grid`` (LaunchError otherwise); returns the ranks to spawn here."""
+    if launched_by_torchrun():
+        check_torchrun_world(grid, nproc_per_node)
+        return 0
     nprocs = nproc_per_node or grid.minimum_world_size()
     check_world(grid, nprocs, f"--nproc_per_node {nprocs}")
-    spawn_local_ranks(fn, nprocs, *args)
+    return nprocs
 
 
 def spawn_local_ranks(fn: Callable[..., Any], world_size: int, *args) -> None:

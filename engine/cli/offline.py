@@ -103,7 +103,9 @@ def check_model(job: OfflineJob) -> None:
 
 def launch(train: Callable, job: OfflineJob) -> None:
     """Run ``train(job)`` on every rank: torchrun's world, or ``--nproc_per_node`` ranks spawned here."""
-    from parallel.launch import run_on_ranks
+    from parallel.launch import check_launch, run_on_ranks
 
+    grid = job.trainer.engine.parallel
+    check_launch(grid, job.launch.nproc_per_node)  # the world first: it is what the launcher got wrong
     check_model(job)
-    run_on_ranks(train, job, grid=job.trainer.engine.parallel, nproc_per_node=job.launch.nproc_per_node)
+    run_on_ranks(train, job, grid=grid, nproc_per_node=job.launch.nproc_per_node)

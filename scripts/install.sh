@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with its CPU extras. Idempotent: re-runs only when
-# setup.py changes. On GPU clusters use `pip install -e '.[gpu]'` in your own environment instead.
+# setup.py changes. On GPU clusters use scripts/install_gpu.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

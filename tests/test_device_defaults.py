@@ -1,0 +1,54 @@
+"""What the code picks when CUDA is present, decided on a CPU box (the GPU check runs the picks)."""
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+from parallel.initialize import default_backend
+from parallel.launch import PRELOAD_MODULES, rank_process_context, rank_start_method
+from tools.gpu_check import peak_flops, train_flops_per_token
+
+
+def test_cuda_backend_serves_cpu_tensors_too():
+    # A bare "nccl" has no CPU backend: the first CPU metric in an all_reduce fails on GPU.
+    assert default_backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    assert default_backend(cuda=False) == "gloo"
+
+
+def test_device_keyed_backend_reduces_cpu_tensors(tmp_path):
+    # The "device:backend" form on this build: CPU tensors go to the backend named for "cpu".
+    dist.init_process_group("cpu:gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        value = torch.tensor([2.0])
+        dist.all_reduce(value)
+        assert value.item() == 2.0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_are_spawned_when_cuda_is_present():
+    # The forkserver preloads megatron (and Transformer Engine through it): forking after a CUDA
+    # initialisation breaks the ranks, so CUDA means spawn.
+    assert rank_start_method(cuda=True) == "spawn"
+    assert rank_start_method(cuda=False) == "forkserver"
+    assert rank_process_context(cuda=True).get_start_method() == "spawn"
+    assert rank_process_context(cuda=False).get_start_method() == "forkserver"
+    assert multiprocessing.forkserver._forkserver._preload_modules == list(PRELOAD_MODULES)
+
+
+def test_gpu_check_train_step_runs_its_code_on_cpu(tmp_path):
+    # scripts/gpu_check.sh is first run on a lent GPU: its own code is proven here, on a small
+    # model, so that a GPU minute is never spent on a typo. The check asserts that the loss falls.
+    done = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--child", "train_step", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1].startswith("PASS train_step:"), done.stdout
+
+
+def test_mfu_counts_dense_and_attention_flops():
+    assert train_flops_per_token(params=10, num_layers=2, hidden=4, seq_len=8) == 6 * 10 + 6 * 2 * 4 * 8
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("Tesla T4") is None

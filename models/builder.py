@@ -31,7 +31,8 @@ from parallel.options import option
 class ModelBuildConfig:
     """What the trainer asks of the model beyond its architecture."""
 
-    bf16: bool = option(False, help="bf16 weights and compute (GPU)")
+    bf16: bool | None = option(None, value_aliases={"fp32": False},
+                               help="bf16 weights and compute (default: bf16 with CUDA, fp32 on CPU; --fp32 forces fp32)")
     gradient_checkpointing: bool = option(False, help="full activation recompute")
     aux_loss_coef: float | None = option(None, help="MoE load-balancing loss coefficient (default: the HF config's)")
     ring_head_stride: int | None = option(None, help="KV heads per ring-attention pass under CP (default: all)")
@@ -42,7 +43,14 @@ class ModelBuildConfig:
 
     @property
     def params_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
+        return torch.bfloat16 if resolve_bf16(self.bf16, cuda=torch.cuda.is_available()) else torch.float32
+
+
+def resolve_bf16(bf16: bool | None, *, cuda: bool) -> bool:
+    """Unset means the hardware's precision: fp32 on GPU would skip flash-attn and send GQA attention
+    to the math kernel (full score matrices); bf16 on CPU is slower than fp32 and inexact for tests.
+    Resolved where the model is built, so a CPU-only driver never decides for GPU ranks."""
+    return cuda if bf16 is None else bf16
 
 
 def _local_layer_spec(options: LayerSpecOptions, moe: bool, build: ModelBuildConfig) -> ModuleSpec:

@@ -52,3 +52,17 @@ def test_gpu_check_train_step_runs_its_code_on_cpu(tmp_path):
 def test_mfu_counts_dense_and_attention_flops():
     assert train_flops_per_token(params=10, num_layers=2, hidden=4, seq_len=8) == 6 * 10 + 6 * 2 * 4 * 8
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("Tesla T4") is None
+
+
+def test_precision_follows_the_hardware_unless_a_flag_says():
+    from engine.cli.options import parse_job
+    from engine.cli.train_sft import SFTJob
+    from models.builder import ModelBuildConfig, resolve_bf16
+
+    assert resolve_bf16(None, cuda=True) and not resolve_bf16(None, cuda=False)
+    assert not resolve_bf16(False, cuda=True) and resolve_bf16(True, cuda=False)
+    assert ModelBuildConfig().params_dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    base = ["--pretrain", "m", "--dataset", "d"]
+    builds = {flag: parse_job(SFTJob, base + ([flag] if flag else [])).trainer.engine.build.bf16
+              for flag in ("", "--bf16", "--fp32")}
+    assert builds == {"": None, "--bf16": True, "--fp32": False}

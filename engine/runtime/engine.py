@@ -74,7 +74,7 @@ class TrainingEngine:
         self.ddp_model = self.optimizer = self.scheduler = None
         if trainable:
             self.ddp_model = wrap_ddp(self.model, config.optim)
-            self.optimizer = build_optimizer(self.ddp_model, config.optim, bf16=config.build.bf16)
+            self.optimizer = build_optimizer(self.ddp_model, config.optim, bf16=config.build.params_dtype == torch.bfloat16)
             self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps=total_steps)
         else:
             self.model.eval()

@@ -5,6 +5,7 @@ import multiprocessing.forkserver
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -66,3 +67,24 @@ def test_precision_follows_the_hardware_unless_a_flag_says():
     builds = {flag: parse_job(SFTJob, base + ([flag] if flag else [])).trainer.engine.build.bf16
               for flag in ("", "--bf16", "--fp32")}
     assert builds == {"": None, "--bf16": True, "--fp32": False}
+
+
+def test_ray_rank_takes_its_assigned_gpu_under_each_ray_env():
+    from engine.ray.devices import DeviceError, ray_device_index
+
+    def index(gpu_ids, env=None, count=1, cluster=True):
+        return ray_device_index(gpu_ids=gpu_ids, env=env or {}, device_count=count, cluster_has_gpus=cluster,
+                                who="actor rank 3")
+
+    # Ray narrowed CUDA_VISIBLE_DEVICES to the one assigned GPU.
+    assert index(["5"], {"CUDA_VISIBLE_DEVICES": "5"}) == 0
+    noset = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+    # Every GPU stays visible: the assigned one, not cuda:0 for every rank.
+    assert index(["5"], noset, count=8) == 5
+    assert index([6], {**noset, "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, count=4) == 2
+    with pytest.raises(DeviceError, match="not in CUDA_VISIBLE_DEVICES"):
+        index(["1"], {**noset, "CUDA_VISIBLE_DEVICES": "4,5"}, count=2)
+    # A CPU-only cluster trains on the CPU; a GPU cluster that gave this rank no GPU is an error.
+    assert index([], count=0, cluster=False) is None
+    with pytest.raises(DeviceError, match=r"actor rank 3 was given no GPU.*--<role>_num_gpus_per_node"):
+        index([], count=0, cluster=True)

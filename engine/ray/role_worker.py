@@ -15,6 +15,7 @@ import ray
 import torch
 
 from engine.ray.calls import split_evenly
+from engine.ray.devices import ray_device_index
 from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
 from engine.runtime.engine import EngineConfig, TrainingEngine
@@ -76,10 +77,11 @@ class MegatronRoleWorker:
         return True
 
     def _local_rank(self) -> int:
-        if torch.cuda.is_available():
-            visible = ray.get_gpu_ids()
-            return 0 if visible else self.rank % max(torch.cuda.device_count(), 1)
-        return self.rank
+        index = ray_device_index(gpu_ids=ray.get_gpu_ids(), env=dict(os.environ),
+                                 device_count=torch.cuda.device_count(),
+                                 cluster_has_gpus=ray.cluster_resources().get("GPU", 0) > 0,
+                                 who=f"{self.config.name} rank {self.rank}")
+        return self.rank if index is None else index
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -88,3 +88,13 @@ def test_ray_rank_takes_its_assigned_gpu_under_each_ray_env():
     assert index([], count=0, cluster=False) is None
     with pytest.raises(DeviceError, match=r"actor rank 3 was given no GPU.*--<role>_num_gpus_per_node"):
         index([], count=0, cluster=True)
+
+
+def test_engines_start_before_the_roles_only_when_they_share_the_gpus():
+    from engine.cli.train_ppo_ray import engines_first
+    from engine.ray.colocation import Placement
+
+    shared = Placement(placement_group=object(), gpu_per_rank=0.5)
+    # --colocate_all_models on GPU: make_placements gives the engines ("vllm") the roles' group.
+    assert engines_first({"actor": shared, "ref": shared, "vllm": shared})
+    assert not engines_first({"actor": Placement(), "ref": Placement()})

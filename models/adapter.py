@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from models.splits import Split
 
-__all__ = ["AttentionShape", "LayerSpecOptions", "ModelAdapter", "Split", "WeightSpec"]
+__all__ = ["TE_FUSED_NORM_NAMES", "AttentionShape", "LayerSpecOptions", "ModelAdapter", "Split", "WeightSpec"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ class LayerSpecOptions:
     qk_layernorm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, OLMo 2)
     moe_layers: tuple[bool, ...] | None = None  # per global layer: MoE (True) or dense; None: all alike
 
+
+#: Transformer Engine's layer spec fuses a layer's norms into the linear layer after them
+#: (``models.layer_spec``); those parameters are the same HF tensors as the local spec's norms. MoE
+#: layers keep a separate ``pre_mlp_layernorm`` under TE: the names never collide.
+TE_FUSED_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
@@ -211,7 +219,7 @@ class ModelAdapter:
         layer, rest = int(match.group(1)) + layer_offset, match.group(2)
         expert = _EXPERT.match(rest)
         if expert is None:
-            return self._find(self.layer_specs(), rest), {"layer": layer}
+            return self._find(self.layer_specs(), TE_FUSED_NORM_NAMES.get(rest, rest)), {"layer": layer}
         index = {"layer": layer, "expert": int(expert.group(1)) + expert_offset}
         return self._find(self.expert_specs(), expert.group(2)), index
 

@@ -9,20 +9,14 @@ from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    LayerNormImpl,
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from models.adapter import LayerSpecOptions, ModelAdapter
 from models.heads import ValueHead
-from parallel.attention.core_attention import CoreAttention
+from models.layer_spec import TransformerImpl, block_spec, detect_layer_spec
 from parallel.config import ParallelConfig
 from parallel.options import option
 
@@ -36,6 +30,9 @@ class ModelBuildConfig:
     gradient_checkpointing: bool = option(False, help="full activation recompute")
     aux_loss_coef: float | None = option(None, help="MoE load-balancing loss coefficient (default: the HF config's)")
     ring_head_stride: int | None = option(None, help="KV heads per ring-attention pass under CP (default: all)")
+    transformer_impl: TransformerImpl = option(
+        "auto", help="layer implementation: transformer_engine (TE linears with fused norms), local "
+                     "(megatron-core's own); auto: transformer_engine when TE imports and CUDA is there")
     value_head: bool = False  # critic / reward model: a scalar per token instead of logits
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: int | None = None  # fixed by a checkpoint saved under another TP size
@@ -53,27 +50,14 @@ def resolve_bf16(bf16: bool | None, *, cuda: bool) -> bool:
     return cuda if bf16 is None else bf16
 
 
-def _local_layer_spec(options: LayerSpecOptions, moe: bool, build: ModelBuildConfig) -> ModuleSpec:
-    """Megatron's local layer spec with our core attention (SDPA / flash-attn / ring attention)."""
-    spec = get_gpt_layer_local_spec(
-        num_experts=options.num_experts if moe else None, moe_grouped_gemm=False,
-        qk_layernorm=options.qk_layernorm, normalization="RMSNorm",
-    )
-    # Options reach the attention through the spec (build_module passes ``params`` as kwargs).
-    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=CoreAttention, params={"ring_head_stride": build.ring_head_stride})
-    return spec
-
-
-def layer_spec(options: LayerSpecOptions, config: TransformerConfig, build: ModelBuildConfig):
-    """One spec for every layer, or this pipeline stage's per-layer specs when the adapter mixes
-    dense and MoE layers (``options.moe_layers``)."""
-    if options.moe_layers is None:
-        return _local_layer_spec(options, bool(options.num_experts), build)
+def layer_spec(options: LayerSpecOptions, config: TransformerConfig, build: ModelBuildConfig) -> TransformerBlockSubmodules:
+    """This pipeline stage's layer specs (dense or MoE per ``options.moe_layers``) and final norm, in
+    the implementation ``--transformer_impl`` resolves to here (``models.layer_spec``)."""
+    moe_layers = options.moe_layers or [bool(options.num_experts)] * config.num_layers
     offset = get_transformer_layer_offset(config)
-    local = options.moe_layers[offset: offset + get_num_layers_to_build(config)]
-    specs = {moe: _local_layer_spec(options, moe, build) for moe in set(local)}
-    return TransformerBlockSubmodules(layer_specs=[specs[moe] for moe in local], layer_norm=LayerNormImpl)
+    local = list(moe_layers[offset: offset + get_num_layers_to_build(config)])
+    return block_spec(detect_layer_spec(build.transformer_impl), options, layer_is_moe=local,
+                      normalization=config.normalization, ring_head_stride=build.ring_head_stride)
 
 
 def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig) -> TransformerConfig:
@@ -136,6 +120,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         **model_kwargs,
     )
     model.true_vocab_size = adapter.vocab_size
+    model.transformer_impl = detect_layer_spec(build.transformer_impl).impl  # which layer spec (logs, checks)
     model.is_value_model = build.value_head
     model.max_attention_span = adapter.max_attention_span  # checked per sample by the schedule
     if model.post_process:

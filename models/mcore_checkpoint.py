@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from models.adapter import ModelAdapter
 from models.heads import is_value_model
@@ -133,10 +135,46 @@ def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_siz
     write_manifest(staging)
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
 def load_sharded(sharded_state_dict: dict, directory: str | os.PathLike) -> dict:
-    """Verify and load a checkpoint into the given sharded state dict layout (any TP/PP/EP)."""
+    """Verify and load a checkpoint into the given sharded state dict layout (any TP/PP/EP, either
+    layer spec). Requested entries the checkpoint lacks are an error naming them, except module
+    extra states: Transformer Engine's norms carry one (fp8 metadata) that the local spec's norms
+    do not write, so a TE model keeps its own when it loads a checkpoint of the local spec."""
     verify_checkpoint(directory)
-    return dist_checkpointing.load(sharded_state_dict, str(directory))
+    extra_states = dict(_extra_state_entries(sharded_state_dict))
+    state, _, absent = dist_checkpointing.load(sharded_state_dict, str(directory),
+                                               strict=StrictHandling.RETURN_UNEXPECTED)
+    missing = sorted(key for key in absent if not key.endswith(EXTRA_STATE_SUFFIX))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {directory} has no {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} entries the model needs; written for another architecture?)"
+        )
+    for path, sharded in extra_states.items():
+        if sharded.key in absent:
+            _set_path(state, path, sharded.data)
+    return state
+
+
+def _extra_state_entries(tree, path: tuple = ()):
+    """(path, ShardedObject) of every module extra state in a nested sharded state dict."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _extra_state_entries(value, (*path, key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _extra_state_entries(value, (*path, index))
+    elif isinstance(tree, ShardedObject) and tree.key.endswith(EXTRA_STATE_SUFFIX):
+        yield path, tree
+
+
+def _set_path(tree, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {}) if isinstance(tree, dict) else tree[key]
+    tree[path[-1]] = value
 
 
 def load_common_state(directory: str | os.PathLike) -> dict | None:

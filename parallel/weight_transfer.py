@@ -24,9 +24,11 @@ Backends (``--vllm_sync_backend``):
 * ``gloo``     -- CPU tensors over a gloo process group (TCP). The CPU path; works on any box.
 * ``nccl``     -- GPU tensors over NCCL (vLLM's ``PyNcclCommunicator`` on a
   ``StatelessProcessGroup``); the trainer rank and the engines are on different GPUs.
-* ``cuda_ipc`` -- colocated engines: the bucket stays in the sender's GPU memory and receivers
-  map it through a CUDA IPC handle (control messages over gloo). Needs every receiver to see
-  the sender's GPU.
+* ``cuda_ipc`` -- colocated engines: the bucket stays in GPU memory and each receiver maps, through
+  a CUDA IPC handle, the copy on the GPU it runs on (control messages over gloo). Handles travel
+  keyed by GPU uuid: one sender offers its own GPU's; a trainer world spanning several GPUs
+  (``SharedIpcBuckets``) offers one per GPU, every rank holding the bucket on its own GPU
+  (``StageFanOut`` brings other pipeline stages' buckets over), as OpenRLHF does.
 
 Every group is created on its own TCP store, so it touches neither the trainer's nor vLLM's
 default ``torch.distributed`` group. This module knows neither Ray nor the engines.
@@ -300,11 +302,22 @@ class NcclTransport(_BroadcastTransport):
                                     device=self.device, timeout_s=self.timeout_s, listen_socket=self.listen_socket)
 
 
-class CudaIpcTransport(GlooTransport):
-    """Colocated GPU transport: receivers map the sender's bucket through a CUDA IPC handle.
+def ipc_handle_of(buffer: torch.Tensor) -> tuple:
+    """The CUDA IPC handle (``rebuild_cuda_tensor``'s arguments) of ``buffer``, once its data is written."""
+    from torch.multiprocessing.reductions import reduce_tensor
 
-    The bucket never leaves the GPU it was packed on; the gloo group only carries headers and a
-    barrier that keeps the bucket alive until every receiver has copied it out.
+    torch.cuda.current_stream(buffer.device).synchronize()  # IPC readers do not follow our stream order
+    _, handle = reduce_tensor(buffer)
+    return handle
+
+
+class CudaIpcTransport(GlooTransport):
+    """Colocated GPU transport: each receiver maps the bucket on its own GPU through a CUDA IPC handle.
+
+    The bucket never leaves GPU memory; the gloo group only carries headers (with the handles,
+    keyed by GPU uuid) and a barrier that keeps the buckets alive until every receiver has copied
+    its one out. ``send_bucket`` offers this process's GPU only (the receivers must share it);
+    ``send_handles`` sends the handles a whole trainer world gathered (``SharedIpcBuckets``).
     """
 
     backend = "cuda_ipc"
@@ -313,18 +326,15 @@ class CudaIpcTransport(GlooTransport):
         super().__init__(world_size=world_size, host=host, timeout_s=timeout_s)
         self.device = torch.device("cuda", torch.cuda.current_device())
 
-    def receiver_spec(self) -> dict:
-        return {**super().receiver_spec(), "sender_device_uuid": _device_uuid(self.device)}
-
     def send_bucket(self, bucket: list[NamedTensor]) -> None:
-        from torch.multiprocessing.reductions import reduce_tensor
-
         entries, buffer = pack_bucket(bucket, self.device)
-        torch.cuda.current_stream().synchronize()  # IPC readers do not follow our stream order
-        _, handle = reduce_tensor(buffer)
-        self.channel.broadcast_object({"kind": "bucket", "entries": entries, "nbytes": buffer.numel(),
-                                       "ipc_handle": handle})
-        self.channel.barrier()  # every receiver holds its own copy: ``buffer`` may be freed
+        self.send_handles(entries, buffer.numel(), {_device_uuid(self.device): ipc_handle_of(buffer)})
+
+    def send_handles(self, entries: list[TensorEntry], nbytes: int, handles: dict[str, tuple]) -> None:
+        """One bucket, already on every GPU in ``handles`` (GPU uuid -> IPC handle of its copy)."""
+        self.channel.broadcast_object({"kind": "bucket", "entries": entries, "nbytes": nbytes,
+                                       "ipc_handles": handles})
+        self.channel.barrier()  # every receiver holds its own copy: the offered buffers may be freed
 
 
 _TRANSPORTS: dict[str, type[WeightTransport]] = {
@@ -359,7 +369,7 @@ class WeightReceiver:
                                         world_size=spec["world_size"], device=device, timeout_s=spec["timeout_s"])
             return
         if self.backend == "cuda_ipc":
-            self.ipc_device = _matching_device(spec["sender_device_uuid"], rank)
+            self.device_uuid = _device_uuid(device)  # picks this GPU's copy of every bucket
         store = dist.TCPStore(spec["host"], spec["port"], spec["world_size"], is_master=False,
                               timeout=_timeout(spec["timeout_s"]))
         self.channel = _GlooChannel(store, rank=rank, world_size=spec["world_size"], timeout_s=spec["timeout_s"])
@@ -375,7 +385,7 @@ class WeightReceiver:
 
     def _receive_buffer(self, header: dict) -> torch.Tensor:
         if self.backend == "cuda_ipc":
-            return self._copy_from_ipc(header["ipc_handle"])
+            return self._copy_from_ipc(select_ipc_handle(header["ipc_handles"], self.device_uuid, rank=self.rank))
         # A fresh buffer per bucket: the model loader may keep views of it until a layer is complete.
         buffer = torch.empty(header["nbytes"], dtype=torch.uint8, device=self.device)
         self.channel.broadcast_tensor(buffer)
@@ -385,22 +395,35 @@ class WeightReceiver:
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
         args = list(handle)
-        args[6] = self.ipc_device.index  # the sender's device index means nothing in this process
+        # The handle is of this very GPU, but the offering process may number it differently
+        # (its own CUDA_VISIBLE_DEVICES): the index is ours (OpenRLHF's update_weight_cuda_ipc does the same).
+        args[6] = self.device.index
         local = rebuild_cuda_tensor(*args).to(self.device, copy=True)
         torch.cuda.synchronize(self.device)
         self.channel.barrier()
         return local
 
 
-def _matching_device(uuid: str, rank: int) -> torch.device:
-    for index in range(torch.cuda.device_count()):
-        device = torch.device("cuda", index)
-        if _device_uuid(device) == uuid:
-            return device
-    raise RuntimeError(
-        f"--vllm_sync_backend cuda_ipc: engine worker (sync rank {rank}) cannot see the sender's GPU "
-        f"{uuid}; cuda_ipc needs colocated engines, use nccl otherwise"
-    )
+def select_ipc_handle(handles: dict[str, tuple], device_uuid: str, *, rank: int) -> tuple:
+    """The handle of the bucket's copy on this worker's GPU (``device_uuid``); a worker on a GPU that
+    no sending rank offered cannot map the bucket at all (CUDA IPC does not cross devices here)."""
+    handle = handles.get(device_uuid)
+    if handle is None:
+        raise RuntimeError(
+            f"--vllm_sync_backend cuda_ipc: engine worker (sync rank {rank}) runs on GPU {device_uuid}, where no "
+            f"trainer rank offered the weights (offered: {', '.join(sorted(handles)) or 'none'}); cuda_ipc needs "
+            "every engine worker on an actor rank's GPU (--colocate_all_models), use nccl otherwise")
+    return handle
+
+
+def merge_ipc_offers(offers: list[dict[str, tuple]]) -> dict[str, tuple]:
+    """One handle per GPU uuid from every rank's ``{uuid: handle}``; the first rank on a GPU wins
+    (its copy is as good as any other's, and one handle per GPU is all a worker maps)."""
+    handles: dict[str, tuple] = {}
+    for offer in offers:
+        for device_uuid, handle in offer.items():
+            handles.setdefault(device_uuid, handle)
+    return handles
 
 
 def open_receiver(spec: dict, *, rank: int, device: torch.device) -> WeightReceiver:
@@ -448,3 +471,139 @@ def stream_weights(transport: WeightTransport, named_tensors: Iterable[NamedTens
         raise
     transport.send_end(aborted=False, num_tensors=stats.num_tensors)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda_ipc from a trainer world spanning several GPUs (one engine worker per GPU, colocated).
+#
+# A worker can map only a bucket that lies on its own GPU, so every trainer rank holds each
+# bucket on its GPU and offers a handle of it (OpenRLHF's per-GPU handles; slime broadcasts
+# across pipeline stages for the same reason). Every rank runs the same sequence of collectives:
+# stage after stage, bucket after bucket.
+
+
+@dataclass(frozen=True)
+class StageRoute:
+    """How one pipeline stage's buckets reach the ranks of the other stages."""
+
+    stage: int
+    src: int  # the stage's first rank sends
+    members: tuple[int, ...]  # ``src`` and every rank of the other stages, ascending
+
+
+def stage_routes(stage_of_rank: list[int]) -> list[StageRoute]:
+    """One route per pipeline stage, stages in ascending order (``stage_of_rank[r]``: rank r's stage)."""
+    routes = []
+    for stage in sorted(set(stage_of_rank)):
+        own = [rank for rank, s in enumerate(stage_of_rank) if s == stage]
+        others = [rank for rank, s in enumerate(stage_of_rank) if s != stage]
+        routes.append(StageRoute(stage, own[0], tuple(sorted([own[0], *others]))))
+    return routes
+
+
+class StageFanOut:
+    """Every bucket of every pipeline stage on every rank, stage after stage (collective over the world).
+
+    The ranks of a stage each build the stage's buckets themselves from ``own_stage_tensors`` (all
+    of them yield the same tensors: TP peers after their all-gather, DP / CP replicas from the same
+    weights), so the stage's own collectives (TP all-gathers) run undisturbed and in step; the
+    stage's first rank sends the buckets to the ranks of the other stages, which have nothing else
+    to do meanwhile. Construct on every rank at once (it creates process groups)."""
+
+    def __init__(self, stage_of_rank: list[int], *, rank: int, device: torch.device,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.rank, self.device = rank, device
+        self.stage = stage_of_rank[rank]
+        self.routes = stage_routes(stage_of_rank)
+        self._groups: dict[int, tuple] = {}  # stage -> (object group, tensor group)
+        for route in self.routes:
+            if len(route.members) == 1:
+                continue  # a single stage: nobody to send to
+            # new_group is collective over the whole world, members or not, in the same order.
+            objects = dist.new_group(list(route.members), backend="gloo", timeout=_timeout(timeout_s))
+            tensors = objects if device.type != "cuda" else dist.new_group(
+                list(route.members), backend="nccl", timeout=_timeout(timeout_s))
+            self._groups[route.stage] = (objects, tensors)
+
+    def buckets(self, own_stage_tensors: Iterable[NamedTensor], bucket_bytes: int
+                ) -> Iterator[tuple[list[TensorEntry], torch.Tensor]]:
+        """``(entries, packed buffer on this rank's device)`` of every bucket of every stage.
+        ``own_stage_tensors`` is consumed during this rank's stage's turn only."""
+        for route in self.routes:
+            if route.stage == self.stage:
+                yield from self._build(route, own_stage_tensors, bucket_bytes)
+            else:
+                yield from self._receive(route)
+
+    def _build(self, route: StageRoute, named_tensors, bucket_bytes: int):
+        sending = self.rank == route.src and route.stage in self._groups
+        try:
+            for bucket in iter_buckets(named_tensors, bucket_bytes):
+                entries, buffer = pack_bucket(bucket, self.device)
+                if sending:
+                    self._broadcast_object(route, {"kind": "bucket", "entries": entries, "nbytes": buffer.numel()})
+                    dist.broadcast(buffer, src=route.src, group=self._groups[route.stage][1])
+                yield entries, buffer
+        except BaseException:
+            if sending:
+                self._broadcast_object(route, _end_header(aborted=True, num_tensors=-1))
+            raise
+        if sending:
+            self._broadcast_object(route, _end_header(aborted=False, num_tensors=0))
+
+    def _receive(self, route: StageRoute):
+        while True:
+            header = self._broadcast_object(route)
+            if header["kind"] == "end":
+                if header["aborted"]:
+                    raise RuntimeError(f"pipeline stage {route.stage} (rank {route.src}) aborted its weight export")
+                return
+            buffer = torch.empty(header["nbytes"], dtype=torch.uint8, device=self.device)
+            dist.broadcast(buffer, src=route.src, group=self._groups[route.stage][1])
+            yield header["entries"], buffer
+
+    def _broadcast_object(self, route: StageRoute, obj: Any = None) -> Any:
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=route.src, group=self._groups[route.stage][0])
+        return holder[0]
+
+
+class SharedIpcBuckets:
+    """Sends buckets that every rank of a trainer world holds on its own GPU: each rank offers a CUDA
+    IPC handle of its copy, rank ``root`` (the owner of ``transport``) sends them keyed by GPU uuid
+    and each engine worker maps the one of its GPU. Collective over ``group`` (every rank)."""
+
+    def __init__(self, *, rank: int, device: torch.device, group, transport: CudaIpcTransport | None, root: int = 0):
+        if (rank == root) != (transport is not None):
+            raise ValueError("exactly the root rank of SharedIpcBuckets holds the transport")
+        self.rank, self.device, self.group, self.transport, self.root = rank, device, group, transport, root
+
+    def share(self, entries: list[TensorEntry], buffer: torch.Tensor) -> None:
+        offer = {_device_uuid(self.device): ipc_handle_of(buffer)}
+        offers = [None] * dist.get_world_size(self.group) if self.rank == self.root else None
+        dist.gather_object(offer, offers, dst=self.root, group=self.group)
+        if self.transport is not None:
+            self.transport.send_handles(entries, buffer.numel(), merge_ipc_offers(offers))
+        dist.barrier(group=self.group)  # the root heard every worker's copy done: the buffers may go
+
+    def end(self, *, aborted: bool, num_tensors: int) -> None:
+        if self.transport is not None:
+            self.transport.send_end(aborted=aborted, num_tensors=num_tensors)
+
+
+def stream_shared_ipc(fan_out: StageFanOut, shared: SharedIpcBuckets, own_stage_tensors: Iterable[NamedTensor], *,
+                      bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> SyncStats:
+    """``stream_weights`` for a trainer world: every stage's buckets, from every rank's own GPU."""
+    start = time.perf_counter()
+    num_tensors = num_bytes = num_buckets = 0
+    try:
+        for entries, buffer in fan_out.buckets(own_stage_tensors, bucket_bytes):
+            shared.share(entries, buffer)
+            num_buckets += 1
+            num_tensors += len(entries)
+            num_bytes += sum(e.nbytes for e in entries)
+    except BaseException:
+        shared.end(aborted=True, num_tensors=-1)
+        raise
+    shared.end(aborted=False, num_tensors=num_tensors)
+    return SyncStats(num_tensors, num_bytes, num_buckets, time.perf_counter() - start)

@@ -88,6 +88,8 @@ def test_ray_rank_takes_its_assigned_gpu_under_each_ray_env():
     assert index([], count=0, cluster=False) is None
     with pytest.raises(DeviceError, match=r"actor rank 3 was given no GPU.*--<role>_num_gpus_per_node"):
         index([], count=0, cluster=True)
+    with pytest.raises(DeviceError, match=r"actor rank 3: Ray assigned GPU 2 but torch sees no CUDA device"):
+        index(["2"], {"CUDA_VISIBLE_DEVICES": "2"}, count=0)  # e.g. a CPU build of torch on a GPU node
 
 
 def test_engines_start_before_the_roles_only_when_they_share_the_gpus():

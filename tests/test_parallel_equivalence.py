@@ -23,9 +23,10 @@ def _microbatches(vocab_size: int) -> list[dict]:
     return batches
 
 
-def _loss_and_grads(rank, world_size, tp, pp, path):
+def _loss_and_grads(rank, world_size, tp, pp, path, sequence_parallel=False):
     from megatron.core import tensor_parallel
 
+    from engine.runtime.optimizer import OptimConfig, wrap_ddp
     from engine.runtime.schedule import run_microbatches, token_mean_scale
     from models.builder import build_model
     from models.registry import load_adapter
@@ -33,11 +34,17 @@ def _loss_and_grads(rank, world_size, tp, pp, path):
     from parallel.config import ParallelConfig
     from parallel.initialize import initialize_parallel
 
-    config = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    config = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                            sequence_parallel=sequence_parallel)
     initialize_parallel(config)
     adapter = load_adapter(path)
     model = build_model(adapter, config)
     load_hf_weights(model, adapter, path)
+    trained, grad_of = model, lambda p: p.grad
+    if sequence_parallel:
+        # Under SP each TP rank holds a partial norm grad (its tokens only); the all-reduce that
+        # completes it is DDP's finalize_model_grads, as in training.
+        trained, grad_of = wrap_ddp(model, OptimConfig(use_distributed_optimizer=False)), lambda p: p.main_grad
     batches = _microbatches(adapter.vocab_size)
     total_tokens = sum(b["labels"].numel() for b in batches)
     scale = token_mean_scale(num_microbatches=len(batches), data_parallel_size=1, global_num_tokens=total_tokens)
@@ -48,15 +55,15 @@ def _loss_and_grads(rank, world_size, tp, pp, path):
         return loss_sum * scale, {"loss_sum": loss_sum.detach()}
 
     metrics = run_microbatches(
-        model, batches, loss_fn, num_microbatches=len(batches), forward_only=False, seq_length=16, micro_batch_size=2
+        trained, batches, loss_fn, num_microbatches=len(batches), forward_only=False, seq_length=16, micro_batch_size=2
     )
     loss = sum(m["loss_sum"] for m in metrics) / total_tokens if metrics else None
-    grads = dict(iter_hf_weights(model, adapter, tensor_of=lambda p: p.grad))
+    grads = dict(iter_hf_weights(model, adapter, tensor_of=grad_of))
     return loss, grads
 
 
-def _run(world_size, tp, pp, path):
-    results = run_distributed(_loss_and_grads, world_size, args=(tp, pp, path), timeout=300)
+def _run(world_size, tp, pp, path, sequence_parallel=False):
+    results = run_distributed(_loss_and_grads, world_size, args=(tp, pp, path, sequence_parallel), timeout=300)
     losses = [loss for loss, _ in results if loss is not None]
     grads = {name: g for _, rank_grads in results for name, g in rank_grads.items()}
     return losses, grads
@@ -68,10 +75,14 @@ def reference(tiny_models):
     return losses[0], grads
 
 
-@pytest.mark.parametrize("world_size,tp,pp", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["tp2", "pp2_1f1b", "tp2_pp2"])
-def test_loss_and_grads_match_single_process(world_size, tp, pp, reference, tiny_models):
+@pytest.mark.parametrize(
+    "world_size,tp,pp,sequence_parallel",
+    [(2, 2, 1, False), (2, 1, 2, False), (4, 2, 2, False), (2, 2, 1, True)],
+    ids=["tp2", "pp2_1f1b", "tp2_pp2", "tp2_sp"],
+)
+def test_loss_and_grads_match_single_process(world_size, tp, pp, sequence_parallel, reference, tiny_models):
     ref_loss, ref_grads = reference
-    losses, grads = _run(world_size, tp, pp, tiny_models["llama"])
+    losses, grads = _run(world_size, tp, pp, tiny_models["llama"], sequence_parallel)
     assert losses, "no rank reported a loss"
     for loss in losses:
         assert abs(float(loss) - float(ref_loss)) < TOLERANCE

@@ -3,42 +3,40 @@
 Ray's PACK strategy does not keep a node's bundles contiguous: past 16 equal bundles its sort
 reorders them (bundle 0 on one node, the next few on the other, the rest back on the first), so
 "rank i in bundle i" splits TP groups over nodes. Two logical nodes of a ``ray.cluster_utils``
-cluster declare GPUs they do not have (Ray counts GPUs as a logical resource), so the GPU path of
-``make_placement`` runs; light tasks stand in for the Megatron ranks and report their node.
+cluster declare GPUs they do not have (Ray counts GPUs as a logical resource and hands out their
+ids), so the GPU path of ``make_placement`` runs, its probe tasks included; light tasks stand in
+for the Megatron ranks and report their node and GPU.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from engine.ray.colocation import bundles_by_node
+from engine.ray.colocation import BundleSite, NodeDealer, Placement, rank_order
 
 REPO = Path(__file__).resolve().parents[1]
-GPUS_PER_NODE = 20
-NUM_RANKS = 32  # over 16 bundles, not filling the nodes: Ray then interleaves them (seen: 0 | 1-12 | 13-31)
-TP = 4  # divides both nodes' shares (20 and 12)
+GPUS_PER_NODE = 12
+NUM_RANKS = 18  # over 16 bundles, not filling the nodes: Ray then interleaves them (seen: 0 | 1-6 | 7-17)
+TP = 2  # divides both nodes' shares (12 and 6), as --actor_num_gpus_per_node would
 
 
-def test_bundles_by_node_groups_each_nodes_bundles_in_first_seen_order():
-    nodes = {0: "a", 1: "b", 2: "b", 3: "a", 4: "c", 5: "a"}
-    assert bundles_by_node(nodes) == (0, 3, 5, 1, 2, 4)
-    assert bundles_by_node({1: "x", 0: "y"}) == (0, 1)  # by index, not by dict order
-    assert bundles_by_node({i: "one" for i in range(4)}) == (0, 1, 2, 3)  # one node: unchanged
+def test_rank_order_sorts_by_node_then_gpu():
+    sites = [BundleSite("a", 3), BundleSite("b", 0), BundleSite("b", 1), BundleSite("a", 0), BundleSite("a", 1)]
+    assert rank_order(sites) == (3, 4, 0, 1, 2)  # node a (bundle 0's) first, by GPU id
+    assert rank_order([BundleSite("x", "10"), BundleSite("x", "9")]) == (1, 0)  # ids as numbers, not text
+    assert rank_order([BundleSite("y"), BundleSite("x"), BundleSite("y")]) == (0, 2, 1)  # CPU bundles: by index
+    assert rank_order([BundleSite("one", gpu) for gpu in range(4)]) == (0, 1, 2, 3)  # one node: unchanged
 
 
-def test_colocated_engines_take_their_bundles_in_the_roles_order():
-    """--colocate_all_models: engine i's TP workers go where actor ranks [i * tp, (i + 1) * tp) are."""
-    from engine.ray.vllm_engine import VLLMEngineConfig, _shared_placement_options
-
-    config = VLLMEngineConfig(num_engines=2, tensor_parallel_size=2, shared_placement_group=object(),
-                              shared_bundle_order=(0, 3, 1, 2), gpu_fraction=0.5)
-    options = [_shared_placement_options(config, engine) for engine in range(2)]
-    assert [o["runtime_env"]["env_vars"]["VLLM_RAY_BUNDLE_INDICES"] for o in options] == ["0,3", "1,2"]
-    assert [o["scheduling_strategy"].placement_group_bundle_index for o in options] == [0, 1]
+def test_a_role_is_dealt_to_one_node_and_engines_in_turn():
+    dealer = NodeDealer(["driver", "other"])
+    assert dealer.pin(Placement(), 4).node_ids == ("driver",) * 4  # a TP=2 x DP=2 role stays together
+    assert dealer.pin(Placement(), 2).node_ids == ("other",) * 2
+    assert dealer.deal(3) == ("driver", "other", "driver")  # engines: one node each
+    assert NodeDealer([]).pin(Placement(), 2).node_ids == ()  # one node, or GPUs: Ray's resources decide
 
 
 @pytest.fixture(scope="module")
@@ -70,40 +68,54 @@ def two_gpu_nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
         if session_cluster:
             ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
 
-def _node_of_each_rank(ray, placement, num_ranks: int) -> list[str]:
-    """Where each rank runs when started with RoleGroup's options (Ray's own view)."""
+def _site_of_each_rank(ray, placement, num_ranks: int) -> list[tuple[str, int]]:
+    """(node, GPU id) of each rank started with RoleGroup's options: Ray's own view."""
     from engine.ray.role_group import rank_placement_options
 
     @ray.remote
-    def node_id() -> str:
-        return ray.get_runtime_context().get_node_id()
+    def site() -> tuple[str, int]:
+        return ray.get_runtime_context().get_node_id(), int(ray.get_gpu_ids()[0])
 
-    # One at a time: the tasks then reuse a worker process or two instead of starting one per rank.
-    return [ray.get(node_id.options(**rank_placement_options(placement, rank)).remote(), timeout=60)
-            for rank in range(num_ranks)]
+    return ray.get([site.options(**rank_placement_options(placement, rank)).remote() for rank in range(num_ranks)],
+                   timeout=120)
 
 
-def test_tp_groups_of_a_packed_group_stay_on_one_node(two_gpu_nodes):
+def test_tp_groups_and_colocated_engines_stay_on_one_node(two_gpu_nodes):
     from ray.util.placement_group import placement_group_table
 
-    from engine.ray.colocation import gpus_available, make_placement, release_placements
+    from engine.ray.colocation import ColocationConfig, make_placements, release_placements
+    from engine.ray.vllm_engine import VLLMEngineConfig, _shared_placement_options
 
     ray = two_gpu_nodes
-    assert gpus_available()
-    placement = make_placement(NUM_RANKS, num_roles_sharing=2)  # e.g. actor and ref colocated
+    # --colocate_all_models: actor, ref and the engines' TP workers share one group.
+    placements = make_placements(ColocationConfig(colocate_all_models=True), {"actor": NUM_RANKS, "ref": NUM_RANKS},
+                                 engine_workers=NUM_RANKS)
     try:
+        placement = placements["actor"]
+        assert placements["ref"] is placement and placements["vllm"] is placement  # one rank -> bundle map
         bundle_nodes = placement_group_table(placement.placement_group)["bundles_to_node_id"]
         in_index_order = [bundle_nodes[i] for i in range(NUM_RANKS)]
         # The setup reproduces the problem: bundle i for rank i would split a TP group.
         assert any(len(set(in_index_order[g:g + TP])) > 1 for g in range(0, NUM_RANKS, TP)), in_index_order
-        nodes = _node_of_each_rank(ray, placement, NUM_RANKS)
-        tp_groups = [nodes[g:g + TP] for g in range(0, NUM_RANKS, TP)]
+
+        sites = _site_of_each_rank(ray, placement, NUM_RANKS)
+        tp_groups = [[node for node, _ in sites[g:g + TP]] for g in range(0, NUM_RANKS, TP)]
         assert all(len(set(group)) == 1 for group in tp_groups), tp_groups
-        assert sorted(placement.bundle_order) == list(range(NUM_RANKS))  # every bundle used once
+        for node in set(bundle_nodes.values()):  # a node's ranks in its GPUs' order
+            gpus = [gpu for where, gpu in sites if where == node]
+            assert gpus == sorted(gpus), (node, gpus)
+
+        engines = VLLMEngineConfig(tensor_parallel_size=TP, shared_placement_group=placement.placement_group,
+                                   shared_bundle_order=placement.bundle_order)
+        for engine in range(NUM_RANKS // TP):
+            options = _shared_placement_options(engines, engine)
+            bundles = [int(b) for b in options["runtime_env"]["env_vars"]["VLLM_RAY_BUNDLE_INDICES"].split(",")]
+            # Engine i's workers sit on the GPUs of actor ranks [i * tp, (i + 1) * tp): one node.
+            assert bundles == [placement.bundle_index(rank) for rank in range(engine * TP, (engine + 1) * TP)]
+            assert len({bundle_nodes[b] for b in bundles}) == 1, (engine, bundles)
     finally:
-        release_placements({"actor": placement})
+        release_placements(placements)

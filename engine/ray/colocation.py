@@ -2,8 +2,8 @@
 ``--colocate_all_models`` (OpenRLHF's flags and semantics).
 
 Colocated roles share one placement group: rank ``i`` of every role in the set lands in bundle
-``Placement.bundle_order[i]`` (the group's bundles grouped by node, so consecutive ranks - a TP
-group - share a node wherever the node sizes allow it). On GPU a bundle is one GPU and each
+``Placement.bundle_order[i]`` (the group's bundles sorted by node and GPU, so consecutive ranks -
+a TP group - share a node wherever the node sizes allow it). On GPU a bundle is one GPU and each
 colocated rank takes ``1 / len(set)`` of it (under ``--colocate_all_models`` the vLLM engines'
 workers take a share too); on a CPU-only cluster a bundle holds a token CPU fraction, so the
 grouping is real Ray placement (and testable) while the processes still share the machine's
@@ -33,7 +33,7 @@ class Placement:
     gpu_per_rank: float = 0.0
     cpu_per_rank: float = 0.0
     node_ids: tuple[str, ...] = ()  # no group on a multi-node CPU-only cluster: rank i's node (see NodeDealer)
-    bundle_order: tuple[int, ...] = ()  # the group's bundles grouped by node (empty: bundle i for rank i)
+    bundle_order: tuple[int, ...] = ()  # rank -> bundle, sorted by node and GPU (empty: bundle i for rank i)
 
     def bundle_index(self, rank: int) -> int:
         return self.bundle_order[rank] if self.bundle_order else rank
@@ -64,30 +64,67 @@ def make_placement(num_ranks: int, *, num_roles_sharing: int = 1, with_engines: 
         group = _reserve([{"GPU": 1, "CPU": 1}] * num_ranks)
         # Ray counts resources in units of 1e-4: round down so that the shares fit in one GPU.
         return Placement(placement_group=group, gpu_per_rank=math.floor(1e4 / sharing) / 1e4,
-                         bundle_order=bundle_order_of(group))
+                         bundle_order=rank_order(gpu_bundle_sites(group)))
     if num_roles_sharing == 1:
         return Placement()
     group = _reserve([{"CPU": CPU_TOKEN * num_roles_sharing}] * num_ranks)
-    return Placement(placement_group=group, cpu_per_rank=CPU_TOKEN, bundle_order=bundle_order_of(group))
+    return Placement(placement_group=group, cpu_per_rank=CPU_TOKEN, bundle_order=rank_order(bundle_sites(group)))
 
 
-def bundles_by_node(bundle_nodes: dict[int, str]) -> tuple[int, ...]:
-    """Bundle indices grouped by node: nodes in order of their first (lowest-index) bundle, each
-    node's bundles by index. PACK does not keep a node's bundles contiguous (past 16 equal
-    bundles Ray's sort reorders them, e.g. bundle 0 on node A, 1-12 on B, 13-31 on A), so
-    "rank i in bundle i" can split a TP group (consecutive ranks) over two nodes. slime sorts its
-    bundles by node IP and GPU id for the same reason; Ray's table gives each bundle's node."""
-    nodes: dict[str, list[int]] = {}
-    for index in sorted(bundle_nodes):
-        nodes.setdefault(bundle_nodes[index], []).append(index)
-    return tuple(index for indices in nodes.values() for index in indices)
+@dataclass(frozen=True)
+class BundleSite:
+    """Where Ray put one bundle of a placement group: its node and (GPU bundles) its GPU id."""
+
+    node_id: str
+    gpu_id: int | str | None = None
 
 
-def bundle_order_of(group) -> tuple[int, ...]:
-    """``bundles_by_node`` of a ready placement group."""
+def rank_order(sites: list[BundleSite]) -> tuple[int, ...]:
+    """The bundle index for each rank (``sites[i]``: bundle i): nodes in order of their first
+    bundle, within a node by GPU id, then by index.
+
+    PACK does not keep a node's bundles contiguous (past 16 equal bundles Ray's sort reorders
+    them, e.g. bundle 0 on node A, 1-6 on B, 7-17 on A), so "rank i in bundle i" can split a TP
+    group (consecutive ranks) over two nodes; slime sorts its bundles by node and GPU id for the
+    same reason. The GPU order keeps a TP group on neighbouring GPUs and local ranks in device order."""
+    node_rank: dict[str, int] = {}
+    for site in sites:
+        node_rank.setdefault(site.node_id, len(node_rank))
+
+    def key(index: int) -> tuple:
+        gpu = sites[index].gpu_id
+        # GPU ids are ints, or strings (UUIDs) where CUDA_VISIBLE_DEVICES names devices so.
+        gpu_key = (0, int(gpu), "") if str(gpu).isdigit() else (1, 0, str(gpu or ""))
+        return node_rank[sites[index].node_id], gpu_key, index
+
+    return tuple(sorted(range(len(sites)), key=key))
+
+
+def bundle_sites(group) -> list[BundleSite]:
+    """Each bundle's node, from Ray's placement group table (no process needed)."""
     from ray.util.placement_group import placement_group_table
 
-    return bundles_by_node(placement_group_table(group)["bundles_to_node_id"])
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    return [BundleSite(nodes[index]) for index in range(len(nodes))]
+
+
+# What a probe task takes of its bundle's GPU: Ray's smallest unit, so it never waits for a rank.
+GPU_PROBE_SHARE = 1e-4
+
+
+@ray.remote(num_cpus=0, num_gpus=GPU_PROBE_SHARE)
+def _where_am_i() -> tuple[str, int | str]:
+    return ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()[0]
+
+
+def gpu_bundle_sites(group) -> list[BundleSite]:
+    """Each GPU bundle's node and GPU id, told by a tiny task in every bundle (Ray's table knows
+    the node but not which of the node's GPUs a bundle holds)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    refs = [_where_am_i.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=index)).remote() for index in range(group.bundle_count)]
+    return [BundleSite(node, gpu) for node, gpu in ray.get(refs, timeout=PLACEMENT_TIMEOUT_S)]
 
 
 def _reserve(bundles: list[dict], timeout_s: float = PLACEMENT_TIMEOUT_S):
@@ -151,7 +188,9 @@ class NodeDealer:
     """Deals the processes that reserve nothing (uncolocated ranks and engines on a CPU-only
     cluster) over the alive nodes in turn, the driver's node first: without it Ray would put
     every zero-CPU actor on the driver's node and a multi-node CPU cluster would use one node.
-    Where there is one node, or GPUs (resources decide), it deals nothing."""
+    A role's ranks go to one node together (``pin``): dealt one by one, its TP groups would
+    straddle nodes; each engine (its TP workers are its own processes) takes the next node
+    (``deal``). Where there is one node, or GPUs (resources decide), it deals nothing."""
 
     def __init__(self, node_ids: list[str]):
         self.node_ids, self.next = node_ids, 0
@@ -165,6 +204,7 @@ class NodeDealer:
         return cls([here, *others] if others else [])
 
     def deal(self, count: int) -> tuple[str, ...]:
+        """A node for each of ``count`` independent processes, in turn."""
         if not self.node_ids:
             return ()
         dealt = tuple(self.node_ids[(self.next + i) % len(self.node_ids)] for i in range(count))
@@ -172,10 +212,13 @@ class NodeDealer:
         return dealt
 
     def pin(self, placement: Placement, num_ranks: int) -> Placement:
-        """``placement`` with a node per rank, unless it already has a placement group."""
+        """``placement`` with the next node for all ``num_ranks`` ranks of a role, unless it
+        already has a placement group. One node per role keeps every model-parallel group (TP,
+        CP, PP: each talks at every step, over gloo here) on one node; CPU ranks reserve
+        nothing, so a node always has room."""
         if placement.placement_group is not None:
             return placement
-        return replace(placement, node_ids=self.deal(num_ranks))
+        return replace(placement, node_ids=self.deal(1) * num_ranks)
 
 
 def node_affinity(node_id: str):

@@ -16,12 +16,16 @@ def ray_device_index(*, gpu_ids: list, env: dict, device_count: int, cluster_has
     and the assigned one is found by its id in CUDA_VISIBLE_DEVICES (or, unset, the id itself);
     taking device 0 there would put every rank of the node on one GPU.
     """
-    if not gpu_ids or device_count == 0:
+    # Silently falling back would train on the CPU over gloo, orders of magnitude slower.
+    if gpu_ids and device_count == 0:
+        raise DeviceError(f"{who}: Ray assigned GPU {gpu_ids[0]} but torch sees no CUDA device "
+                          f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}): is torch a CPU "
+                          "build on this node, or the driver missing?")
+    if not gpu_ids:
         if cluster_has_gpus:
-            # Silently falling back would train on the CPU over gloo, orders of magnitude slower.
-            raise DeviceError(f"{who} was given no GPU by Ray (assigned {list(gpu_ids)}, {device_count} visible) "
-                              "although the cluster has GPUs: check --<role>_num_gpus_per_node and the "
-                              "colocation flags, and that the node's GPUs are registered with Ray")
+            raise DeviceError(f"{who} was given no GPU by Ray although the cluster has GPUs: check "
+                              "--<role>_num_gpus_per_node and the colocation flags, and that the node's GPUs "
+                              "are registered with Ray")
         return None
     assigned = str(gpu_ids[0])
     if env.get(NOSET_VISIBLE_DEVICES, "").lower() not in ("1", "true"):

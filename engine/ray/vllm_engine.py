@@ -73,7 +73,7 @@ class VLLMEngineConfig:
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when the Ray cluster has GPUs)
     # --colocate_all_models (GPU): a placement group shared with the Megatron roles; engine i's
     # workers take the bundles at positions [i * tp, (i + 1) * tp) of ``shared_bundle_order``
-    # (the roles' Placement.bundle_order, grouped by node; empty: the bundles in index order),
+    # (the roles' Placement.bundle_order, sorted by node and GPU; empty: the bundles in index order),
     # ``gpu_fraction`` of each GPU.
     shared_placement_group: object | None = None
     shared_bundle_order: tuple[int, ...] = ()

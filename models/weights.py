@@ -129,13 +129,20 @@ def iter_hf_weights(
     *,
     dtype: torch.dtype | None = None,
     tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] = lambda p: p.data,
+    every_rank: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for the tensors this rank owns, one parameter at a time.
 
     Collective over each TP group: every rank of the model must consume the iterator, in step.
     ``tensor_of`` selects what to export
-    (``lambda p: p.main_grad`` exports gradients).
+    (``lambda p: p.main_grad`` exports gradients). ``every_rank``: every rank of a pipeline stage
+    yields all of the stage's tensors (TP / DP / CP replicas too), for senders that need the
+    tensors on every GPU; experts are then refused under expert parallelism (a rank holds only
+    its own).
     """
+    if every_rank and ps.get_expert_model_parallel_world_size() > 1:
+        raise ValueError("every rank cannot yield every expert under expert parallelism "
+                         f"(EP={ps.get_expert_model_parallel_world_size()}): each holds only its own")
     offsets = _offsets(model, adapter)
     for name, param in named_weights(model):
         spec, index = _resolve(model, adapter, name, offsets)
@@ -144,7 +151,7 @@ def iter_hf_weights(
         _, _, group = _tp_placement(name)
         local = tensor_of(param)
         shards = all_gather_shards(local, group) if spec.split.gathered else [local]
-        if not _is_owner(name):
+        if not (every_rank or _is_owner(name)):
             continue
         for hf_name, tensor in zip(_hf_names(spec, index), spec.split.export(shards, adapter)):
             yield hf_name, tensor if dtype is None else tensor.to(dtype)

@@ -100,3 +100,78 @@ def test_engines_start_before_the_roles_only_when_they_share_the_gpus():
     # --colocate_all_models on GPU: make_placements gives the engines ("vllm") the roles' group.
     assert engines_first({"actor": shared, "ref": shared, "vllm": shared})
     assert not engines_first({"actor": Placement(), "ref": Placement()})
+
+
+def test_weight_sync_backend_follows_where_the_engines_run():
+    from engine.ray.weight_sync import WeightSyncConfig, resolve_sync_backend
+
+    assert WeightSyncConfig().backend == "auto"
+    assert resolve_sync_backend("auto", cuda=False, colocated=False) == "gloo"
+    assert resolve_sync_backend("auto", cuda=True, colocated=False) == "nccl"  # never GPU -> host -> TCP by default
+    # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): colocated engines map the actor's memory.
+    assert resolve_sync_backend("auto", cuda=True, colocated=True) == "cuda_ipc"
+    assert resolve_sync_backend("gloo", cuda=True, colocated=True) == "gloo"  # asked for: slow, but it works
+    with pytest.raises(ValueError, match="--vllm_sync_backend nccl cannot reach engines on the actor's own GPUs"):
+        resolve_sync_backend("nccl", cuda=True, colocated=True)
+    with pytest.raises(ValueError, match="--vllm_sync_backend cuda_ipc needs the engines on the actor's GPUs"):
+        resolve_sync_backend("cuda_ipc", cuda=True, colocated=False)
+    with pytest.raises(ValueError, match="--vllm_sync_backend nccl needs GPU engines"):
+        resolve_sync_backend("nccl", cuda=False, colocated=False)
+
+
+def test_colocated_rollout_hands_the_gpu_over_in_stages(monkeypatch):
+    """--colocate_all_models --vllm_enable_sleep --megatron_enable_sleep: who holds the GPU when.
+    The engines and role groups are recorders here (the real ones need a GPU for sleep mode; the
+    parking itself is proven in tests/test_training_offload.py and in the PP=2 GAE run)."""
+    from engine.ray import rollouts
+    from engine.ray.rollouts import TrainerSleep, VLLMRollouts
+    from engine.rl.rollout import SamplingConfig
+
+    calls = []
+    monkeypatch.setattr(rollouts, "wake_up_engines", lambda engines, tags=None: calls.append(("wake", *tags)))
+    monkeypatch.setattr(rollouts, "sleep_engines", lambda engines: calls.append(("sleep",)))
+    monkeypatch.setattr(rollouts, "generate", lambda engines, prompts, sampling: calls.append(("generate",)) or [])
+
+    class Role:
+        def __init__(self, name):
+            self.name = name
+
+        def park_training_state(self, parts):
+            calls.append((self.name, "park", *parts))
+            return {part: 1 << 30 for part in parts}
+
+        def restore_training_state(self):
+            calls.append((self.name, "restore"))
+            return {"weights": 1 << 30}
+
+    class Sync:
+        def push(self):
+            calls.append(("push",))
+            return {"sync/bytes": 1.0}
+
+    rollouts_ = VLLMRollouts([], Sync(), sleep=True, asleep=True, trainers=TrainerSleep(Role("actor"), Role("critic")))
+    rollouts_.generate([[1, 2]], SamplingConfig())
+    rollouts_.release_memory()
+    metrics = rollouts_.sync_weights()
+    assert calls == [
+        ("wake", "weights"),  # asleep since start-up with weights of their own
+        ("actor", "park", "weights", "grads", "optimizer"), ("critic", "park", "weights", "grads", "optimizer"),
+        ("wake", "kv_cache"), ("generate",),
+        ("sleep",), ("actor", "restore"), ("critic", "restore"),  # score and train
+        ("actor", "park", "grads", "optimizer"), ("critic", "park", "weights", "grads", "optimizer"),
+        ("wake", "weights"), ("push",),  # the actor's weights are still on its GPU to be sent
+    ]
+    assert metrics["memory/actor_parked_gb"] == 5.0 and metrics["memory/critic_restored_gb"] == 1.0
+    calls.clear()
+    rollouts_.generate([[1, 2]], SamplingConfig())  # the engines' weights are awake: only the cache wakes
+    assert calls == [("actor", "park", "weights", "grads", "optimizer"),
+                     ("critic", "park", "weights", "grads", "optimizer"), ("wake", "kv_cache"), ("generate",)]
+
+
+def test_trainers_sleep_where_the_engines_share_their_gpus_unless_told():
+    from engine.ray.colocation import ColocationConfig
+
+    assert ColocationConfig().trainers_sleep(engines_share_gpus=True)
+    assert not ColocationConfig().trainers_sleep(engines_share_gpus=False)
+    assert ColocationConfig(megatron_enable_sleep=True).trainers_sleep(engines_share_gpus=False)
+    assert not ColocationConfig(megatron_enable_sleep=False).trainers_sleep(engines_share_gpus=True)

@@ -93,14 +93,16 @@ def test_resume_continues_from_the_saved_rollout(rl_setup, ray_cluster):
 def test_gae_with_critic_and_reference_under_pp2(rl_setup, ray_cluster):
     from engine.cli import train_ppo_ray
 
-    # The reference (DP=2) shares the actor's placement group and keeps its weights offloaded.
+    # The reference (DP=2) shares the actor's placement group and keeps its weights offloaded; actor
+    # and critic park their weights, gradients and optimizer state while the engine generates.
     history = train_ppo_ray.main(_ppo_args(
         rl_setup, "--advantage_estimator", "gae", "--init_kl_coef", "0.01", "--max_steps", "16",
         "--actor_num_gpus_per_node", "2", "--actor_pipeline_model_parallel_size", "2",
         "--critic_learning_rate", "1e-4",
-        "--colocate_actor_ref", "--ref_num_gpus_per_node", "2", "--ref_reward_offload",
+        "--colocate_actor_ref", "--ref_num_gpus_per_node", "2", "--ref_reward_offload", "--megatron_enable_sleep",
     ))
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4  # PP=2: both stages synced
+    assert all(h["memory/actor_parked_gb"] > 0 and h["memory/critic_parked_gb"] > 0 for h in history)
     assert all("critic/value_loss" in h and h["kl"] == h["kl"] for h in history)
     assert _rise(history) >= MARGIN, [h["reward"] for h in history]
 

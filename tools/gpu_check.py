@@ -11,6 +11,8 @@ Checks (each in its own process, so one failure cannot poison the next):
 - ``vllm_nccl``: a vLLM GPU engine, another model's weights pushed over NCCL, greedy equals HF.
 - ``vllm_ipc_sleep``: the same over CUDA IPC from a process on the engine's GPU, across sleep / wake.
 - ``grpo``: the main job (engine.cli.demo: SFT then GRPO on the tiny task) for 3 rollouts.
+- ``grpo_colocated``: GRPO with actor and engine on one GPU (--colocate_all_models): CUDA IPC sync,
+  staged sleep / wake of the engine, the actor's state parked while it generates.
 """
 from __future__ import annotations
 
@@ -164,12 +166,37 @@ def check_grpo(workdir: Path) -> str:
     return "SFT then 3 GRPO rollouts on GPU"
 
 
+def check_grpo_colocated(workdir: Path) -> str:
+    """--colocate_all_models on one GPU: engine and actor share it, the sync goes over CUDA IPC (the
+    default there), the engine sleeps and wakes in stages and the actor parks its state meanwhile."""
+    from engine.cli import train_ppo_ray
+    from engine.cli.demo import prepare
+    from engine.tasks import arithmetic
+
+    model, data = prepare(workdir / "colocated")
+    history = train_ppo_ray.main([
+        "--pretrain", model, "--prompt_data", f"json@{data}", "--input_key", "prompt", "--label_key", "label",
+        "--remote_rm_url", arithmetic.__file__, "--advantage_estimator", "grpo", "--n_samples_per_prompt", "4",
+        "--rollout_batch_size", "8", "--train_batch_size", "32", "--micro_train_batch_size", "8",
+        "--generate_max_len", "6", "--max_steps", "3", "--init_kl_coef", "0", "--learning_rate", "1e-4",
+        "--colocate_all_models", "--vllm_enable_sleep", "--vllm_gpu_memory_utilization", "0.3",
+        "--fp32", "--vllm_dtype", "float32", "--enforce_eager",
+    ])
+    worst = max(h["rollout_logprob_abs_diff"] for h in history)
+    parked = min(h.get("memory/actor_parked_gb", 0.0) for h in history)
+    if not (worst < 1e-3 and parked > 0):
+        raise AssertionError(f"log-prob mismatch {worst} (engine without the actor's weights?), actor parked "
+                             f"{parked} GB per rollout")
+    return f"3 colocated GRPO rollouts, CUDA IPC sync, log-prob mismatch {worst:.1e}, actor parked {parked:.3f} GB"
+
+
 CHECKS = {
     "train_step": check_train_step,
     "tp2_sp": check_tp2_sp,
     "vllm_nccl": check_vllm_nccl,
     "vllm_ipc_sleep": check_vllm_ipc_sleep,
     "grpo": check_grpo,
+    "grpo_colocated": check_grpo_colocated,
 }
 
 

@@ -85,8 +85,6 @@ TABLE: tuple[Foreign, ...] = (
             "grads) whatever the parameter dtype", type=str),
     Foreign("overlap_comm", TRAINERS, "the data-parallel gradient reduction runs after the backward pass "
             "(Megatron DDP without overlap)"),
-    Foreign("deepspeed_enable_sleep", RL, "trainable roles keep weights and optimizer states on their devices "
-            "during generation; under --colocate_all_models leave vLLM room with --vllm_gpu_memory_utilization"),
     Foreign("actor_init_on_gpu", RL, "every rank builds its own model shard directly on its device"),
     Foreign("disable_ds_ckpt", ("train_sft", "train_dpo", "train_ppo_ray"), "at each --save_steps this engine "
             "writes its resumable Megatron checkpoint (plus HF weights with --save_hf_ckpt where offered); there "

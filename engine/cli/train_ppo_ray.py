@@ -244,9 +244,9 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.ray.cluster import join_cluster
     from engine.ray.colocation import NodeDealer, describe_placement, make_placements, release_placements
     from engine.ray.role_group import RoleGroup
-    from engine.ray.rollouts import VLLMRollouts
-    from engine.ray.vllm_engine import loads_own_weights, shutdown_engines
-    from engine.ray.weight_sync import ActorWeightSync
+    from engine.ray.rollouts import TrainerSleep, VLLMRollouts
+    from engine.ray.vllm_engine import engines_on_gpus, loads_own_weights, shutdown_engines
+    from engine.ray.weight_sync import ActorWeightSync, resolve_sync_backend
     from engine.rl.ppo_trainer import PPOTrainer
     from engine.rl.rewards import make_reward_sources
     from engine.runtime.logging import MetricsLogger
@@ -266,16 +266,21 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         dealer = NodeDealer.of_cluster()
         engine_config = _engine_config(job, source, placements.get("vllm"))
         colocated_engines = engines_first(placements)
+        # Before anything starts: a transport that cannot reach these engines is a flag error.
+        backend = resolve_sync_backend(job.sync.backend, cuda=engines_on_gpus(engine_config),
+                                       colocated=colocated_engines)
         if colocated_engines:
             engines = _start_engines(engine_config, dealer, sleep=job.vllm.enable_sleep_mode)
         for key, config in configs.items():
             groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks))
         if not engines:
             engines = _start_engines(engine_config, dealer, sleep=False)
-        print(describe_placement(groups, engines), flush=True)
-        rollouts = VLLMRollouts(engines, ActorWeightSync(groups["actor"], engines, job.sync),
+        print(describe_placement(groups, engines), f"weight sync: {backend}", sep="\n", flush=True)
+        trainers = (TrainerSleep(groups["actor"], groups.get("critic"))
+                    if job.placement.trainers_sleep(engines_share_gpus=colocated_engines) else None)
+        rollouts = VLLMRollouts(engines, ActorWeightSync(groups["actor"], engines, job.sync, backend=backend),
                                 sleep=job.vllm.enable_sleep_mode, synced=loads_own_weights(engine_config),
-                                asleep=colocated_engines and job.vllm.enable_sleep_mode)
+                                asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers)
         stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
         trainer = PPOTrainer(
             job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],

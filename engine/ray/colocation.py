@@ -49,6 +49,14 @@ class ColocationConfig:
                                                    "actor's devices")
     ref_reward_offload: bool = option(False, help="reference / reward model weights stay in host memory "
                                                   "except during their forward passes")
+    megatron_enable_sleep: bool | None = option(
+        None, aliases=("deepspeed_enable_sleep",), value_aliases={"no_megatron_enable_sleep": False},
+        help="actor and critic park weights, gradients and optimizer state in host memory while the engines "
+             "generate (default: on where the engines share their GPUs: --colocate_all_models on GPU)")
+
+    def trainers_sleep(self, *, engines_share_gpus: bool) -> bool:
+        """Whether the trainable roles park their state during generation (``megatron_enable_sleep``)."""
+        return engines_share_gpus if self.megatron_enable_sleep is None else self.megatron_enable_sleep
 
 
 def gpus_available() -> bool:

@@ -18,9 +18,10 @@ import torch
 
 from engine.ray.calls import get_each
 from engine.ray.colocation import Placement, node_affinity
-from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, SendStats, ShardResult
+from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, ShardResult
 from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
+from parallel.weight_transfer import SyncStats
 
 
 def rank_placement_options(placement: Placement, rank: int) -> dict:
@@ -34,6 +35,14 @@ def rank_placement_options(placement: Placement, rank: int) -> dict:
     elif placement.node_ids:
         options["scheduling_strategy"] = node_affinity(placement.node_ids[rank])
     return options
+
+
+def _summed(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for moved in per_rank:
+        for part, nbytes in moved.items():
+            total[part] = total.get(part, 0) + nbytes
+    return total
 
 
 class RoleError(RuntimeError):
@@ -99,11 +108,23 @@ class RoleGroup:
         return self._wait([w.train.remote(experience, loss, settings, ptx) for w in self.workers],
                           f"{self.config.name} train")[0]
 
-    def connect_weight_sync(self, engines: list, backend: str) -> list[str | None]:
-        return self._wait([w.connect_weight_sync.remote(engines, backend) for w in self.workers], "weight-sync setup")
+    def open_weight_sync(self, world_size: int, backend: str) -> list[dict]:
+        """Every rank opens its side of the sync; the group specs of the sending ranks, rank order."""
+        specs = self._wait([w.open_weight_sync.remote(world_size, backend) for w in self.workers], "weight-sync setup")
+        return [spec for spec in specs if spec is not None]
 
-    def send_weights(self, bucket_bytes: int) -> list[SendStats | None]:
+    def connect_weight_sync(self) -> None:
+        self._wait([w.connect_weight_sync.remote() for w in self.workers], "weight-sync setup")
+
+    def send_weights(self, bucket_bytes: int) -> list[SyncStats | None]:
         return self._wait([w.send_weights.remote(bucket_bytes) for w in self.workers], "weight sync")
+
+    def park_training_state(self, parts: tuple[str, ...]) -> dict[str, int]:
+        """Every rank parks ``parts`` in host memory; bytes per part, summed over the ranks."""
+        return _summed(self._wait([w.park_training_state.remote(parts) for w in self.workers], "park state"))
+
+    def restore_training_state(self) -> dict[str, int]:
+        return _summed(self._wait([w.restore_training_state.remote() for w in self.workers], "restore state"))
 
     # ----- persistence --------------------------------------------------------------------------
     def save_checkpoint(self, ckpt_config, step: int, state: dict) -> None:

@@ -20,6 +20,7 @@ from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
 from engine.runtime.engine import EngineConfig, TrainingEngine
 from parallel.ports import free_port
+from parallel.weight_transfer import SyncStats
 
 
 @dataclass(kw_only=True)
@@ -46,13 +47,6 @@ class ShardResult:
     values: torch.Tensor | None  # None: the share was empty
 
 
-@dataclass(frozen=True)
-class SendStats:
-    num_bytes: int
-    seconds: float
-    num_tensors: int
-
-
 class MegatronRoleWorker:
     """Methods run on every rank of the role; results come back from share heads only."""
 
@@ -60,7 +54,7 @@ class MegatronRoleWorker:
         self.config = config
         self.rank = rank
         self.engine: TrainingEngine | None = None
-        self._sync_group = None
+        self._sender = None  # this rank's side of the weight sync (engine.ray.weight_senders)
 
     # ----- start-up -----------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -175,29 +169,30 @@ class MegatronRoleWorker:
         return {k: sum(h[k] for h in history) / len(history) for k in history[0]} if history else {}
 
     # ----- weights out --------------------------------------------------------------------
-    def connect_weight_sync(self, engines: list, backend: str) -> str | None:
-        """Join a sync group with every engine if this rank owns HF tensors; returns its id."""
-        from engine.ray.weight_sync import connect_transport
-        from models.weights import owns_weights
+    def open_weight_sync(self, world_size: int, backend: str) -> dict | None:
+        """Open this rank's side of the sync (collective over the role); the spec engines join, if it sends."""
+        from engine.ray.weight_senders import open_sender
 
-        if not owns_weights(self.engine.model):
-            return None
-        self._sync_group = connect_transport(engines, backend=backend)
-        return self._sync_group.group_id
+        if self._sender is not None:
+            self._sender.close()
+        self._sender = open_sender(self.engine.model, self.engine.adapter, world_size=world_size, backend=backend)
+        return self._sender.spec
 
-    def send_weights(self, bucket_bytes: int) -> SendStats | None:
-        """Stream this rank's HF tensors to the engines (all ranks iterate: TP gathers are collective)."""
-        from models.weights import iter_hf_weights
-        from parallel.weight_transfer import stream_weights
+    def connect_weight_sync(self) -> None:
+        """Wait until every engine worker joined this rank's group (while the engines join)."""
+        self._sender.connect()
 
-        adapter = self.engine.adapter
-        tensors = iter_hf_weights(self.engine.model, adapter, dtype=adapter.export_dtype())
-        if self._sync_group is None:
-            for _ in tensors:
-                pass
-            return None
-        stats = stream_weights(self._sync_group.transport, tensors, bucket_bytes=bucket_bytes)
-        return SendStats(stats.num_bytes, stats.seconds, stats.num_tensors)
+    def send_weights(self, bucket_bytes: int) -> SyncStats | None:
+        """One update: every rank takes part (the exporter's TP gathers are collective); senders' stats."""
+        with self.engine.weights_on_device():
+            return self._sender.send(bucket_bytes)
+
+    # ----- training state in host memory while the engines generate (--megatron_enable_sleep) ----
+    def park_training_state(self, parts: tuple[str, ...]) -> dict[str, int]:
+        return self.engine.park_training_state(parts)
+
+    def restore_training_state(self) -> dict[str, int]:
+        return self.engine.restore_training_state()
 
     # ----- persistence --------------------------------------------------------------------
     def save_checkpoint(self, ckpt_config, step: int, state: dict) -> str:

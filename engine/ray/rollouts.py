@@ -1,44 +1,101 @@
 """The RL loop's rollout engines on Ray: vLLM engine actors and the actor -> engine weight sync
-(``engine.rl.rollout.RolloutEngines``)."""
+(``engine.rl.rollout.RolloutEngines``), with the GPU memory handed between trainers and engines
+in stages where they share the GPUs.
+
+One rollout under ``--colocate_all_models --vllm_enable_sleep --megatron_enable_sleep`` (the
+order of veRL's and OpenRLHF's colocated loops):
+
+    sync_weights   trainers park gradients + optimizer (critic: everything)
+                   engines wake their weights; the actor sends; (actor's weights still in place)
+    generate       trainers park the rest (the actor's weights)
+                   engines wake their KV cache; generate
+    release_memory engines sleep; trainers take their state back (score, then train)
+"""
 from __future__ import annotations
 
 from engine.ray.vllm_engine import generate, sleep_engines, wake_up_engines
 from engine.ray.weight_sync import ActorWeightSync
 from engine.rl.rollout import RolloutSample, SamplingConfig
+from engine.runtime.offload import PARTS
+
+ENGINE_MEMORY = ("weights", "kv_cache")  # what a sleeping engine released, woken in this order
+
+
+class TrainerSleep:
+    """The trainable roles' state in host memory while the engines hold the GPUs
+    (``--megatron_enable_sleep``); the bytes moved become ``memory/*`` metrics of the step."""
+
+    def __init__(self, actor, critic=None):
+        self.roles = {"actor": actor, **({"critic": critic} if critic is not None else {})}
+        self.metrics: dict[str, float] = {}
+
+    def before_sync(self) -> None:
+        """Room for the engines' weights; the actor keeps its own until they are sent."""
+        for name in self.roles:
+            self._park(name, ("grads", "optimizer") if name == "actor" else PARTS)
+
+    def before_generate(self) -> None:
+        """Room for the engines' KV cache."""
+        for name in self.roles:
+            self._park(name, PARTS)
+
+    def after_generate(self) -> None:
+        for name, group in self.roles.items():
+            self._count(name, "restored", group.restore_training_state())
+
+    def drain_metrics(self) -> dict[str, float]:
+        metrics, self.metrics = self.metrics, {}
+        return metrics
+
+    def _park(self, name: str, parts: tuple[str, ...]) -> None:
+        self._count(name, "parked", self.roles[name].park_training_state(parts))
+
+    def _count(self, name: str, what: str, moved: dict[str, int]) -> None:
+        key = f"memory/{name}_{what}_gb"
+        self.metrics[key] = self.metrics.get(key, 0.0) + sum(moved.values()) / 2**30
 
 
 class VLLMRollouts:
     def __init__(self, engines: list, sync: ActorWeightSync, *, sleep: bool = False, synced: bool = True,
-                 asleep: bool = False):
+                 asleep: bool = False, trainers: TrainerSleep | None = None):
         """``sleep`` (--vllm_enable_sleep): the engines release their GPU memory after each
-        generation and take it back just before the weight sync. ``synced=False``: the engines
-        hold no weights yet (started from a Megatron --pretrain with dummy weights), so the first
-        generation pushes the actor's weights first. ``asleep``: the engines were put to sleep at
-        start-up (--colocate_all_models: before the roles took the GPU)."""
+        generation and take it back in stages (weights for the sync, then the KV cache).
+        ``synced=False``: the engines hold no weights yet (started from a Megatron --pretrain with
+        dummy weights), so the first generation pushes the actor's weights first. ``asleep``: the
+        engines were put to sleep at start-up (--colocate_all_models: before the roles took the
+        GPU). ``trainers``: the trainable roles park their state while the engines work."""
         self.engines = engines
         self.sync = sync
         self.sleep = sleep
-        self._asleep = asleep
+        self.trainers = trainers
+        self._asleep = set(ENGINE_MEMORY) if asleep else set()
         self._synced = synced
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
         if not self._synced:
             self.sync_weights()
-        self._wake()  # asleep since start-up, with weights of their own
+        self._wake("weights")  # asleep since start-up, with weights of their own
+        if self.trainers is not None:
+            self.trainers.before_generate()
+        self._wake("kv_cache")
         return generate(self.engines, prompt_token_ids, sampling)
 
     def release_memory(self) -> None:
         if self.sleep:
             sleep_engines(self.engines)
-            self._asleep = True
+            self._asleep = set(ENGINE_MEMORY)
+        if self.trainers is not None:
+            self.trainers.after_generate()
 
-    def _wake(self) -> None:
-        if self._asleep:
-            wake_up_engines(self.engines)
-            self._asleep = False
+    def _wake(self, tag: str) -> None:
+        if tag in self._asleep:
+            wake_up_engines(self.engines, tags=[tag])
+            self._asleep.discard(tag)
 
     def sync_weights(self) -> dict:
-        self._wake()
+        if self.trainers is not None:
+            self.trainers.before_sync()
+        self._wake("weights")
         metrics = self.sync.push()
         self._synced = True
-        return metrics
+        return {**metrics, **(self.trainers.drain_metrics() if self.trainers is not None else {})}

@@ -168,8 +168,16 @@ class LLMEngineActor:
     def num_weight_sync_workers(self) -> int:
         return len(self.rank_info)
 
-    def init_weight_receiver(self, spec: dict, rank_offset: int) -> None:
-        self._rpc(WeightSyncExtension.init_weight_receiver, spec, rank_offset)
+    def init_weight_receivers(self, specs: list[dict], rank_offset: int) -> None:
+        """Join each sender's group in the order given, every worker as rank ``rank_offset + its
+        rank``. Each join blocks until the whole group is in: every engine must be handed the same
+        order (``engine.ray.weight_sync.join_groups``)."""
+        for spec in specs:
+            self._rpc(WeightSyncExtension.init_weight_receiver, spec, rank_offset)
+
+    def weight_sync_group_ids(self) -> list[list[str]]:
+        """Each worker's sync groups, in the order it joined them."""
+        return self._rpc(WeightSyncExtension.weight_sync_group_ids)
 
     def close_weight_receiver(self, group_id: str) -> None:
         self._rpc(WeightSyncExtension.close_weight_receiver, group_id)
@@ -217,8 +225,10 @@ class LLMEngineActor:
         """Release the weights (to host memory) and the KV cache until ``wake_up`` (--vllm_enable_sleep)."""
         self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back what ``sleep`` released: ``tags`` "weights" / "kv_cache" one stage at a time (the
+        weights before a sync, the KV cache once the trainers made room); None: everything."""
+        self.llm.wake_up(tags)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -307,6 +317,11 @@ def _resolve_device(config: VLLMEngineConfig) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
+def engines_on_gpus(config: VLLMEngineConfig) -> bool:
+    """Whether ``create_engines(config)`` puts the engines on GPUs (in the connected Ray cluster)."""
+    return _resolve_device(config) == "cuda"
+
+
 def _actor_env(config: VLLMEngineConfig, device: str) -> dict:
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": pythonpath}  # vLLM's worker processes import the worker extension
@@ -386,8 +401,8 @@ def sleep_engines(engines: list, *, timeout_s: float = 600.0) -> None:
     _gather([e.sleep.remote() for e in engines], timeout_s=timeout_s, what="sleep")
 
 
-def wake_up_engines(engines: list, *, timeout_s: float = 600.0) -> None:
-    _gather([e.wake_up.remote() for e in engines], timeout_s=timeout_s, what="wake-up")
+def wake_up_engines(engines: list, *, tags: list[str] | None = None, timeout_s: float = 600.0) -> None:
+    _gather([e.wake_up.remote(tags) for e in engines], timeout_s=timeout_s, what="wake-up")
 
 
 def create_engines(config: VLLMEngineConfig) -> list:

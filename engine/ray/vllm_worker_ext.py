@@ -237,6 +237,9 @@ class WeightSyncExtension:
     def close_weight_receiver(self, group_id: str) -> None:
         self._weight_receivers.pop(group_id, None)
 
+    def weight_sync_group_ids(self) -> list[str]:
+        return list(self._weight_receivers)  # insertion order: the order joined
+
     def begin_weight_sync(self) -> None:
         """Put every layer into load-and-process mode (vLLM's layerwise reload)."""
         from vllm.config import set_current_vllm_config

@@ -3,16 +3,18 @@ running an update, checking every engine worker's report.
 
     transport = connect_transport(engines, backend="gloo")        # once; reused across syncs
     stats = sync_weights(engines, exporter_iterator, bucket_bytes=64 << 20, transport=transport)
-    sync = ActorWeightSync(actor_group, engines, config)           # the RL loop's: one push per rollout
+    sync = ActorWeightSync(actor_group, engines, config, backend="gloo")  # the RL loop's: one push per rollout
 
 The bytes travel through ``parallel.weight_transfer`` (buckets, gloo / NCCL / CUDA IPC
 channels), which knows neither Ray nor the engines; the engine side of the protocol is
 ``engine.ray.vllm_engine.LLMEngineActor`` and ``engine.ray.vllm_worker_ext``.
 
-Actor (Megatron, any TP/PP/EP) -> engines: every actor rank that owns HF tensors (one per
-pipeline stage, plus expert-parallel owners) is a sender with its own sync group to all engine
-workers; the engines read the groups in turn as one update and verify it is complete.
-Non-owning ranks iterate the exporter in step (its TP gathers are collective) and send nothing.
+Actor (Megatron, any TP/PP/EP) -> engines: the actor's ranks open their senders
+(``engine.ray.weight_senders``: with gloo / NCCL every rank that owns HF tensors, one per
+pipeline stage plus expert owners, has its own group to all engine workers; with CUDA IPC rank 0
+sends for all). The driver hands every engine the senders' groups in one order to join
+(``join_groups``) while the senders wait for them; each update the engines read the groups in
+that order and verify the update is complete.
 """
 from __future__ import annotations
 
@@ -42,8 +44,10 @@ class WeightSyncError(RuntimeError):
 class WeightSyncConfig:
     """How the actor's weights reach the engines before every rollout."""
 
-    backend: Literal["gloo", "nccl", "cuda_ipc"] = option(
-        "gloo", flag="vllm_sync_backend", help="transport: gloo (CPU, any box), nccl (GPU), cuda_ipc (colocated GPU)")
+    backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = option(
+        "auto", flag="vllm_sync_backend",
+        help="transport: gloo (CPU, any box), nccl (GPU), cuda_ipc (engines on the actor's GPUs); auto: cuda_ipc "
+             "under --colocate_all_models on GPU, nccl on GPU, gloo on CPU")
     bucket_mb: int = option(64, flag="vllm_sync_bucket_mb", help="bucket size; no rank ever holds the whole model")
 
     def __post_init__(self) -> None:
@@ -51,12 +55,30 @@ class WeightSyncConfig:
             raise ValueError(f"--vllm_sync_bucket_mb must be >= 1, got {self.bucket_mb}")
 
 
+def resolve_sync_backend(requested: str, *, cuda: bool, colocated: bool) -> str:
+    """The transport for ``--vllm_sync_backend requested`` with engines on GPUs (``cuda``) that are, or
+    not, the actor's own (``colocated``: --colocate_all_models). gloo on GPU would stage every
+    bucket through host memory and TCP (minutes per sync at 70B): it is never the GPU default."""
+    if requested == "auto":
+        return ("cuda_ipc" if colocated else "nccl") if cuda else "gloo"
+    if requested != "gloo" and not cuda:
+        raise ValueError(f"--vllm_sync_backend {requested} needs GPU engines; gloo is the CPU transport")
+    if requested == "nccl" and colocated:
+        # NCCL refuses two ranks of one communicator on one GPU ("Duplicate GPU detected").
+        raise ValueError("--vllm_sync_backend nccl cannot reach engines on the actor's own GPUs "
+                         "(--colocate_all_models): use cuda_ipc (the default there)")
+    if requested == "cuda_ipc" and not colocated:
+        raise ValueError("--vllm_sync_backend cuda_ipc needs the engines on the actor's GPUs "
+                         "(--colocate_all_models); use nccl otherwise")
+    return requested
+
+
 # ----- forming a group with the engines -------------------------------------------------------
 def _engine_names(engines: list) -> list[str]:
     return [f"engine {i}" for i in range(len(engines))]
 
 
-def _sender_host() -> str:
+def sender_host() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
@@ -79,19 +101,40 @@ class EngineGroup:
         self.engines = ()
 
 
+def engine_worker_counts(engines: list, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[int]:
+    """How many workers (sync ranks) each engine has."""
+    return get_each([e.num_weight_sync_workers.remote() for e in engines], names=_engine_names(engines),
+                    timeout_s=timeout_s, what="group setup", error=WeightSyncError)
+
+
+def join_groups(engines: list, specs: list[dict], worker_counts: list[int]) -> list:
+    """Every engine joins every group of ``specs``, in that order, in one call per engine; engine
+    e's worker w is rank ``1 + sum(worker_counts[:e]) + w`` of each group (rank 0: the sender).
+
+    One ordered list for all engines is what keeps several senders (one per pipeline stage or
+    expert owner) from deadlocking: an engine joins one group at a time, and Ray orders an engine's
+    calls by arrival only, so groups requested by each sender on its own can reach engine 0 as
+    (A, B) and engine 1 as (B, A), each then waiting in a group the other never enters. Returns
+    the calls' references; the senders must ``connect`` while they run."""
+    refs, offset = [], 1
+    for engine, count in zip(engines, worker_counts):
+        refs.append(engine.init_weight_receivers.remote(specs, offset))
+        offset += count
+    return refs
+
+
+def wait_joined(refs: list, engines: list, *, timeout_s: float) -> None:
+    get_each(refs, names=_engine_names(engines), timeout_s=timeout_s, what="group setup", error=WeightSyncError)
+
+
 def connect_transport(engines: list, *, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S,
                       host: str | None = None) -> EngineGroup:
     """Form the sync group: this process is rank 0, engine e's worker w is rank offset(e) + w."""
-    names = _engine_names(engines)
-    sizes = get_each([e.num_weight_sync_workers.remote() for e in engines], names=names, timeout_s=timeout_s,
-                     what="group setup", error=WeightSyncError)
-    transport = make_transport(backend, world_size=1 + sum(sizes), host=host or _sender_host(), timeout_s=timeout_s)
-    spec, offset, refs = transport.receiver_spec(), 1, []
-    for engine, size in zip(engines, sizes):
-        refs.append(engine.init_weight_receiver.remote(spec, offset))
-        offset += size
+    counts = engine_worker_counts(engines, timeout_s=timeout_s)
+    transport = make_transport(backend, world_size=1 + sum(counts), host=host or sender_host(), timeout_s=timeout_s)
+    joining = join_groups(engines, [transport.receiver_spec()], counts)
     transport.connect()  # the workers are joining concurrently through the calls above
-    get_each(refs, names=names, timeout_s=timeout_s, what="group setup", error=WeightSyncError)
+    wait_joined(joining, engines, timeout_s=timeout_s)
     return EngineGroup(transport, tuple(engines))
 
 
@@ -172,12 +215,20 @@ def _wait_for_abort(refs: list, names: list[str], timeout_s: float, *, cause: Ba
 class ActorWeightSync:
     """One complete update of every engine from a Megatron role's current weights, per ``push``."""
 
-    def __init__(self, actor_group, engines: list, config: WeightSyncConfig, *, timeout_s: float = 600.0):
+    def __init__(self, actor_group, engines: list, config: WeightSyncConfig, *, backend: str,
+                 timeout_s: float = 600.0):
+        """``backend``: ``config.backend`` resolved for where the engines run (``resolve_sync_backend``)."""
         self.actor = actor_group
+        self.backend = backend
         self.engines = engines
         self.bucket_bytes = config.bucket_mb << 20
         self.timeout_s = timeout_s
-        self.group_ids = [g for g in actor_group.connect_weight_sync(engines, config.backend) if g is not None]
+        counts = engine_worker_counts(engines, timeout_s=timeout_s)
+        specs = actor_group.open_weight_sync(1 + sum(counts), backend)
+        joining = join_groups(engines, specs, counts)
+        actor_group.connect_weight_sync()  # each sender's group completes as the engines reach it
+        wait_joined(joining, engines, timeout_s=timeout_s)
+        self.group_ids = [spec["group_id"] for spec in specs]  # the order every engine joined them in
 
     def push(self) -> dict:
         receiving = [engine.receive_weights.remote(self.group_ids) for engine in self.engines]

@@ -11,13 +11,15 @@ optimizer, LR schedule, checkpoints and HF export.
 A frozen engine (``trainable=False``) has no DDP, optimizer or schedule; with ``offload`` its
 weights wait in host memory except inside ``forward_outputs`` (on GPU; a CPU build has nothing
 to move). The RL role workers and the offline trainers' reference / teacher are such engines.
+A trainable engine can park its weights, gradients and optimizer state in host memory while
+colocated vLLM engines generate (``park_training_state``); whatever needs them brings them back.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ from engine.runtime.checkpoint import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
+from engine.runtime.offload import PARTS, TrainingStateOffloader
 from engine.runtime.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
 from engine.runtime.train_step import StepResult, reduce_metrics, train_step
@@ -71,11 +74,12 @@ class TrainingEngine:
         if load_weights:
             # Weights only: a training checkpoint as a start is not a resume (see resume()).
             self.source.load_weights(self.model, self.adapter, progress=self.is_rank_zero)
-        self.ddp_model = self.optimizer = self.scheduler = None
+        self.ddp_model = self.optimizer = self.scheduler = self.parking = None
         if trainable:
             self.ddp_model = wrap_ddp(self.model, config.optim)
             self.optimizer = build_optimizer(self.ddp_model, config.optim, bf16=config.build.params_dtype == torch.bfloat16)
             self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps=total_steps)
+            self.parking = TrainingStateOffloader(self.model, self.ddp_model, self.optimizer)
         else:
             self.model.eval()
             self.model.requires_grad_(False)
@@ -115,9 +119,22 @@ class TrainingEngine:
     def weights_device(self) -> str:
         return str(next(self.model.parameters()).device)
 
+    # ----- trainable state in host memory while colocated engines generate ----------------
+    def park_training_state(self, parts: Iterable[str] = PARTS) -> dict[str, int]:
+        """Move ``parts`` (weights, grads, optimizer) of a trainable model to host memory; bytes per part.
+        Whatever needs them later brings them back first (``restore_training_state``)."""
+        if self.parking is None:
+            raise ValueError("only a trainable model parks its training state (frozen ones offload their weights)")
+        return self.parking.offload(parts)
+
+    def restore_training_state(self, parts: Iterable[str] = PARTS) -> dict[str, int]:
+        return self.parking.onload(parts) if self.parking is not None else {}
+
     @contextmanager
     def weights_on_device(self):
-        """With ``offload``: the weights on the accelerator inside the block, in host memory after it."""
+        """The weights on the accelerator inside the block: a trainable model's parked weights come
+        back (and stay); a frozen model with ``offload`` returns to host memory after it."""
+        self.restore_training_state(("weights",))
         if not self.offload:
             yield
             return
@@ -142,6 +159,7 @@ class TrainingEngine:
         )
 
     def train_step(self, microbatches: list[dict], loss_fn: LossFn, *, normaliser_key: str | None = None) -> StepResult:
+        self.restore_training_state()
         self.ddp_model.train()
         seq_length = max(b["input_ids"].shape[1] for b in microbatches)
         return train_step(
@@ -185,6 +203,7 @@ class TrainingEngine:
 
     # ----- persistence --------------------------------------------------------------------
     def save_checkpoint(self, config: CheckpointConfig, step: int, trainer_state: dict) -> Path:
+        self.restore_training_state(("weights", "optimizer"))
         return save_training_checkpoint(
             config, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             trainer_state=trainer_state, adapter=self.adapter, hf_source_dir=self.source.hf_dir,
@@ -195,12 +214,14 @@ class TrainingEngine:
         directory = latest_valid_checkpoint(config.ckpt_path) if config.load_checkpoint else None
         if directory is None:
             return None
+        self.restore_training_state()
         state = load_training_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         if self.is_rank_zero:
             print(f"resumed from {directory}", flush=True)
         return state
 
     def save_hf(self, path: str | Path, *, config_updates: dict | None = None) -> None:
+        self.restore_training_state(("weights",))
         save_hf_checkpoint(self.model, self.adapter, path, source_dir=self.source.hf_dir, progress=self.is_rank_zero,
                            config_updates=config_updates)
 

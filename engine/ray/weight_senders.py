@@ -13,10 +13,10 @@ the ranks ``connect`` while the engines join, and each ``send`` is one update.
 """
 from __future__ import annotations
 
-import ray
 import torch
 import torch.distributed as dist
 
+from engine.ray.weight_sync import sender_host
 from parallel.weight_transfer import (
     DEFAULT_TIMEOUT_S,
     SharedIpcBuckets,
@@ -28,17 +28,10 @@ from parallel.weight_transfer import (
 )
 
 
-def _host() -> str:
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+class _Sender:
+    """What the driver sees of a rank's sender: the group spec (None: this rank sends nothing)."""
 
-
-class OwnerSender:
-    def __init__(self, model, adapter, *, world_size: int, backend: str, timeout_s: float):
-        from models.weights import owns_weights
-
-        self.model, self.adapter = model, adapter
-        self.transport = (make_transport(backend, world_size=world_size, host=_host(), timeout_s=timeout_s)
-                          if owns_weights(model) else None)
+    transport = None
 
     @property
     def spec(self) -> dict | None:
@@ -47,6 +40,21 @@ class OwnerSender:
     def connect(self) -> None:
         if self.transport is not None:
             self.transport.connect()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class OwnerSender(_Sender):
+    """gloo / nccl: this rank sends what it owns over its own group, if it owns anything."""
+
+    def __init__(self, model, adapter, *, world_size: int, backend: str, timeout_s: float):
+        from models.weights import owns_weights
+
+        self.model, self.adapter = model, adapter
+        self.transport = (make_transport(backend, world_size=world_size, host=sender_host(), timeout_s=timeout_s)
+                          if owns_weights(model) else None)
 
     def send(self, bucket_bytes: int) -> SyncStats | None:
         from models.weights import iter_hf_weights
@@ -58,12 +66,10 @@ class OwnerSender:
             return None
         return stream_weights(self.transport, tensors, bucket_bytes=bucket_bytes)
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
+class SharedIpcSender(_Sender):
+    """cuda_ipc: every rank holds each bucket on its GPU; rank 0 sends one handle per GPU."""
 
-class SharedIpcSender:
     def __init__(self, model, adapter, *, world_size: int, timeout_s: float):
         from megatron.core import parallel_state as ps
 
@@ -77,17 +83,9 @@ class SharedIpcSender:
         stages = [None] * dist.get_world_size()
         dist.all_gather_object(stages, ps.get_pipeline_model_parallel_rank(), group=objects)
         self.fan_out = StageFanOut(stages, rank=rank, device=device, timeout_s=timeout_s)
-        self.transport = (make_transport("cuda_ipc", world_size=world_size, host=_host(), timeout_s=timeout_s)
+        self.transport = (make_transport("cuda_ipc", world_size=world_size, host=sender_host(), timeout_s=timeout_s)
                           if rank == 0 else None)
         self.shared = SharedIpcBuckets(rank=rank, device=device, group=objects, transport=self.transport)
-
-    @property
-    def spec(self) -> dict | None:
-        return self.transport.receiver_spec() if self.transport is not None else None
-
-    def connect(self) -> None:
-        if self.transport is not None:
-            self.transport.connect()
 
     def send(self, bucket_bytes: int) -> SyncStats | None:
         from models.weights import iter_hf_weights
@@ -95,10 +93,6 @@ class SharedIpcSender:
         tensors = iter_hf_weights(self.model, self.adapter, dtype=self.adapter.export_dtype(), every_rank=True)
         stats = stream_shared_ipc(self.fan_out, self.shared, tensors, bucket_bytes=bucket_bytes)
         return stats if self.transport is not None else None
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 def open_sender(model, adapter, *, world_size: int, backend: str, timeout_s: float = DEFAULT_TIMEOUT_S):

@@ -39,10 +39,12 @@ def _bytes_view(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def _copy_to_host(storage: torch.UntypedStorage) -> torch.Tensor:
+def _copy_to_host(storage: torch.UntypedStorage, host: torch.Tensor | None) -> torch.Tensor:
+    """The storage's bytes in ``host`` (reused when the size fits: pinned allocations are slow)."""
     source = _bytes_view(storage)
     cuda = storage.device.type == "cuda"
-    host = torch.empty(source.numel(), dtype=torch.uint8, pin_memory=cuda)  # pinned: asynchronous copies
+    if host is None or host.numel() != source.numel():
+        host = torch.empty(source.numel(), dtype=torch.uint8, pin_memory=cuda)  # pinned: asynchronous copies
     return host.copy_(source, non_blocking=cuda)
 
 
@@ -81,6 +83,7 @@ class TrainingStateOffloader:
     def __init__(self, model, ddp_model, optimizer):
         self.model, self.ddp_model, self.optimizer = model, ddp_model, optimizer
         self.parked: dict[str, list[_Parked]] = {}
+        self._host: dict[int, torch.Tensor] = {}  # storage key -> its host copy, kept for the next park
 
     def _part_storages(self, part: str) -> dict[int, torch.UntypedStorage]:
         weights = _storages(self.model.parameters())
@@ -106,12 +109,15 @@ class TrainingStateOffloader:
             if part in self.parked:
                 continue
             parked = []
-            for storage in self._part_storages(part).values():
+            for key, storage in self._part_storages(part).items():
                 nbytes = storage.nbytes()
                 if nbytes == 0:
                     continue
                 cuda |= storage.device.type == "cuda"
-                parked.append(_Parked(storage, nbytes, None if part == "grads" else _copy_to_host(storage)))
+                host = None
+                if part != "grads":
+                    host = self._host[key] = _copy_to_host(storage, self._host.get(key))
+                parked.append(_Parked(storage, nbytes, host))
             if cuda:
                 torch.cuda.synchronize()  # the copies out are done before the memory goes
             for entry in parked:

@@ -261,6 +261,25 @@ def test_grpo_and_reinforce_baseline_use_group_statistics():
     assert torch.isfinite(group_baseline(rewards, n, kind="grpo")).all()
 
 
+@pytest.mark.parametrize("kind", ["rloo", "grpo", "reinforce_baseline", "dr_grpo"])
+@pytest.mark.parametrize("n", [3, 6, 7, 16])
+def test_tied_groups_get_exactly_zero_advantage(kind, n):
+    """Non-dyadic rewards: float32's mean of six 0.3s is not 0.3, and grpo's division by the
+    (equally tiny) std used to turn that into |advantage| ~ 30 on every token of the group."""
+    tied = [torch.full((n,), value) for value in (0.3, 0.7, 123.456, -2.1)]
+    mixed = torch.tensor([0.3, 0.7] * (n // 2) + [0.3] * (n % 2))
+    rewards = torch.cat([*tied, mixed])
+    advantages = group_baseline(rewards, n, kind=kind)
+    assert advantages.dtype == torch.float32
+    assert (advantages[: 4 * n] == 0).all(), advantages[: 4 * n]
+    assert advantages[4 * n:].abs().max() > 0.1  # a group with a spread keeps its signal
+    config = AdvantageConfig(estimator=kind, n_samples_per_prompt=n)
+    mask = torch.ones(5 * n, 3)
+    full, _ = compute_advantages(AdvantageInputs(rewards=rewards, action_mask=mask), config)
+    if kind in ("rloo", "grpo", "dr_grpo"):  # reinforce_baseline is whitened over the batch afterwards
+        assert (full[: 4 * n] == 0).all()
+
+
 @pytest.mark.parametrize("kind", ["rloo", "grpo", "reinforce_baseline"])
 def test_group_baseline_errors_name_the_flag(kind):
     with pytest.raises(ValueError, match=r"--n_samples_per_prompt > 1"):

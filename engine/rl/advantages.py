@@ -156,6 +156,7 @@ def group_baseline(
 
     ``rloo``: minus the mean of the other ``n - 1`` samples (leave-one-out).
     ``grpo``: ``(r - mean) / (std + eps)`` per group (unbiased std, as OpenRLHF's group_norm).
+    Every estimator gives exactly 0 to a group whose rewards are all equal.
     ``reinforce_baseline`` / ``dr_grpo``: ``r - mean`` per group (REINFORCE++-baseline; Dr. GRPO,
     which unlike it is not whitened over the batch afterwards, as OpenRLHF's dr_grpo).
     """
@@ -166,7 +167,8 @@ def group_baseline(
         # With one sample per prompt every baseline equals the reward: all advantages would be 0.
         raise ValueError(f"--advantage_estimator {kind} needs --n_samples_per_prompt > 1, "
                          f"got {n_samples_per_prompt}")
-    grouped = rewards.float().view(-1, n_samples_per_prompt)
+    # float64: the group statistics of float32 rewards carry no rounding error of their own.
+    grouped = rewards.double().view(-1, n_samples_per_prompt)
     mean = grouped.mean(dim=1, keepdim=True)
     if kind == "rloo":
         baselined = grouped - (grouped.sum(dim=1, keepdim=True) - grouped) / (n_samples_per_prompt - 1)
@@ -174,7 +176,11 @@ def group_baseline(
         baselined = (grouped - mean) / (grouped.std(dim=1, keepdim=True) + eps)
     else:
         baselined = grouped - mean
-    return baselined.view(-1)
+    # A group whose rewards are all equal carries no signal: exactly 0, not the rounding error of
+    # its mean (which the std division of grpo would blow up to |advantage| ~ 1 / eps).
+    tied = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    baselined = baselined.masked_fill(tied, 0.0)
+    return baselined.view(-1).to(torch.promote_types(rewards.dtype, torch.float32))
 
 
 def filter_all_equal_groups(rewards: torch.Tensor, n_samples_per_prompt: int, *, atol: float = 0.0) -> torch.Tensor:

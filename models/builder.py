@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from models.adapter import LayerSpecOptions, ModelAdapter
 from models.heads import ValueHead
 from models.layer_spec import TransformerImpl, block_spec, detect_layer_spec
+from models.moe_aux import install_router_stats
 from parallel.config import ParallelConfig
 from parallel.options import option
 
@@ -28,7 +29,9 @@ class ModelBuildConfig:
     bf16: bool | None = option(None, value_aliases={"fp32": False},
                                help="bf16 weights and compute (default: bf16 with CUDA, fp32 on CPU; --fp32 forces fp32)")
     gradient_checkpointing: bool = option(False, help="full activation recompute")
-    aux_loss_coef: float | None = option(None, help="MoE load-balancing loss coefficient (default: the HF config's)")
+    aux_loss_coef: float = option(0.0, help="MoE: loss = LM loss + this x HF Mixtral's load-balancing aux_loss "
+                                            "(OpenRLHF's meaning); 0: off")
+    router_z_loss_coef: float = option(0.0, help="MoE: Megatron's router z-loss coefficient (ST-MoE, per layer); 0: off")
     ring_head_stride: int | None = option(None, help="KV heads per ring-attention pass under CP (default: all)")
     transformer_impl: TransformerImpl = option(
         "auto", help="layer implementation: transformer_engine (TE linears with fused norms), local "
@@ -90,10 +93,21 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
         kwargs["moe_router_dtype"] = "fp32"
     if build.gradient_checkpointing:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if build.aux_loss_coef is not None:
-        kwargs["moe_aux_loss_coeff"] = build.aux_loss_coef
+    if build.router_z_loss_coef:
+        kwargs["moe_z_loss_coeff"] = build.router_z_loss_coef
     kwargs.update(build.overrides)
     return TransformerConfig(**kwargs)
+
+
+def check_moe_options(build: ModelBuildConfig, parallel: ParallelConfig, *, moe: bool) -> None:
+    for flag, value in (("--aux_loss_coef", build.aux_loss_coef), ("--router_z_loss_coef", build.router_z_loss_coef)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+        if value and not moe:
+            raise ValueError(f"{flag} {value}: the model has no experts (a dense model has no router to balance)")
+    if build.aux_loss_coef and parallel.pipeline_model_parallel_size > 1:
+        raise ValueError("--aux_loss_coef with --pipeline_model_parallel_size > 1 is not supported: HF's load-balancing "
+                         "loss pools the routing counts of every MoE layer, which one pipeline stage does not see")
 
 
 def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig | None = None) -> GPTModel:
@@ -105,6 +119,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_query_groups=adapter.attention.num_kv_heads,
         num_experts=adapter.num_experts,
     )
+    check_moe_options(build, parallel, moe=bool(adapter.num_experts))
     config = transformer_config(adapter, parallel, build)
     padded_vocab = _padded_vocab_size(adapter, parallel, build)
     model_kwargs = adapter.gpt_model_kwargs()
@@ -123,6 +138,10 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
     model.transformer_impl = detect_layer_spec(build.transformer_impl).impl  # which layer spec (logs, checks)
     model.is_value_model = build.value_head
     model.max_attention_span = adapter.max_attention_span  # checked per sample by the schedule
+    moe_layers = adapter.layer_spec_options().moe_layers
+    model.router_stats = install_router_stats(  # HF's aux loss and the routing metrics (MoE only)
+        model, aux_loss_coef=build.aux_loss_coef, sequence_parallel=parallel.sequence_parallel,
+        num_moe_layers=sum(moe_layers) if moe_layers is not None else adapter.num_layers)
     if model.post_process:
         if build.value_head:
             model.output_layer = ValueHead(config)

@@ -24,8 +24,9 @@ class MixtralAdapter(MistralAdapter):
             "moe_ffn_hidden_size": c.intermediate_size,
             # Mixtral: softmax over all experts, top-k, renormalise == Megatron's top-k then softmax.
             "moe_router_pre_softmax": False,
-            "moe_router_load_balancing_type": "aux_loss",
-            "moe_aux_loss_coeff": getattr(c, "router_aux_loss_coef", 0.0),
+            # HF's load-balancing loss is added by models.moe_aux (--aux_loss_coef), not Megatron's.
+            "moe_router_load_balancing_type": "none",
+            "moe_aux_loss_coeff": 0.0,
         }
 
     def mlp_specs(self) -> list[WeightSpec]:

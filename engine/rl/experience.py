@@ -48,8 +48,12 @@ class Experience:
         return dataclasses.replace(self, **fields)
 
     def token_batch(self) -> dict[str, torch.Tensor]:
-        """The per-token fields present, as the micro-batch dict the schedule and the losses read."""
-        return {name: t for name, t in self._tensors().items() if name != "last_index"}
+        """The per-token fields present, as the micro-batch dict the schedule and the losses read,
+        with ``attention_mask`` (1 up to each row's last real token: MoE routing statistics skip padding)."""
+        positions = torch.arange(self.input_ids.shape[1])
+        attention_mask = (positions[None, :] <= self.last_index[:, None]).long()
+        return {**{name: t for name, t in self._tensors().items() if name != "last_index"},
+                "attention_mask": attention_mask}
 
     def microbatches(self, start: int, stop: int, size: int, *, multiple: int = 1) -> list[dict]:
         """Rows ``[start, stop)`` in micro-batches of ``size`` rows, trailing padding columns cut

@@ -307,7 +307,8 @@ class PPOTrainer:
     # ----- bookkeeping --------------------------------------------------------------------
     def _report(self, step: int, metrics: dict) -> None:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
-                 "actor/approx_kl", "actor/ptx_loss", "advantage_abs_mean", "rollout_logprob_abs_diff",
+                 "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
+                 "rollout_logprob_abs_diff",
                  "time/generate", "time/score", "time/train", "time/sync")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         print(f"rollout {step}/{self.num_steps} {line}", flush=True)

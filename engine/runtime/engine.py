@@ -34,7 +34,7 @@ from engine.runtime.checkpoint import (
 from engine.runtime.offload import PARTS, TrainingStateOffloader
 from engine.runtime.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
-from engine.runtime.train_step import StepResult, reduce_metrics, train_step
+from engine.runtime.train_step import StepResult, reduce_metrics, routing_metrics, train_step
 from models.builder import ModelBuildConfig, build_model
 from models.sources import ModelSource
 from models.weights import save_hf_checkpoint
@@ -162,10 +162,14 @@ class TrainingEngine:
         self.restore_training_state()
         self.ddp_model.train()
         seq_length = max(b["input_ids"].shape[1] for b in microbatches)
-        return train_step(
+        result = train_step(
             self.ddp_model, self.optimizer, self.scheduler, microbatches, loss_fn,
             seq_length=seq_length, normaliser_key=normaliser_key,
         )
+        if self.adapter.num_experts:
+            one_stage = self.config.parallel.pipeline_model_parallel_size == 1
+            result.metrics.update(routing_metrics(self.model.router_stats, with_aux_loss=one_stage))
+        return result
 
     @torch.no_grad()
     def forward_only(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:

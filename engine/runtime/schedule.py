@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from engine.runtime.cp_batch import split_for_context_parallel
+from models.moe_aux import router_stats_of
 
 # loss_fn(output, batch) -> (loss_for_backward, metrics dict)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
@@ -43,6 +44,9 @@ def packed_seq_params(batch: dict) -> PackedSeqParams | None:
 
 def model_forward(model, batch: dict) -> torch.Tensor:
     """Model output for a micro-batch: logits ``[b, s, vocab/TP]`` (or values) on the last stage."""
+    stats = router_stats_of(model)
+    if stats is not None:
+        stats.begin_microbatch(batch.get("attention_mask"))  # MoE: padding is not routed load
     return model(
         batch["input_ids"],
         batch["position_ids"],
@@ -87,6 +91,9 @@ def run_microbatches(
     """
     iterator = iter(microbatches)
     device = next(model.parameters()).device
+    stats = router_stats_of(model)
+    if stats is not None:
+        stats.reset()  # routing statistics of this call only (TrainingEngine.train_step reads them)
 
     cp_rank, cp_size = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
     span = _max_attention_span(model)

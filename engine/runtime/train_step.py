@@ -84,3 +84,23 @@ def train_step(
         grad_norm=float(grad_norm or 0.0),
         update_successful=bool(update_successful),
     )
+
+
+ROUTING_KEYS = ("aux_loss", "moe/load_cv", "moe/max_expert_load")
+
+
+def routing_metrics(stats, *, with_aux_loss: bool) -> dict[str, float]:
+    """MoE routing metrics of the step (``models.moe_aux``): the mean over micro-batches and over
+    every rank of the model (collective; a stage without MoE layers adds nothing). HF's aux loss
+    pools every layer: a pipeline stage's share of it is not reported."""
+    records = stats.drain() if stats is not None else []
+    totals = torch.zeros(len(ROUTING_KEYS) + 1, dtype=torch.float64)
+    for record in records:
+        totals[:-1] += torch.tensor([record[key] for key in ROUTING_KEYS], dtype=torch.float64)
+    totals[-1] = len(records)
+    dist.all_reduce(totals)
+    count = max(totals[-1].item(), 1.0)
+    metrics = {key: totals[i].item() / count for i, key in enumerate(ROUTING_KEYS)}
+    if not with_aux_loss:
+        metrics.pop("aux_loss")
+    return metrics

@@ -122,7 +122,8 @@ class OfflineTrainer:
             self.history.append({"step": step + 1, **metrics})
             if (step + 1) % self.config.logging.logging_steps == 0:
                 self.logger.log(metrics, step + 1)
-                progress.set_postfix_str(format_metrics({k: metrics[k] for k in list(metrics)[:4]}))
+                shown = [*list(metrics)[:4], *(k for k in ("aux_loss", "moe/load_cv") if k in metrics)]
+                progress.set_postfix_str(format_metrics({k: metrics[k] for k in shown}))
                 if self.engine.is_rank_zero:
                     tqdm.write(f"step {step + 1}/{self.last_step} {format_metrics(metrics)}")
             self._maybe_evaluate(step + 1)

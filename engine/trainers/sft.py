@@ -10,7 +10,7 @@ from engine.runtime.schedule import LossFn
 from engine.trainers.base import OfflineTrainer, OfflineTrainerConfig
 
 
-def sft_loss_fn(scale: float, aux_loss_coef: float = 0.0) -> LossFn:
+def sft_loss_fn(scale: float) -> LossFn:
     """NLL summed over the loss mask, scaled to the step's global token mean."""
 
     def loss_fn(logits: torch.Tensor, batch: dict):

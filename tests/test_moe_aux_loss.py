@@ -1,0 +1,131 @@
+"""``--aux_loss_coef`` means what it means in OpenRLHF: the loss is the LM loss plus the
+coefficient times the ``aux_loss`` HF Mixtral returns (``models/moe_aux.py``).
+
+The oracle is HF transformers on the same weights and tokens (one row padded, so the padding
+mask matters): the logged ``aux_loss`` equals HF's, and every gradient equals the gradient of
+``token-mean CE + coef x aux_loss`` in HF, at EP=1, EP=2 (two ranks with their own data: the
+mean of the two ranks' aux losses), TP=2 with sequence parallelism (each rank routes half the
+tokens) and under full activation recompute. With the coefficient 0 the gradients are HF's LM-only ones.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist_harness import run_distributed
+
+COEF = 0.5  # large enough that a wrong aux gradient shows well above the fp32 noise
+SEQ = 12
+LAYOUTS = {"ep1": (1, dict()), "ep2": (2, dict(expert_model_parallel_size=2)),
+           "tp2_sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+           "recompute": (1, dict())}  # full activation recompute: the routers run again inside backward
+GRAD_ATOL = 2e-5
+
+
+def _rows(vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Two rows; the second is padded after 8 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab, (2, SEQ), generator=g)
+    attention_mask = torch.ones(2, SEQ, dtype=torch.long)
+    attention_mask[1, 8:] = 0
+    input_ids[attention_mask == 0] = 0
+    labels = torch.roll(input_ids, -1, dims=1)
+    loss_mask = torch.roll(attention_mask, -1, dims=1).float()
+    loss_mask[:, -1] = 0  # the last position has no next token
+    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "attention_mask": attention_mask,
+            "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous()}
+
+
+def _data_seed(layout: str, rank: int) -> int:
+    return rank if layout == "ep2" else 0  # EP ranks are data-parallel ranks; TP ranks share a batch
+
+
+def _ours(rank, world_size, path, layout, coef):
+    from megatron.core import tensor_parallel
+
+    from engine.runtime.engine import EngineConfig, TrainingEngine
+    from engine.runtime.optimizer import OptimConfig
+    from models.builder import ModelBuildConfig
+    from models.weights import iter_hf_weights
+    from parallel.config import ParallelConfig
+
+    # Without the distributed optimizer every rank keeps the whole averaged gradient in main_grad.
+    build = ModelBuildConfig(aux_loss_coef=coef, gradient_checkpointing=layout == "recompute")
+    engine = TrainingEngine(EngineConfig(
+        pretrain=path, parallel=ParallelConfig(**LAYOUTS[layout][1]), build=build,
+        optim=OptimConfig(max_norm=0.0, lr_warmup_ratio=0.0, use_distributed_optimizer=False)))
+    batch = _rows(engine.vocab_size, _data_seed(layout, rank))
+    scale = engine.loss_scale([batch])
+
+    def loss_fn(logits, data):
+        loss_sum = (tensor_parallel.vocab_parallel_cross_entropy(logits.float(), data["labels"]) * data["loss_mask"]).sum()
+        return loss_sum * scale, {"loss_sum": loss_sum.detach(), "num_tokens": data["loss_mask"].sum()}
+
+    metrics = engine.train_step([batch], loss_fn, normaliser_key="num_tokens").metrics
+    grads = dict(iter_hf_weights(engine.model, engine.adapter, tensor_of=lambda p: p.main_grad))
+    return metrics, grads
+
+
+def _hf_reference(path: str, layout: str, coef: float, tmp_path) -> tuple[float, dict[str, torch.Tensor]]:
+    """HF's mean aux loss over the ranks' batches and the gradients of token-mean CE + coef x aux,
+    under the on-disk tensor names (written by save_pretrained with the gradients as values)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seeds = sorted({_data_seed(layout, rank) for rank in range(LAYOUTS[layout][0])})
+    ce_sum, tokens, aux = 0.0, 0.0, []
+    for seed in seeds:
+        rows = _rows(model.config.vocab_size, seed)
+        out = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], output_router_logits=True)
+        mask = rows["loss_mask"].bool()
+        ce_sum = ce_sum + torch.nn.functional.cross_entropy(out.logits[mask], rows["labels"][mask], reduction="sum")
+        tokens += float(mask.sum())
+        aux.append(out.aux_loss)
+    mean_aux = sum(aux) / len(aux)
+    (ce_sum / tokens + coef * mean_aux).backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.grad)
+    model.save_pretrained(tmp_path / "grads")
+    return float(mean_aux), load_file(str(tmp_path / "grads" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("coef", [COEF, 0.0], ids=["coef", "no_coef"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_aux_loss_and_gradients_equal_hf(tiny_models, tmp_path, layout, coef):
+    path = tiny_models["mixtral"]
+    results = run_distributed(_ours, LAYOUTS[layout][0], args=(path, layout, coef), timeout=300)
+    hf_aux, hf_grads = _hf_reference(path, layout, coef, tmp_path)
+    for metrics, _ in results:
+        assert metrics["aux_loss"] == pytest.approx(hf_aux, rel=1e-5)  # logged whatever the coefficient
+        assert metrics["moe/max_expert_load"] >= 1.0 and metrics["moe/load_cv"] >= 0.0
+    grads = {name: grad for _, rank_grads in results for name, grad in rank_grads.items()}
+    assert sorted(grads) == sorted(hf_grads)
+    for name, expected in hf_grads.items():
+        torch.testing.assert_close(grads[name], expected, atol=GRAD_ATOL, rtol=1e-4, msg=name)
+    router = [n for n in hf_grads if n.endswith("block_sparse_moe.gate.weight")]
+    assert router and all(hf_grads[n].abs().sum() > 0 for n in router)
+
+
+def _build_error(rank, world_size, path, parallel, build):
+    from engine.runtime.engine import EngineConfig, TrainingEngine
+    from models.builder import ModelBuildConfig
+    from parallel.config import ParallelConfig
+
+    try:
+        TrainingEngine(EngineConfig(pretrain=path, parallel=ParallelConfig(**parallel), build=ModelBuildConfig(**build)))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_the_coefficient_is_refused_where_it_cannot_mean_that(tiny_models):
+    (dense,) = run_distributed(_build_error, 1, args=(tiny_models["llama"], {}, {"aux_loss_coef": 0.01}), timeout=120)
+    assert "--aux_loss_coef 0.01: the model has no experts" in dense
+    (z_dense,) = run_distributed(_build_error, 1, args=(tiny_models["llama"], {}, {"router_z_loss_coef": 0.1}),
+                                 timeout=120)
+    assert "--router_z_loss_coef 0.1: the model has no experts" in z_dense
+    staged = run_distributed(_build_error, 2, args=(tiny_models["mixtral"], {"pipeline_model_parallel_size": 2},
+                                                    {"aux_loss_coef": 0.01}), timeout=120)
+    assert all("--aux_loss_coef with --pipeline_model_parallel_size > 1" in e for e in staged)

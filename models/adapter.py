@@ -58,6 +58,8 @@ TE_FUSED_NORM_NAMES = {
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+# Transformer Engine's grouped experts (TEGroupedMLP, --moe_grouped_gemm): one weight per local expert.
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 
 class ModelAdapter:
@@ -218,10 +220,13 @@ class ModelAdapter:
             return self._find(self.global_specs(), megatron_name), {}
         layer, rest = int(match.group(1)) + layer_offset, match.group(2)
         expert = _EXPERT.match(rest)
-        if expert is None:
+        if expert is not None:
+            local, name = int(expert.group(1)), expert.group(2)
+        elif (grouped := _GROUPED_EXPERT.match(rest)) is not None:
+            local, name = int(grouped.group(2)), f"{grouped.group(1)}.weight"
+        else:
             return self._find(self.layer_specs(), TE_FUSED_NORM_NAMES.get(rest, rest)), {"layer": layer}
-        index = {"layer": layer, "expert": int(expert.group(1)) + expert_offset}
-        return self._find(self.expert_specs(), expert.group(2)), index
+        return self._find(self.expert_specs(), name), {"layer": layer, "expert": local + expert_offset}
 
     def _find(self, specs: list[WeightSpec], name: str) -> WeightSpec:
         for spec in specs:

@@ -6,6 +6,7 @@ on the current TP/PP/EP grid (pre/post-process by pipeline stage, vocab padding,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from megatron.core import parallel_state
@@ -32,6 +33,20 @@ class ModelBuildConfig:
     aux_loss_coef: float = option(0.0, help="MoE: loss = LM loss + this x HF Mixtral's load-balancing aux_loss "
                                             "(OpenRLHF's meaning); 0: off")
     router_z_loss_coef: float = option(0.0, help="MoE: Megatron's router z-loss coefficient (ST-MoE, per layer); 0: off")
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = option(
+        "alltoall", help="MoE: how tokens reach their experts' ranks (Megatron); allgather needs "
+                         "--pipeline_model_parallel_size 1 (it cannot take variable sequence lengths)")
+    moe_grouped_gemm: bool | None = option(
+        None, value_aliases={"no_moe_grouped_gemm": False},
+        help="MoE: one grouped GEMM over a rank's experts (Transformer Engine's TEGroupedMLP); default: on "
+             "where the TE layer spec runs")
+    moe_expert_capacity_factor: float | None = option(
+        None, help="MoE: tokens an expert takes, as a multiple of an even share; the rest are dropped "
+                   "(default: no limit, no dropping)")
+    moe_token_drop_policy: Literal["probs", "position"] = option(
+        "probs", help="MoE: with a capacity, drop the lowest-probability tokens (probs) or the last ones (position)")
+    moe_pad_expert_input_to_capacity: bool = option(
+        False, help="MoE: pad every expert's input to its capacity (static shapes; needs --moe_expert_capacity_factor)")
     ring_head_stride: int | None = option(None, help="KV heads per ring-attention pass under CP (default: all)")
     transformer_impl: TransformerImpl = option(
         "auto", help="layer implementation: transformer_engine (TE linears with fused norms), local "
@@ -60,7 +75,8 @@ def layer_spec(options: LayerSpecOptions, config: TransformerConfig, build: Mode
     offset = get_transformer_layer_offset(config)
     local = list(moe_layers[offset: offset + get_num_layers_to_build(config)])
     return block_spec(detect_layer_spec(build.transformer_impl), options, layer_is_moe=local,
-                      normalization=config.normalization, ring_head_stride=build.ring_head_stride)
+                      normalization=config.normalization, ring_head_stride=build.ring_head_stride,
+                      moe_grouped_gemm=config.moe_grouped_gemm)
 
 
 def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig) -> TransformerConfig:
@@ -84,13 +100,18 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
-        # Variable-length micro-batches (RL responses, packing) need shape exchange under PP.
-        variable_seq_lengths=True,
-        # allgather cannot take variable sequence lengths; alltoall runs on CPU via parallel.cpu_backend.
-        moe_token_dispatcher_type="alltoall",
+        # Variable-length micro-batches (RL responses, packing) need shape exchange between stages.
+        variable_seq_lengths=parallel.pipeline_model_parallel_size > 1,
+        # alltoall runs on CPU through parallel.cpu_backend.
+        moe_token_dispatcher_type=build.moe_token_dispatcher_type,
     )
     if adapter.num_experts:
-        kwargs["moe_router_dtype"] = "fp32"
+        kwargs.update(
+            moe_router_dtype="fp32", moe_grouped_gemm=resolve_grouped_gemm(build),
+            moe_expert_capacity_factor=build.moe_expert_capacity_factor,
+            moe_token_drop_policy=build.moe_token_drop_policy,
+            moe_pad_expert_input_to_capacity=build.moe_pad_expert_input_to_capacity,
+        )
     if build.gradient_checkpointing:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if build.router_z_loss_coef:
@@ -99,12 +120,36 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
     return TransformerConfig(**kwargs)
 
 
+def resolve_grouped_gemm(build: ModelBuildConfig) -> bool:
+    """``--moe_grouped_gemm``: unset means on exactly where TE's layer spec runs (TEGroupedMLP; the
+    local spec's legacy GroupedMLP needs the separate grouped_gemm package and other weight names)."""
+    te = detect_layer_spec(build.transformer_impl).impl == "transformer_engine"
+    if build.moe_grouped_gemm and not te:
+        raise ValueError("--moe_grouped_gemm needs the Transformer Engine layer spec (TEGroupedMLP): install "
+                         "transformer-engine on a CUDA machine, or leave it off")
+    return te if build.moe_grouped_gemm is None else build.moe_grouped_gemm
+
+
 def check_moe_options(build: ModelBuildConfig, parallel: ParallelConfig, *, moe: bool) -> None:
     for flag, value in (("--aux_loss_coef", build.aux_loss_coef), ("--router_z_loss_coef", build.router_z_loss_coef)):
         if value < 0:
             raise ValueError(f"{flag} must be >= 0, got {value}")
         if value and not moe:
             raise ValueError(f"{flag} {value}: the model has no experts (a dense model has no router to balance)")
+    default = ModelBuildConfig()
+    for name in ("moe_token_dispatcher_type", "moe_grouped_gemm", "moe_expert_capacity_factor",
+                 "moe_token_drop_policy", "moe_pad_expert_input_to_capacity"):
+        if not moe and getattr(build, name) != getattr(default, name):
+            raise ValueError(f"--{name} {getattr(build, name)}: the model has no experts")
+    if build.moe_token_dispatcher_type == "allgather" and parallel.pipeline_model_parallel_size > 1:
+        raise ValueError("--moe_token_dispatcher_type allgather cannot take the variable sequence lengths that "
+                         "--pipeline_model_parallel_size > 1 exchanges between stages: use alltoall")
+    if build.moe_pad_expert_input_to_capacity and build.moe_expert_capacity_factor is None:
+        raise ValueError("--moe_pad_expert_input_to_capacity needs --moe_expert_capacity_factor")
+    if build.moe_expert_capacity_factor is not None and build.moe_expert_capacity_factor <= 0:
+        raise ValueError(f"--moe_expert_capacity_factor must be > 0, got {build.moe_expert_capacity_factor}")
+    if moe:
+        resolve_grouped_gemm(build)  # refuses grouped GEMM without Transformer Engine
     if build.aux_loss_coef and parallel.pipeline_model_parallel_size > 1:
         raise ValueError("--aux_loss_coef with --pipeline_model_parallel_size > 1 is not supported: HF's load-balancing "
                          "loss pools the routing counts of every MoE layer, which one pipeline stage does not see")

@@ -109,9 +109,9 @@ def _local_layer(options: LayerSpecOptions, *, moe: bool, normalization: str, ri
     return spec
 
 
-def _te_layer(options: LayerSpecOptions, *, moe: bool, ring_head_stride: int | None):
+def _te_layer(options: LayerSpecOptions, *, moe: bool, ring_head_stride: int | None, moe_grouped_gemm: bool):
     spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-        num_experts=options.num_experts if moe else None, moe_grouped_gemm=False,
+        num_experts=options.num_experts if moe else None, moe_grouped_gemm=moe_grouped_gemm,
         qk_layernorm=options.qk_layernorm,
     )
     spec.submodules.self_attention.submodules.core_attention = _core_attention(ring_head_stride)
@@ -119,14 +119,16 @@ def _te_layer(options: LayerSpecOptions, *, moe: bool, ring_head_stride: int | N
 
 
 def block_spec(choice: LayerSpecChoice, options: LayerSpecOptions, *, layer_is_moe: list[bool],
-               normalization: str, ring_head_stride: int | None) -> TransformerBlockSubmodules:
+               normalization: str, ring_head_stride: int | None,
+               moe_grouped_gemm: bool = False) -> TransformerBlockSubmodules:
     """The specs of this stage's layers (``layer_is_moe``: one flag per local layer) and its final
     norm. A block spec, not a layer spec: given a bare layer spec, Megatron picks the final norm
     itself (``transformer_block.LayerNormImpl``: Apex's FusedLayerNorm when Apex imports)."""
     if choice.impl == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
-        specs = {moe: _te_layer(options, moe=moe, ring_head_stride=ring_head_stride) for moe in set(layer_is_moe)}
+        specs = {moe: _te_layer(options, moe=moe, ring_head_stride=ring_head_stride, moe_grouped_gemm=moe_grouped_gemm)
+                 for moe in set(layer_is_moe)}
         final_norm = TENorm
     else:
         specs = {moe: _local_layer(options, moe=moe, normalization=normalization, ring_head_stride=ring_head_stride)

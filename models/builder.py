@@ -87,6 +87,7 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=build.params_dtype,
         pipeline_dtype=build.params_dtype,
@@ -163,6 +164,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_attention_heads=adapter.attention.num_heads,
         num_query_groups=adapter.attention.num_kv_heads,
         num_experts=adapter.num_experts,
+        expert_ffn_size=adapter.hf_config.intermediate_size if adapter.num_experts else None,
     )
     check_moe_options(build, parallel, moe=bool(adapter.num_experts))
     config = transformer_config(adapter, parallel, build)

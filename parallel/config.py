@@ -19,6 +19,8 @@ class ParallelConfig:
     context_parallel_size: int = option(1, aliases=("ring_attn_size",),
                                         help="context parallel size: ring attention over the sequence")
     expert_model_parallel_size: int = option(1, help="expert parallel size (MoE), carved out of DP x CP")
+    expert_tensor_parallel_size: int | None = option(
+        None, help="tensor parallel size inside each expert (MoE; default: --tensor_model_parallel_size)")
     sequence_parallel: bool = option(False, help="Megatron sequence parallelism (needs TP > 1)")
 
     def __post_init__(self) -> None:
@@ -31,6 +33,9 @@ class ParallelConfig:
             value = getattr(self, flag)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{flag} must be a positive integer, got {value!r}")
+        etp = self.expert_tensor_parallel_size
+        if etp is not None and (not isinstance(etp, int) or etp < 1):
+            raise ValueError(f"--expert_tensor_parallel_size must be a positive integer, got {etp!r}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence_parallel needs --tensor_model_parallel_size > 1")
 
@@ -42,10 +47,19 @@ class ParallelConfig:
             * self.context_parallel_size
         )
 
+    @property
+    def expert_tensor_parallel(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    @property
+    def expert_grid_size(self) -> int:
+        """Ranks one copy of the experts spans: expert TP x EP x PP (the rest is expert data parallel)."""
+        return self.expert_tensor_parallel * self.expert_model_parallel_size * self.pipeline_model_parallel_size
+
     def minimum_world_size(self) -> int:
-        """The smallest world this grid fits: TP x PP x CP, times the DP that EP needs (EP is carved out of DP x CP)."""
-        ep, cp = self.expert_model_parallel_size, self.context_parallel_size
-        return self.model_parallel_size * (ep // math.gcd(ep, cp))
+        """The smallest world both grids fit: the dense one (TP x PP x CP, then DP) and the experts'
+        (expert TP x EP x PP, then expert DP)."""
+        return math.lcm(self.model_parallel_size, self.expert_grid_size)
 
     def sequence_multiple(self) -> int:
         """Sequence lengths must be multiples of this (sequence-parallel shards x zigzag CP chunks)."""
@@ -63,11 +77,17 @@ class ParallelConfig:
                 f"({self.context_parallel_size}) = {self.model_parallel_size}"
             )
         data_parallel = world_size // self.model_parallel_size
-        # Megatron carves expert parallelism out of DP x CP (experts are not context-split).
-        if (data_parallel * self.context_parallel_size) % self.expert_model_parallel_size:
+        # Megatron lays the experts out over the same ranks: expert TP x EP x PP, then expert DP.
+        if world_size % self.expert_grid_size:
+            if self.expert_tensor_parallel_size is None:
+                raise ValueError(
+                    f"--expert_model_parallel_size ({self.expert_model_parallel_size}) must divide "
+                    f"data parallel x context parallel size ({data_parallel * self.context_parallel_size})"
+                )
             raise ValueError(
-                f"--expert_model_parallel_size ({self.expert_model_parallel_size}) must divide "
-                f"data parallel x context parallel size ({data_parallel * self.context_parallel_size})"
+                f"world size {world_size} is not divisible by --expert_tensor_parallel_size "
+                f"({self.expert_tensor_parallel}) x --expert_model_parallel_size ({self.expert_model_parallel_size}) "
+                f"x --pipeline_model_parallel_size ({self.pipeline_model_parallel_size}) = {self.expert_grid_size}"
             )
         return data_parallel
 
@@ -78,6 +98,7 @@ class ParallelConfig:
         num_attention_heads: int,
         num_query_groups: int,
         num_experts: int | None = None,
+        expert_ffn_size: int | None = None,
     ) -> None:
         """Check that the model's shapes split evenly over this grid."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -101,4 +122,11 @@ class ParallelConfig:
         if num_experts and num_experts % ep:
             raise ValueError(
                 f"--expert_model_parallel_size ({ep}) must divide the number of experts ({num_experts})"
+            )
+        if self.expert_tensor_parallel_size is not None and not num_experts:
+            raise ValueError("--expert_tensor_parallel_size needs a mixture-of-experts model")
+        etp = self.expert_tensor_parallel
+        if num_experts and expert_ffn_size and expert_ffn_size % etp:
+            raise ValueError(
+                f"--expert_tensor_parallel_size ({etp}) must divide the experts' hidden size ({expert_ffn_size})"
             )

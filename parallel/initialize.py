@@ -131,6 +131,7 @@ def initialize_parallel(
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
         context_parallel_size=config.context_parallel_size,
         expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.expert_tensor_parallel,
         distributed_timeout_minutes=timeout_minutes,
         # On CPU the default group already is gloo: no duplicate gloo groups needed.
         create_gloo_process_groups=torch.cuda.is_available(),

@@ -18,6 +18,8 @@ COEF = 0.5  # large enough that a wrong aux gradient shows well above the fp32 n
 SEQ = 12
 LAYOUTS = {"ep1": (1, dict()), "ep2": (2, dict(expert_model_parallel_size=2)), "dp2": (2, dict()),
            "tp2_sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+           # experts whole on each TP rank (expert TP 1): the TP ranks are the experts' data-parallel ranks
+           "tp2_sp_etp1": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1)),
            "recompute": (1, dict())}  # full activation recompute: the routers run again inside backward
 GRAD_ATOL = 2e-5
 

@@ -109,3 +109,20 @@ def test_moe_flags_on_a_dense_model_are_errors(flags, parallel, message):
 def test_moe_flags_that_cannot_work_together_are_errors(flags, parallel, message):
     with pytest.raises(ValueError, match=message):
         check_moe_options(ModelBuildConfig(**flags), ParallelConfig(**parallel), moe=True)
+
+
+def test_expert_tensor_parallel_grid_is_checked_with_the_flags_named():
+    grid = ParallelConfig(tensor_model_parallel_size=2, expert_tensor_parallel_size=1, expert_model_parallel_size=4)
+    assert grid.minimum_world_size() == 4  # dense: TP 2 x DP 2; experts: EP 4 x expert TP 1
+    assert grid.data_parallel_size(4) == 2
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by --expert_tensor_parallel_size \(1\) x "
+                                         r"--expert_model_parallel_size \(4\)"):
+        grid.data_parallel_size(6)
+    with pytest.raises(ValueError, match="--expert_tensor_parallel_size must be a positive integer"):
+        ParallelConfig(expert_tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="--expert_tensor_parallel_size needs a mixture-of-experts model"):
+        ParallelConfig(expert_tensor_parallel_size=1).validate_model(num_layers=2, num_attention_heads=4,
+                                                                      num_query_groups=2)
+    with pytest.raises(ValueError, match=r"--expert_tensor_parallel_size \(3\) must divide the experts' hidden size"):
+        ParallelConfig(expert_tensor_parallel_size=3).validate_model(
+            num_layers=2, num_attention_heads=4, num_query_groups=2, num_experts=4, expert_ffn_size=256)

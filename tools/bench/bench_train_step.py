@@ -2,11 +2,14 @@
 
     python -m tools.bench.bench_train_step            # reference workload W, TP=1 and TP=2
     python -m tools.bench.bench_train_step --quick    # a smaller model, fewer steps
+    python -m tools.bench.bench_train_step --arch mixtral --tp 1 --ep 1,2   # W's shape as a 4-expert top-2 MoE
 
 Both sides train the same Llama-architecture model (workload W of DESIGN.md: hidden 512,
 8 layers, 8 heads / 4 KV heads, intermediate 1408, the local tokenizer) on the same batches of
 variable-length samples, fp32 on CPU (bf16 on GPU). Reported: real (non-padding) tokens per
-second of each and the ratio engine / HF. The engine runs padded and packed batches.
+second of each and the ratio engine / HF. The engine runs padded and packed batches. Under
+expert parallelism the ranks are data-parallel ranks, each training the same batches: the
+throughput counted is all ranks' tokens.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 
 import torch
 
+from parallel.config import ParallelConfig
 from tools.bench.common import print_table, reference_model, run_on_local_ranks
 
 
@@ -86,7 +90,7 @@ def hf_tokens_per_second(path: str, batches: list[list[torch.Tensor]], steps: in
 
 
 # ----- Megatron engine -----------------------------------------------------------------------
-def _engine_worker(path, tp, packing, batches, steps, warmup, result_file):
+def _engine_worker(path, layout, packing, batches, steps, warmup, result_file):
     from megatron.core import tensor_parallel
 
     from engine.runtime.engine import EngineConfig, TrainingEngine
@@ -96,7 +100,7 @@ def _engine_worker(path, tp, packing, batches, steps, warmup, result_file):
     engine = TrainingEngine(
         EngineConfig(
             pretrain=path,
-            parallel=ParallelConfig(tensor_model_parallel_size=tp),
+            parallel=ParallelConfig(**layout),
             optim=OptimConfig(learning_rate=1e-5, lr_warmup_ratio=0.0),
         ),
         total_steps=warmup + steps,
@@ -118,11 +122,12 @@ def _engine_worker(path, tp, packing, batches, steps, warmup, result_file):
             elapsed += time.perf_counter() - start
             real_tokens += sum(len(s) for s in samples)
     if torch.distributed.get_rank() == 0:
-        torch.save(real_tokens / elapsed, result_file)
+        torch.save(real_tokens * engine.data_parallel_size / elapsed, result_file)
 
 
-def engine_tokens_per_second(path, tp, packing, batches, steps, warmup) -> float:
-    return run_on_local_ranks(_engine_worker, tp, path, tp, packing, batches, steps, warmup)
+def engine_tokens_per_second(path, layout, packing, batches, steps, warmup) -> float:
+    world = ParallelConfig(**layout).minimum_world_size()
+    return run_on_local_ranks(_engine_worker, world, path, layout, packing, batches, steps, warmup)
 
 
 def main(argv=None) -> None:
@@ -133,12 +138,14 @@ def main(argv=None) -> None:
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--max_len", type=int, default=256)
     parser.add_argument("--tp", default="1,2", help="comma-separated TP sizes for the engine")
+    parser.add_argument("--arch", default="llama", choices=("llama", "mixtral"), help="W's shape, dense or MoE")
+    parser.add_argument("--ep", default="", help="comma-separated EP sizes (mixtral; TP=1) besides the TP runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.max_len = 3, 2, 64
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = reference_model(tmp, quick=args.quick)
+        path = reference_model(tmp, quick=args.quick, arch=args.arch)
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(path).vocab_size
@@ -149,10 +156,13 @@ def main(argv=None) -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         baseline = hf_tokens_per_second(path, batches, args.steps, args.warmup)
         rows = [("HF transformers + AdamW (padded)", baseline, 1.0)]
-        for tp in (int(t) for t in args.tp.split(",")):
+        layouts = [{"tensor_model_parallel_size": int(t)} for t in args.tp.split(",") if t]
+        layouts += [{"expert_model_parallel_size": int(e)} for e in args.ep.split(",") if e and int(e) > 1]
+        for layout in layouts:
+            name = " ".join(f"{'TP' if k.startswith('tensor') else 'EP'}={v}" for k, v in layout.items())
             for packing in (False, True):
-                tps = engine_tokens_per_second(path, tp, packing, batches, args.steps, args.warmup)
-                rows.append((f"Megatron engine TP={tp} {'packed' if packing else 'padded'}", tps, tps / baseline))
+                tps = engine_tokens_per_second(path, layout, packing, batches, args.steps, args.warmup)
+                rows.append((f"Megatron engine {name} {'packed' if packing else 'padded'}", tps, tps / baseline))
     print_table("training step, real tokens/s (higher is better)", ["run", "tokens/s", "ratio vs HF"], rows)
 
 

@@ -11,7 +11,9 @@ process, vLLM included), megatron's modules get their own view of ``torch``: a m
 shares everything with ``torch`` except the tensor factories (which map a CUDA device to the CPU)
 and ``torch.cuda`` (a namespace of CPU equivalents). The rest of the process sees the real torch.
 Two tensor methods (``type`` and ``cuda``) are answered CUDA-style only when the caller is a
-megatron module. Everything here is a no-op when CUDA is available.
+megatron module. gloo, unlike NCCL, gathers and reduce-scatters equal-size parts only: the uneven
+first-dimension collectives of the MoE dispatcher are padded. Everything here is a no-op when CUDA
+is available.
 
 Version-specific: written against megatron-core 0.16.1 (the newest release for Python 3.11).
 """
@@ -221,6 +223,39 @@ def _patch_moe() -> None:
     dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
+def _patch_uneven_first_dim_collectives() -> None:
+    """gloo's list all_gather / reduce_scatter refuse parts of unequal size; megatron-core's alltoall
+    dispatcher gathers and reduce-scatters uneven token counts over the TP group when the experts
+    are tensor-parallel (EP > 1 with expert TP > 1). Pad every part to the longest, run the
+    equal-size collective, cut the padding off."""
+    mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest, world = max(output_split_sizes), group.size()
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = input_.new_empty((longest * world, *input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(gathered.chunk(world), output_split_sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        longest, world = max(input_split_sizes), group.size()
+        padded = input_.new_zeros((longest * world, *input_.shape[1:]))
+        for index, part in enumerate(torch.split(input_, input_split_sizes)):
+            padded[index * longest: index * longest + part.shape[0]] = part
+        reduced = input_.new_empty((longest, *input_.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(reduced, padded, group=group)
+        return reduced[: input_split_sizes[group.rank()]]
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
 def adapt_loaded_modules(view: types.ModuleType | None = None) -> None:
     """Give every loaded megatron.core module the CPU view of torch."""
     view = view or _TORCH_VIEW
@@ -247,6 +282,7 @@ def activate() -> bool:
         _patch_tensor_methods()
         _patch_rng_tracker()
         _patch_moe()
+        _patch_uneven_first_dim_collectives()
         _active = True
     adapt_loaded_modules()
     return True

@@ -20,6 +20,7 @@ LAYOUTS = {"ep1": (1, dict()), "ep2": (2, dict(expert_model_parallel_size=2)), "
            "tp2_sp": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
            # experts whole on each TP rank (expert TP 1): the TP ranks are the experts' data-parallel ranks
            "tp2_sp_etp1": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1)),
+           "ep2_tp2_sp": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2)),
            "recompute": (1, dict())}  # full activation recompute: the routers run again inside backward
 GRAD_ATOL = 2e-5
 
@@ -38,8 +39,10 @@ def _rows(vocab: int, seed: int) -> dict[str, torch.Tensor]:
             "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous()}
 
 
-def _data_seed(layout: str, rank: int) -> int:
-    return rank if layout in ("ep2", "dp2") else 0  # EP ranks are data-parallel ranks; TP ranks share a batch
+def _data_parallel_size(layout: str) -> int:
+    """EP ranks are data-parallel ranks (each its own batch); TP ranks share one."""
+    world, parallel = LAYOUTS[layout]
+    return world // parallel.get("tensor_model_parallel_size", 1)
 
 
 def _ours(rank, world_size, path, layout, coef):
@@ -56,7 +59,7 @@ def _ours(rank, world_size, path, layout, coef):
     engine = TrainingEngine(EngineConfig(
         pretrain=path, parallel=ParallelConfig(**LAYOUTS[layout][1]), build=build,
         optim=OptimConfig(max_norm=0.0, lr_warmup_ratio=0.0, use_distributed_optimizer=False)))
-    batch = _rows(engine.vocab_size, _data_seed(layout, rank))
+    batch = _rows(engine.vocab_size, engine.data_parallel_rank)
     scale = engine.loss_scale([batch])
 
     def loss_fn(logits, data):
@@ -75,7 +78,7 @@ def _hf_reference(path: str, layout: str, coef: float, tmp_path) -> tuple[float,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    seeds = sorted({_data_seed(layout, rank) for rank in range(LAYOUTS[layout][0])})
+    seeds = range(_data_parallel_size(layout))
     ce_sum, tokens, aux = 0.0, 0.0, []
     for seed in seeds:
         rows = _rows(model.config.vocab_size, seed)

@@ -21,6 +21,7 @@ LAYOUTS = {"ep1": (1, dict()), "ep2": (2, dict(expert_model_parallel_size=2)), "
            # experts whole on each TP rank (expert TP 1): the TP ranks are the experts' data-parallel ranks
            "tp2_sp_etp1": (2, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1)),
            "ep2_tp2_sp": (4, dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2)),
+           "cp2": (2, dict(context_parallel_size=2)),  # each rank routes its zigzag half of the sequence
            "recompute": (1, dict())}  # full activation recompute: the routers run again inside backward
 GRAD_ATOL = 2e-5
 
@@ -42,7 +43,7 @@ def _rows(vocab: int, seed: int) -> dict[str, torch.Tensor]:
 def _data_parallel_size(layout: str) -> int:
     """EP ranks are data-parallel ranks (each its own batch); TP ranks share one."""
     world, parallel = LAYOUTS[layout]
-    return world // parallel.get("tensor_model_parallel_size", 1)
+    return world // (parallel.get("tensor_model_parallel_size", 1) * parallel.get("context_parallel_size", 1))
 
 
 def _ours(rank, world_size, path, layout, coef):

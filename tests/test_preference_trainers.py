@@ -98,7 +98,7 @@ def _train_pairs(rank, world_size, kind, model_path, data_dir, layout, loop, sav
 
     tokenizer, train_set, eval_set = _pair_sets(model_path, data_dir)
     if kind == "rm":
-        config = _config(model_path, layout, lr=2e-3, loop=loop, value_head=True, save_path=save_path)
+        config = _config(model_path, layout, lr=2e-3, loop=loop, value_head=True, save_path=save_path, build=build)
         trainer = RewardModelTrainer(config, train_set, eval_set, pad_token_id=tokenizer.pad_token_id)
     else:
         config = _config(model_path, layout, lr=1e-3, loop=loop, save_path=save_path, build=build)
@@ -187,12 +187,14 @@ def test_dpo_layouts_match_single_process(layout, dpo_run, model_path, pair_data
         _assert_same_curve(result["history"], dpo_run["history"][:NUM_COMPARED_STEPS], key=key)
 
 
-def test_dpo_on_a_mixtral_with_expert_parallelism_matches_one_process(tiny_models, pair_data):
-    """The policy's forward over chosen + rejected rows carries the HF aux loss; the reference's does not train."""
+@pytest.mark.parametrize("kind,keys", [("dpo", ("loss", "nll", "chosen_reward")), ("rm", ("loss", "acc"))])
+def test_mixtral_with_expert_parallelism_matches_one_process(kind, keys, tiny_models, pair_data):
+    """DPO: the policy's forward over chosen + rejected rows carries the HF aux loss (the reference
+    does not train); RM: a value head on the MoE model."""
     path, build = tiny_models["mixtral"], {"aux_loss_coef": 0.05}
-    single = _pairs("dpo", path, pair_data, max_steps=NUM_COMPARED_STEPS, build=build)
-    ep2 = _pairs("dpo", path, pair_data, {"expert_model_parallel_size": 2}, 2, max_steps=NUM_COMPARED_STEPS, build=build)
-    for key in ("loss", "nll", "chosen_reward", "aux_loss"):
+    single = _pairs(kind, path, pair_data, max_steps=NUM_COMPARED_STEPS, build=build)
+    ep2 = _pairs(kind, path, pair_data, {"expert_model_parallel_size": 2}, 2, max_steps=NUM_COMPARED_STEPS, build=build)
+    for key in (*keys, "aux_loss"):
         _assert_same_curve(ep2["history"], single["history"], key=key)
     assert all(h["aux_loss"] > 0 for h in single["history"])
 

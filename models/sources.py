@@ -141,12 +141,18 @@ class ModelSource:
 
     # ----- weights ------------------------------------------------------------------------
     def load_weights(self, model, adapter, *, progress: bool = False) -> None:
-        """Fill ``model`` (this rank's chunk, any layout) from the source. A value head the source
-        lacks keeps its initialisation, as ``models.weights.load_hf_weights`` does."""
+        """Fill ``model`` (this rank's chunk, any layout) from the source. A value-head model from a
+        causal LM starts with a fresh head (said once); a value-head checkpoint without its head is
+        an error naming the file and the tensor."""
+        from models.heads import is_value_model
+
+        new_head = is_value_model(model) and self.value_head is False
+        if new_head and progress:
+            print(f"note: {self.describe()} is a causal LM: the value head starts fresh", flush=True)
         if not self.is_megatron:
             from models.weights import load_hf_weights
 
-            load_hf_weights(model, adapter, self.path, progress=progress)
+            load_hf_weights(model, adapter, self.path, progress=progress, new_value_head=new_head)
             return
         self._load_megatron(model)
 

@@ -67,6 +67,18 @@ def _hf_names(spec: WeightSpec, index: dict) -> list[str]:
     return [template.format(**index) for template in spec.hf]
 
 
+def _model_hf_names(model, spec: WeightSpec, index: dict) -> list[str]:
+    """The HF names of one parameter of ``model``: a value head is ``<value_head_prefix>.weight``
+    (``score`` unless the model was built with another prefix: OpenRLHF's --value_head_prefix)."""
+    if spec.megatron == "value_head.weight":
+        return [f"{value_head_prefix(model)}.weight"]
+    return _hf_names(spec, index)
+
+
+def value_head_prefix(model) -> str:
+    return getattr(model, "value_head_prefix", "score")
+
+
 def named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers: every tensor a checkpoint of ``model`` holds. A buffer
     the weight map does not know (a router's ``expert_bias``) fails loudly instead of being skipped."""
@@ -78,11 +90,13 @@ def named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ----- HF -> Megatron -------------------------------------------------------------------------
-def load_hf_weights(model, adapter: ModelAdapter, hf_path: str | os.PathLike, *, progress: bool = False) -> None:
+def load_hf_weights(model, adapter: ModelAdapter, hf_path: str | os.PathLike, *, progress: bool = False,
+                    new_value_head: bool = False) -> None:
     """Fill ``model`` (this rank's chunk) from an HF checkpoint directory.
 
-    A value head absent from the checkpoint (a critic initialised from a causal LM) keeps its
-    random initialisation; every other missing tensor or shape mismatch is an error.
+    ``new_value_head``: the checkpoint is a causal LM and the value head starts fresh (a critic or
+    reward model about to be trained). Otherwise a value head the checkpoint lacks is an error, as
+    is every other missing tensor or shape mismatch.
     """
     reader = HFCheckpointReader(hf_path)
     offsets = _offsets(model, adapter)
@@ -94,9 +108,13 @@ def load_hf_weights(model, adapter: ModelAdapter, hf_path: str | os.PathLike, *,
     try:
         for name, param in params:
             spec, index = _resolve(model, adapter, name, offsets)
-            names = _hf_names(spec, index)
+            names = _model_hf_names(model, spec, index)
             if spec.megatron == "value_head.weight" and names[0] not in reader:
-                continue
+                if new_value_head:
+                    continue  # keeps its seeded initialisation
+                raise CheckpointError(
+                    f"{hf_path} has no value head {names[0]!r} (a reward model / critic checkpoint's head; "
+                    f"saved under another name? --value_head_prefix names it, now {value_head_prefix(model)!r})")
             rank, size, _ = _tp_placement(name)
             local = spec.split.load(reader, names, param.shape, rank=rank, size=size, adapter=adapter)
             if local.shape != param.shape:
@@ -153,7 +171,7 @@ def iter_hf_weights(
         shards = all_gather_shards(local, group) if spec.split.gathered else [local]
         if not (every_rank or _is_owner(name)):
             continue
-        for hf_name, tensor in zip(_hf_names(spec, index), spec.split.export(shards, adapter)):
+        for hf_name, tensor in zip(_model_hf_names(model, spec, index), spec.split.export(shards, adapter)):
             yield hf_name, tensor if dtype is None else tensor.to(dtype)
 
 
@@ -204,8 +222,7 @@ def save_hf_checkpoint(
             finalize_hf_directory(staging, weight_map)
             if source_dir is not None:
                 copy_side_files(source_dir, staging)
-            value_head = any(name == "score.weight" for name in weight_map)
-            hf_config = _hf_config_for_export(adapter, value_head)
+            hf_config = _hf_config_for_export(adapter, is_value_model(model))
             for key, value in (config_updates or {}).items():
                 setattr(hf_config, key, value)
             hf_config.save_pretrained(staging)

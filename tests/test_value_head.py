@@ -24,7 +24,7 @@ def _values_and_export(rank, world_size, tp, pp, path, out_dir):
     ctx = initialize_parallel(config, seed=7)
     adapter = load_adapter(path)
     model = build_model(adapter, config, ModelBuildConfig(value_head=True))
-    load_hf_weights(model, adapter, path)  # a causal LM: the head keeps its (seeded) init
+    load_hf_weights(model, adapter, path, new_value_head=True)  # a causal LM: the head keeps its (seeded) init
     model.eval()
     ids = _ids(adapter.vocab_size)
     batch = {"input_ids": ids, "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}

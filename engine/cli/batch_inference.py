@@ -51,6 +51,7 @@ class RewardScoring:
         None, help="rs/best_of_n: best output per input; csft: reward-conditioned inputs; iter_dpo: pairs")
     reward_template: str | None = option(None, help='csft: default "{input} <rm_score>: {reward} "')
     normalize_reward: bool = option(False, help="standardise rewards before post-processing")
+    value_head_prefix: str = option("score", help="the reward model's head tensor is <prefix>.weight (OpenRLHF's)")
 
 
 @dataclass(kw_only=True)
@@ -117,7 +118,8 @@ def run_rm(job: BatchInferenceJob) -> list[dict]:
     data, scoring = job.data, job.scoring
     rows = blend_datasets(data, split=data.train_split)
     rows = [rows[i] for i in range(len(rows))]
-    scorer = batch.RewardScorer(job.task.pretrain, micro_batch_size=scoring.micro_batch_size, max_len=data.max_len)
+    scorer = batch.RewardScorer(job.task.pretrain, micro_batch_size=scoring.micro_batch_size, max_len=data.max_len,
+                                value_head_prefix=scoring.value_head_prefix)
     scored = scorer.score_rows(rows, input_key=data.input_key, output_key=data.output_key)
     if scoring.normalize_reward:
         scored = batch.normalize_rewards(scored)

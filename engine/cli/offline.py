@@ -30,11 +30,13 @@ class LaunchOptions:
                    "Under torchrun the world is torchrun's: use torchrun's own --nnodes / --nproc_per_node")
 
 
-def trainer_group(learning_rate: float, *, job: str, defaults: dict | None = None):
+def trainer_group(learning_rate: float, *, job: str, defaults: dict | None = None, value_head: bool = False):
     """The trainer's flags with OpenRLHF's defaults of ``train_<job>``: its learning rate, resumable
-    checkpoints under ./ckpt/checkpoints_<job> (written only with --save_steps)."""
+    checkpoints under ./ckpt/checkpoints_<job> (written only with --save_steps). ``value_head``: the
+    job trains a value-head model (its --value_head_prefix is a flag)."""
     return group(title="training", defaults={"engine.optim.learning_rate": learning_rate,
-                                             "checkpoint.ckpt_path": f"./ckpt/checkpoints_{job}", **(defaults or {})})
+                                             "checkpoint.ckpt_path": f"./ckpt/checkpoints_{job}", **(defaults or {})},
+                 exclude=() if value_head else ("engine.build.value_head_prefix",))
 
 
 def launch_group():

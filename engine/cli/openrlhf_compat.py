@@ -112,9 +112,6 @@ TABLE: tuple[Foreign, ...] = (
     Foreign("packing_samples", ("train_rm", "train_dpo", "train_prm"), "pairs and PRM " + _PADDED),
     Foreign("packing_samples", RL, "RL micro-batches " + _PADDED.removeprefix("batches ")),
     # ----- models and heads ----------------------------------------------------------------------
-    Foreign("value_head_prefix", ("train_rm", "train_ppo_ray", "serve_rm", "batch_inference"),
-            "reward and critic heads are always 'score' (what AutoModelForSequenceClassification loads)",
-            type=str, refused=True, accepted=("score",)),
     Foreign("disable_fast_tokenizer", EVERY, "tokenizers load as transformers' AutoTokenizer default (the fast "
             "tokenizer when the model has one)", refused=True),
     Foreign("load_in_4bit", (*TRAINERS, "serve_rm"), "4-bit (bitsandbytes) loading of Megatron models",

@@ -25,7 +25,8 @@ from engine.trainers.rm import RMConfig
 class RMJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
     rm: RMConfig = group(title="reward model", factory=RMConfig)
-    trainer: OfflineTrainerConfig = offline.trainer_group(9e-6, job="rm", defaults={"loop.micro_train_batch_size": 1})
+    trainer: OfflineTrainerConfig = offline.trainer_group(9e-6, job="rm", defaults={"loop.micro_train_batch_size": 1},
+                                                           value_head=True)
     data: DataConfig = offline.data_group(offline.NOT_READ_BY_PAIRS, defaults={"max_len": 512})
 
 

@@ -49,6 +49,21 @@ def generate_rows(engines: list, tokenizer, prompts: list[dict], sampling) -> li
 
 # --------------------------------------------------------------------------------- scoring
 
+def _read_value_head(hf_path: str, prefix: str, *, where: str) -> torch.Tensor:
+    from models.hf_checkpoint import HFCheckpointReader
+
+    reader = HFCheckpointReader(hf_path)
+    try:
+        name = f"{prefix}.weight"
+        if name not in reader:
+            heads = [k for k in reader.keys() if not k.startswith(("model.", "lm_head."))]
+            raise ValueError(f"{where} has no value head {name!r} (tensors outside the decoder: {heads or 'none'}); "
+                             "a reward model's head is named by --value_head_prefix")
+        return reader.read(name)
+    finally:
+        reader.close()
+
+
 class RewardScorer:
     """An HF ``AutoModelForSequenceClassification`` reward model (``num_labels=1``, as
     ``engine`` exports reward models) scoring ``input + output`` at its last token (eos
@@ -56,10 +71,11 @@ class RewardScorer:
     does not depend on the batch or on how the tokenizer's pad token relates to eos.
 
     ``model_path`` may be a Megatron checkpoint of a reward model (exported to HF for loading);
-    ``flag`` names it in errors."""
+    ``flag`` names it in errors. ``value_head_prefix``: the head's tensor is ``<prefix>.weight``
+    (OpenRLHF's --value_head_prefix); a checkpoint without it is an error, not a random head."""
 
     def __init__(self, model_path: str, *, micro_batch_size: int = 16, max_len: int = 2048,
-                 device: str | None = None, flag: str = "--pretrain"):
+                 device: str | None = None, flag: str = "--pretrain", value_head_prefix: str = "score"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from engine.inference.hf_model import hf_model_dir
@@ -69,7 +85,11 @@ class RewardScorer:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         with hf_model_dir(model_path, flag=flag, value_head=True) as hf_path:  # loaded into memory inside
             self.tokenizer = AutoTokenizer.from_pretrained(hf_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(hf_path, num_labels=1).to(self.device)
+            head = _read_value_head(hf_path, value_head_prefix, where=f"{flag} {model_path}")
+            self.model = AutoModelForSequenceClassification.from_pretrained(hf_path, num_labels=1)
+            with torch.no_grad():
+                self.model.score.weight.copy_(head.reshape(self.model.score.weight.shape))
+            self.model.to(self.device)
         self.model.eval()
         self.micro_batch_size = micro_batch_size
         self.max_len = max_len

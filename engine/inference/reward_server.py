@@ -36,6 +36,7 @@ class RewardServerConfig:
     max_len: int = option(2048, help="tokens per query, eos included (longer: cut)")
     normalize_reward: bool = option(False, help="(r - mean) / std with the mean / std fields of the reward "
                                                 "model's config.json")
+    value_head_prefix: str = option("score", help="the reward head's tensor is <prefix>.weight (OpenRLHF's)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -114,7 +115,8 @@ class RewardService:
             from engine.inference.batch import RewardScorer
 
             scorer = RewardScorer(config.reward_pretrain, micro_batch_size=config.micro_batch_size,
-                                  max_len=config.max_len, flag="--reward_pretrain")
+                                  max_len=config.max_len, flag="--reward_pretrain",
+                                  value_head_prefix=config.value_head_prefix)
         self.scorer = scorer
         self.config = config
         self.mean, self.std = 0.0, 1.0

@@ -79,7 +79,8 @@ class RewardModelTrainer(PairwiseTrainer):
                           margin_loss=self.rm.margin_loss)
 
     def reward_statistics(self) -> dict[str, float]:
-        """Mean and standard deviation of the rewards of chosen and rejected sequences."""
+        """Mean and (unbiased, as OpenRLHF saves it) standard deviation of the rewards of chosen and
+        rejected sequences."""
         dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
         samples = self.strided_share(dataset, None if self.eval_dataset is not None else STATS_MAX_PAIRS)
         if not samples:
@@ -87,8 +88,9 @@ class RewardModelTrainer(PairwiseTrainer):
         microbatches = self.make_microbatches(samples)
         moments = self.engine.evaluate(microbatches, reward_moments_fn(ps.get_context_parallel_group()),
                                        normaliser_key="num_rewards")
-        mean = moments["reward"]
-        return {"mean": mean, "std": math.sqrt(max(moments["reward_sq"] - mean * mean, 0.0))}
+        mean, count = moments["reward"], moments["num_rewards"]
+        variance = max(moments["reward_sq"] - mean * mean, 0.0) * count / max(count - 1, 1)
+        return {"mean": mean, "std": math.sqrt(variance)}
 
     def export_config_updates(self) -> dict:
         return self.reward_statistics()

@@ -584,3 +584,46 @@ def test_resume_from_consumed_samples_continues_the_sequence():
 def test_rows_from_list_report_memory_origin():
     rows = Rows.from_list([{"a": 1}, {"a": 2}]).take([1, 0, 1])
     assert [r["a"] for r in rows] == [2, 1, 2] and rows.origin(0) == ("<memory>", 1)
+
+
+def _runs(tok, sample, *, trained: bool) -> list[str]:
+    """The decoded runs of consecutive tokens that are (or are not) trained on."""
+    runs, current = [], []
+    for token, mask in zip(sample["input_ids"], sample["loss_mask"]):
+        if bool(mask) == trained:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tok.decode(run) for run in runs + ([current] if current else [])]
+
+
+def test_multiturn_trains_every_assistant_turn_as_the_template_renders_them(tmp_path, tok):
+    turns = [("user", "hi"), ("assistant", "hello"), ("user", "2+2?"), ("assistant", "4"),
+             ("user", "bye"), ("assistant", "see you")]
+    messages = [{"role": role, "content": text} for role, text in turns]
+    data = write(tmp_path / "multi.jsonl", [{"input": messages}])
+    sample = SFTDataset.from_config(config(data, apply_chat_template=True, multiturn=True), tok)[0]
+    # The sample is the template's own rendering of the conversation, with eos at the end.
+    rendered = tok.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    assert tok.decode(sample["input_ids"]) == rendered + "</s>"
+    # Its trained runs are the assistant turns, cut as the template renders them (a direct rendering of each
+    # prefix), the last one ending in eos; everything else (user turns, markup) is not trained on.
+    expected = []
+    for index, (role, _) in enumerate(turns):
+        if role == "assistant":
+            prompt = tok.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+            expected.append(tok.apply_chat_template(messages[:index + 1], tokenize=False)[len(prompt):].rstrip("\n"))
+    expected[-1] += "</s>"
+    assert _runs(tok, sample, trained=True) == expected == ["hello<|im_end|>", "4<|im_end|>", "see you<|im_end|></s>"]
+    assert _runs(tok, sample, trained=False)[1] == "\n" + CHAT_PROMPT.format("2+2?")
+    # Without --multiturn the same row trains its last turn only.
+    single = SFTDataset.from_config(config(data, apply_chat_template=True), tok)[0]
+    assert _runs(tok, single, trained=True) == ["see you<|im_end|></s>"]
+    # Cut to --max_len like a single-turn sample: the kept turns stay as they were, the last token is eos.
+    full_length = len(sample["input_ids"])
+    cut = SFTDataset.from_config(config(data, apply_chat_template=True, multiturn=True, max_len=full_length - 5), tok)[0]
+    assert len(cut["input_ids"]) == full_length - 5 and cut["input_ids"][-1] == tok.eos_token_id
+    assert cut["loss_mask"][:-1] == sample["loss_mask"][:full_length - 6] and cut["loss_mask"][-1] == 1
+    with pytest.raises(ValueError, match="--multiturn .* needs --apply_chat_template"):
+        config(data, multiturn=True)

@@ -34,7 +34,8 @@ REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore",
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"input_template": "Q: {}", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
            "train_batch_size": "4"}
-NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "load_checkpoint": ["--ckpt_path", "c"],
+NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
+         "load_checkpoint": ["--ckpt_path", "c"],
          "sequence_parallel": ["--tensor_model_parallel_size", "2"]}
 
 

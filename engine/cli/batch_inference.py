@@ -66,7 +66,7 @@ class BatchInferenceJob:
     scoring: RewardScoring = group(title="reward scoring and selection", factory=RewardScoring)
     data: DataConfig = group(title="data", aliases={"train_split": ("dataset_split",)},
                              exclude=("chosen_key", "rejected_key", "prompt_key", "eval_split", "pretrain_mode",
-                                      "packing_samples"))
+                                      "packing_samples", "multiturn"))
 
     derived: ClassVar[dict[str, str]] = {"sampling.seed": "task.seed", "vllm.seed": "task.seed",
                                          "data.seed": "task.seed", "vllm.pretrain": "task.pretrain"}

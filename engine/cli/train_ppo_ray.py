@@ -107,7 +107,7 @@ class PPOJob:
     data: DataConfig = group(title="prompts", rename={"dataset": "prompt_data", "dataset_probs": "prompt_data_probs"},
                              aliases={"train_split": ("prompt_split",)},
                              exclude=("output_key", "chosen_key", "rejected_key", "prompt_key", "eval_split",
-                                      "pretrain_mode", "packing_samples"))
+                                      "pretrain_mode", "packing_samples", "multiturn"))
 
     # One --seed, one --n_samples_per_prompt, one --pretrain for every config that needs them.
     derived: ClassVar[dict[str, str]] = {

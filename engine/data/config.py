@@ -36,6 +36,8 @@ class DataConfig:
     train_split: str = option("train", help="split to train on")
     eval_split: str | None = option(None, help="held-out split to evaluate on")
     pretrain_mode: bool = option(False, help="continued pre-training: loss on every token of --input_key")
+    multiturn: bool = option(False, help="a conversation in --input_key trains on every assistant turn, not only "
+                                         "the last (needs --apply_chat_template)")
     packing_samples: bool = option(False, help="several samples per sequence, attention kept inside each")
     skip_bad_rows: bool = option(False, help="skip (and count) malformed rows instead of failing")
     seed: int = 42  # orders the mixing (the job's --seed)
@@ -113,6 +115,9 @@ class DataConfig:
             raise ValueError("--input_template and --apply_chat_template exclude each other; pass one")
         if self.tokenizer_chat_template is not None and not self.apply_chat_template:
             raise ValueError("--tokenizer_chat_template only takes effect with --apply_chat_template")
+        if self.multiturn and not self.apply_chat_template:
+            raise ValueError("--multiturn trains on the assistant turns of chat conversations: it needs "
+                             "--apply_chat_template")
         if self.pretrain_mode and (self.apply_chat_template or self.input_template):
             raise ValueError("--pretrain_mode trains on raw text: drop --apply_chat_template / --input_template")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from engine.data.base import RowDataset
 from engine.data.config import DataConfig
-from engine.data.fields import require_text
+from engine.data.fields import require, require_text
 from engine.data.loading import blend_datasets
 from engine.data.templates import PromptTemplate
 from engine.data.tokens import TokenEncoder, fit_to_length
@@ -41,6 +41,8 @@ class SFTDataset(RowDataset):
     def build_sample(self, row: dict) -> dict | None:
         if self.config.pretrain_mode:
             return self._pretrain_sample(row)
+        if self.config.multiturn:
+            return self._multiturn_sample(row)
         prompt, response = self.template.sft_pair(row, input_key=self.config.input_key,
                                                   output_key=self.config.output_key)
         prompt_ids = self.encoder.prompt_ids(prompt)
@@ -50,6 +52,24 @@ class SFTDataset(RowDataset):
         input_ids, truncated = fitted
         self.num_truncated += truncated
         return {"input_ids": input_ids, "loss_mask": [0] * len(prompt_ids) + [1] * (len(input_ids) - len(prompt_ids))}
+
+    def _multiturn_sample(self, row: dict) -> dict | None:
+        """Every assistant turn of the conversation in ``--input_key`` is trained on (OpenRLHF's
+        --multiturn); each piece is tokenized on its own so the masks follow the turns exactly."""
+        segments = self.template.conversation_segments(require(row, self.config.input_key), key=self.config.input_key)
+        input_ids, loss_mask = [], []
+        last_response = max(i for i, (_, loss) in enumerate(segments) if loss)
+        for index, (text, loss) in enumerate(segments[:last_response + 1]):
+            ids = (self.encoder.prompt_ids(text) if index == 0 else
+                   self.encoder.response_ids(text) if index == last_response else self.encoder.encode(text))
+            input_ids += ids
+            loss_mask += [int(loss)] * len(ids)
+        fitted = fit_to_length(input_ids[:loss_mask.index(1)], input_ids[loss_mask.index(1):], self.config.max_len)
+        if fitted is None:
+            return None
+        cut, truncated = fitted
+        self.num_truncated += truncated
+        return {"input_ids": cut, "loss_mask": loss_mask[:len(cut) - 1] + [1]}
 
     def _pretrain_sample(self, row: dict) -> dict:
         input_ids = self.encoder.document_ids(require_text(row, self.config.input_key))

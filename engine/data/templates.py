@@ -82,6 +82,30 @@ class PromptTemplate:
         full = self._render(messages, generation_prompt=False, key=key)
         return prompt, self._response_after(prompt, full, key=key)
 
+    def conversation_segments(self, messages: Any, *, key: str) -> list[tuple[str, bool]]:
+        """A conversation ending in an assistant turn as consecutive ``(text, is_response)`` pieces
+        whose concatenation is exactly its rendering: every assistant turn (as ``split_conversation``
+        cuts the last one) is a response, the text in between (template markup, other turns) not."""
+        if not self.apply_chat_template:
+            raise DataError("is a list of chat messages; pass --apply_chat_template to render it", key=key)
+        messages = as_messages(messages, key=key, role="user")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise DataError("expected a conversation ending in an assistant turn after at least one other turn",
+                            key=key)
+        segments, done = [], ""
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant" or index == 0:
+                continue
+            prompt = self._render(messages[:index], generation_prompt=True, key=key)
+            full = self._render(messages[:index + 1], generation_prompt=False, key=key)
+            if not prompt.startswith(done):
+                raise DataError("the chat template renders an earlier turn differently once later turns follow, so "
+                                "the assistant turns cannot be cut out", key=key)
+            response = self._response_after(prompt, full, key=key)
+            segments += [(prompt[len(done):], False), (response, True)]
+            done = prompt + response
+        return [(text, loss) for text, loss in segments if text]
+
     def sft_pair(self, row: dict, *, input_key: str, output_key: str | None) -> tuple[str, str]:
         """(prompt, response) of an SFT/KTO row: ``output_key`` holds the response, or, when it is
         not set or absent, the input is a conversation whose last assistant turn is the response."""

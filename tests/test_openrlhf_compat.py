@@ -354,7 +354,7 @@ NOTICES = {
     "train_prm": {"zero_stage", "flash_attn", "packing_samples"},
     "train_kd": {"zero_stage", "flash_attn"},
     "serve_rm": {"bf16", "flash_attn"},
-    "batch_inference": {"bf16", "zero_stage", "max_num_seqs"},
+    "batch_inference": {"bf16", "zero_stage"},
 }
 
 

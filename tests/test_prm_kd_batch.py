@@ -204,3 +204,34 @@ def test_batch_inference_generate_score_select(ray_cluster, inference_models, tm
         group = [r for r in scored if r["input"] == pair["prompt"]]
         assert pair["chosen_reward"] == max(r["reward"] for r in group)
         assert pair["rejected_reward"] == min(r["reward"] for r in group)
+
+    # Conditional SFT at generation, with a repetition penalty and a scheduler cap: greedy equals HF's
+    # greedy with the same penalty on the conditioned prompt.
+    from transformers import AutoModelForCausalLM
+
+    from engine.data.tokens import TokenEncoder
+
+    conditioned_path = tmp_path / "csft.jsonl"
+    batch_inference.main([
+        "--eval_task", "generate", "--pretrain", inference_models["policy"], "--dataset", str(tmp_path / "prompts.jsonl"),
+        "--input_key", "question", "--input_template", "User: {}\nAssistant: ", "--generate_max_len", "8",
+        "--temperature", "0", "--enforce_eager", "--vllm_dtype", "float32", "--enable_csft",
+        "--csft_prompt", " <rm_score>: 5.00 ", "--repetition_penalty", "1.5", "--max_num_seqs", "2",
+        "--output_path", str(conditioned_path),
+    ])
+    policy_tokenizer = AutoTokenizer.from_pretrained(inference_models["policy"])
+    policy = AutoModelForCausalLM.from_pretrained(inference_models["policy"], dtype=torch.float32).eval()
+    encoder = TokenEncoder(policy_tokenizer)
+
+    def hf_greedy(text: str, penalty: float) -> str:
+        ids = torch.tensor([encoder.prompt_ids(text)])
+        with torch.no_grad():
+            out = policy.generate(ids, max_new_tokens=8, do_sample=False, repetition_penalty=penalty,
+                                  eos_token_id=policy_tokenizer.eos_token_id, pad_token_id=0)
+        return policy_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    rows = read_jsonl(conditioned_path)
+    for prompt, row in zip(prompts, rows):
+        assert row["input"] == f"User: {prompt}\nAssistant: <rm_score>: 5.00 "
+        assert row["output"] == hf_greedy(row["input"], 1.5)
+    assert any(row["output"] != hf_greedy(row["input"], 1.0) for row in rows)  # the penalty changed something

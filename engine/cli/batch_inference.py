@@ -35,6 +35,8 @@ class BatchTask:
     seed: int = option(1234, help="sampling seed")
     iter: int | None = option(None, help="with --rollout_batch_size: use prompt slice number ITER")
     rollout_batch_size: int | None = option(None, help="prompts per --iter slice")
+    enable_csft: bool = option(False, help="conditional SFT: generate with --csft_prompt after every prompt")
+    csft_prompt: str = option("<rm_score>: 5.00", help="the score the generations are conditioned on (OpenRLHF's)")
 
     def __post_init__(self) -> None:
         if (self.iter is not None and self.iter < 0) or (self.rollout_batch_size is not None
@@ -91,7 +93,7 @@ def run_generate(job: BatchInferenceJob) -> list[dict]:
     from transformers import AutoTokenizer
 
     from engine.data.prompts import PromptDataset
-    from engine.inference.batch import generate_rows
+    from engine.inference.batch import conditioned_prompts, generate_rows
     from engine.inference.hf_model import hf_model_dir
     from engine.ray.vllm_engine import create_engines, shutdown_engines
 
@@ -99,6 +101,8 @@ def run_generate(job: BatchInferenceJob) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(hf_path)
         prompts = _prompt_slice(job.task, list(PromptDataset.from_config(job.data, tokenizer,
                                                                          split=job.data.train_split)))
+        if job.task.enable_csft:
+            prompts = conditioned_prompts(prompts, tokenizer, job.task.csft_prompt)
         started_ray = not ray.is_initialized()
         if started_ray:
             ray.init()

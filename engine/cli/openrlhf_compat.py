@@ -138,14 +138,6 @@ TABLE: tuple[Foreign, ...] = (
             "Ray's collective library is not used"),
     Foreign("ring_attn_size", RL, "alias of every role's context-parallel size", type=int,
             fans_out_to=tuple(f"{role}_context_parallel_size" for role in ROLES)),
-    # ----- batch inference -----------------------------------------------------------------------
-    Foreign("max_num_seqs", ("batch_inference",), "vLLM's own scheduler default is used", type=int),
-    Foreign("repetition_penalty", ("batch_inference",), "sampling has no repetition penalty (1.0 is what "
-            "runs)", type=float, refused=True, accepted=(1.0,)),
-    Foreign("enable_csft", ("batch_inference",), "conditional-SFT prompts at generation: append the score "
-            "prompt to the inputs yourself (--post_processor csft builds the training rows)", refused=True),
-    Foreign("csft_prompt", ("batch_inference",), "conditional-SFT prompts at generation: append the score prompt "
-            "to the inputs yourself (--post_processor csft builds the training rows)", type=str, refused=True),
 )
 
 

@@ -95,7 +95,9 @@ class PPOJob:
     vllm: VLLMEngineConfig = group(title="vLLM rollouts", defaults={"gpu_memory_utilization": 0.95},
                                    factory=VLLMEngineConfig)
     sync: WeightSyncConfig = group(title="vLLM rollouts", factory=WeightSyncConfig)
-    sampling: SamplingConfig = group(title="vLLM rollouts", exclude=("n_samples_per_prompt",), factory=SamplingConfig)
+    # A repetition penalty would sample from another distribution than the policy the trainer scores.
+    sampling: SamplingConfig = group(title="vLLM rollouts", exclude=("n_samples_per_prompt", "repetition_penalty"),
+                                     factory=SamplingConfig)
     ppo: PPOConfig = group(title="algorithm", defaults={"advantage.reward_clip_range": (-10.0, 10.0)},
                            factory=PPOConfig)
     ptx: PtxData = group(title="ptx", factory=PtxData)

@@ -35,6 +35,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------- generation
 
+def conditioned_prompts(prompts: list[dict], tokenizer, csft_prompt: str) -> list[dict]:
+    """Conditional SFT at generation (``--enable_csft``): OpenRLHF's ``prompt + csft_prompt.strip() + " "``,
+    so the model generates as if its answer had that reward model score."""
+    from engine.data.tokens import TokenEncoder
+
+    encoder = TokenEncoder(tokenizer)
+    out = []
+    for prompt in prompts:
+        text = prompt["prompt"] + csft_prompt.strip() + " "
+        out.append({**prompt, "prompt": text, "prompt_ids": encoder.prompt_ids(text)})
+    return out
+
+
 def generate_rows(engines: list, tokenizer, prompts: list[dict], sampling) -> list[dict]:
     """``sampling.n_samples_per_prompt`` rows ``{"input", "output"}`` per prompt, in prompt order.
 

@@ -56,6 +56,7 @@ class VLLMEngineConfig:
                                            help="share of each GPU vLLM may take (weights + KV cache)")
     enforce_eager: bool = option(False, help="no CUDA graphs / torch.compile in vLLM")
     enable_prefix_caching: bool = option(False, help="vLLM prefix caching (shared prompt prefixes)")
+    max_num_seqs: int | None = option(None, help="sequences one vLLM scheduler step may hold (default: vLLM's)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("auto", flag="vllm_dtype", help="vLLM weights")
     enable_sleep_mode: bool = option(False, flag="vllm_enable_sleep",
                                      help="engines release weights and KV cache between rollouts (CUDA)")
@@ -94,6 +95,8 @@ class VLLMEngineConfig:
                             ("--vllm_tensor_parallel_size", self.tensor_parallel_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"--max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -114,6 +117,7 @@ def _sampling_params(sampling: SamplingConfig, *, seed: int | None):
     return SamplingParams(
         n=sampling.n_samples_per_prompt, temperature=sampling.temperature, top_p=sampling.top_p,
         top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
+        repetition_penalty=sampling.repetition_penalty,
         seed=seed, stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
         logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's log-prob
         detokenize=False,  # the trainer works on token ids
@@ -152,6 +156,7 @@ class LLMEngineActor:
             enable_prefix_caching=config.enable_prefix_caching, max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization, logprobs_mode=config.logprobs_mode,
             worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=config.enable_sleep_mode,
+            **({"max_num_seqs": config.max_num_seqs} if config.max_num_seqs is not None else {}),
             # On GPU, TP workers are Ray actors in this actor's placement group (see _start_engine).
             distributed_executor_backend="ray" if use_ray_workers else None,
         )

@@ -17,6 +17,8 @@ class SamplingConfig:
     top_k: int = option(-1, help="top-k sampling (-1: off)")
     max_new_tokens: int = option(1024, flag="generate_max_len", help="tokens per response")
     n_samples_per_prompt: int = option(1, help="responses per prompt (vLLM's n: one prefill per prompt)")
+    repetition_penalty: float = option(1.0, help="vLLM's repetition penalty over prompt and response tokens "
+                                                 "(1.0: none)")
     min_new_tokens: int = 0  # benchmarks force full-length responses
     seed: int | None = None  # sample j of prompt i uses seed + i * n + j: independent of engine count
     stop_token_ids: tuple[int, ...] = ()
@@ -34,6 +36,8 @@ class SamplingConfig:
             raise ValueError(f"--generate_max_len must be positive, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, --generate_max_len], got {self.min_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"--repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.n_samples_per_prompt < 1:
             raise ValueError(f"--n_samples_per_prompt must be positive, got {self.n_samples_per_prompt}")
 

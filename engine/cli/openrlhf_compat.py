@@ -124,7 +124,6 @@ TABLE: tuple[Foreign, ...] = (
             type=float),
     Foreign("target_modules", TRAINERS, "LoRA is not supported (--lora_rank > 0 is refused), so this has no "
             "effect", type=str, nargs="*"),
-    Foreign("enable_ema", RL, "no EMA copy of the actor is kept", refused=True),
     Foreign("use_ms", EVERY, "ModelScope hub downloads: download the model and pass its directory", refused=True),
     # ----- algorithms and data -------------------------------------------------------------------
     Foreign("loss", ("train_rm",), "the pairwise loss is -logsigmoid(r_chosen - r_rejected [- margin with "

@@ -46,7 +46,21 @@ class RLModels:
     critic_learning_rate: float = option(9e-6, help="the critic's peak learning rate (the actor's: --learning_rate)")
     save_path: str | None = option(None, help="final HF export of the actor")
     save_value_network: bool = option(False, help="also export the critic, to <save_path>_critic")
+    enable_ema: bool = option(False, help="keep an exponential moving average of the actor's weights; --save_path "
+                                          "exports it instead of the last weights (the rollouts use the actor)")
+    ema_beta: float | None = option(None, help="EMA decay per actor optimizer step (--enable_ema; default 0.992)")
     seed: int = option(42, help="random seed (initialisation, prompt order, sampling)")
+
+    def __post_init__(self) -> None:
+        if self.ema_beta is not None and not self.enable_ema:
+            raise ValueError("--ema_beta needs --enable_ema")
+        if self.ema_beta is not None and not 0.0 <= self.ema_beta < 1.0:
+            raise ValueError(f"--ema_beta must be in [0, 1), got {self.ema_beta}")
+
+    @property
+    def actor_ema_beta(self) -> float | None:
+        """The actor's EMA decay, None without --enable_ema (OpenRLHF's default decay: 0.992)."""
+        return (0.992 if self.ema_beta is None else self.ema_beta) if self.enable_ema else None
 
     @property
     def reward_paths(self) -> list[str]:
@@ -187,19 +201,22 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
 
     offload = job.placement.ref_reward_offload
 
-    def config(key: str, pretrain: str, flag: str, *, trainable: bool, value_head: bool, learning_rate=None):
+    def config(key: str, pretrain: str, flag: str, *, trainable: bool, value_head: bool, learning_rate=None,
+               ema_beta=None):
         optim = replace(job.optim, learning_rate=learning_rate) if learning_rate is not None else job.optim
         options: RoleOptions = getattr(job, _flag_group(key))
         with naming_flags(PPOJob, _flag_group(key)):
             return RoleConfig(
                 name=key, num_ranks=options.num_ranks, trainable=trainable, offload=offload and not trainable,
+                ema_beta=ema_beta,
                 total_steps=total_steps if trainable else 1,
                 engine=EngineConfig(pretrain=pretrain, pretrain_flag=flag, seed=job.models.seed,
                                     parallel=options.parallel, optim=optim,
                                     build=replace(job.build, value_head=value_head)))
 
     models, reward_paths = job.models, job.models.reward_paths
-    out = {"actor": config("actor", models.pretrain, "--pretrain", trainable=True, value_head=False)}
+    out = {"actor": config("actor", models.pretrain, "--pretrain", trainable=True, value_head=False,
+                           ema_beta=models.actor_ema_beta)}
     if job.ppo.needs_reference:
         out["ref"] = config("ref", models.pretrain, "--pretrain", trainable=False, value_head=False)
     for i, path in enumerate(reward_paths):

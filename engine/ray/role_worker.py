@@ -31,6 +31,7 @@ class RoleConfig:
     trainable: bool = False
     offload: bool = False  # --ref_reward_offload: frozen weights in host memory between forwards
     total_steps: int = 1  # optimizer steps of the whole run (LR schedule)
+    ema_beta: float | None = None  # --enable_ema (actor): keep an EMA of the weights, exported by save_hf
 
     def __post_init__(self) -> None:
         self.engine.parallel.data_parallel_size(self.num_ranks)  # raises naming the flags
@@ -67,7 +68,8 @@ class MegatronRoleWorker:
             WORLD_SIZE=str(self.config.num_ranks), LOCAL_RANK=str(self._local_rank()),
         )
         self.engine = TrainingEngine(self.config.engine, total_steps=self.config.total_steps,
-                                     trainable=self.config.trainable, offload=self.config.offload)
+                                     trainable=self.config.trainable, offload=self.config.offload,
+                                     ema_beta=self.config.ema_beta)
         return True
 
     def _local_rank(self) -> int:

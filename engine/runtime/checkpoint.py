@@ -24,6 +24,7 @@ from models.mcore_checkpoint import (
     load_common_state,
     load_rank_state,
     load_sharded,
+    read_meta,
     save_sharded,
     verify_checkpoint,
 )
@@ -98,17 +99,20 @@ def save_training_checkpoint(
     trainer_state: dict,
     adapter,
     hf_source_dir,
+    extra_models: dict | None = None,
 ) -> Path:
-    """Collectively save everything needed to resume after ``step``; rotate old checkpoints."""
+    """Collectively save everything needed to resume after ``step``; rotate old checkpoints.
+    ``extra_models``: more models of the same grid saved alongside (an EMA), under their names."""
     directory = Path(config.ckpt_path) / f"global_step{step}"
     model_sd = model.sharded_state_dict()
+    extra = {name: other.sharded_state_dict(prefix=f"{name}.") for name, other in (extra_models or {}).items()}
     save_sharded(
-        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_FORMAT)},
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_FORMAT), **extra},
         directory,
         adapter=adapter,
         hf_source_dir=hf_source_dir,
         padded_vocab_size=model.vocab_size,
-        extra_meta={"step": step, "value_head": is_value_model(model)},
+        extra_meta={"step": step, "value_head": is_value_model(model), "extra_models": sorted(extra)},
         common_state={"scheduler": scheduler.state_dict(), "trainer": trainer_state},
         rank_state={"rng": _rng_state()},
     )
@@ -119,15 +123,22 @@ def save_training_checkpoint(
     return directory
 
 
-def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, schedule and RNG from ``directory``; return the trainer state."""
+def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:
+    """Restore model, optimizer, schedule and RNG from ``directory``; return the trainer state.
+    ``extra_models`` the checkpoint holds are restored too; the names it lacks are listed under
+    ``"missing_extra_models"`` of the returned state."""
     _materialise_optimizer_state(optimizer)
     model_sd = model.sharded_state_dict()
+    saved = set(read_meta(directory).get("extra_models", []))
+    extra = {name: other for name, other in (extra_models or {}).items() if name in saved}
     state = load_sharded(
-        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_FORMAT)},
+        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_FORMAT),
+         **{name: other.sharded_state_dict(prefix=f"{name}.") for name, other in extra.items()}},
         directory,
     )
     model.load_state_dict(state["model"], strict=True)
+    for name, other in extra.items():
+        other.load_state_dict({key.removeprefix(f"{name}."): value for key, value in state[name].items()}, strict=True)
     optimizer.load_state_dict(state["optimizer"])
     common = load_common_state(directory)
     scheduler.load_state_dict(common["scheduler"])
@@ -136,7 +147,7 @@ def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler) ->
         _restore_rng(rank_state["rng"])
     else:
         logger.warning("no RNG state for rank %d in %s (different world size): RNG not restored", dist.get_rank(), directory)
-    return common["trainer"]
+    return {**common["trainer"], "missing_extra_models": sorted(set(extra_models or {}) - saved)}
 
 
 def _materialise_optimizer_state(optimizer) -> None:

@@ -31,6 +31,7 @@ from engine.runtime.checkpoint import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
+from engine.runtime.ema import EMA_CHECKPOINT_KEY, EmaModel
 from engine.runtime.offload import PARTS, TrainingStateOffloader
 from engine.runtime.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
@@ -61,8 +62,9 @@ class TrainingEngine:
     """One role's model, trainable or frozen, on this process's slot of the TP/PP/CP/EP/DP grid."""
 
     def __init__(self, config: EngineConfig, *, total_steps: int = 1, trainable: bool = True,
-                 load_weights: bool = True, offload: bool = False, ctx=None):
-        """``ctx``: the parallel context of an engine already on this grid (a frozen copy shares it)."""
+                 load_weights: bool = True, offload: bool = False, ctx=None, ema_beta: float | None = None):
+        """``ctx``: the parallel context of an engine already on this grid (a frozen copy shares it).
+        ``ema_beta``: keep an EMA of the weights (``engine.runtime.ema``), which ``save_hf`` exports."""
         self.config = config
         self.trainable = trainable
         self.source = ModelSource.open(config.pretrain, flag=config.pretrain_flag)
@@ -79,7 +81,14 @@ class TrainingEngine:
             self.ddp_model = wrap_ddp(self.model, config.optim)
             self.optimizer = build_optimizer(self.ddp_model, config.optim, bf16=config.build.params_dtype == torch.bfloat16)
             self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps=total_steps)
-            self.parking = TrainingStateOffloader(self.model, self.ddp_model, self.optimizer)
+        self.ema = None
+        if ema_beta is not None:
+            if not trainable:
+                raise ValueError("an EMA of the weights is kept for a trained model only")
+            self.ema = EmaModel(self, ema_beta)
+        if trainable:
+            self.parking = TrainingStateOffloader(self.model, self.ddp_model, self.optimizer,
+                                                  extra=self.ema.model if self.ema else None)
         else:
             self.model.eval()
             self.model.requires_grad_(False)
@@ -166,6 +175,8 @@ class TrainingEngine:
             self.ddp_model, self.optimizer, self.scheduler, microbatches, loss_fn,
             seq_length=seq_length, normaliser_key=normaliser_key,
         )
+        if self.ema is not None:
+            self.ema.update()
         if self.adapter.num_experts:
             one_stage = self.config.parallel.pipeline_model_parallel_size == 1
             result.metrics.update(routing_metrics(self.model.router_stats, with_aux_loss=one_stage))
@@ -211,6 +222,7 @@ class TrainingEngine:
         return save_training_checkpoint(
             config, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             trainer_state=trainer_state, adapter=self.adapter, hf_source_dir=self.source.hf_dir,
+            extra_models=self._extra_models(),
         )
 
     def resume(self, config: CheckpointConfig) -> dict | None:
@@ -219,14 +231,24 @@ class TrainingEngine:
         if directory is None:
             return None
         self.restore_training_state()
-        state = load_training_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = load_training_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                         extra_models=self._extra_models())
+        if "ema" in state.pop("missing_extra_models"):
+            self.ema.copy_weights()
+            if self.is_rank_zero:
+                print(f"note: {directory} holds no EMA: the average restarts at the resumed weights", flush=True)
         if self.is_rank_zero:
             print(f"resumed from {directory}", flush=True)
         return state
 
+    def _extra_models(self) -> dict:
+        return {EMA_CHECKPOINT_KEY: self.ema.model} if self.ema is not None else {}
+
     def save_hf(self, path: str | Path, *, config_updates: dict | None = None) -> None:
-        self.restore_training_state(("weights",))
-        save_hf_checkpoint(self.model, self.adapter, path, source_dir=self.source.hf_dir, progress=self.is_rank_zero,
+        """The HF export of the model, or of its EMA when one is kept (as OpenRLHF exports it)."""
+        self.restore_training_state(("weights", "optimizer"))
+        model = self.ema.model if self.ema is not None else self.model
+        save_hf_checkpoint(model, self.adapter, path, source_dir=self.source.hf_dir, progress=self.is_rank_zero,
                            config_updates=config_updates)
 
 

@@ -8,7 +8,7 @@ Three parts, each a set of tensor storages:
 - ``grads``: DDP's gradient buffers (``param.main_grad`` are views of them); freed without a copy:
   every train step zeroes them first, so they come back as zeros;
 - ``optimizer``: the inner optimizer's state (Adam moments) and the distributed optimizer's fp32
-  main parameters, where they are not views of the weights.
+  main parameters, where they are not views of the weights; an EMA of the weights with them.
 
 Parking works on storages (copy out, ``resize_(0)``; ``resize_`` back, copy in), not by reassigning
 ``.data``: every tensor viewing a storage (DDP's buckets, ``main_grad``, the optimizer's shards of an
@@ -80,8 +80,9 @@ def _grad_tensors(ddp_model) -> Iterator[torch.Tensor]:
 class TrainingStateOffloader:
     """Moves the parts of one trainable model (Megatron DDP + optimizer) to host memory and back."""
 
-    def __init__(self, model, ddp_model, optimizer):
-        self.model, self.ddp_model, self.optimizer = model, ddp_model, optimizer
+    def __init__(self, model, ddp_model, optimizer, *, extra=None):
+        """``extra``: a model parked with the optimizer state (an EMA: needed by neither forward nor sync)."""
+        self.model, self.ddp_model, self.optimizer, self.extra = model, ddp_model, optimizer, extra
         self.parked: dict[str, list[_Parked]] = {}
         self._host: dict[int, torch.Tensor] = {}  # storage key -> its host copy, kept for the next park
 
@@ -93,7 +94,8 @@ class TrainingStateOffloader:
         if part == "grads":
             return {k: s for k, s in grads.items() if k not in weights}
         # Created lazily by the first step; an fp32 model's main params are views of its weights.
-        return {k: s for k, s in _storages(_optimizer_tensors(self.optimizer)).items()
+        extra = list(self.extra.parameters()) if self.extra is not None else []
+        return {k: s for k, s in _storages([*_optimizer_tensors(self.optimizer), *extra]).items()
                 if k not in weights and k not in grads}
 
     def is_parked(self, part: str) -> bool:

@@ -627,3 +627,21 @@ def test_multiturn_trains_every_assistant_turn_as_the_template_renders_them(tmp_
     assert cut["loss_mask"][:-1] == sample["loss_mask"][:full_length - 6] and cut["loss_mask"][-1] == 1
     with pytest.raises(ValueError, match="--multiturn .* needs --apply_chat_template"):
         config(data, multiturn=True)
+
+
+def test_packed_pairs_keep_every_sequence_and_mark_its_last_token():
+    from engine.data.collate import preference_collate, preference_packed_collate
+
+    pairs = [{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8], "prompt_len": 2, "margin": 0.5},
+             {"chosen_ids": [1, 9, 10], "rejected_ids": [1, 9, 11, 12, 13], "prompt_len": 2}]
+    packed = preference_packed_collate(pairs, 0, pad_to_multiple_of=4)
+    padded = preference_collate(pairs, 0)
+    assert packed["input_ids"].shape == (1, 16) and int(packed["num_sequences"]) == 4  # 15 tokens, padded to 16
+    assert packed["sequence_index"][0].tolist() == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 5 + [4]
+    assert packed["last_token"][0].nonzero()[:, 0].tolist() == [3, 6, 9, 14]
+    for row in range(4):  # each sequence's tokens, labels and loss mask are its padded row's
+        where = packed["sequence_index"][0] == row
+        width = int(where.sum())
+        for key in ("input_ids", "labels", "loss_mask"):
+            assert packed[key][0][where].tolist() == padded[key][row][:width].tolist(), (key, row)
+    assert packed["margin"].tolist() == [0.5, 0.0] and packed["pair_mask"].tolist() == [1.0, 1.0]

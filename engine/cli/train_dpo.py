@@ -36,7 +36,8 @@ def train(job: DPOJob) -> list[dict]:
     from engine.trainers.dpo import DPOTrainer
 
     tokenizer, train_set, eval_set = offline.load_splits(PreferenceDataset, job)
-    trainer = DPOTrainer(job.trainer, train_set, eval_set, dpo=job.dpo, pad_token_id=offline.pad_token_id(tokenizer))
+    trainer = DPOTrainer(job.trainer, train_set, eval_set, dpo=job.dpo, pad_token_id=offline.pad_token_id(tokenizer),
+                         packing_samples=job.data.packing_samples)
     return trainer.fit()
 
 

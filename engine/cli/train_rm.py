@@ -40,7 +40,7 @@ def train(job: RMJob) -> list[dict]:
 
     tokenizer, train_set, eval_set = offline.load_splits(PreferenceDataset, job)
     trainer = RewardModelTrainer(job.trainer, train_set, eval_set, pad_token_id=offline.pad_token_id(tokenizer),
-                                 rm=job.rm)
+                                 rm=job.rm, packing_samples=job.data.packing_samples)
     return trainer.fit()
 
 

@@ -72,9 +72,11 @@ def dpo_loss_fn(scale: float, config: DPOConfig, ref_log_probs: deque, cp_group)
 class DPOTrainer(PairwiseTrainer):
     """A causal LM policy on paired preference batches, and its frozen reference."""
 
-    def __init__(self, config, train_dataset, eval_dataset=None, *, dpo: DPOConfig, pad_token_id: int):
+    def __init__(self, config, train_dataset, eval_dataset=None, *, dpo: DPOConfig, pad_token_id: int,
+                 packing_samples: bool = False):
         self.dpo = dpo
-        super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id)
+        super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id,
+                         packing_samples=packing_samples)
         self.reference = frozen_copy(self.engine, dpo.ref_pretrain or config.engine.pretrain,
                                      role="--ref_pretrain", offload=dpo.ref_offload)
 

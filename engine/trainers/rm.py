@@ -68,11 +68,12 @@ class RewardModelTrainer(PairwiseTrainer):
     """The engine must be built with a value head (``offline_trainer_config(args, value_head=True)``)."""
 
     def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None, *, pad_token_id: int,
-                 rm: RMConfig | None = None):
+                 rm: RMConfig | None = None, packing_samples: bool = False):
         if not config.engine.build.value_head:
             raise ValueError("the reward model trainer needs an engine built with a value head")
         self.rm = rm or RMConfig()
-        super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id)
+        super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id,
+                         packing_samples=packing_samples)
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:
         return rm_loss_fn(self.pair_loss_scale(microbatches), ps.get_context_parallel_group(),

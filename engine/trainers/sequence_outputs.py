@@ -20,19 +20,34 @@ def context_parallel_share(cp_group) -> float:
     return 1.0 / dist.get_world_size(group=cp_group)
 
 
-def sequence_log_probs(logits: torch.Tensor, batch: dict, *, cp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum, count)`` per row of the label log-probs over ``loss_mask`` (the response tokens).
+def _per_sequence(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``[..., s]`` per-token values summed per sequence: per row of a padded batch; of a packed
+    one, per ``sequence_index`` (``engine.data.collate.preference_packed_collate``)."""
+    if "sequence_index" not in batch:
+        return per_token.sum(-1)
+    index = batch["sequence_index"].to(per_token.device)
+    count = int(batch["num_sequences"])
+    sums = per_token.new_zeros((*per_token.shape[:-2], count + 1))  # the last bucket: padding
+    return sums.scatter_add(-1, index.reshape(-1).expand(*per_token.shape[:-2], -1),
+                            per_token.reshape(*per_token.shape[:-2], -1))[..., :count]
 
-    ``logits`` are vocab-parallel ``[rows, s_local, vocab/TP]``; the sums cover the whole
-    sequence on every CP rank and keep their gradient.
+
+def sequence_log_probs(logits: torch.Tensor, batch: dict, *, cp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum, count)`` per sequence of the label log-probs over ``loss_mask`` (the response tokens).
+
+    ``logits`` are vocab-parallel ``[rows, s_local, vocab/TP]`` (one row when packed); the sums
+    cover the whole sequence on every CP rank and keep their gradient.
     """
     mask = batch["loss_mask"].float()
-    local = torch.stack([(token_log_probs(logits, batch["labels"]) * mask).sum(-1), mask.sum(-1)])
-    total = all_reduce_sum(local, group=cp_group)
+    per_token = torch.stack([token_log_probs(logits, batch["labels"]) * mask, mask])
+    total = all_reduce_sum(_per_sequence(per_token, batch), group=cp_group)
     return total[0], total[1].detach()
 
 
 def last_token_values(values: torch.Tensor, batch: dict, *, cp_group) -> torch.Tensor:
-    """Value-head output ``[rows, s_local, 1]`` read at each row's ``last_index`` (its eos)."""
+    """Value-head output ``[rows, s_local, 1]`` read at each sequence's last token (its eos)."""
+    if "last_token" in batch:  # packed: each sequence's last token is marked
+        marked = values[..., 0].float() * batch["last_token"].to(values.device)
+        return all_reduce_sum(_per_sequence(marked, batch), group=cp_group)
     full = zigzag_gather(values[..., 0].float(), dim=1, cp_group=cp_group)
     return full.gather(1, batch["last_index"].to(full.device).unsqueeze(1)).squeeze(1)

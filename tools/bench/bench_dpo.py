@@ -2,12 +2,14 @@
 
     python -m tools.bench.bench_dpo            # reference workload W, engine at TP=1 and TP=2
     python -m tools.bench.bench_dpo --quick    # a smaller model, fewer steps
+    python -m tools.bench.bench_dpo --skewed --tp 1   # response lengths spread 1:16: packed vs padded
 
 Both sides train the same Llama-architecture model (workload W of DESIGN.md) with a frozen
 reference copy on the same synthetic preference pairs (prompt ~48 tokens, responses ~48-96),
 the same number of pairs per optimizer step in one micro-batch, fp32 on CPU. A step includes
 the reference forward on both sides. Reported: seconds per step and real (non-padding) tokens
-of chosen + rejected per second, with the ratio engine / TRL. Needs the ``bench`` extra (TRL).
+of chosen + rejected per second, with the ratios engine / TRL (when the ``bench`` extra, TRL, is
+installed) and packed / padded (``--packing_samples``: a micro-batch's sequences in one row).
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from tools.bench.common import print_table, reference_model, run_on_local_ranks
 WORDS = "the a of to and in is it you that he was for on are with as his they at one have this from".split()
 
 
-def write_pairs(path: str, num_pairs: int, *, prompt_words: int, response_words: int, seed: int = 0) -> str:
+def write_pairs(path: str, num_pairs: int, *, prompt_words: int, response_words: int, seed: int = 0,
+                skewed: bool = False) -> str:
     rng = random.Random(seed)
 
     def text(n: int) -> str:
-        return " ".join(rng.choices(WORDS, k=rng.randint(n // 2, n)))
+        return " ".join(rng.choices(WORDS, k=rng.randint(max(1, n // 16) if skewed else n // 2, n)))
 
     with open(path, "w") as f:
         for _ in range(num_pairs):
@@ -85,7 +88,7 @@ def trl_seconds_per_step(model_path: str, data_path: str, args) -> float:
 
 
 # ----- Megatron engine -----------------------------------------------------------------------
-def _engine_worker(model_path, data_path, tp, args, result_file):
+def _engine_worker(model_path, data_path, tp, packing, args, result_file):
     from transformers import AutoTokenizer
 
     from engine.data.config import DataConfig
@@ -105,14 +108,15 @@ def _engine_worker(model_path, data_path, tp, args, result_file):
         loop=TrainLoopConfig(train_batch_size=args.pairs_per_step, micro_train_batch_size=args.pairs_per_step,
                              max_steps=args.warmup + args.steps),
     )
-    trainer = DPOTrainer(config, pairs, dpo=DPOConfig(beta=0.1), pad_token_id=tokenizer.pad_token_id)
+    trainer = DPOTrainer(config, pairs, dpo=DPOConfig(beta=0.1), pad_token_id=tokenizer.pad_token_id,
+                         packing_samples=packing)
     history = trainer.fit()
     if torch.distributed.get_rank() == 0:
         torch.save(sum(h["step_time"] for h in history[args.warmup:]) / args.steps, result_file)
 
 
-def engine_seconds_per_step(model_path: str, data_path: str, tp: int, args) -> float:
-    return run_on_local_ranks(_engine_worker, tp, model_path, data_path, tp, args)
+def engine_seconds_per_step(model_path: str, data_path: str, tp: int, packing: bool, args) -> float:
+    return run_on_local_ranks(_engine_worker, tp, model_path, data_path, tp, packing, args)
 
 
 def main(argv=None) -> None:
@@ -123,6 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs_per_step", type=int, default=8)
     parser.add_argument("--max_len", type=int, default=256)
     parser.add_argument("--tp", default="1,2", help="comma-separated TP sizes for the engine")
+    parser.add_argument("--skewed", action="store_true", help="response lengths spread 1:16 instead of 1:2")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.pairs_per_step = 2, 1, 4
@@ -130,15 +135,24 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = reference_model(tmp, quick=args.quick)
         data_path = write_pairs(os.path.join(tmp, "pairs.jsonl"), args.pairs_per_step * (args.warmup + args.steps),
-                                prompt_words=48, response_words=96)
+                                prompt_words=48, response_words=192 if args.skewed else 96, skewed=args.skewed)
         tokens = real_tokens_per_step(model_path, data_path, args.pairs_per_step, args.max_len)
         torch.set_num_threads(os.cpu_count() or 1)
-        baseline = trl_seconds_per_step(model_path, data_path, args)
-        rows = [("TRL DPOTrainer", baseline, tokens / baseline, 1.0)]
+        try:
+            baseline = trl_seconds_per_step(model_path, data_path, args)
+        except ImportError:
+            print("TRL is not installed (pip install -e '.[bench]'): no TRL baseline")
+            baseline = None
+        rows = [("TRL DPOTrainer", baseline, tokens / baseline, 1.0, "")] if baseline else []
         for tp in (int(t) for t in args.tp.split(",")):
-            seconds = engine_seconds_per_step(model_path, data_path, tp, args)
-            rows.append((f"Megatron engine DPO TP={tp}", seconds, tokens / seconds, baseline / seconds))
-    print_table("DPO step (policy + reference), fp32", ["run", "s/step", "real tokens/s", "ratio vs TRL"], rows)
+            padded = None
+            for packing in (False, True):
+                seconds = engine_seconds_per_step(model_path, data_path, tp, packing, args)
+                padded = padded or seconds
+                rows.append((f"Megatron engine DPO TP={tp} {'packed' if packing else 'padded'}", seconds,
+                             tokens / seconds, baseline / seconds if baseline else "", padded / seconds))
+    print_table(f"DPO step (policy + reference), fp32{', skewed lengths' if args.skewed else ''}",
+                ["run", "s/step", "real tokens/s", "ratio vs TRL", "ratio vs padded"], rows)
 
 
 if __name__ == "__main__":

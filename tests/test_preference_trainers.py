@@ -226,7 +226,7 @@ def test_dpo_config_errors_name_the_flag():
 
 # ------------------------------------------------------------------------------------------ KTO
 
-def _train_kto(rank, world_size, model_path, data_dir, layout, max_steps):
+def _train_kto(rank, world_size, model_path, data_dir, layout, max_steps, packing=False):
     from transformers import AutoTokenizer
 
     from engine.data.config import DataConfig
@@ -239,7 +239,8 @@ def _train_kto(rank, world_size, model_path, data_dir, layout, max_steps):
     loop = {"train_batch_size": 16, "micro_train_batch_size": 4, "max_epochs": 2, "max_steps": max_steps}
     trainer = KTOTrainer(_config(model_path, layout, lr=2e-3, loop=loop),
                          UnpairedPreferenceDataset.from_config(data, tokenizer, split="train"),
-                         kto=KTOConfig(beta=0.1), pad_token_id=tokenizer.pad_token_id, max_len=32)
+                         kto=KTOConfig(beta=0.1), pad_token_id=tokenizer.pad_token_id, max_len=32,
+                         packing_samples=packing)
     return trainer.fit()
 
 
@@ -252,6 +253,12 @@ def test_kto_learns_and_tp2_matches(model_path, unpaired_data):
                                                NUM_COMPARED_STEPS), timeout=400)[0]
     for key in ("loss", "signed_reward", "kl"):
         _assert_same_curve(tp2, reference[:NUM_COMPARED_STEPS], key=key)
+    # --packing_samples: each micro-batch's sequences (and its mismatched KL ones) packed into one row.
+    for layout in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}):
+        packed = run_distributed(_train_kto, 2, args=(model_path, unpaired_data, layout, NUM_COMPARED_STEPS, True),
+                                 timeout=400)[0]
+        for key in ("loss", "signed_reward", "kl", "grad_norm"):
+            _assert_same_curve(packed, reference[:NUM_COMPARED_STEPS], key=key)
 
 
 # ------------------------------------------------------------------------------------------ CLIs

@@ -14,8 +14,7 @@ from parallel.options import option
 # DataConfig fields each kind of dataset does not read: they are not flags of that job.
 NOT_READ_BY_SFT = ("label_key", "chosen_key", "rejected_key", "prompt_key", "prompt_max_len")
 NOT_READ_BY_PAIRS = ("input_key", "output_key", "label_key", "prompt_max_len", "pretrain_mode", "multiturn")
-NOT_READ_BY_UNPAIRED = ("chosen_key", "rejected_key", "prompt_key", "prompt_max_len", "pretrain_mode",
-                        "packing_samples", "multiturn")
+NOT_READ_BY_UNPAIRED = ("chosen_key", "rejected_key", "prompt_key", "prompt_max_len", "pretrain_mode", "multiturn")
 NOT_READ_BY_PRM = ("output_key", "chosen_key", "rejected_key", "prompt_key", "prompt_max_len", "pretrain_mode",
                    "packing_samples", "multiturn")
 

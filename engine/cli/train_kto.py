@@ -38,7 +38,7 @@ def train(job: KTOJob) -> list[dict]:
 
     tokenizer, train_set, eval_set = offline.load_splits(UnpairedPreferenceDataset, job)
     trainer = KTOTrainer(job.trainer, train_set, eval_set, kto=job.kto, pad_token_id=offline.pad_token_id(tokenizer),
-                         max_len=job.data.max_len)
+                         max_len=job.data.max_len, packing_samples=job.data.packing_samples)
     return trainer.fit()
 
 

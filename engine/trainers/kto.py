@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from engine.data.collate import pad_collate
+from engine.data.collate import packed_sequences_collate, pad_collate
 from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn
 from engine.trainers.base import OfflineTrainer, OfflineTrainerConfig
@@ -82,8 +82,10 @@ class KTOTrainer(OfflineTrainer):
     normaliser_key = "num_samples"
 
     def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None, *, kto: KTOConfig,
-                 pad_token_id: int, max_len: int = 2048):
+                 pad_token_id: int, max_len: int = 2048, packing_samples: bool = False):
+        """``packing_samples``: a micro-batch's sequences (and its mismatched ones) packed into one row."""
         self.kto = kto
+        self.packing_samples = packing_samples
         self.pad_token_id = pad_token_id
         self.max_len = max_len
         super().__init__(config, train_dataset, eval_dataset)
@@ -91,7 +93,8 @@ class KTOTrainer(OfflineTrainer):
                                      role="--ref_pretrain", offload=kto.ref_offload)
 
     def _collate(self, samples: list[dict]) -> dict:
-        batch = pad_collate(samples, self.pad_token_id, pad_to_multiple_of=self.engine.sequence_multiple())
+        collate = packed_sequences_collate if self.packing_samples else pad_collate
+        batch = collate(samples, self.pad_token_id, pad_to_multiple_of=self.engine.sequence_multiple())
         batch["sample_mask"] = torch.ones(len(samples), dtype=torch.float32)
         return batch
 

@@ -351,7 +351,7 @@ NOTICES = {
     "train_dpo": {"zero_stage", "flash_attn"},
     "train_ppo_ray": {"zero_stage", "packing_samples", "adam_offload", "flash_attn"},
     "train_kto": {"zero_stage", "flash_attn"},
-    "train_prm": {"zero_stage", "flash_attn", "packing_samples"},
+    "train_prm": {"zero_stage", "flash_attn"},
     "train_kd": {"zero_stage", "flash_attn"},
     "serve_rm": {"bf16", "flash_attn"},
     "batch_inference": {"bf16", "zero_stage"},

@@ -104,7 +104,7 @@ def prm_data(tmp_path_factory) -> str:
     return str(directory)
 
 
-def _train_prm(rank, world_size, model_path, data_dir, layout):
+def _train_prm(rank, world_size, model_path, data_dir, layout, packing=False, max_steps=None):
     from transformers import AutoTokenizer
 
     from engine.data.config import DataConfig
@@ -119,10 +119,10 @@ def _train_prm(rank, world_size, model_path, data_dir, layout):
     eval_set = ProcessRewardDataset.from_config(data, tokenizer, split="test", **options)
     config = OfflineTrainerConfig(
         engine=_engine_config(model_path, layout, 3e-3),
-        loop=TrainLoopConfig(train_batch_size=32, micro_train_batch_size=8, max_epochs=2),
+        loop=TrainLoopConfig(train_batch_size=32, micro_train_batch_size=8, max_epochs=2, max_steps=max_steps),
     )
     trainer = PRMTrainer(config, train_set, eval_set, pad_token_id=tokenizer.pad_token_id,
-                         reward_token_ids=list(train_set.reward_token_ids.values()))
+                         reward_token_ids=list(train_set.reward_token_ids.values()), packing_samples=packing)
     history = trainer.fit()
     return {"history": history, "eval": trainer._evaluate(trainer.last_step)}
 
@@ -134,6 +134,12 @@ def test_prm_accuracy_rises(models, prm_data):
     assert sum(accuracy[:2]) / 2 < 0.8, accuracy
     assert result["eval"]["acc"] > 0.95, (accuracy, result["eval"])
     assert result["eval"]["loss"] < result["history"][0]["loss"]
+    # --packing_samples: each micro-batch's samples in one row; the same curve at TP=2 and PP=2.
+    for layout in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}):
+        packed = run_distributed(_train_prm, 2, args=(models["student"], prm_data, layout, True, 3), timeout=300)[0]
+        for step, (p, e) in enumerate(zip(packed["history"], result["history"][:3]), start=1):
+            for key in ("loss", "acc", "grad_norm"):
+                assert abs(p[key] - e[key]) <= 2e-4 * abs(e[key]) + 1e-6, (layout, step, key, p[key], e[key])
 
 
 # ------------------------------------------------------------------------------ batch inference

@@ -16,7 +16,7 @@ NOT_READ_BY_SFT = ("label_key", "chosen_key", "rejected_key", "prompt_key", "pro
 NOT_READ_BY_PAIRS = ("input_key", "output_key", "label_key", "prompt_max_len", "pretrain_mode", "multiturn")
 NOT_READ_BY_UNPAIRED = ("chosen_key", "rejected_key", "prompt_key", "prompt_max_len", "pretrain_mode", "multiturn")
 NOT_READ_BY_PRM = ("output_key", "chosen_key", "rejected_key", "prompt_key", "prompt_max_len", "pretrain_mode",
-                   "packing_samples", "multiturn")
+                   "multiturn")
 
 
 @dataclass(kw_only=True)

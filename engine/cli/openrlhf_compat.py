@@ -109,7 +109,6 @@ TABLE: tuple[Foreign, ...] = (
     Foreign("full_determinism", (*TRAINERS, "batch_inference"), "deterministic kernels are not forced (runs "
             "repeat for a --seed and layout on CPU)", refused=True),
     # ----- packing: exact here, padding gives the same loss ----------------------------------------
-    Foreign("packing_samples", ("train_prm",), "PRM " + _PADDED),
     Foreign("packing_samples", RL, "RL micro-batches " + _PADDED.removeprefix("batches ")),
     # ----- models and heads ----------------------------------------------------------------------
     Foreign("disable_fast_tokenizer", EVERY, "tokenizers load as transformers' AutoTokenizer default (the fast "

@@ -49,7 +49,7 @@ def train(job: PRMJob) -> list[dict]:
                                                  reward_tokens=reward_tokens)
     reward_ids = list(train_set.reward_token_ids.values()) if train_set.reward_token_ids else None
     trainer = PRMTrainer(job.trainer, train_set, eval_set, reward_token_ids=reward_ids,
-                         pad_token_id=offline.pad_token_id(tokenizer))
+                         pad_token_id=offline.pad_token_id(tokenizer), packing_samples=job.data.packing_samples)
     return trainer.fit()
 
 

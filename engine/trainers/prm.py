@@ -15,30 +15,39 @@ from engine.trainers.base import OfflineTrainer, OfflineTrainerConfig
 from engine.trainers.losses import prm_loss
 
 
-def prm_collate(samples: list[dict], pad_id: int, *, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``/``position_ids`` with placeholder targets.
+def prm_collate(samples: list[dict], pad_id: int, *, pad_to_multiple_of: int = 1,
+                packed: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``position_ids`` with placeholder targets; ``packed``: the samples
+    back to back in one row (``cu_seqlens``, positions restarting in each), as ``--packing_samples``.
 
     ``loss_mask`` is 1 at each placeholder; hard labels sit in ``labels`` (long), soft (numeric)
     labels in ``soft_labels`` (float32), both at the placeholder positions.
     """
     from engine.data.collate import padded_length
 
-    width = padded_length(max(len(s["input_ids"]) for s in samples), pad_to_multiple_of)
-    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    lengths = [len(s["input_ids"]) for s in samples]
+    starts = [sum(lengths[:i]) for i in range(len(samples))] if packed else [0] * len(samples)
+    rows = 1 if packed else len(samples)
+    width = padded_length(sum(lengths) if packed else max(lengths), pad_to_multiple_of)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     labels = torch.full_like(input_ids, pad_id)
-    soft_labels = torch.zeros(len(samples), width, dtype=torch.float32)
-    loss_mask = torch.zeros(len(samples), width, dtype=torch.float32)
+    soft_labels = torch.zeros(rows, width, dtype=torch.float32)
+    loss_mask = torch.zeros(rows, width, dtype=torch.float32)
+    position_ids = torch.arange(width).expand(rows, width).clone()
     soft = any(isinstance(label, float) for s in samples for label in s["step_labels"])
-    for row, sample in enumerate(samples):
-        input_ids[row, : len(sample["input_ids"])] = torch.as_tensor(list(sample["input_ids"]))
-        positions = torch.as_tensor(list(sample["step_positions"]), dtype=torch.long)
+    for index, (sample, start) in enumerate(zip(samples, starts)):
+        row = 0 if packed else index
+        input_ids[row, start:start + lengths[index]] = torch.as_tensor(list(sample["input_ids"]))
+        position_ids[row, start:start + lengths[index]] = torch.arange(lengths[index])
+        positions = start + torch.as_tensor(list(sample["step_positions"]), dtype=torch.long)
         loss_mask[row, positions] = 1.0
         if soft:
             soft_labels[row, positions] = torch.as_tensor([float(x) for x in sample["step_labels"]])
         else:
             labels[row, positions] = torch.as_tensor([int(x) for x in sample["step_labels"]])
-    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
-             "position_ids": torch.arange(width).expand(len(samples), width).contiguous()}
+    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    if packed:
+        batch["cu_seqlens"] = torch.tensor([0, *[s + n for s, n in zip(starts, lengths)]], dtype=torch.int32)
     if soft:
         batch["soft_labels"] = soft_labels
     return batch
@@ -66,8 +75,9 @@ class PRMTrainer(OfflineTrainer):
     normaliser_key = "num_steps"
 
     def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None, *, pad_token_id: int,
-                 reward_token_ids: list[int] | None = None):
+                 reward_token_ids: list[int] | None = None, packing_samples: bool = False):
         self.pad_token_id = pad_token_id
+        self.packing_samples = packing_samples
         self.reward_token_ids = reward_token_ids
         super().__init__(config, train_dataset, eval_dataset)
         if self.config.engine.parallel.context_parallel_size > 1 and self._has_soft_labels(train_dataset):
@@ -80,7 +90,7 @@ class PRMTrainer(OfflineTrainer):
 
     def make_microbatches(self, samples: list) -> list[dict]:
         multiple = self.engine.sequence_multiple()
-        return [prm_collate(group, self.pad_token_id, pad_to_multiple_of=multiple)
+        return [prm_collate(group, self.pad_token_id, pad_to_multiple_of=multiple, packed=self.packing_samples)
                 for group in self.split_microbatches(samples)]
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:

@@ -254,7 +254,7 @@ def test_kto_learns_and_tp2_matches(model_path, unpaired_data):
     for key in ("loss", "signed_reward", "kl"):
         _assert_same_curve(tp2, reference[:NUM_COMPARED_STEPS], key=key)
     # --packing_samples: each micro-batch's sequences (and its mismatched KL ones) packed into one row.
-    for layout in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}):
+    for layout in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}, {"context_parallel_size": 2}):
         packed = run_distributed(_train_kto, 2, args=(model_path, unpaired_data, layout, NUM_COMPARED_STEPS, True),
                                  timeout=400)[0]
         for key in ("loss", "signed_reward", "kl", "grad_norm"):

@@ -135,7 +135,7 @@ def test_prm_accuracy_rises(models, prm_data):
     assert result["eval"]["acc"] > 0.95, (accuracy, result["eval"])
     assert result["eval"]["loss"] < result["history"][0]["loss"]
     # --packing_samples: each micro-batch's samples in one row; the same curve at TP=2 and PP=2.
-    for layout in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}):
+    for layout in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}, {"context_parallel_size": 2}):
         packed = run_distributed(_train_prm, 2, args=(models["student"], prm_data, layout, True, 3), timeout=300)[0]
         for step, (p, e) in enumerate(zip(packed["history"], result["history"][:3]), start=1):
             for key in ("loss", "acc", "grad_norm"):

@@ -3,6 +3,7 @@
     python -m tools.bench.bench_dpo            # reference workload W, engine at TP=1 and TP=2
     python -m tools.bench.bench_dpo --quick    # a smaller model, fewer steps
     python -m tools.bench.bench_dpo --skewed --tp 1   # response lengths spread 1:16: packed vs padded
+    python -m tools.bench.bench_dpo --skewed --tp 1 --trainer rm   # a reward-model step (no TRL baseline)
 
 Both sides train the same Llama-architecture model (workload W of DESIGN.md) with a frozen
 reference copy on the same synthetic preference pairs (prompt ~48 tokens, responses ~48-96),
@@ -97,6 +98,8 @@ def _engine_worker(model_path, data_path, tp, packing, args, result_file):
     from engine.runtime.optimizer import OptimConfig
     from engine.trainers.base import OfflineTrainerConfig, TrainLoopConfig
     from engine.trainers.dpo import DPOConfig, DPOTrainer
+    from engine.trainers.rm import RewardModelTrainer
+    from models.builder import ModelBuildConfig
     from parallel.config import ParallelConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -104,12 +107,16 @@ def _engine_worker(model_path, data_path, tp, packing, args, result_file):
                                           tokenizer)
     config = OfflineTrainerConfig(
         engine=EngineConfig(pretrain=model_path, parallel=ParallelConfig(tensor_model_parallel_size=tp),
-                            optim=OptimConfig(learning_rate=1e-6, lr_warmup_ratio=0.0)),
+                            optim=OptimConfig(learning_rate=1e-6, lr_warmup_ratio=0.0),
+                            build=ModelBuildConfig(value_head=args.trainer == "rm")),
         loop=TrainLoopConfig(train_batch_size=args.pairs_per_step, micro_train_batch_size=args.pairs_per_step,
                              max_steps=args.warmup + args.steps),
     )
-    trainer = DPOTrainer(config, pairs, dpo=DPOConfig(beta=0.1), pad_token_id=tokenizer.pad_token_id,
-                         packing_samples=packing)
+    if args.trainer == "rm":
+        trainer = RewardModelTrainer(config, pairs, pad_token_id=tokenizer.pad_token_id, packing_samples=packing)
+    else:
+        trainer = DPOTrainer(config, pairs, dpo=DPOConfig(beta=0.1), pad_token_id=tokenizer.pad_token_id,
+                             packing_samples=packing)
     history = trainer.fit()
     if torch.distributed.get_rank() == 0:
         torch.save(sum(h["step_time"] for h in history[args.warmup:]) / args.steps, result_file)
@@ -128,6 +135,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max_len", type=int, default=256)
     parser.add_argument("--tp", default="1,2", help="comma-separated TP sizes for the engine")
     parser.add_argument("--skewed", action="store_true", help="response lengths spread 1:16 instead of 1:2")
+    parser.add_argument("--trainer", default="dpo", choices=("dpo", "rm"), help="DPO (vs TRL) or a reward-model step")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.pairs_per_step = 2, 1, 4
@@ -138,20 +146,22 @@ def main(argv=None) -> None:
                                 prompt_words=48, response_words=192 if args.skewed else 96, skewed=args.skewed)
         tokens = real_tokens_per_step(model_path, data_path, args.pairs_per_step, args.max_len)
         torch.set_num_threads(os.cpu_count() or 1)
-        try:
-            baseline = trl_seconds_per_step(model_path, data_path, args)
-        except ImportError:
-            print("TRL is not installed (pip install -e '.[bench]'): no TRL baseline")
-            baseline = None
+        baseline = None
+        if args.trainer == "dpo":
+            try:
+                baseline = trl_seconds_per_step(model_path, data_path, args)
+            except ImportError:
+                print("TRL is not installed (pip install -e '.[bench]'): no TRL baseline")
         rows = [("TRL DPOTrainer", baseline, tokens / baseline, 1.0, "")] if baseline else []
         for tp in (int(t) for t in args.tp.split(",")):
             padded = None
             for packing in (False, True):
                 seconds = engine_seconds_per_step(model_path, data_path, tp, packing, args)
                 padded = padded or seconds
-                rows.append((f"Megatron engine DPO TP={tp} {'packed' if packing else 'padded'}", seconds,
+                rows.append((f"Megatron engine {args.trainer.upper()} TP={tp} {'packed' if packing else 'padded'}", seconds,
                              tokens / seconds, baseline / seconds if baseline else "", padded / seconds))
-    print_table(f"DPO step (policy + reference), fp32{', skewed lengths' if args.skewed else ''}",
+    what = "DPO step (policy + reference)" if args.trainer == "dpo" else "reward-model step"
+    print_table(f"{what}, fp32{', skewed lengths' if args.skewed else ''}",
                 ["run", "s/step", "real tokens/s", "ratio vs TRL", "ratio vs padded"], rows)
 
 

@@ -72,12 +72,7 @@ class PromptTemplate:
 
     def split_conversation(self, messages: Any, *, key: str) -> tuple[str, str]:
         """(prompt text, response text) of a conversation whose last turn is the assistant's response."""
-        if not self.apply_chat_template:
-            raise DataError("is a list of chat messages; pass --apply_chat_template to render it", key=key)
-        messages = as_messages(messages, key=key, role="user")
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise DataError("expected a conversation ending in an assistant turn after at least one other turn",
-                            key=key)
+        messages = self._conversation(messages, key=key)
         prompt = self._render(messages[:-1], generation_prompt=True, key=key)
         full = self._render(messages, generation_prompt=False, key=key)
         return prompt, self._response_after(prompt, full, key=key)
@@ -86,12 +81,7 @@ class PromptTemplate:
         """A conversation ending in an assistant turn as consecutive ``(text, is_response)`` pieces
         whose concatenation is exactly its rendering: every assistant turn (as ``split_conversation``
         cuts the last one) is a response, the text in between (template markup, other turns) not."""
-        if not self.apply_chat_template:
-            raise DataError("is a list of chat messages; pass --apply_chat_template to render it", key=key)
-        messages = as_messages(messages, key=key, role="user")
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise DataError("expected a conversation ending in an assistant turn after at least one other turn",
-                            key=key)
+        messages = self._conversation(messages, key=key)
         segments, done = [], ""
         for index, message in enumerate(messages):
             if message["role"] != "assistant" or index == 0:
@@ -121,6 +111,16 @@ class PromptTemplate:
                         key=input_key)
 
     # ----- helpers ----------------------------------------------------------------------------
+    def _conversation(self, messages: Any, *, key: str) -> list[dict]:
+        """Validated chat messages ending in an assistant turn after at least one other turn."""
+        if not self.apply_chat_template:
+            raise DataError("is a list of chat messages; pass --apply_chat_template to render it", key=key)
+        messages = as_messages(messages, key=key, role="user")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise DataError("expected a conversation ending in an assistant turn after at least one other turn",
+                            key=key)
+        return messages
+
     def _render(self, messages: list[dict], *, generation_prompt: bool, key: str) -> str:
         try:
             return self.tokenizer.apply_chat_template(

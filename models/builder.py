@@ -184,7 +184,6 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         **model_kwargs,
     )
     model.true_vocab_size = adapter.vocab_size
-    model.transformer_impl = detect_layer_spec(build.transformer_impl).impl  # which layer spec (logs, checks)
     model.is_value_model = build.value_head
     model.value_head_prefix = build.value_head_prefix
     model.max_attention_span = adapter.max_attention_span  # checked per sample by the schedule

@@ -219,7 +219,6 @@ class ActorWeightSync:
                  timeout_s: float = 600.0):
         """``backend``: ``config.backend`` resolved for where the engines run (``resolve_sync_backend``)."""
         self.actor = actor_group
-        self.backend = backend
         self.engines = engines
         self.bucket_bytes = config.bucket_mb << 20
         self.timeout_s = timeout_s

@@ -233,7 +233,7 @@ class TrainingEngine:
         self.restore_training_state()
         state = load_training_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                          extra_models=self._extra_models())
-        if "ema" in state.pop("missing_extra_models"):
+        if EMA_CHECKPOINT_KEY in state.pop("missing_extra_models"):
             self.ema.copy_weights()
             if self.is_rank_zero:
                 print(f"note: {directory} holds no EMA: the average restarts at the resumed weights", flush=True)

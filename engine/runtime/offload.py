@@ -98,9 +98,6 @@ class TrainingStateOffloader:
         return {k: s for k, s in _storages([*_optimizer_tensors(self.optimizer), *extra]).items()
                 if k not in weights and k not in grads}
 
-    def is_parked(self, part: str) -> bool:
-        return part in self.parked
-
     def offload(self, parts: Iterable[str] = PARTS) -> dict[str, int]:
         """Park ``parts`` not parked yet; bytes freed on the device per part."""
         moved = {}

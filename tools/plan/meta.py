@@ -26,8 +26,11 @@ from parallel.config import ParallelConfig
 
 
 @contextmanager
-def fake_world(parallel: ParallelConfig, *, world_size: int | None = None):
-    """Megatron's process groups of ``parallel`` over a world of fake ranks; this process is rank 0."""
+def fake_world(parallel: ParallelConfig, *, world_size: int | None = None, stage: int = 0):
+    """Megatron's process groups of ``parallel`` over a world of fake ranks; this process is the
+    first rank of pipeline stage ``stage`` (Megatron's rank order puts PP outermost). A build of
+    another stage works too (``build_stage``) except where Megatron asks the group itself (a last
+    stage's copy of tied embeddings)."""
     # torch's own test backend: process groups of any size without peers (torch 2.x, stable since 2.1).
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -38,7 +41,8 @@ def fake_world(parallel: ParallelConfig, *, world_size: int | None = None):
     if not torch.cuda.is_available():
         cpu_backend.activate()  # Megatron's MoE dispatcher asks for CUDA streams at construction
     megatron_patches.apply()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    rank = stage * world // parallel.pipeline_model_parallel_size
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         ps.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,

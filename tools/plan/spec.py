@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from models.builder import RECOMPUTE_MODULES
 from parallel.options import option
 
 Job = Literal["sft", "dpo", "rm", "kto", "ppo", "grpo"]
-RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
 @dataclass(kw_only=True)
@@ -65,8 +65,8 @@ class LayoutSpec:
         None, help="activation recompute: full (each layer keeps only its input), selective (--recompute_modules), "
                    "none (unset: searched)")
     recompute_num_layers: int | None = option(None, help="full recompute: layers per stage recomputed (default: all)")
-    recompute_modules: str = option("core_attn", help="selective recompute: comma-separated Megatron modules "
-                                                      "(core_attn, layernorm, mlp)")
+    recompute_modules: tuple[str, ...] | None = option(
+        None, help="selective recompute: Megatron modules among core_attn, layernorm, mlp (default: core_attn)")
     adam_offload: bool = option(False, help="optimizer state in host memory (Megatron's optimizer CPU offload)")
     micro_train_batch_size: int = option(1, help="sequences per micro-batch (pairs for dpo / rm)")
     train_batch_size: int = option(128, help="global batch (samples per optimizer step)")
@@ -82,7 +82,7 @@ class LayoutSpec:
 
     @property
     def modules(self) -> tuple[str, ...]:
-        return tuple(m.strip() for m in self.recompute_modules.split(",") if m.strip())
+        return self.recompute_modules or ("core_attn",)
 
 
 @dataclass(kw_only=True)

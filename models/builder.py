@@ -213,6 +213,10 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         expert_ffn_size=adapter.hf_config.intermediate_size if adapter.num_experts else None,
     )
     check_moe_options(build, parallel, moe=bool(adapter.num_experts))
+    if "layernorm" in (build.recompute_modules or ()) and detect_layer_spec(build.transformer_impl).impl == "local":
+        # megatron-core 0.16.1's CheckpointWithoutOutput (layernorm recompute) calls TE-only names.
+        raise ValueError("--recompute_modules layernorm needs the Transformer Engine layer spec; the local one "
+                         "recomputes core_attn and mlp")
     config = transformer_config(adapter, parallel, build)
     padded_vocab = _padded_vocab_size(adapter, parallel, build)
     model_kwargs = adapter.gpt_model_kwargs()

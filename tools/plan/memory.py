@@ -127,20 +127,24 @@ def activation_bytes(stage: StageParams, shape: Shape, grid: Grid, run: Activati
     per_layer = {moe: layer_floats_per_token(shape, grid, moe=moe, recompute_modules=modules) for moe in (False, True)}
     full = per_layer[False] * dense_layers + per_layer[True] * moe_layers
     full += rotary_floats_per_token(shape, run.micro_batch)
+    head = head_floats_per_token(shape, grid, value_head=value_head) if last else 0.0
+    in_flight = in_flight_microbatches(grid, stage.stage, run.num_microbatches)
     if run.recompute == "full":
         recomputed = stage.num_layers if run.recompute_num_layers is None else min(run.recompute_num_layers,
                                                                                    stage.num_layers)
         kept = full * (stage.num_layers - recomputed) / max(stage.num_layers, 1)
         residual = shape.hidden / grid.tp if grid.sequence_parallel else shape.hidden
-        checkpoints = residual * recomputed  # each recomputed layer keeps only its input
-        one_layer = max(per_layer.values()) if recomputed else 0.0
-        stored = kept + checkpoints
-        in_flight = in_flight_microbatches(grid, stage.stage, run.num_microbatches)
-        peak = (stored * in_flight + one_layer) * tokens * b
+        stored = (kept + residual * recomputed) * in_flight  # a recomputed layer keeps only its input
+        # Backward recomputes one layer at a time (its input is already stored); the logits are
+        # gone by then, so the peak is the larger of the forward's end and one layer's recompute.
+        one_layer = max(per_layer.values()) - residual + rotary_floats_per_token(shape, run.micro_batch) \
+            if recomputed else 0.0
+        total = stored + max(one_layer, head)
     else:
-        peak = full * tokens * b * in_flight_microbatches(grid, stage.stage, run.num_microbatches)
-    logits = head_floats_per_token(shape, grid, value_head=value_head) * tokens * FP32 if last else 0
-    return int(peak), int(logits)
+        # A selectively recomputed MLP comes back for one layer at a time in backward, after the logits went.
+        recomputed_mlp = 5 * shape.ffn / grid.tp if "mlp" in modules and dense_layers else 0.0
+        total = full * in_flight + max(head, recomputed_mlp)
+    return int((total - head) * tokens * b), int(head * tokens * FP32)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ Roles by job: sft trains a policy; dpo / kto a policy next to a frozen reference
 per sample: chosen + rejected, or sample + KL sample); rm a value model on pairs; ppo an actor
 and a critic with a frozen reference and reward model and vLLM engines; grpo an actor, a
 reference (when ``--init_kl_coef`` > 0), an optional reward model and the engines. Every Megatron
-role uses the layout given; the roles of one job share the training GPUs (OpenRLHF's colocation
-of actor + reference and critic + reward), which the peak sums.
+role uses the layout given. Roles sharing devices (``device_groups``) add up; the trained ones
+take turns, so the larger step's activations count.
 """
 from __future__ import annotations
 
@@ -72,11 +72,12 @@ class Plan:
     seconds: dict = field(default_factory=dict)
     fits: bool = True
     reasons: list[str] = field(default_factory=list)
+    groups: list[dict] = field(default_factory=list)  # roles sharing devices, and how many GPUs they have
 
     @property
     def peak_bytes(self) -> int:
-        peaks = [s["total_bytes"] for s in self.stages] + ([self.vllm["per_gpu_bytes"]] if self.vllm else [])
-        return max(peaks) if peaks else 0
+        """The fullest training GPU (engines of their own take --vllm_gpu_memory_utilization by design)."""
+        return max((s["total_bytes"] for s in self.stages), default=0)
 
     @property
     def step_seconds(self) -> float:
@@ -157,33 +158,57 @@ def make_plan(model: ModelSpec, cluster_spec: ClusterSpec, layout: Layout, batch
     if training_gpus < 1:
         plan.fits, plan.reasons = False, ["the vLLM engines take every GPU: lower --vllm_num_engines"]
         return plan
-    plan.reasons = check_layout(adapter, layout, world_size=training_gpus, batch=batch, seq_len=seq_len,
+    roles = roles_of(model, rollout, adapter, reward_adapter)
+    groups = device_groups(roles, separate=rl and not rollout.colocate_all_models)
+    if training_gpus % len(groups):
+        plan.fits, plan.reasons = False, [f"{training_gpus} training GPUs do not split evenly between the actor's "
+                                          f"and the critic's devices"]
+        return plan
+    group_gpus = training_gpus // len(groups)
+    plan.reasons = check_layout(adapter, layout, world_size=group_gpus, batch=batch, seq_len=seq_len,
                                 samples=samples)
     if plan.reasons:
         plan.fits = False
         return plan
     moe = bool(adapter.num_experts)
-    dp = layout.parallel(moe).data_parallel_size(training_gpus)
+    dp = layout.parallel(moe).data_parallel_size(group_gpus)
     plan.data_parallel_size = dp
+    plan.groups = [{"roles": [r.name for r in group], "gpus": group_gpus} for group in groups]
     grid = Grid(tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, etp=layout.etp, dp=dp,
                 sequence_parallel=layout.sequence_parallel)
-    roles = roles_of(model, rollout, adapter, reward_adapter)
     run = Activations(micro_batch=layout.micro_batch * SEQUENCES_PER_SAMPLE[model.job], seq_len=seq_len,
                       num_microbatches=samples // (layout.micro_batch * dp), bytes_per_value=2 if model.bf16 else 4,
                       recompute=layout.recompute, recompute_num_layers=layout.recompute_num_layers,
                       recompute_modules=layout.recompute_modules)
-    plan.stages = _stage_memory(roles, layout, grid, run, model.bf16, rl=rl, rollout=rollout, cluster=cluster_spec)
+    per_group = [_stage_memory(group, layout, grid, run, model.bf16, rl=rl, rollout=rollout, cluster=cluster_spec)
+                 for group in groups]
+    plan.stages = [max(stages, key=lambda s: s["total_bytes"]) for stages in zip(*per_group)]
     limit = (cluster.gpu_memory_gb - cluster_spec.reserved_memory_gb) * GB
     for stage in plan.stages:
         if stage["total_bytes"] > limit:
             plan.fits = False
             plan.reasons.append(f"stage {stage['stage']} needs {stage['total_bytes'] / GB:.1f} GB per GPU, "
-                                f"{limit / GB:.1f} GB usable ({stage['phase']})")
+                                f"{limit / GB:.1f} GB usable ({', '.join(stage['roles'])}: {stage['phase']})")
     if vllm and not vllm["fits"]:
         plan.fits = False
         plan.reasons.append(vllm["reason"])
-    plan.seconds = _step_seconds(roles, layout, grid, run, cluster, rollout=rollout if rl else None, vllm=vllm)
+    # Separate device groups (actor + reference, critic + reward) work at the same time: the slower one counts.
+    timings = [_step_seconds(group, layout, grid, run, cluster, rollout=rollout if rl else None) for group in groups]
+    plan.seconds = max(timings, key=lambda t: sum(t.values()))
+    if vllm is not None:
+        plan.seconds["generation"] = vllm["seconds"]
     return plan
+
+
+def device_groups(roles: list[Role], *, separate: bool) -> list[list[Role]]:
+    """Roles that share devices. Offline jobs and ``--colocate_all_models``: all of them. Otherwise
+    OpenRLHF's layout with ``--colocate_actor_ref`` and ``--colocate_critic_reward``: the actor with
+    the reference, the critic with the reward model, on equal halves of the training GPUs (without
+    a critic the reward model joins the actor)."""
+    names = {r.name for r in roles}
+    if not separate or "critic" not in names:
+        return [roles]
+    return [[r for r in roles if r.name in ("actor", "reference")], [r for r in roles if r.name in ("critic", "reward")]]
 
 
 def _stage_memory(roles: list[Role], layout: Layout, grid: Grid, run: Activations, bf16: bool, *, rl: bool,
@@ -224,7 +249,8 @@ def _stage_memory(roles: list[Role], layout: Layout, grid: Grid, run: Activation
                 stages[k]["weights"] for role, stages in per_role if not role.trainable and not role.offloaded)
             if generating > total:
                 phase, total = "generation (vLLM engines awake, training state parked)", int(generating)
-        out.append({"stage": k, "num_parameters": per_role[0][1][k]["params"], "bytes": categories,
+        out.append({"stage": k, "roles": [role.name for role, _ in per_role],
+                    "num_parameters": per_role[0][1][k]["params"], "bytes": categories,
                     "host_bytes": host, "total_bytes": int(total), "phase": phase})
     return out
 
@@ -247,7 +273,7 @@ def _active_params(adapter: ModelAdapter, bf16: bool, value_head: bool) -> tuple
     return total, active
 
 
-def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: Cluster, *, rollout, vllm) -> dict:
+def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: Cluster, *, rollout) -> dict:
     seconds: dict[str, float] = {}
     tokens_per_mb = run.micro_batch * run.seq_len
     for role in roles:
@@ -269,8 +295,6 @@ def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: 
                                  num_moe_layers=_moe_layers_per_stage(role.adapter, 1), grid=grid, cluster=cluster)
             for key, value in parts.items():
                 seconds[key] = seconds.get(key, 0.0) + value
-    if vllm is not None:
-        seconds["generation"] = vllm["seconds"]
     return seconds
 
 

@@ -10,7 +10,7 @@ def plan_dict(plan: Plan, *, assumptions: dict) -> dict:
     return {
         "job": plan.job, "layout": plan.layout.label(), "fits": plan.fits, "reasons": plan.reasons,
         "world_size": plan.world_size, "training_gpus": plan.training_gpus,
-        "data_parallel_size": plan.data_parallel_size, "stages": plan.stages, "vllm": plan.vllm,
+        "data_parallel_size": plan.data_parallel_size, "groups": plan.groups, "stages": plan.stages, "vllm": plan.vllm,
         "step_seconds": plan.step_seconds, "seconds": plan.seconds, "peak_bytes": plan.peak_bytes,
         "assumptions": assumptions,
     }
@@ -23,6 +23,8 @@ def _gb(n: float) -> str:
 def format_plan(plan: Plan, *, assumptions: dict) -> str:
     lines = [f"{plan.job} on {plan.world_size} GPUs ({plan.training_gpus} training, DP {plan.data_parallel_size}): "
              f"{plan.layout.label()}"]
+    if plan.groups:
+        lines.append("devices: " + "; ".join(f"{' + '.join(g['roles'])} on {g['gpus']} GPUs" for g in plan.groups))
     if plan.stages:
         header = f"{'stage':>5} {'params/rank':>13} " + " ".join(f"{c:>11}" for c in CATEGORIES)
         lines += ["", "memory per GPU (GB)", header + f" {'total':>8} {'host':>7}  peak phase"]

@@ -144,3 +144,18 @@ def test_search_ranks_fitting_layouts_and_json_has_per_stage_bytes():
     assert stage["num_parameters"] > 0 and set(stage["bytes"]) == {"weights", "grads", "optimizer", "activations",
                                                                     "logits"}
     json.dumps(out)
+
+
+def test_adam_offload_selects_megatrons_cpu_offload_on_gpus_only():
+    from megatron.core.optimizer import OptimizerConfig
+
+    from engine.runtime.optimizer import offload_kwargs
+
+    assert offload_kwargs(True, cuda=False, transformer_engine=False) == {}  # host memory already
+    assert offload_kwargs(False, cuda=True, transformer_engine=True) == {}
+    without_te = offload_kwargs(True, cuda=True, transformer_engine=False)
+    assert without_te == {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0,
+                          "use_precision_aware_optimizer": False}
+    assert offload_kwargs(True, cuda=True, transformer_engine=True)["use_precision_aware_optimizer"]
+    config = OptimizerConfig(optimizer="adam", lr=1e-5, bf16=True, use_distributed_optimizer=True, **without_te)
+    assert config.optimizer_cpu_offload and config.decoupled_weight_decay  # AdamW, as the offload needs

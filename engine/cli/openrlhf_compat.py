@@ -79,8 +79,6 @@ TABLE: tuple[Foreign, ...] = (
             "LOCAL_RANK (and RANK / WORLD_SIZE) from the environment, as torchrun and deepspeed set them", type=int),
     Foreign("zpg", TRAINERS, "optimizer state is sharded over all data-parallel ranks (Megatron distributed "
             "optimizer); there are no ZeRO++ partition groups", type=int),
-    Foreign("adam_offload", TRAINERS, "Adam states stay on the device, sharded over data-parallel ranks "
-            "(Megatron distributed optimizer); nothing is offloaded to the CPU"),
     Foreign("grad_accum_dtype", TRAINERS, "gradients accumulate and are reduced in fp32 (Megatron DDP main "
             "grads) whatever the parameter dtype", type=str),
     Foreign("overlap_comm", TRAINERS, "the data-parallel gradient reduction runs after the backward pass "

@@ -33,50 +33,16 @@ def small_llama(tmp_path_factory) -> str:
                                 num_hidden_layers=4))
 
 
-def _measure(rank, world, path, layout, build):
-    import torch
-    from megatron.core import parallel_state as ps
+def _measure(_rank, _world, path, layout, build):
+    from tools.plan.measure import measure_sft_steps
 
-    from engine.runtime.engine import EngineConfig, TrainingEngine
-    from engine.trainers.sft import sft_loss_fn
-    from models.builder import ModelBuildConfig
-    from parallel.config import ParallelConfig
-    from tools.plan.measure import measure_training_step
-
-    engine = TrainingEngine(EngineConfig(pretrain=path, parallel=ParallelConfig(**layout),
-                                         build=ModelBuildConfig(**build)), total_steps=2)
-    generator = torch.Generator().manual_seed(0)
-    microbatches = []
-    for _ in range(MICROBATCHES // engine.data_parallel_size):
-        ids = torch.randint(3, 400, (MICRO, SEQ), generator=generator)
-        microbatches.append(dict(input_ids=ids, position_ids=torch.arange(SEQ).expand(MICRO, SEQ).contiguous(),
-                                 labels=ids.roll(-1, 1), loss_mask=torch.ones(MICRO, SEQ)))
-    measured = measure_training_step(engine, microbatches, sft_loss_fn(engine.loss_scale(microbatches)))
-    return {**measured, "stage": ps.get_pipeline_model_parallel_rank(), "dp": engine.data_parallel_size}
+    return measure_sft_steps(path, layout, build, micro_batch=MICRO, seq_len=SEQ, num_microbatches=MICROBATCHES)
 
 
-def _predict(_rank, _world, path, layout, build, world_size, dp):
-    from models.registry import load_adapter
-    from parallel.config import ParallelConfig
-    from tools.plan import meta
-    from tools.plan.memory import Activations, Grid, RoleState, Shape, activation_bytes, state_bytes
+def _predict(_rank, _world, path, layout, build, dp):
+    from tools.plan.measure import predict_sft_step
 
-    adapter = load_adapter(path)
-    parallel = ParallelConfig(**layout)
-    counts = meta.rank_params(adapter, parallel, bf16=False)
-    grid = Grid(tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
-                cp=parallel.context_parallel_size, dp=dp, sequence_parallel=parallel.sequence_parallel)
-    run = Activations(micro_batch=MICRO, seq_len=SEQ, num_microbatches=MICROBATCHES // dp, bytes_per_value=4,
-                      recompute=build.get("recompute_granularity") or "none",
-                      recompute_modules=tuple(build.get("recompute_modules") or ("core_attn",)))
-    out = []
-    for stage in meta.stage_params(counts, grid.pp):
-        state = state_bytes(stage, grid, RoleState(trainable=True, bf16=False), counts.param_bytes)
-        acts, logits = activation_bytes(stage, Shape.of(adapter, grid.tp), grid, run, moe_layers=0,
-                                        last=stage.stage == grid.pp - 1, value_head=False)
-        out.append({"weights": state["weights"], "grads": state["grads"], "optimizer": state["optimizer"],
-                    "activations": acts + logits})
-    return out
+    return predict_sft_step(path, layout, build, micro_batch=MICRO, seq_len=SEQ, num_microbatches=MICROBATCHES, dp=dp)
 
 
 TOLERANCE = {"weights": 0.0, "grads": 0.02, "optimizer": 0.02, "activations": 0.10}
@@ -87,7 +53,7 @@ def test_predicted_memory_matches_a_measured_step(name, small_llama):
     world, layout, build = LAYOUTS[name]
     measured = run_distributed(_measure, world_size=world, args=(small_llama, layout, build), timeout=300)
     dp = measured[0]["dp"]
-    predicted = run_distributed(_predict, world_size=1, args=(small_llama, layout, build, world, dp))[0]
+    predicted = run_distributed(_predict, world_size=1, args=(small_llama, layout, build, dp))[0]
     for rank in measured:
         expected = predicted[rank["stage"]]
         for key, tolerance in TOLERANCE.items():

@@ -111,3 +111,81 @@ def measure_training_step(engine, microbatches: list[dict], loss_fn) -> dict[str
         "optimizer": optimizer_state_bytes(engine.optimizer),
         "activations": meter.peak_bytes,
     }
+
+
+def random_microbatches(count: int, micro_batch: int, seq_len: int, *, vocab: int = 400, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (micro_batch, seq_len), generator=generator)
+        out.append(dict(input_ids=ids, position_ids=torch.arange(seq_len).expand(micro_batch, seq_len).contiguous(),
+                        labels=ids.roll(-1, 1), loss_mask=torch.ones(micro_batch, seq_len)))
+    return out
+
+
+def measure_sft_steps(path: str, layout: dict, build: dict, *, micro_batch: int, seq_len: int,
+                      num_microbatches: int, timed_steps: int = 0) -> dict:
+    """This rank's measured bytes of one SFT step of ``path`` under ``layout`` (a ``ParallelConfig``'s
+    fields) and ``build`` (a ``ModelBuildConfig``'s), then ``timed_steps`` more steps' mean seconds."""
+    import time
+
+    from megatron.core import parallel_state as ps
+
+    from engine.runtime.engine import EngineConfig, TrainingEngine
+    from engine.trainers.sft import sft_loss_fn
+    from models.builder import ModelBuildConfig
+    from parallel.config import ParallelConfig
+
+    engine = TrainingEngine(EngineConfig(pretrain=path, parallel=ParallelConfig(**layout),
+                                         build=ModelBuildConfig(**build)), total_steps=1 + timed_steps)
+    microbatches = random_microbatches(num_microbatches // engine.data_parallel_size, micro_batch, seq_len)
+    loss_fn = sft_loss_fn(engine.loss_scale(microbatches))
+    measured = measure_training_step(engine, microbatches, loss_fn)
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        engine.train_step(microbatches, loss_fn)
+    seconds = (time.perf_counter() - start) / max(timed_steps, 1)
+    return {**measured, "seconds": seconds, "stage": ps.get_pipeline_model_parallel_rank(),
+            "dp": engine.data_parallel_size}
+
+
+def predict_sft_step(path: str, layout: dict, build: dict, *, micro_batch: int, seq_len: int, num_microbatches: int,
+                     dp: int, cluster=None) -> list[dict]:
+    """The planner's bytes per category for each pipeline stage's rank of the same step (fp32, as
+    on CPU), and with ``cluster`` (``tools.plan.timing.Cluster``) its step seconds. Run in a process
+    without torch.distributed (the count builds the model in a fake world)."""
+    from models.registry import load_adapter
+    from parallel.config import ParallelConfig
+    from tools.plan import meta
+    from tools.plan.memory import Activations, Grid, RoleState, Shape, activation_bytes, state_bytes
+    from tools.plan.timing import Work, step_seconds
+
+    adapter = load_adapter(path)
+    parallel = ParallelConfig(**layout)
+    counts = meta.rank_params(adapter, parallel, bf16=False)
+    grid = Grid(tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
+                cp=parallel.context_parallel_size, dp=dp, sequence_parallel=parallel.sequence_parallel)
+    recompute = build.get("recompute_granularity") or ("full" if build.get("gradient_checkpointing") else "none")
+    run = Activations(micro_batch=micro_batch, seq_len=seq_len, num_microbatches=num_microbatches // dp,
+                      bytes_per_value=4, recompute=recompute,
+                      recompute_modules=tuple(build.get("recompute_modules") or ("core_attn",)))
+    shape = Shape.of(adapter, grid.tp)
+    stages = meta.stage_params(counts, grid.pp)
+    out = []
+    for stage in stages:
+        state = state_bytes(stage, grid, RoleState(trainable=True, bf16=False), counts.param_bytes)
+        acts, logits = activation_bytes(stage, shape, grid, run, moe_layers=0, last=stage.stage == grid.pp - 1,
+                                        value_head=False)
+        out.append({"weights": state["weights"], "grads": state["grads"], "optimizer": state["optimizer"],
+                    "activations": acts + logits})
+    if cluster is not None:
+        active = counts.output + sum(x.dense for x in counts.layers)
+        if grid.tp > 1:  # a TP=1 count of the whole model: shards x TP (replicated norms counted TP times: negligible)
+            active *= grid.tp
+        work = Work(tokens_per_microbatch=micro_batch * seq_len, num_microbatches=run.num_microbatches,
+                    seq_len=seq_len, bytes_per_value=4, recompute_full=recompute == "full")
+        seconds = step_seconds(work, active_params=active, rank_params=stages[0].total, expert_rank_params=0,
+                               shape=shape, num_layers=adapter.num_layers, num_moe_layers=0, grid=grid, cluster=cluster)
+        for entry in out:
+            entry["seconds"] = seconds
+    return out

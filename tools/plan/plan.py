@@ -149,7 +149,7 @@ def make_plan(model: ModelSpec, cluster_spec: ClusterSpec, layout: Layout, batch
               adapter: ModelAdapter, reward_adapter=None) -> Plan:
     cluster = cluster_of(cluster_spec)
     rl = model.job in ("ppo", "grpo")
-    vllm = _vllm_plan(adapter, rollout, cluster_spec) if rl else None
+    vllm = _vllm_plan(adapter, rollout, cluster_spec, seq_tokens=batch.max_len) if rl else None
     training_gpus = cluster.world_size - (0 if not rl or rollout.colocate_all_models else vllm["gpus"])
     seq_len = batch.max_len
     samples = batch.train_batch_size if not rl else rollout.rollout_batch_size * rollout.n_samples_per_prompt
@@ -298,7 +298,7 @@ def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: 
     return seconds
 
 
-def _vllm_plan(adapter: ModelAdapter, rollout: RolloutSpec, cluster: ClusterSpec) -> dict:
+def _vllm_plan(adapter: ModelAdapter, rollout: RolloutSpec, cluster: ClusterSpec, *, seq_tokens: int) -> dict:
     total, _ = _active_params(adapter, True, False)
     weight_bytes = total * 2  # engines run bf16
     tp = rollout.vllm_tensor_parallel_size or _smallest_engine_tp(weight_bytes, cluster)
@@ -307,7 +307,6 @@ def _vllm_plan(adapter: ModelAdapter, rollout: RolloutSpec, cluster: ClusterSpec
     budget = rollout.vllm_gpu_memory_utilization * cluster.gpu_memory_gb * GB
     kv_heads = max(adapter.attention.num_kv_heads // tp, 1)
     kv_per_token = 2 * adapter.num_layers * kv_heads * adapter.attention.head_dim * 2
-    seq_tokens = rollout.generate_max_len + 1024  # prompt budget of the default --prompt_max_len
     kv_bytes = budget - weight_bytes / tp - VLLM_OVERHEAD_BYTES
     concurrent = int(kv_bytes // (kv_per_token * seq_tokens)) if kv_bytes > 0 else 0
     sequences = rollout.rollout_batch_size * rollout.n_samples_per_prompt

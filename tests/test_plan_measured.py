@@ -48,6 +48,23 @@ def _predict(_rank, _world, path, layout, build, dp):
 TOLERANCE = {"weights": 0.0, "grads": 0.02, "optimizer": 0.02, "activations": 0.10}
 
 
+@pytest.fixture(scope="module")
+def small_mixtral(tmp_path_factory) -> str:
+    from models.tiny import build_tiny_model
+
+    return str(build_tiny_model("mixtral", tmp_path_factory.mktemp("plan") / "moe", hidden_size=256,
+                                intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+                                num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2))
+
+
+def test_predicted_moe_memory_matches_a_measured_step(small_mixtral):
+    """EP=1: every rank routes its own tokens, so the balanced-routing assumption holds exactly."""
+    measured = run_distributed(_measure, world_size=1, args=(small_mixtral, {}, {}), timeout=300)[0]
+    predicted = run_distributed(_predict, world_size=1, args=(small_mixtral, {}, {}, 1))[0][0]
+    for key, tolerance in TOLERANCE.items():
+        assert abs(measured[key] - predicted[key]) <= tolerance * predicted[key], (key, measured[key], predicted[key])
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_predicted_memory_matches_a_measured_step(name, small_llama):
     world, layout, build = LAYOUTS[name]

@@ -164,7 +164,8 @@ def predict_sft_step(path: str, layout: dict, build: dict, *, micro_batch: int, 
     parallel = ParallelConfig(**layout)
     counts = meta.rank_params(adapter, parallel, bf16=False)
     grid = Grid(tp=parallel.tensor_model_parallel_size, pp=parallel.pipeline_model_parallel_size,
-                cp=parallel.context_parallel_size, dp=dp, sequence_parallel=parallel.sequence_parallel)
+                cp=parallel.context_parallel_size, ep=parallel.expert_model_parallel_size,
+                etp=parallel.expert_tensor_parallel, dp=dp, sequence_parallel=parallel.sequence_parallel)
     recompute = build.get("recompute_granularity") or ("full" if build.get("gradient_checkpointing") else "none")
     run = Activations(micro_batch=micro_batch, seq_len=seq_len, num_microbatches=num_microbatches // dp,
                       bytes_per_value=4, recompute=recompute,
@@ -174,8 +175,9 @@ def predict_sft_step(path: str, layout: dict, build: dict, *, micro_batch: int, 
     out = []
     for stage in stages:
         state = state_bytes(stage, grid, RoleState(trainable=True, bf16=False), counts.param_bytes)
-        acts, logits = activation_bytes(stage, shape, grid, run, moe_layers=0, last=stage.stage == grid.pp - 1,
-                                        value_head=False)
+        moe_layers = stage.num_layers if adapter.num_experts else 0
+        acts, logits = activation_bytes(stage, shape, grid, run, moe_layers=moe_layers,
+                                        last=stage.stage == grid.pp - 1, value_head=False)
         out.append({"weights": state["weights"], "grads": state["grads"], "optimizer": state["optimizer"],
                     "activations": acts + logits})
     if cluster is not None:

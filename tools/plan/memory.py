@@ -91,7 +91,9 @@ def layer_floats_per_token(shape: Shape, grid: Grid, *, moe: bool, recompute_mod
         lse = 0.0
     if moe:
         experts_ffn = shape.ffn  # expert TP shards the expert's hidden size
-        mlp = shape.top_k * (h + 5 * experts_ffn / grid.etp) + shape.num_experts
+        # Per routed copy of a token: the permuted input and the dispatcher's two reorderings, then
+        # the expert's SwiGLU; plus the router's probabilities. Routing is assumed balanced.
+        mlp = shape.top_k * (3 * h + 5 * experts_ffn / grid.etp) + shape.num_experts
     else:
         # SwiGLU: fc1's output (gate | up), the gate's SiLU input and output, and fc2's input.
         mlp = 5 * shape.ffn / t

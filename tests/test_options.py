@@ -33,7 +33,7 @@ REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"input_template": "Q: {}", "ema_beta": "0.5", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
-           "train_batch_size": "4"}
+           "train_batch_size": "4", "target_modules": "q_proj"}
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
          "load_checkpoint": ["--ckpt_path", "c"], "ema_beta": ["--enable_ema"],
          "sequence_parallel": ["--tensor_model_parallel_size", "2"]}

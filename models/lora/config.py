@@ -29,7 +29,8 @@ class LoraConfig:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
-        self.target_modules = tuple(self.target_modules)
+        # OpenRLHF passes them space-separated; a comma-separated list is taken too.
+        self.target_modules = tuple(name for item in self.target_modules for name in item.split(",") if name)
         if not self.target_modules:
             raise ValueError("--target_modules needs at least one module name (or all-linear)")
 

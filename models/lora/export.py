@@ -8,6 +8,7 @@ collects every owner's tensors and writes one file).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ from models.weights import is_owner, value_head_prefix
 from parallel.resharding import all_gather_shards
 
 PEFT_PREFIX = "base_model.model."
+CONFIG_UPDATES = "base_config_updates.json"
 _LINEAR = re.compile(r"^decoder\.layers\.(\d+)\.(?:mlp\.experts\.local_experts\.(\d+)\.)?(.+)$")
 
 
@@ -86,8 +88,11 @@ def peft_config(adapter: ModelAdapter, config: LoraConfig, *, value_head: bool, 
 
 
 def save_peft_adapter(model, adapter: ModelAdapter, config: LoraConfig, save_dir: str | os.PathLike, *,
-                      base_model: str | None = None, source_dir=None, dtype: torch.dtype | None = None) -> None:
-    """Write a PEFT adapter directory (collective over the world; rank 0 writes)."""
+                      base_model: str | None = None, source_dir=None, config_updates: dict | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write a PEFT adapter directory (collective over the world; rank 0 writes). ``config_updates``
+    (a reward model's ``mean`` / ``std``) go to ``base_config_updates.json``, which ``lora_combiner`` writes
+    into the merged model's ``config.json``."""
     from safetensors.torch import save_file
 
     dtype = dtype or adapter.export_dtype()
@@ -103,5 +108,7 @@ def save_peft_adapter(model, adapter: ModelAdapter, config: LoraConfig, save_dir
                         value_prefix=value_head_prefix(model)).save_pretrained(str(staging))
             if source_dir is not None:
                 copy_side_files(source_dir, staging)  # the tokenizer, as OpenRLHF saves it beside the adapter
+                if config_updates:
+                    (Path(staging) / CONFIG_UPDATES).write_text(json.dumps(config_updates, indent=1))
                 for model_file in ("config.json", "generation_config.json"):  # the base model's, not the adapter's
                     (Path(staging) / model_file).unlink(missing_ok=True)

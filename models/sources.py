@@ -76,6 +76,10 @@ class ModelSource:
                 meta = verify_checkpoint(directory)
             except CheckpointError as exc:
                 raise CheckpointError(f"{flag} {path}: {exc}") from exc
+            if meta.get("trained_only"):
+                raise ValueError(f"{flag} {path} is a LoRA training checkpoint: it holds the adapters only. Resume "
+                                 "the run with --load_checkpoint, or start from its --save_path adapter merged by "
+                                 "tools.convert.lora_combiner")
             return cls(path, MEGATRON, flag, meta)
         if (directory / "config.json").is_file():
             return cls(path, HF, flag)
@@ -158,9 +162,11 @@ class ModelSource:
 
     def _load_megatron(self, model) -> None:
         from models.heads import is_value_model
+        from models.lora import is_lora_name
         from models.mcore_checkpoint import load_sharded
 
-        sharded = model.sharded_state_dict()
+        # Adapters are not part of a base model's checkpoint: they keep their fresh initialisation.
+        sharded = {k: v for k, v in model.sharded_state_dict().items() if not is_lora_name(k)}
         fresh_head = is_value_model(model) and not self.value_head
         if fresh_head:
             # The checkpoint's output_layer is an LM head (or absent when tied to the embedding):
@@ -168,8 +174,9 @@ class ModelSource:
             sharded = {k: v for k, v in sharded.items() if not k.startswith("output_layer.")}
         # Only the "model" part is requested: nothing of a training checkpoint's optimizer is read.
         state = load_sharded({"model": sharded}, self.path)["model"]
-        missing, unexpected = model.load_state_dict(state, strict=not fresh_head)
-        assert not unexpected and all(k.startswith("output_layer.") for k in missing), (missing, unexpected)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not is_lora_name(k)]
+        assert not unexpected and all(fresh_head and k.startswith("output_layer.") for k in missing), (missing, unexpected)
 
     def export_hf(self, save_dir: str | os.PathLike, *, parallel, max_shard_bytes: int = 2 << 30,
                   progress: bool = False) -> None:

@@ -27,6 +27,7 @@ from models.hf_checkpoint import (
     finalize_hf_directory,
     staged_directory,
 )
+from models.lora.apply import is_lora_name
 from parallel.resharding import all_gather_shards
 
 
@@ -82,7 +83,8 @@ def value_head_prefix(model) -> str:
 def named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers: every tensor a checkpoint of ``model`` holds. A buffer
     the weight map does not know (a router's ``expert_bias``) fails loudly instead of being skipped."""
-    yield from model.named_parameters()
+    # Adapters are not tensors of the base model (models.lora.export writes them).
+    yield from ((name, p) for name, p in model.named_parameters() if not is_lora_name(name))
     for module_name, module in model.named_modules():
         for name, buffer in module._buffers.items():
             if buffer is not None and name not in module._non_persistent_buffers_set:
@@ -131,11 +133,12 @@ def load_hf_weights(model, adapter: ModelAdapter, hf_path: str | os.PathLike, *,
 # ----- Megatron -> HF -------------------------------------------------------------------------
 def owns_weights(model) -> bool:
     """Whether this rank yields any HF tensor from ``iter_hf_weights`` (one rank per distinct tensor does)."""
-    return any(_is_owner(name) for name, _ in named_weights(model))
+    return any(is_owner(name) for name, _ in named_weights(model))
 
 
-def _is_owner(name: str) -> bool:
-    """One rank per distinct tensor yields it (DP / CP / TP replicas stay silent)."""
+def is_owner(name: str) -> bool:
+    """Whether this rank yields the tensor of parameter ``name``: one rank per distinct tensor does
+    (DP / CP / TP replicas stay silent)."""
     if _is_expert(name):
         return ps.get_expert_data_parallel_rank() == 0 and ps.get_expert_tensor_parallel_rank() == 0
     return ps.get_data_parallel_rank(with_context_parallel=True) == 0 and ps.get_tensor_model_parallel_rank() == 0
@@ -169,7 +172,7 @@ def iter_hf_weights(
         _, _, group = _tp_placement(name)
         local = tensor_of(param)
         shards = all_gather_shards(local, group) if spec.split.gathered else [local]
-        if not (every_rank or _is_owner(name)):
+        if not (every_rank or is_owner(name)):
             continue
         for hf_name, tensor in zip(_model_hf_names(model, spec, index), spec.split.export(shards, adapter)):
             yield hf_name, tensor if dtype is None else tensor.to(dtype)

@@ -448,8 +448,10 @@ def test_refused_and_default_spellings(capsys):
     from engine.cli.options import OptionError
 
     base = ["--pretrain", "m", "--dataset", "d.jsonl"]
-    with pytest.raises(OptionError, match=r"^--lora_rank 16: not supported: LoRA"):
-        train_sft.parse_args([*base, "--lora_rank", "16"])
+    lora = train_sft.parse_args([*base, "--lora_rank", "16", "--lora_alpha", "32", "--target_modules", "q_proj", "v_proj"])
+    assert lora.trainer.engine.build.lora.target_modules == ("q_proj", "v_proj")
+    with pytest.raises(OptionError, match=r"^--load_in_4bit: not supported"):
+        train_sft.parse_args([*base, "--load_in_4bit"])
     assert train_rm.parse_args([*base, "--value_head_prefix", "value_head"]).trainer.engine.build.value_head_prefix \
         == "value_head"
     with pytest.raises(SystemExit):  # a policy has no value head to name

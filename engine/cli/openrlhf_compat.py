@@ -8,8 +8,8 @@ c1970206, 2025-03-31) is an entry of :data:`TABLE`, one of:
 - a **notice**: accepted; one line on rank 0 / the driver says what this engine does instead
   (``--zero_stage 3``: the distributed optimizer shards Adam states over DP; TP / PP shard the
   weights). The notice is the action: nothing else changes;
-- a **refusal**: an error naming the flag and why (LoRA, 4-bit loading, EMA, ...); ``accepted``
-  values are what this engine does anyway (``--lora_rank 0``) and pass with the notice;
+- a **refusal**: an error naming the flag and why (4-bit loading, ...); ``accepted``
+  values are what this engine does anyway and pass with the notice;
 - a **fan-out**: one OpenRLHF flag that is several options here (``--ring_attn_size`` sets every
   RL role's context-parallel size).
 
@@ -113,14 +113,6 @@ TABLE: tuple[Foreign, ...] = (
             "tokenizer when the model has one)", refused=True),
     Foreign("load_in_4bit", (*TRAINERS, "serve_rm"), "4-bit (bitsandbytes) loading of Megatron models",
             refused=True),
-    Foreign("lora_rank", TRAINERS, "LoRA: full-parameter training only (0, no LoRA, is what runs)", type=int,
-            refused=True, accepted=(0,)),
-    Foreign("lora_alpha", TRAINERS, "LoRA is not supported (--lora_rank > 0 is refused), so this has no effect",
-            type=int),
-    Foreign("lora_dropout", TRAINERS, "LoRA is not supported (--lora_rank > 0 is refused), so this has no effect",
-            type=float),
-    Foreign("target_modules", TRAINERS, "LoRA is not supported (--lora_rank > 0 is refused), so this has no "
-            "effect", type=str, nargs="*"),
     Foreign("use_ms", EVERY, "ModelScope hub downloads: download the model and pass its directory", refused=True),
     # ----- algorithms and data -------------------------------------------------------------------
     Foreign("loss", ("train_rm",), "the pairwise loss is -logsigmoid(r_chosen - r_rejected [- margin with "

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from models.heads import is_value_model
 from models.hf_checkpoint import CheckpointError
+from models.lora import has_lora
 from models.mcore_checkpoint import (
     load_common_state,
     load_rank_state,
@@ -104,7 +105,7 @@ def save_training_checkpoint(
     """Collectively save everything needed to resume after ``step``; rotate old checkpoints.
     ``extra_models``: more models of the same grid saved alongside (an EMA), under their names."""
     directory = Path(config.ckpt_path) / f"global_step{step}"
-    model_sd = model.sharded_state_dict()
+    model_sd = _trained_part(model)
     extra = {name: other.sharded_state_dict(prefix=f"{name}.") for name, other in (extra_models or {}).items()}
     save_sharded(
         {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_FORMAT), **extra},
@@ -112,7 +113,8 @@ def save_training_checkpoint(
         adapter=adapter,
         hf_source_dir=hf_source_dir,
         padded_vocab_size=model.vocab_size,
-        extra_meta={"step": step, "value_head": is_value_model(model), "extra_models": sorted(extra)},
+        extra_meta={"step": step, "value_head": is_value_model(model), "extra_models": sorted(extra),
+                    "trained_only": has_lora(model)},
         common_state={"scheduler": scheduler.state_dict(), "trainer": trainer_state},
         rank_state={"rng": _rng_state()},
     )
@@ -128,7 +130,7 @@ def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, ex
     ``extra_models`` the checkpoint holds are restored too; the names it lacks are listed under
     ``"missing_extra_models"`` of the returned state."""
     _materialise_optimizer_state(optimizer)
-    model_sd = model.sharded_state_dict()
+    model_sd = _trained_part(model)
     saved = set(read_meta(directory).get("extra_models", []))
     extra = {name: other for name, other in (extra_models or {}).items() if name in saved}
     state = load_sharded(
@@ -136,7 +138,8 @@ def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, ex
          **{name: other.sharded_state_dict(prefix=f"{name}.") for name, other in extra.items()}},
         directory,
     )
-    model.load_state_dict(state["model"], strict=True)
+    missing, unexpected = model.load_state_dict(state["model"], strict=not has_lora(model))
+    assert not unexpected and not (set(missing) & set(model_sd)), (missing, unexpected)
     for name, other in extra.items():
         other.load_state_dict({key.removeprefix(f"{name}."): value for key, value in state[name].items()}, strict=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -148,6 +151,16 @@ def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, ex
     else:
         logger.warning("no RNG state for rank %d in %s (different world size): RNG not restored", dist.get_rank(), directory)
     return {**common["trainer"], "missing_extra_models": sorted(set(extra_models or {}) - saved)}
+
+
+def _trained_part(model) -> dict:
+    """The model's sharded state dict, or with LoRA only its trained tensors (adapters, a value head):
+    the frozen base is the run's --pretrain, so a checkpoint is MBs and resumes exactly."""
+    state = model.sharded_state_dict()
+    if not has_lora(model):
+        return state
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {key: value for key, value in state.items() if key in trained}
 
 
 def _materialise_optimizer_state(optimizer) -> None:

@@ -37,6 +37,8 @@ from engine.runtime.optimizer import OptimConfig, build_optimizer, build_schedul
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
 from engine.runtime.train_step import StepResult, reduce_metrics, routing_metrics, train_step
 from models.builder import NO_RECOMPUTE, ModelBuildConfig, build_model
+from models.lora import LoraConfig, adapters_disabled
+from models.lora.export import save_peft_adapter
 from models.sources import ModelSource
 from models.weights import save_hf_checkpoint
 from parallel.config import ParallelConfig
@@ -83,6 +85,9 @@ class TrainingEngine:
             self.scheduler = build_scheduler(self.optimizer, config.optim, total_steps=total_steps)
         self.ema = None
         if ema_beta is not None:
+            if self.lora.enabled:
+                raise ValueError("--enable_ema with --lora_rank is not supported: the EMA would average the "
+                                 "frozen base too (train without LoRA, or without --enable_ema)")
             if not trainable:
                 raise ValueError("an EMA of the weights is kept for a trained model only")
             self.ema = EmaModel(self, ema_beta)
@@ -100,6 +105,10 @@ class TrainingEngine:
             self._to_host()
 
     # ----- facts about this rank ----------------------------------------------------------
+    @property
+    def lora(self) -> LoraConfig:
+        return self.config.build.lora
+
     @property
     def is_rank_zero(self) -> bool:
         return dist.get_rank() == 0
@@ -245,18 +254,44 @@ class TrainingEngine:
         return {EMA_CHECKPOINT_KEY: self.ema.model} if self.ema is not None else {}
 
     def save_hf(self, path: str | Path, *, config_updates: dict | None = None) -> None:
-        """The HF export of the model, or of its EMA when one is kept (as OpenRLHF exports it)."""
+        """The HF export of the model, or of its EMA when one is kept (as OpenRLHF exports it); with
+        LoRA, a PEFT adapter directory (``tools.convert.lora_combiner`` merges it into the base)."""
         self.restore_training_state(("weights", "optimizer"))
+        if self.lora.enabled:
+            save_peft_adapter(self.model, self.adapter, self.lora, path, base_model=self.config.pretrain,
+                              source_dir=self.source.hf_dir, config_updates=config_updates)
+            return
         model = self.ema.model if self.ema is not None else self.model
         save_hf_checkpoint(model, self.adapter, path, source_dir=self.source.hf_dir, progress=self.is_rank_zero,
                            config_updates=config_updates)
 
 
-def frozen_copy(engine: TrainingEngine, hf_path: str, *, role: str, offload: bool = False) -> TrainingEngine:
+class AdaptersOff:
+    """The base model under a LoRA engine's adapters, as a frozen model: the DPO / KTO reference
+    of a LoRA run is its start, which the adapted model holds already (no second copy)."""
+
+    def __init__(self, engine: TrainingEngine):
+        self.engine = engine
+        self.vocab_size = engine.vocab_size
+
+    def forward_outputs(self, microbatches: list[dict], compute, **kwargs) -> list[torch.Tensor]:
+        with adapters_disabled(self.engine.model):
+            return self.engine.forward_outputs(microbatches, compute, **kwargs)
+
+
+def frozen_copy(engine: TrainingEngine, hf_path: str, *, role: str, offload: bool = False):
     """A frozen model on ``engine``'s grid (the DPO / KTO reference, the KD teacher): same TP / PP /
     CP layout, so its micro-batches split the same way; ``role`` names its flag in errors.
-    ``hf_path``: an HF directory or a Megatron checkpoint, as ``--pretrain``."""
-    copy = TrainingEngine(replace(engine.config, pretrain=hf_path, pretrain_flag=role), trainable=False,
+    ``hf_path``: an HF directory or a Megatron checkpoint, as ``--pretrain``. With LoRA, the model
+    ``engine`` started from is its own base with the adapters off (:class:`AdaptersOff`); another
+    model is built without adapters."""
+    if engine.lora.enabled and hf_path == engine.config.pretrain:
+        if offload and engine.is_rank_zero:
+            print(f"note: {role} is the LoRA run's own frozen base (adapters off): it shares the trained model's "
+                  "weights, so there is nothing to offload", flush=True)
+        return AdaptersOff(engine)
+    build = replace(engine.config.build, lora=LoraConfig())
+    copy = TrainingEngine(replace(engine.config, pretrain=hf_path, pretrain_flag=role, build=build), trainable=False,
                           offload=offload, ctx=engine.ctx)
     if copy.vocab_size != engine.vocab_size:
         raise ValueError(f"{role} {hf_path} has a vocabulary of {copy.vocab_size} tokens, the trained "

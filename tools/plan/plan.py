@@ -10,7 +10,7 @@ take turns, so the larger step's activations count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from models.adapter import ModelAdapter
 from parallel.config import ParallelConfig
@@ -222,9 +222,12 @@ def _stage_memory(roles: list[Role], layout: Layout, grid: Grid, run: Activation
         stages = []
         for stage in meta.stage_params(counts, layout.pp):
             state = state_bytes(stage, grid, RoleState(role.trainable, bf16, layout.adam_offload), counts.param_bytes)
-            acts, logits = (activation_bytes(stage, shape, grid, run, moe_layers=moe_per_stage, value_head=role.value_head,
-                                             last=stage.stage == layout.pp - 1) if role.trainable else (0, 0))
-            stages.append(dict(params=stage.total, acts=acts, logits=logits, **state))
+            acts = logits = plain = 0
+            if role.trainable:
+                kwargs = dict(moe_layers=moe_per_stage, value_head=role.value_head, last=stage.stage == layout.pp - 1)
+                acts, logits = activation_bytes(stage, shape, grid, run, **kwargs)
+                plain = sum(activation_bytes(stage, shape, grid, replace(run, recompute="none"), **kwargs))
+            stages.append(dict(params=stage.total, acts=acts, logits=logits, plain=plain, **state))
         per_role.append((role, stages))
     out = []
     for k in range(layout.pp):
@@ -251,6 +254,7 @@ def _stage_memory(roles: list[Role], layout: Layout, grid: Grid, run: Activation
                 phase, total = "generation (vLLM engines awake, training state parked)", int(generating)
         out.append({"stage": k, "roles": [role.name for role, _ in per_role],
                     "num_parameters": per_role[0][1][k]["params"], "bytes": categories,
+                    "activations_without_recompute_bytes": max(s["plain"] for s in trained),
                     "host_bytes": host, "total_bytes": int(total), "phase": phase})
     return out
 

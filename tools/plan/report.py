@@ -27,11 +27,12 @@ def format_plan(plan: Plan, *, assumptions: dict) -> str:
         lines.append("devices: " + "; ".join(f"{' + '.join(g['roles'])} on {g['gpus']} GPUs" for g in plan.groups))
     if plan.stages:
         header = f"{'stage':>5} {'params/rank':>13} " + " ".join(f"{c:>11}" for c in CATEGORIES)
-        lines += ["", "memory per GPU (GB)", header + f" {'total':>8} {'host':>7}  peak phase"]
+        lines += ["", "memory per GPU (GB; acts+logits w/o recompute: what recompute saves)",
+                  header + f" {'total':>8} {'host':>7} {'w/o rec.':>8}  peak phase"]
         for s in plan.stages:
             lines.append(f"{s['stage']:>5} {s['num_parameters']:>13,} " + " ".join(
                 f"{_gb(s['bytes'][c]):>11}" for c in CATEGORIES) + f" {_gb(s['total_bytes'])} {_gb(s['host_bytes'])}"
-                f"  {s['phase']}")
+                f" {_gb(s['activations_without_recompute_bytes'])}  {s['phase']}")
     if plan.vllm:
         v = plan.vllm
         lines += ["", f"vLLM: {v['engines']} engine(s) x TP {v['tensor_parallel_size']}: weights "

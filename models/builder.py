@@ -62,6 +62,7 @@ class ModelBuildConfig:
         "auto", help="layer implementation: transformer_engine (TE linears with fused norms), local "
                      "(megatron-core's own); auto: transformer_engine when TE imports and CUDA is there")
     value_head: bool = False  # critic / reward model: a scalar per token instead of logits
+    value_normalisation: tuple[float, float] | None = None  # (mean, std) the value head's output is normalised by
     value_head_prefix: str = option("score", help="reward / critic head: its HF tensor is <prefix>.weight, read and "
                                                   "written (OpenRLHF's; AutoModelForSequenceClassification's is score)")
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -260,7 +261,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_moe_layers=sum(moe_layers) if moe_layers is not None else adapter.num_layers)
     if model.post_process:
         if build.value_head:
-            model.output_layer = ValueHead(config)
+            model.output_layer = ValueHead(config, normalisation=build.value_normalisation)
         elif padded_vocab != adapter.vocab_size:
             model.output_layer.register_forward_hook(_mask_vocab_padding(adapter.vocab_size, padded_vocab))
     if torch.cuda.is_available():

@@ -10,6 +10,7 @@ On CPU a "GPU" is one process: ``--actor_num_gpus_per_node 2`` starts two actor 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -208,6 +209,8 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
     def config(key: str, pretrain: str, flag: str, *, trainable: bool, value_head: bool, learning_rate=None,
                ema_beta=None):
         optim = replace(job.optim, learning_rate=learning_rate) if learning_rate is not None else job.optim
+        build = replace(job.build, value_head=value_head,
+                        value_normalisation=_value_normalisation(job, key, pretrain, flag) if value_head else None)
         options: RoleOptions = getattr(job, _flag_group(key))
         with naming_flags(PPOJob, _flag_group(key)):
             return RoleConfig(
@@ -216,7 +219,7 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
                 total_steps=total_steps if trainable else 1,
                 engine=EngineConfig(pretrain=pretrain, pretrain_flag=flag, seed=job.models.seed,
                                     parallel=options.parallel, optim=optim,
-                                    build=replace(job.build, value_head=value_head)))
+                                    build=build))
 
     models, reward_paths = job.models, job.models.reward_paths
     out = {"actor": config("actor", models.pretrain, "--pretrain", trainable=True, value_head=False,
@@ -231,6 +234,24 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
         out["critic"] = config("critic", critic_path, flag, trainable=True, value_head=True,
                                learning_rate=models.critic_learning_rate)
     return out
+
+
+def _value_normalisation(job: PPOJob, key: str, path: str, flag: str) -> tuple[float, float] | None:
+    """``--normalize_reward``: a reward model's outputs by the mean / std its config.json holds (an
+    error when it has none); the critic's by its own checkpoint's, when it has them (a critic
+    started from the reward model), else unnormalised (it learns the normalised returns' scale)."""
+    if not job.ppo.normalize_reward:
+        return None
+    from models.sources import ModelSource
+
+    statistics = ModelSource.open(path, flag=flag).reward_statistics
+    if statistics is None and key != "critic":
+        raise ValueError(f"--normalize_reward: {flag} {path}: its config.json has no 'mean' / 'std' field; it is "
+                         "written by train_rm (or drop the flag)")
+    if statistics is not None and not (math.isfinite(statistics[0]) and statistics[1] > 0):
+        raise ValueError(f"--normalize_reward: {flag} {path}: config.json has mean={statistics[0]}, "
+                         f"std={statistics[1]}; std must be > 0")
+    return statistics
 
 
 def _optimizer_steps(job: PPOJob, num_prompts: int) -> int:

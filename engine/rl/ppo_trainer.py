@@ -52,7 +52,11 @@ class PPOConfig:
     use_kl_loss: bool = option(False, help="KL as a loss term (GRPO) instead of a reward penalty")
     kl_estimator: Literal["k1", "k2", "k3"] = option("k1", value_aliases={"use_kl_estimator_k3": "k3"},
                                                      help="KL estimator")
-    normalize_reward: bool = option(False, help="normalise rewards by running mean / std")
+    normalize_reward: bool = option(False, help="reward models' rewards and the critic's values as (x - mean) / std "
+                                                "with the mean / std in their config.json (OpenRLHF's; train_rm "
+                                                "saves them)")
+    normalize_reward_running: bool = option(False, help="normalise the rollout's rewards by their running mean / "
+                                                        "std over the rollouts so far")
     dynamic_filtering: bool = option(False, help="drop GRPO groups whose rewards are all equal")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
@@ -233,7 +237,7 @@ class PPOTrainer:
     def advantages(self, experience: Experience, raw_rewards: torch.Tensor) -> tuple[Experience, dict]:
         config = self.config
         rewards = raw_rewards
-        if config.normalize_reward:
+        if config.normalize_reward_running:
             self.reward_moments.update(rewards)
             rewards = self.reward_moments.normalize(rewards)
         mask = experience.action_mask

@@ -61,6 +61,7 @@ class PPOConfig:
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
     seed: int = 42  # the job's --seed
+    skip_redundant_forwards: bool = True  # False: always score old log-probs (tests compare both ways)
 
     def __post_init__(self) -> None:
         samples = self.rollout_batch_size * self.n_samples_per_prompt
@@ -90,6 +91,15 @@ class PPOConfig:
     @property
     def needs_reference(self) -> bool:
         return self.init_kl_coef > 0
+
+    def needs_old_log_probs(self, *, reference: bool) -> bool:
+        """Whether scoring must run the actor's forward for the rollout's old log-probs. Not when
+        the rollout feeds exactly one optimizer step (the training forward's own log-probs are
+        them) and nothing else reads them before training: no KL penalty in the reward, no
+        adaptive KL controller fed by the rollout's KL."""
+        one_step = self.max_epochs == 1 and self.rollout_batch_size * self.n_samples_per_prompt == self.train_batch_size
+        kl_before_training = reference and (not self.use_kl_loss or self.kl_target is not None)
+        return not (self.skip_redundant_forwards and one_step and not kl_before_training)
 
 
 @dataclass
@@ -205,8 +215,11 @@ class PPOTrainer:
         """The rollout as an ``Experience`` with old / reference log-probs and values; its rewards."""
         micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
         experience = Experience.from_rollout(batch)
+        old_log_probs = None
+        if self.config.needs_old_log_probs(reference=self.reference is not None):
+            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature)
         experience = experience.with_fields(
-            old_log_probs=self.actor.log_probs(experience, micro, temperature=temperature),
+            old_log_probs=old_log_probs,
             ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature)
                            if self.reference is not None else None),
             values=self.critic.values(experience, micro) if self.critic is not None else None,
@@ -218,7 +231,7 @@ class PPOTrainer:
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
         }
-        if batch.rollout_log_probs is not None:
+        if batch.rollout_log_probs is not None and old_log_probs is not None:
             # Training-inference mismatch: vLLM's log-probs vs the Megatron actor's, same tokens.
             diff = (batch.rollout_log_probs - experience.old_log_probs).abs() * mask
             metrics["rollout_logprob_abs_diff"] = float(diff.sum() / mask.sum().clamp(min=1))
@@ -243,7 +256,7 @@ class PPOTrainer:
         mask = experience.action_mask
         kl = None
         metrics = {}
-        if experience.ref_log_probs is not None:
+        if experience.ref_log_probs is not None and experience.old_log_probs is not None:
             kl = kl_estimate(experience.old_log_probs, experience.ref_log_probs, estimator=config.kl_estimator,
                              action_mask=mask)
             metrics["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))

@@ -33,7 +33,7 @@ REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore",
             "pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.
-SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj",
+SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps": "4",
            "input_template": "Q: {}", "ema_beta": "0.5", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
            "train_batch_size": "4"}
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],

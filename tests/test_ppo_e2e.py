@@ -49,6 +49,16 @@ def _rise(history: list[dict]) -> float:
     return sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3
 
 
+def _eval_prompts(setup, count: int = 8) -> str:
+    """The first ``count`` rows of the held-out addition split as the eval prompt file."""
+    from pathlib import Path
+
+    held_out = Path(setup["prompts"].split("@", 1)[1]) / "test.jsonl"
+    path = setup["root"] / "eval_prompts.jsonl"
+    path.write_text("".join(held_out.read_text().splitlines(keepends=True)[:count]))
+    return str(path)
+
+
 def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
     from engine.cli import train_ppo_ray
 
@@ -56,8 +66,15 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
         rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "16",
         "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
         "--ckpt_path", str(rl_setup["root"] / "ckpt_tp2"), "--save_steps", "2", "--max_ckpt_num", "8",
+        "--eval_dataset", _eval_prompts(rl_setup), "--eval_steps", "8", "--eval_n_samples_per_prompt", "4",
     ))
     assert len(history) == 16
+    # Evaluation at the stated rollouts only, its pass@4 consistent with its per-response pass rate.
+    evaluated = [h for h in history if "eval/pass@4" in h]
+    assert [h["step"] for h in evaluated] == [8, 16]
+    for h in evaluated:
+        assert h["eval/pass@1"] <= h["eval/pass@4"] <= min(1.0, 4 * h["eval/pass@1"])
+        assert 0 < h["eval/response_length"] <= 6
     # The engine really holds the actor's weights after every sync (fp32: equal log-probs).
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
     assert _rise(history) >= MARGIN, [h["reward"] for h in history]

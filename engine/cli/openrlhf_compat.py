@@ -117,8 +117,6 @@ TABLE: tuple[Foreign, ...] = (
     # ----- algorithms and data -------------------------------------------------------------------
     Foreign("loss", ("train_rm",), "the pairwise loss is -logsigmoid(r_chosen - r_rejected [- margin with "
             "--margin_loss]), which is OpenRLHF's 'sigmoid' and, without margins, also its 'logexp' loss", type=str),
-    Foreign("eval_steps", RL, "train_ppo_ray has no evaluation pass (OpenRLHF's is a placeholder at this "
-            "version)", type=int),
     Foreign("save_hf_ckpt", RL, "train_ppo_ray exports HF weights at the end (--save_path, "
             "--save_value_network); resumable checkpoints go to --ckpt_path", refused=True),
     Foreign("perf", RL, "per-phase times are always logged (time/generate, time/train, ...)"),

@@ -21,6 +21,7 @@ from engine.data.config import DataConfig
 from engine.ray.colocation import ColocationConfig
 from engine.ray.vllm_engine import VLLMEngineConfig
 from engine.ray.weight_sync import WeightSyncConfig
+from engine.rl.evaluation import RLEvalConfig
 from engine.rl.ppo_trainer import PPOConfig
 from engine.rl.rollout import SamplingConfig
 from engine.runtime.checkpoint import CheckpointConfig
@@ -116,6 +117,7 @@ class PPOJob:
     ppo: PPOConfig = group(title="algorithm", defaults={"advantage.reward_clip_range": (-10.0, 10.0)},
                            factory=PPOConfig)
     ptx: PtxData = group(title="ptx", factory=PtxData)
+    eval: RLEvalConfig = group(title="evaluation", factory=RLEvalConfig)
     optim: OptimConfig = group(title="optimizer", defaults={"learning_rate": 1e-6},
                                aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
     checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
@@ -299,6 +301,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     source = ModelSource.open(job.models.pretrain)
     tokenizer = source.tokenizer()
     prompts = PromptDataset.from_config(job.data, tokenizer)
+    eval_prompts = (PromptDataset.from_config(replace(job.data, dataset=job.eval.eval_dataset, dataset_probs=None),
+                                              tokenizer) if job.eval.eval_dataset else None)
     pretrain_samples = load_pretrain_data(job, tokenizer)
     join_cluster()
     groups: dict = {}
@@ -334,6 +338,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             reward_sources=make_reward_sources(job.models.remote_rm_url),
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
             save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
+            evaluation=job.eval, eval_prompts=eval_prompts,
         )
         return trainer.fit()
     finally:

@@ -20,6 +20,7 @@ from engine.rl.advantages import (
     compute_advantages,
     filter_all_equal_groups,
 )
+from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
 from engine.rl.rollout import RolloutEngines, SamplingConfig
@@ -123,7 +124,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, prompts, tokenizer, rollouts: RolloutEngines, actor,
                  sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
                  logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
-                 pretrain_samples=None):
+                 pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -144,6 +145,10 @@ class PPOTrainer:
 
             self.ptx = PtxSampler(pretrain_samples, seed=config.seed,
                                   stride=config.max_epochs * config.rollout_batch_size * config.n_samples_per_prompt)
+        self.evaluation = evaluation or RLEvalConfig()
+        self.eval_prompts = eval_prompts
+        if self.evaluation.eval_dataset and not eval_prompts:
+            raise ValueError(f"--eval_dataset {self.evaluation.eval_dataset} has no prompts")
         self.history: list[dict] = []
         steps_per_episode = len(prompts) // config.rollout_batch_size
         if steps_per_episode == 0:
@@ -157,6 +162,8 @@ class PPOTrainer:
         start = self._resume()
         for step in range(start, self.num_steps):
             metrics = self.train_one_rollout(step)
+            if self.evaluation.due(step + 1, self.num_steps):
+                metrics.update(self.evaluate(step + 1))
             self.history.append({"step": step + 1, **metrics})
             self._report(step + 1, metrics)
             self._maybe_checkpoint(step + 1)
@@ -191,8 +198,21 @@ class PPOTrainer:
         chosen = order[index * self.config.rollout_batch_size:(index + 1) * self.config.rollout_batch_size]
         return [self.prompts[int(i)] for i in chosen]
 
-    def generate(self, rows: list[dict], step: int) -> tuple[RolloutBatch, dict]:
-        sampling = replace(self.sampling, seed=self.config.seed + step * 100003)
+    def evaluate(self, step: int) -> dict:
+        """The eval prompts with the weights the engines hold now (synced after this rollout)."""
+        started = time.perf_counter()
+        k = self.evaluation.eval_n_samples_per_prompt
+        sampling = replace(self.sampling, temperature=self.evaluation.eval_temperature, n_samples_per_prompt=k,
+                           seed=self.config.seed + 7919)
+        batch, meta = self.generate(list(self.eval_prompts), step, sampling=sampling)
+        rewards = self._rewards(Experience.from_rollout(batch), meta)
+        metrics = eval_metrics(rewards.tolist(), batch.response_lengths.tolist(), k)
+        metrics["time/eval"] = time.perf_counter() - started
+        return metrics
+
+    def generate(self, rows: list[dict], step: int, *, sampling: SamplingConfig | None = None
+                 ) -> tuple[RolloutBatch, dict]:
+        sampling = sampling or replace(self.sampling, seed=self.config.seed + step * 100003)
         samples = self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling)
         prompt_ids = [list(rows[s.prompt_index]["prompt_ids"]) for s in samples]
         batch = build_rollout_batch(
@@ -326,7 +346,8 @@ class PPOTrainer:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
                  "rollout_logprob_abs_diff",
-                 "time/generate", "time/score", "time/train", "time/sync")
+                 "time/generate", "time/score", "time/train", "time/sync", "eval/reward",
+                 f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         print(f"rollout {step}/{self.num_steps} {line}", flush=True)
         if self.logger is not None:

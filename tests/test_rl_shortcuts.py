@@ -88,3 +88,55 @@ def test_skipping_the_old_log_probs_trains_the_same_step_at_tp2(tiny_models):
         assert diff < 1e-6, diff  # ... the same way both times
         assert without["policy_loss"] == pytest.approx(with_old["policy_loss"], rel=1e-5, abs=1e-7)
         assert without["clip_frac"] == 0.0
+
+
+# ----- --vllm_is_correction: truncated importance weights of the engines' mismatch ------------
+
+def test_importance_weights_equal_a_direct_computation():
+    import math
+
+    import torch
+
+    from engine.rl.losses import rollout_importance_weights
+
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(4, 10, generator=g) * 3
+    rollout = old + (torch.rand(4, 10, generator=g) - 0.5) * 2
+    mask = (torch.rand(4, 10, generator=g) > 0.3).float()
+    weights, metrics = rollout_importance_weights(old, rollout, mask, cap=1.5)
+    direct = [[min(math.exp(o - r), 1.5) * m for o, r, m in zip(*rows)]
+              for rows in zip(old.tolist(), rollout.tolist(), mask.tolist())]
+    assert torch.allclose(weights, torch.tensor(direct), atol=1e-6)
+    real = [w for row, mrow in zip(direct, mask.tolist()) for w, m in zip(row, mrow) if m]
+    raw = [math.exp(o - r) for orow, rrow, mrow in zip(old.tolist(), rollout.tolist(), mask.tolist())
+           for o, r, m in zip(orow, rrow, mrow) if m]
+    assert metrics["vllm_is/mean"] == pytest.approx(sum(real) / len(real), rel=1e-5)
+    assert metrics["vllm_is/max"] == pytest.approx(max(real), rel=1e-5)
+    assert metrics["vllm_is/capped_frac"] == pytest.approx(sum(x > 1.5 for x in raw) / len(raw))
+
+
+def test_importance_weights_scale_each_tokens_policy_gradient():
+    import torch
+
+    from engine.rl.losses import policy_loss
+
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(3, 6, generator=g)
+    advantages, mask = torch.randn(3, 6, generator=g), torch.ones(3, 6)
+    weights = torch.rand(3, 6, generator=g) * 2
+    grads = []
+    for w in (None, weights):
+        log_probs = old.clone().requires_grad_(True)
+        loss, _ = policy_loss(log_probs, old, advantages, mask, eps_clip=0.2, importance_weights=w, normaliser=1.0)
+        loss.backward()
+        grads.append(log_probs.grad)
+    assert torch.allclose(grads[1], grads[0] * weights)  # at ratio 1: d(-A r)/dlogp = -A, times the weight
+
+
+def test_correction_needs_the_old_log_probs_and_refuses_a_tempered_policy():
+    from engine.cli.options import OptionError
+
+    job = _job("--rollout_batch_size", "8", "--train_batch_size", "8", "--vllm_is_correction")
+    assert job.ppo.needs_old_log_probs(reference=False)
+    with pytest.raises(OptionError, match="--vllm_is_correction with --temperature 0.7"):
+        _job("--vllm_is_correction", "--temperature", "0.7")

@@ -138,6 +138,11 @@ class PPOJob:
 
 def parse_args(argv=None) -> PPOJob:
     job = parse_job(PPOJob, argv, description=__doc__)
+    if job.ppo.vllm_is_correction and job.sampling.temperature != 1.0:
+        # vLLM 0.32 returns the sampled tokens' log-probs before temperature: the weights would
+        # measure the temperature, not the engines' mismatch.
+        raise OptionError(f"--vllm_is_correction with --temperature {job.sampling.temperature}: the engines' "
+                          "log-probs are of the untempered policy; use --temperature 1")
     if not job.models.save_path:
         print_notices([NO_SAVE_PATH])
     return job

@@ -23,6 +23,7 @@ from engine.rl.advantages import (
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
+from engine.rl.losses import rollout_importance_weights
 from engine.rl.rollout import RolloutEngines, SamplingConfig
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
 from engine.rl.train_losses import TrainSettings
@@ -59,6 +60,10 @@ class PPOConfig:
     normalize_reward_running: bool = option(False, help="normalise the rollout's rewards by their running mean / "
                                                         "std over the rollouts so far")
     dynamic_filtering: bool = option(False, help="drop GRPO groups whose rewards are all equal")
+    vllm_is_correction: bool = option(False, help="weight each token's policy gradient by min(exp(logp_actor - "
+                                                  "logp_vLLM), --vllm_is_truncated_threshold): truncated importance "
+                                                  "sampling of the engines' mismatch with the trainer")
+    vllm_is_truncated_threshold: float = option(2.0, help="cap of the --vllm_is_correction weights")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
     seed: int = 42  # the job's --seed
@@ -79,6 +84,8 @@ class PPOConfig:
             raise ValueError(f"--eps_clip_low_high must be two values >= 0, got {self.eps_clip_low_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"--dual_clip must be > 1.0, got {self.dual_clip}")
+        if self.vllm_is_truncated_threshold <= 0:
+            raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {self.vllm_is_truncated_threshold}")
 
     @property
     def clip_range(self) -> tuple[float, float]:
@@ -100,6 +107,8 @@ class PPOConfig:
         adaptive KL controller fed by the rollout's KL."""
         one_step = self.max_epochs == 1 and self.rollout_batch_size * self.n_samples_per_prompt == self.train_batch_size
         kl_before_training = reference and (not self.use_kl_loss or self.kl_target is not None)
+        if self.vllm_is_correction:  # the weights compare them with the engines' log-probs
+            return True
         return not (self.skip_redundant_forwards and one_step and not kl_before_training)
 
 
@@ -255,6 +264,11 @@ class PPOTrainer:
             # Training-inference mismatch: vLLM's log-probs vs the Megatron actor's, same tokens.
             diff = (batch.rollout_log_probs - experience.old_log_probs).abs() * mask
             metrics["rollout_logprob_abs_diff"] = float(diff.sum() / mask.sum().clamp(min=1))
+            if self.config.vllm_is_correction:
+                weights, is_metrics = rollout_importance_weights(
+                    old_log_probs, batch.rollout_log_probs, mask, cap=self.config.vllm_is_truncated_threshold)
+                experience = experience.with_fields(rollout_is_weights=weights)
+                metrics.update(is_metrics)
         return experience, rewards, metrics
 
     def _rewards(self, experience: Experience, meta: dict) -> torch.Tensor:

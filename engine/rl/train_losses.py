@@ -55,7 +55,7 @@ def policy_loss_fn(settings: TrainSettings, *, scale: float, tp_group, ptx_scale
         loss_sum, info = policy_loss(
             log_probs, log_probs.detach() if old_log_probs is None else old_log_probs, batch["advantages"], mask,
             eps_clip=settings.eps_clip, eps_clip_high=settings.eps_clip_high,
-            dual_clip=settings.dual_clip, normaliser=1.0,
+            dual_clip=settings.dual_clip, normaliser=1.0, importance_weights=batch.get("rollout_is_weights"),
         )
         metrics = {"policy_loss_sum": loss_sum.detach(), "num_tokens": mask.sum().detach(),
                    "clip_frac": info["clip_frac"].detach(), "approx_kl": info["approx_kl"].detach()}

@@ -32,3 +32,34 @@ def test_pass_at_k_equals_a_direct_count():
         assert metrics["eval/reward"] == pytest.approx(sum(rewards) / len(rewards))
     with pytest.raises(ValueError, match="whole groups"):
         pass_at_k([1.0, 0.0, 1.0], 2)
+
+
+def test_run_record_keeps_every_rollout_and_plots_the_reward(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from engine.rl.console import RunRecord
+
+    record = RunRecord(tmp_path / "run")
+    history = [{"step": s, "reward": s / 10, **({"eval/reward": s / 5} if s % 2 == 0 else {})} for s in range(1, 7)]
+    for h in history:
+        record.add({**h, "note": "x", "skipped": [1, 2]})
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["reward"] for line in lines] == [h["reward"] for h in history] and "skipped" not in lines[0]
+    image = Image.open(record.plot(history)).convert("RGB")
+    colours = {image.getpixel((x, y)) for x in range(0, 640, 2) for y in range(0, 400, 2)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # both series drawn
+
+
+def test_metric_lines_go_above_the_progress_bar(capsys):
+    from engine.rl.console import RolloutProgress
+
+    progress = RolloutProgress(total=2)
+    progress.write("rollout 1/2 reward=0.5")
+    progress.advance()
+    progress.close()
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).replace("\r", "\n").splitlines()
+    assert "rollout 1/2 reward=0.5" in lines  # a line of its own, not inside the bar's
+    assert any(line.startswith("rollouts:") and "1/2" in line for line in lines)  # the bar moved on

@@ -21,6 +21,7 @@ from engine.data.config import DataConfig
 from engine.ray.colocation import ColocationConfig
 from engine.ray.vllm_engine import VLLMEngineConfig
 from engine.ray.weight_sync import WeightSyncConfig
+from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.ppo_trainer import PPOConfig
 from engine.rl.rollout import SamplingConfig
@@ -118,6 +119,7 @@ class PPOJob:
                            factory=PPOConfig)
     ptx: PtxData = group(title="ptx", factory=PtxData)
     eval: RLEvalConfig = group(title="evaluation", factory=RLEvalConfig)
+    console: ConsoleConfig = group(title="console", factory=ConsoleConfig)
     optim: OptimConfig = group(title="optimizer", defaults={"learning_rate": 1e-6},
                                aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
     checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
@@ -261,6 +263,17 @@ def _value_normalisation(job: PPOJob, key: str, path: str, flag: str) -> tuple[f
     return statistics
 
 
+def _link_logs(run_dir) -> None:
+    """``<run_dir>/ray_logs``: the Ray session's log files on this machine (engines, role workers)."""
+    from pathlib import Path
+
+    from engine.ray.cluster import session_log_dir
+
+    logs, link = session_log_dir(), Path(run_dir) / "ray_logs"
+    if logs and not link.exists():
+        link.symlink_to(logs, target_is_directory=True)
+
+
 def _optimizer_steps(job: PPOJob, num_prompts: int) -> int:
     ppo = job.ppo
     rollouts = min(num_prompts // ppo.rollout_batch_size * ppo.num_episodes, ppo.max_steps or 1 << 62)
@@ -298,6 +311,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.ray.rollouts import TrainerSleep, VLLMRollouts
     from engine.ray.vllm_engine import engines_on_gpus, loads_own_weights, shutdown_engines
     from engine.ray.weight_sync import ActorWeightSync, resolve_sync_backend
+    from engine.rl.console import RunRecord
     from engine.rl.ppo_trainer import PPOTrainer
     from engine.rl.rewards import make_reward_sources
     from engine.runtime.logging import MetricsLogger
@@ -309,7 +323,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     eval_prompts = (PromptDataset.from_config(replace(job.data, dataset=job.eval.eval_dataset, dataset_probs=None),
                                               tokenizer) if job.eval.eval_dataset else None)
     pretrain_samples = load_pretrain_data(job, tokenizer)
-    join_cluster()
+    record = RunRecord(job.console.resolved_run_dir())
+    join_cluster(log_to_driver=job.console.verbose)
     groups: dict = {}
     engines: list = []
     placements: dict = {}
@@ -343,10 +358,12 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             reward_sources=make_reward_sources(job.models.remote_rm_url),
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
             save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
-            evaluation=job.eval, eval_prompts=eval_prompts,
+            evaluation=job.eval, eval_prompts=eval_prompts, record=record,
         )
         return trainer.fit()
     finally:
+        _link_logs(record.run_dir)
+        print(f"run directory: {record.run_dir} (metrics.jsonl, reward.png, ray_logs/)", flush=True)
         if engines:
             shutdown_engines(engines)
         for group_ in groups.values():

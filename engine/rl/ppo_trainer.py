@@ -133,7 +133,8 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, prompts, tokenizer, rollouts: RolloutEngines, actor,
                  sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
                  logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
-                 pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None):
+                 pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None,
+                 record=None):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -154,6 +155,8 @@ class PPOTrainer:
 
             self.ptx = PtxSampler(pretrain_samples, seed=config.seed,
                                   stride=config.max_epochs * config.rollout_batch_size * config.n_samples_per_prompt)
+        self.record = record  # engine.rl.console.RunRecord: metrics.jsonl and reward.png of the run directory
+        self.progress = None
         self.evaluation = evaluation or RLEvalConfig()
         self.eval_prompts = eval_prompts
         if self.evaluation.eval_dataset and not eval_prompts:
@@ -168,14 +171,23 @@ class PPOTrainer:
 
     # ----- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict]:
+        from engine.rl.console import RolloutProgress
+
         start = self._resume()
-        for step in range(start, self.num_steps):
-            metrics = self.train_one_rollout(step)
-            if self.evaluation.due(step + 1, self.num_steps):
-                metrics.update(self.evaluate(step + 1))
-            self.history.append({"step": step + 1, **metrics})
-            self._report(step + 1, metrics)
-            self._maybe_checkpoint(step + 1)
+        self.progress = RolloutProgress(self.num_steps, start)
+        try:
+            for step in range(start, self.num_steps):
+                metrics = self.train_one_rollout(step)
+                if self.evaluation.due(step + 1, self.num_steps):
+                    metrics.update(self.evaluate(step + 1))
+                self.history.append({"step": step + 1, **metrics})
+                self._report(step + 1, metrics)
+                self._maybe_checkpoint(step + 1)
+                self.progress.advance()
+        finally:
+            self.progress.close()
+            if self.record is not None and self.history:
+                self.record.plot(self.history)
         if self.save_path:
             self.actor.save_hf(self.save_path)
             if self.critic is not None and self.save_value_network:
@@ -363,7 +375,9 @@ class PPOTrainer:
                  "time/generate", "time/score", "time/train", "time/sync", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-        print(f"rollout {step}/{self.num_steps} {line}", flush=True)
+        self.progress.write(f"rollout {step}/{self.num_steps} {line}")
+        if self.record is not None:
+            self.record.add({"step": step, **metrics})
         if self.logger is not None:
             self.logger.log(metrics, step)
 

@@ -270,7 +270,7 @@ def _link_logs(run_dir) -> None:
     from engine.ray.cluster import session_log_dir
 
     logs, link = session_log_dir(), Path(run_dir) / "ray_logs"
-    if logs and not link.exists():
+    if logs and Path(logs).is_dir() and link.parent.is_dir() and not link.exists():
         link.symlink_to(logs, target_is_directory=True)
 
 
@@ -323,8 +323,9 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     eval_prompts = (PromptDataset.from_config(replace(job.data, dataset=job.eval.eval_dataset, dataset_probs=None),
                                               tokenizer) if job.eval.eval_dataset else None)
     pretrain_samples = load_pretrain_data(job, tokenizer)
-    record = RunRecord(job.console.resolved_run_dir())
     join_cluster(log_to_driver=job.console.verbose)
+    # After joining: a submitted job's working directory is unpacked anew by ray.init.
+    record = RunRecord(job.console.resolved_run_dir())
     groups: dict = {}
     engines: list = []
     placements: dict = {}

@@ -15,12 +15,20 @@ from parallel.options import option
 @dataclass(kw_only=True)
 class ConsoleConfig:
     run_dir: str | None = option(None, help="where the run's metrics.jsonl, reward.png and ray_logs go "
-                                            "(default: runs/ppo_ray/<date-time>)")
+                                            "(default: runs/ppo_ray/<date-time>, under ray job submit in the home "
+                                            "directory: the job's working directory is Ray's temporary copy)")
     verbose: bool = option(False, help="vLLM's, Ray's and the role workers' logs on the console too (else only in "
                                        "<run_dir>/ray_logs)")
 
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir or f"runs/ppo_ray/{time.strftime('%Y%m%d-%H%M%S')}")
+        if self.run_dir:
+            return Path(self.run_dir)
+        root = Path("runs")
+        if "working_dir_files" in Path.cwd().parts:
+            # A `ray job submit` driver runs inside Ray's unpacked copy of the working directory,
+            # which Ray replaces when it unpacks it again for the actors: write to the home directory.
+            root = Path.home() / "runs"
+        return root / "ppo_ray" / time.strftime("%Y%m%d-%H%M%S")
 
 
 class RolloutProgress:
@@ -45,7 +53,7 @@ class RunRecord:
     """The run directory: every rollout's metrics as one JSON line, and the reward plot."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()  # absolute: the driver's working directory may change later
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
 

@@ -158,6 +158,7 @@ def predict_sft_step(path: str, layout: dict, build: dict, *, micro_batch: int, 
     from parallel.config import ParallelConfig
     from tools.plan import meta
     from tools.plan.memory import Activations, Grid, RoleState, Shape, activation_bytes, state_bytes
+    from tools.plan.plan import active_params
     from tools.plan.timing import Work, step_seconds
 
     adapter = load_adapter(path)
@@ -181,9 +182,7 @@ def predict_sft_step(path: str, layout: dict, build: dict, *, micro_batch: int, 
         out.append({"weights": state["weights"], "grads": state["grads"], "optimizer": state["optimizer"],
                     "activations": acts + logits})
     if cluster is not None:
-        active = counts.output + sum(x.dense for x in counts.layers)
-        if grid.tp > 1:  # a TP=1 count of the whole model: shards x TP (replicated norms counted TP times: negligible)
-            active *= grid.tp
+        _, active = active_params(adapter, False, False)
         work = Work(tokens_per_microbatch=micro_batch * seq_len, num_microbatches=run.num_microbatches,
                     seq_len=seq_len, bytes_per_value=4, recompute_full=recompute == "full")
         seconds = step_seconds(work, active_params=active, rank_params=stages[0].total, expert_rank_params=0,

@@ -11,9 +11,8 @@ stage). ``build_stage`` builds a given stage for real, which the tests hold the 
 """
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -117,29 +116,29 @@ class StageParams:
         return self.dense + self.expert
 
 
+_COUNTS: dict[tuple, "RankParams"] = {}  # one build per architecture and (TP, EP, expert TP)
+
+
 def rank_params(adapter: ModelAdapter, parallel: ParallelConfig, *, bf16: bool = True,
                 value_head: bool = False) -> RankParams:
     """Count one rank's parameters for the TP / EP / expert TP of ``parallel`` (PP and CP do not
     change a layer's shards)."""
-    return _rank_params(adapter_key(adapter), adapter, parallel.tensor_model_parallel_size,
-                        parallel.expert_model_parallel_size, parallel.expert_tensor_parallel, bf16, value_head)
+    tp, ep, etp = (parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size,
+                   parallel.expert_tensor_parallel)
+    key = (adapter.hf_config.to_json_string(use_diff=False), tp, ep, etp, bf16, value_head)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count_rank(adapter, tp, ep, etp, bf16=bf16, value_head=value_head)
+    return _COUNTS[key]
 
 
-def adapter_key(adapter: ModelAdapter) -> str:
-    return adapter.hf_config.to_json_string(use_diff=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _rank_params(key: str, adapter, tp: int, ep: int, etp: int, bf16: bool, value_head: bool) -> RankParams:
+def _count_rank(adapter: ModelAdapter, tp: int, ep: int, etp: int, *, bf16: bool, value_head: bool) -> RankParams:
     flat = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                           expert_tensor_parallel_size=etp if adapter.num_experts else None)
     with fake_world(flat):
         model = build_stage(adapter, flat, 0, meta_build_config(bf16=bf16, value_head=value_head))
         counts = _count_by_piece(model, adapter.num_layers)
-        tied = 0
-        if adapter.tie_word_embeddings and not value_head:
-            tied = counts["embedding"]
         param_bytes = next(model.parameters()).element_size()
+    tied = counts["embedding"] if adapter.tie_word_embeddings and not value_head else 0
     return RankParams(embedding=counts["embedding"], layers=tuple(counts["layers"]), final_norm=counts["final_norm"],
                       output=counts["output"], tied_output=tied, param_bytes=param_bytes)
 
@@ -185,6 +184,3 @@ def count_stage_build(model) -> tuple[int, int]:
     expert = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     return sum(p.numel() for p in model.parameters()) - expert, expert
 
-
-def with_pipeline(parallel: ParallelConfig, pp: int) -> ParallelConfig:
-    return replace(parallel, pipeline_model_parallel_size=pp)

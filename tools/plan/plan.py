@@ -183,21 +183,22 @@ def make_plan(model: ModelSpec, cluster_spec: ClusterSpec, layout: Layout, batch
     per_group = [_stage_memory(group, layout, grid, run, model.bf16, rl=rl, rollout=rollout, cluster=cluster_spec)
                  for group in groups]
     plan.stages = [max(stages, key=lambda s: s["total_bytes"]) for stages in zip(*per_group)]
-    limit = (cluster.gpu_memory_gb - cluster_spec.reserved_memory_gb) * GB
-    for stage in plan.stages:
-        if stage["total_bytes"] > limit:
-            plan.fits = False
-            plan.reasons.append(f"stage {stage['stage']} needs {stage['total_bytes'] / GB:.1f} GB per GPU, "
-                                f"{limit / GB:.1f} GB usable ({', '.join(stage['roles'])}: {stage['phase']})")
-    if vllm and not vllm["fits"]:
-        plan.fits = False
-        plan.reasons.append(vllm["reason"])
+    plan.reasons = _memory_reasons(plan, (cluster.gpu_memory_gb - cluster_spec.reserved_memory_gb) * GB)
+    plan.fits = not plan.reasons
     # Separate device groups (actor + reference, critic + reward) work at the same time: the slower one counts.
     timings = [_step_seconds(group, layout, grid, run, cluster, rollout=rollout if rl else None) for group in groups]
     plan.seconds = max(timings, key=lambda t: sum(t.values()))
     if vllm is not None:
         plan.seconds["generation"] = vllm["seconds"]
     return plan
+
+
+def _memory_reasons(plan: Plan, usable_bytes: float) -> list[str]:
+    reasons = [f"stage {s['stage']} needs {s['total_bytes'] / GB:.1f} GB per GPU, {usable_bytes / GB:.1f} GB usable "
+               f"({', '.join(s['roles'])}: {s['phase']})" for s in plan.stages if s["total_bytes"] > usable_bytes]
+    if plan.vllm and not plan.vllm["fits"]:
+        reasons.append(plan.vllm["reason"])
+    return reasons
 
 
 def device_groups(roles: list[Role], *, separate: bool) -> list[list[Role]]:
@@ -266,7 +267,7 @@ def _moe_layers_per_stage(adapter: ModelAdapter, pp: int) -> int:
     return (sum(flags) if flags else adapter.num_layers) // pp
 
 
-def _active_params(adapter: ModelAdapter, bf16: bool, value_head: bool) -> tuple[int, int]:
+def active_params(adapter: ModelAdapter, bf16: bool, value_head: bool) -> tuple[int, int]:
     """(total, active per token) parameters of the whole model, from a TP=1 count."""
     counts = meta.rank_params(adapter, ParallelConfig(), bf16=bf16, value_head=value_head)
     dense = counts.output + sum(x.dense for x in counts.layers)  # the embedding lookup costs no FLOPs
@@ -281,7 +282,7 @@ def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: 
     seconds: dict[str, float] = {}
     tokens_per_mb = run.micro_batch * run.seq_len
     for role in roles:
-        total, active = _active_params(role.adapter, run.bytes_per_value == 2, role.value_head)
+        _, active = active_params(role.adapter, run.bytes_per_value == 2, role.value_head)
         shape = Shape.of(role.adapter, layout.tp)
         counts = meta.rank_params(role.adapter, layout.parallel(bool(role.adapter.num_experts)),
                                   bf16=run.bytes_per_value == 2, value_head=role.value_head)
@@ -303,7 +304,7 @@ def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: 
 
 
 def _vllm_plan(adapter: ModelAdapter, rollout: RolloutSpec, cluster: ClusterSpec, *, seq_tokens: int) -> dict:
-    total, _ = _active_params(adapter, True, False)
+    total, _ = active_params(adapter, True, False)
     weight_bytes = total * 2  # engines run bf16
     tp = rollout.vllm_tensor_parallel_size or _smallest_engine_tp(weight_bytes, cluster)
     world = cluster.nodes * cluster.gpus_per_node

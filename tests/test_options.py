@@ -27,8 +27,9 @@ JOBS = {
     "engine.cli.train_ppo_ray": "PPOJob", "engine.cli.serve_rm": "ServeRMJob",
     "engine.cli.batch_inference": "BatchInferenceJob", "engine.cli.demo": "DemoJob",
     "tools.convert.hf_to_mcore": "ToMcoreJob", "tools.convert.mcore_to_hf": "ToHFJob",
+    "tools.convert.lora_combiner": "CombinerJob",
 }
-REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore",
+REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore", "model_path": "base", "lora_path": "adapter",
             "pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from engine.cli.openrlhf_compat import NO_SAVE_PATH
-from engine.cli.options import OptionError, group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
+from engine.cli.options import group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
 from engine.data.config import DataConfig
 from engine.ray.colocation import ColocationConfig
 from engine.ray.vllm_engine import VLLMEngineConfig
@@ -26,6 +26,7 @@ from engine.runtime.checkpoint import CheckpointConfig
 from engine.runtime.logging import LoggingConfig
 from engine.runtime.optimizer import OptimConfig
 from models.builder import ModelBuildConfig
+from models.lora import LoraConfig
 from parallel.config import ParallelConfig
 from parallel.options import option
 
@@ -180,10 +181,6 @@ def check_job(job: PPOJob) -> None:
     from engine.ray.colocation import colocated_sets
     from models.sources import ModelSource
 
-    if job.build.lora.enabled:
-        raise OptionError(f"--lora_rank {job.build.lora.lora_rank}: not supported by train_ppo_ray yet (the vLLM weight "
-                          "sync of merged adapters is not wired); LoRA trains in train_sft, train_rm, train_dpo, "
-                          "train_kto, train_kd and train_prm")
     configs = role_configs(job, total_steps=1)
     colocated_sets(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
     pretrain_data_config(job)
@@ -216,7 +213,9 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
                 total_steps=total_steps if trainable else 1,
                 engine=EngineConfig(pretrain=pretrain, pretrain_flag=flag, seed=job.models.seed,
                                     parallel=options.parallel, optim=optim,
-                                    build=replace(job.build, value_head=value_head)))
+                                    # LoRA adapts the trained roles (actor, critic); the frozen ones are plain.
+                                    build=replace(job.build, value_head=value_head,
+                                                  lora=job.build.lora if trainable else LoraConfig())))
 
     models, reward_paths = job.models, job.models.reward_paths
     out = {"actor": config("actor", models.pretrain, "--pretrain", trainable=True, value_head=False,

@@ -37,7 +37,7 @@ SPECIAL = {"input_template": "Q: {}", "ema_beta": "0.5", "dataset_probs": "1.0",
            "train_batch_size": "4", "target_modules": "q_proj"}
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
          "load_checkpoint": ["--ckpt_path", "c"], "ema_beta": ["--enable_ema"],
-         "sequence_parallel": ["--tensor_model_parallel_size", "2"]}
+         "sequence_parallel": ["--tensor_model_parallel_size", "2"], "load_in_4bit": ["--lora_rank", "4"]}
 
 
 def _job(module: str):

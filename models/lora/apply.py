@@ -138,11 +138,17 @@ def adapters_disabled(model):
 
 def merged_tensor_of(model):
     """A ``tensor_of`` for ``models.weights.iter_hf_weights``: adapted weights merged (W + scale B A,
-    shard by shard), every other tensor as it is."""
-    owners = {id(module.weight): module for _, module in lora_linears(model)}
+    shard by shard), NF4 weights dequantised, every other tensor as it is."""
+    from models.lora.quant import Nf4WeightMixin
+
+    # Keyed by the registered parameter (an NF4 layer's ``weight`` is made anew on every read).
+    owners = {id(module._parameters["weight"]): module for module in model.modules()
+              if is_lora_linear(module) or isinstance(module, Nf4WeightMixin)}
 
     def tensor_of(param: torch.nn.Parameter) -> torch.Tensor:
         owner = owners.get(id(param))
-        return param.data if owner is None else owner.merged_weight()
+        if owner is None:
+            return param.data
+        return owner.merged_weight() if is_lora_linear(owner) else owner.base_weight()
 
     return tensor_of

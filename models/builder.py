@@ -30,7 +30,16 @@ class ModelBuildConfig:
 
     bf16: bool | None = option(None, value_aliases={"fp32": False},
                                help="bf16 weights and compute (default: bf16 with CUDA, fp32 on CPU; --fp32 forces fp32)")
-    gradient_checkpointing: bool = option(False, help="full activation recompute")
+    gradient_checkpointing: bool = option(False, help="full activation recompute of every layer (the same as "
+                                                      "--recompute_granularity full)")
+    recompute_granularity: Literal["full", "selective"] | None = option(
+        None, help="activation recompute (Megatron): full: a recomputed layer keeps only its input; selective: "
+                   "the --recompute_modules parts of every layer")
+    recompute_num_layers: int | None = option(
+        None, help="full recompute of the first N layers of each pipeline stage only (Megatron's block method; "
+                   "default: every layer)")
+    recompute_modules: tuple[str, ...] | None = option(
+        None, help="selective recompute: Megatron modules among core_attn, layernorm, mlp (default: core_attn)")
     aux_loss_coef: float = option(0.0, help="MoE: loss = LM loss + this x HF Mixtral's load-balancing aux_loss "
                                             "(OpenRLHF's meaning); 0: off")
     router_z_loss_coef: float = option(0.0, help="MoE: Megatron's router z-loss coefficient (ST-MoE, per layer); 0: off")
@@ -53,12 +62,16 @@ class ModelBuildConfig:
         "auto", help="layer implementation: transformer_engine (TE linears with fused norms), local "
                      "(megatron-core's own); auto: transformer_engine when TE imports and CUDA is there")
     value_head: bool = False  # critic / reward model: a scalar per token instead of logits
+    value_normalisation: tuple[float, float] | None = None  # (mean, std) the value head's output is normalised by
     value_head_prefix: str = option("score", help="reward / critic head: its HF tensor is <prefix>.weight, read and "
                                                   "written (OpenRLHF's; AutoModelForSequenceClassification's is score)")
     lora: LoraConfig = field(default_factory=LoraConfig)
     make_vocab_size_divisible_by: int = 128
     padded_vocab_size: int | None = None  # fixed by a checkpoint saved under another TP size
     overrides: dict = field(default_factory=dict)  # extra TransformerConfig fields
+
+    def __post_init__(self) -> None:
+        recompute_kwargs(self)  # refuses contradictory recompute flags when the job is parsed
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -128,12 +141,44 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
             moe_token_drop_policy=build.moe_token_drop_policy,
             moe_pad_expert_input_to_capacity=build.moe_pad_expert_input_to_capacity,
         )
-    if build.gradient_checkpointing:
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(recompute_kwargs(build))
     if build.router_z_loss_coef:
         kwargs["moe_z_loss_coeff"] = build.router_z_loss_coef
     kwargs.update(build.overrides)
     return TransformerConfig(**kwargs)
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+#: A frozen model (reference, teacher, EMA copy) runs no backward: nothing to recompute.
+NO_RECOMPUTE = dict(gradient_checkpointing=False, recompute_granularity=None, recompute_num_layers=None,
+                    recompute_modules=None)
+
+
+def recompute_kwargs(build: ModelBuildConfig) -> dict:
+    """Megatron's recompute fields for ``--gradient_checkpointing`` / ``--recompute_*``, checked."""
+    granularity = build.recompute_granularity
+    if build.gradient_checkpointing and granularity == "selective":
+        raise ValueError("--gradient_checkpointing is full recompute: drop it for --recompute_granularity selective")
+    if build.gradient_checkpointing:
+        granularity = "full"
+    if build.recompute_num_layers is not None:
+        if granularity != "full":
+            raise ValueError("--recompute_num_layers needs --recompute_granularity full")
+        if build.recompute_num_layers < 1:
+            raise ValueError(f"--recompute_num_layers must be >= 1, got {build.recompute_num_layers}")
+    if build.recompute_modules is not None:
+        if granularity != "selective":
+            raise ValueError("--recompute_modules needs --recompute_granularity selective")
+        unknown = sorted(set(build.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ValueError(f"--recompute_modules: {', '.join(unknown)} not among {', '.join(RECOMPUTE_MODULES)}")
+    if granularity == "full":
+        if build.recompute_num_layers is None:  # every layer, one checkpoint each
+            return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=build.recompute_num_layers)
+    if granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(build.recompute_modules or ("core_attn",)))
+    return {}
 
 
 def resolve_grouped_gemm(build: ModelBuildConfig) -> bool:
@@ -182,6 +227,10 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         expert_ffn_size=adapter.hf_config.intermediate_size if adapter.num_experts else None,
     )
     check_moe_options(build, parallel, moe=bool(adapter.num_experts))
+    if "layernorm" in (build.recompute_modules or ()) and detect_layer_spec(build.transformer_impl).impl == "local":
+        # megatron-core 0.16.1's CheckpointWithoutOutput (layernorm recompute) calls TE-only names.
+        raise ValueError("--recompute_modules layernorm needs the Transformer Engine layer spec; the local one "
+                         "recomputes core_attn and mlp")
     config = transformer_config(adapter, parallel, build)
     padded_vocab = _padded_vocab_size(adapter, parallel, build)
     model_kwargs = adapter.gpt_model_kwargs()
@@ -212,7 +261,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_moe_layers=sum(moe_layers) if moe_layers is not None else adapter.num_layers)
     if model.post_process:
         if build.value_head:
-            model.output_layer = ValueHead(config)
+            model.output_layer = ValueHead(config, normalisation=build.value_normalisation)
         elif padded_vocab != adapter.vocab_size:
             model.output_layer.register_forward_hook(_mask_vocab_padding(adapter.vocab_size, padded_vocab))
     if torch.cuda.is_available():

@@ -16,9 +16,12 @@ class ValueHead(torch.nn.Module):
     on every TP rank, so its gradient is too and needs no TP reduction.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, normalisation: tuple[float, float] | None = None):
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
+        # (mean, std): outputs as (v - mean) / std, OpenRLHF's --normalize_reward for a reward model
+        # or critic whose config.json holds the reward statistics its trainer measured.
+        self.normalisation = normalisation
         # Its own generator: a fresh head (a critic started from a causal LM) must not depend on
         # how much of the global RNG stream this rank's layers consumed, i.e. on the PP layout.
         generator = torch.Generator().manual_seed(VALUE_HEAD_SEED)
@@ -28,7 +31,11 @@ class ValueHead(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None, **kwargs):
         if self.sequence_parallel:
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
-        return torch.nn.functional.linear(hidden_states, self.weight), None
+        values = torch.nn.functional.linear(hidden_states, self.weight)
+        if self.normalisation is not None:
+            mean, std = self.normalisation
+            values = (values - mean) / std
+        return values, None
 
 
 def is_value_model(model) -> bool:

@@ -112,6 +112,19 @@ class ModelSource:
             return bool(self.meta.get("value_head", False))
         return _hf_value_head(Path(self.path)) if Path(self.path).is_dir() else None
 
+    @property
+    def reward_statistics(self) -> tuple[float, float] | None:
+        """``(mean, std)`` of the rewards, which the reward-model trainer saves in config.json; None
+        when the config has none (a causal LM, an RM trained elsewhere) or is not on disk."""
+        try:
+            config = json.loads((Path(self.hf_dir) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        mean, std = config.get("mean"), config.get("std")
+        if mean is None or std is None:
+            return None
+        return float(mean), float(std)
+
     def describe(self) -> str:
         if not self.is_megatron:
             return f"{self.flag} {self.path}"

@@ -6,6 +6,8 @@ half of the time and GRPO / PPO can push up within a few rollouts.
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 REWARD_FUNC = '''
@@ -33,8 +35,12 @@ def rl_setup(tmp_path_factory):
     return {"model": str(sft), "prompts": f"json@{data}", "reward": str(reward), "root": root}
 
 
+_RUNS = itertools.count()
+
+
 def _ppo_args(setup, *extra: str) -> list[str]:
     return [
+        "--run_dir", str(setup["root"] / f"run{next(_RUNS)}"),
         "--pretrain", setup["model"], "--prompt_data", setup["prompts"], "--input_key", "prompt",
         "--label_key", "label", "--remote_rm_url", setup["reward"],
         "--n_samples_per_prompt", "8", "--rollout_batch_size", "16", "--train_batch_size", "64",
@@ -49,6 +55,16 @@ def _rise(history: list[dict]) -> float:
     return sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3
 
 
+def _eval_prompts(setup, count: int = 8) -> str:
+    """The first ``count`` rows of the held-out addition split as the eval prompt file."""
+    from pathlib import Path
+
+    held_out = Path(setup["prompts"].split("@", 1)[1]) / "test.jsonl"
+    path = setup["root"] / "eval_prompts.jsonl"
+    path.write_text("".join(held_out.read_text().splitlines(keepends=True)[:count]))
+    return str(path)
+
+
 def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
     from engine.cli import train_ppo_ray
 
@@ -56,8 +72,26 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
         rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "16",
         "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
         "--ckpt_path", str(rl_setup["root"] / "ckpt_tp2"), "--save_steps", "2", "--max_ckpt_num", "8",
+        "--eval_dataset", _eval_prompts(rl_setup), "--eval_steps", "8", "--eval_n_samples_per_prompt", "4",
+        "--run_dir", str(rl_setup["root"] / "run_tp2"),
     ))
     assert len(history) == 16
+    # Evaluation at the stated rollouts only, its pass@4 consistent with its per-response pass rate.
+    evaluated = [h for h in history if "eval/pass@4" in h]
+    assert [h["step"] for h in evaluated] == [8, 16]
+    for h in evaluated:
+        assert h["eval/pass@1"] <= h["eval/pass@4"] <= min(1.0, 4 * h["eval/pass@1"])
+        assert 0 < h["eval/response_length"] <= 6
+    # The run directory: one metrics line per rollout, and the reward plot.
+    import json
+
+    from PIL import Image
+
+    record = rl_setup["root"] / "run_tp2" / "metrics.jsonl"
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 17))
+    assert [line["reward"] for line in lines] == pytest.approx([h["reward"] for h in history])
+    assert Image.open(record.parent / "reward.png").size == (640, 400)
     # The engine really holds the actor's weights after every sync (fp32: equal log-probs).
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
     assert _rise(history) >= MARGIN, [h["reward"] for h in history]

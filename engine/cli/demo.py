@@ -79,6 +79,10 @@ def main(argv=None) -> None:
             print(f"mean reward of the first 3 rollouts {sum(rewards[:3]) / 3:.2f}, of the last 3 {sum(rewards[-3:]) / 3:.2f}")
         print(f"GRPO model (HF format): {final}")
     _show_answers(str(final))
+    print(f"\nWhere to look: SFT curves in {workdir / 'tensorboard'}" + (
+        f"; GRPO reward per rollout in {_run_dir(args) / 'reward.png'}, every rollout's metrics in "
+        f"{_run_dir(args) / 'metrics.jsonl'}, the engines' logs in {_run_dir(args) / 'ray_logs'}"
+        if args.rl_steps > 0 else ""))
 
 
 def _grpo(args, model: str, data: str, out: Path) -> list[dict]:
@@ -97,8 +101,12 @@ def _grpo(args, model: str, data: str, out: Path) -> list[dict]:
         "--actor_num_gpus_per_node", str(args.tensor_model_parallel_size),
         "--actor_tensor_model_parallel_size", str(args.tensor_model_parallel_size),
         "--enforce_eager", "--vllm_dtype", "float32", "--save_path", str(out),
-        "--use_tensorboard", str(Path(args.workdir) / "tensorboard_grpo"),
+        "--use_tensorboard", str(Path(args.workdir) / "tensorboard_grpo"), "--run_dir", str(_run_dir(args)),
     ])
+
+
+def _run_dir(args) -> Path:
+    return Path(args.workdir) / "grpo_run"
 
 
 def _show_answers(path: str) -> None:

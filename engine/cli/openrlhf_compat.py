@@ -79,8 +79,6 @@ TABLE: tuple[Foreign, ...] = (
             "LOCAL_RANK (and RANK / WORLD_SIZE) from the environment, as torchrun and deepspeed set them", type=int),
     Foreign("zpg", TRAINERS, "optimizer state is sharded over all data-parallel ranks (Megatron distributed "
             "optimizer); there are no ZeRO++ partition groups", type=int),
-    Foreign("adam_offload", TRAINERS, "Adam states stay on the device, sharded over data-parallel ranks "
-            "(Megatron distributed optimizer); nothing is offloaded to the CPU"),
     Foreign("grad_accum_dtype", TRAINERS, "gradients accumulate and are reduced in fp32 (Megatron DDP main "
             "grads) whatever the parameter dtype", type=str),
     Foreign("overlap_comm", TRAINERS, "the data-parallel gradient reduction runs after the backward pass "
@@ -120,8 +118,6 @@ TABLE: tuple[Foreign, ...] = (
     # ----- algorithms and data -------------------------------------------------------------------
     Foreign("loss", ("train_rm",), "the pairwise loss is -logsigmoid(r_chosen - r_rejected [- margin with "
             "--margin_loss]), which is OpenRLHF's 'sigmoid' and, without margins, also its 'logexp' loss", type=str),
-    Foreign("eval_steps", RL, "train_ppo_ray has no evaluation pass (OpenRLHF's is a placeholder at this "
-            "version)", type=int),
     Foreign("save_hf_ckpt", RL, "train_ppo_ray exports HF weights at the end (--save_path, "
             "--save_value_network); resumable checkpoints go to --ckpt_path", refused=True),
     Foreign("perf", RL, "per-phase times are always logged (time/generate, time/train, ...)"),

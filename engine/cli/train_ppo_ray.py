@@ -10,16 +10,19 @@ On CPU a "GPU" is one process: ``--actor_num_gpus_per_node 2`` starts two actor 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from engine.cli.openrlhf_compat import NO_SAVE_PATH
-from engine.cli.options import group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
+from engine.cli.options import OptionError, group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
 from engine.data.config import DataConfig
 from engine.ray.colocation import ColocationConfig
 from engine.ray.vllm_engine import VLLMEngineConfig
 from engine.ray.weight_sync import WeightSyncConfig
+from engine.rl.console import ConsoleConfig
+from engine.rl.evaluation import RLEvalConfig
 from engine.rl.ppo_trainer import PPOConfig
 from engine.rl.rollout import SamplingConfig
 from engine.runtime.checkpoint import CheckpointConfig
@@ -116,6 +119,8 @@ class PPOJob:
     ppo: PPOConfig = group(title="algorithm", defaults={"advantage.reward_clip_range": (-10.0, 10.0)},
                            factory=PPOConfig)
     ptx: PtxData = group(title="ptx", factory=PtxData)
+    eval: RLEvalConfig = group(title="evaluation", factory=RLEvalConfig)
+    console: ConsoleConfig = group(title="console", factory=ConsoleConfig)
     optim: OptimConfig = group(title="optimizer", defaults={"learning_rate": 1e-6},
                                aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
     checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
@@ -136,6 +141,11 @@ class PPOJob:
 
 def parse_args(argv=None) -> PPOJob:
     job = parse_job(PPOJob, argv, description=__doc__)
+    if job.ppo.vllm_is_correction and job.sampling.temperature != 1.0:
+        # vLLM 0.32 returns the sampled tokens' log-probs before temperature: the weights would
+        # measure the temperature, not the engines' mismatch.
+        raise OptionError(f"--vllm_is_correction with --temperature {job.sampling.temperature}: the engines' "
+                          "log-probs are of the untempered policy; use --temperature 1")
     if not job.models.save_path:
         print_notices([NO_SAVE_PATH])
     return job
@@ -205,6 +215,9 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
     def config(key: str, pretrain: str, flag: str, *, trainable: bool, value_head: bool, learning_rate=None,
                ema_beta=None):
         optim = replace(job.optim, learning_rate=learning_rate) if learning_rate is not None else job.optim
+        # LoRA adapts the trained roles (actor, critic); the frozen ones are plain.
+        build = replace(job.build, value_head=value_head, lora=job.build.lora if trainable else LoraConfig(),
+                        value_normalisation=_value_normalisation(job, key, pretrain, flag) if value_head else None)
         options: RoleOptions = getattr(job, _flag_group(key))
         with naming_flags(PPOJob, _flag_group(key)):
             return RoleConfig(
@@ -213,9 +226,7 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
                 total_steps=total_steps if trainable else 1,
                 engine=EngineConfig(pretrain=pretrain, pretrain_flag=flag, seed=job.models.seed,
                                     parallel=options.parallel, optim=optim,
-                                    # LoRA adapts the trained roles (actor, critic); the frozen ones are plain.
-                                    build=replace(job.build, value_head=value_head,
-                                                  lora=job.build.lora if trainable else LoraConfig())))
+                                    build=build))
 
     models, reward_paths = job.models, job.models.reward_paths
     out = {"actor": config("actor", models.pretrain, "--pretrain", trainable=True, value_head=False,
@@ -230,6 +241,35 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
         out["critic"] = config("critic", critic_path, flag, trainable=True, value_head=True,
                                learning_rate=models.critic_learning_rate)
     return out
+
+
+def _value_normalisation(job: PPOJob, key: str, path: str, flag: str) -> tuple[float, float] | None:
+    """``--normalize_reward``: a reward model's outputs by the mean / std its config.json holds (an
+    error when it has none); the critic's by its own checkpoint's, when it has them (a critic
+    started from the reward model), else unnormalised (it learns the normalised returns' scale)."""
+    if not job.ppo.normalize_reward:
+        return None
+    from models.sources import ModelSource
+
+    statistics = ModelSource.open(path, flag=flag).reward_statistics
+    if statistics is None and key != "critic":
+        raise ValueError(f"--normalize_reward: {flag} {path}: its config.json has no 'mean' / 'std' field; it is "
+                         "written by train_rm (or drop the flag)")
+    if statistics is not None and not (math.isfinite(statistics[0]) and statistics[1] > 0):
+        raise ValueError(f"--normalize_reward: {flag} {path}: config.json has mean={statistics[0]}, "
+                         f"std={statistics[1]}; std must be > 0")
+    return statistics
+
+
+def _link_logs(run_dir) -> None:
+    """``<run_dir>/ray_logs``: the Ray session's log files on this machine (engines, role workers)."""
+    from pathlib import Path
+
+    from engine.ray.cluster import session_log_dir
+
+    logs, link = session_log_dir(), Path(run_dir) / "ray_logs"
+    if logs and not link.exists():
+        link.symlink_to(logs, target_is_directory=True)
 
 
 def _optimizer_steps(job: PPOJob, num_prompts: int) -> int:
@@ -269,6 +309,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.ray.rollouts import TrainerSleep, VLLMRollouts
     from engine.ray.vllm_engine import engines_on_gpus, loads_own_weights, shutdown_engines
     from engine.ray.weight_sync import ActorWeightSync, resolve_sync_backend
+    from engine.rl.console import RunRecord
     from engine.rl.ppo_trainer import PPOTrainer
     from engine.rl.rewards import make_reward_sources
     from engine.runtime.logging import MetricsLogger
@@ -277,8 +318,11 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     source = ModelSource.open(job.models.pretrain)
     tokenizer = source.tokenizer()
     prompts = PromptDataset.from_config(job.data, tokenizer)
+    eval_prompts = (PromptDataset.from_config(replace(job.data, dataset=job.eval.eval_dataset, dataset_probs=None),
+                                              tokenizer) if job.eval.eval_dataset else None)
     pretrain_samples = load_pretrain_data(job, tokenizer)
-    join_cluster()
+    record = RunRecord(job.console.resolved_run_dir())
+    join_cluster(log_to_driver=job.console.verbose)
     groups: dict = {}
     engines: list = []
     placements: dict = {}
@@ -312,9 +356,12 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             reward_sources=make_reward_sources(job.models.remote_rm_url),
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
             save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
+            evaluation=job.eval, eval_prompts=eval_prompts, record=record,
         )
         return trainer.fit()
     finally:
+        _link_logs(record.run_dir)
+        print(f"run directory: {record.run_dir} (metrics.jsonl, reward.png, ray_logs/)", flush=True)
         if engines:
             shutdown_engines(engines)
         for group_ in groups.values():

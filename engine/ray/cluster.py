@@ -65,10 +65,19 @@ def driver_runtime_env() -> dict | None:
     return {"env_vars": {"PYTHONPATH": os.getcwd()}}
 
 
-def join_cluster() -> None:
-    """Connect to ``RAY_ADDRESS`` (checked first) or start a Ray instance on this machine."""
+def join_cluster(*, log_to_driver: bool = True) -> None:
+    """Connect to ``RAY_ADDRESS`` (checked first) or start a Ray instance on this machine.
+    ``log_to_driver=False``: the actors' output stays in the session's log files."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     check_address(address)
-    ray.init(address=address, include_dashboard=False, runtime_env=driver_runtime_env())
+    ray.init(address=address, include_dashboard=False, runtime_env=driver_runtime_env(), log_to_driver=log_to_driver)
+
+
+def session_log_dir() -> str | None:
+    """This machine's log directory of the Ray session (the actors' stdout / stderr files)."""
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # Ray 2.x: no public accessor
+    except AttributeError:
+        return None

@@ -27,6 +27,7 @@ class Experience:
     values: torch.Tensor | None = None  # [B, L] the critic's
     advantages: torch.Tensor | None = None  # [B, L]
     returns: torch.Tensor | None = None  # [B, L]
+    rollout_is_weights: torch.Tensor | None = None  # [B, L] --vllm_is_correction's truncated weights
 
     @classmethod
     def from_rollout(cls, batch: RolloutBatch) -> Experience:

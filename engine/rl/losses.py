@@ -30,6 +30,7 @@ def policy_loss(
     dual_clip: float | None = None,
     token_level_loss: bool = True,
     normaliser: float | torch.Tensor | None = None,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate ``-min(r A, clip(r, 1 - eps_clip, 1 + eps_clip_high) A)``.
 
@@ -37,6 +38,8 @@ def policy_loss(
     ``dual_clip`` (> 1, Ye et al. 2019) also bounds the loss of negative advantages by
     ``-dual_clip * A``. Returns the loss and detached metrics: ``clip_frac`` (fraction of real
     tokens where the clipped term was taken) and ``approx_kl`` (mean of old - new log-probs).
+    ``importance_weights`` (per token, no gradient) scale each token's objective: the truncated
+    importance sampling of ``--vllm_is_correction`` (:func:`rollout_importance_weights`).
     """
     if eps_clip < 0:
         raise ValueError(f"--eps_clip must be >= 0, got {eps_clip}")
@@ -53,6 +56,8 @@ def policy_loss(
     if dual_clip is not None:
         # Only for negative advantages: a huge ratio would otherwise give an unbounded loss.
         objective = torch.where(advantages < 0, torch.max(objective, dual_clip * advantages), objective)
+    if importance_weights is not None:
+        objective = objective * importance_weights.detach()
     loss = aggregate_loss(-objective, action_mask, token_level_loss=token_level_loss, normaliser=normaliser)
     with torch.no_grad():
         metrics = {
@@ -60,6 +65,23 @@ def policy_loss(
             "approx_kl": masked_mean(-log_ratio, action_mask),
         }
     return loss, metrics
+
+
+def rollout_importance_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
+                               action_mask: torch.Tensor, *, cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance weights ``min(exp(logp_actor_old - logp_vllm), cap)`` per response token
+    (0 elsewhere): the correction of the engines sampling from a slightly different policy than the
+    trainer's (bf16 engines, a stale async rollout). Returns them and their mean / max / capped share."""
+    if cap <= 0:
+        raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {cap}")
+    log_ratio = (old_log_probs - rollout_log_probs).clamp(min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    raw = log_ratio.exp()
+    weights = raw.clamp(max=cap) * action_mask
+    real = action_mask > 0
+    metrics = {"vllm_is/mean": float(weights[real].mean()) if real.any() else 0.0,
+               "vllm_is/max": float(weights[real].max()) if real.any() else 0.0,
+               "vllm_is/capped_frac": float((raw[real] > cap).float().mean()) if real.any() else 0.0}
+    return weights, metrics
 
 
 def value_loss(

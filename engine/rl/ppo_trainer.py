@@ -20,8 +20,10 @@ from engine.rl.advantages import (
     compute_advantages,
     filter_all_equal_groups,
 )
+from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
+from engine.rl.losses import rollout_importance_weights
 from engine.rl.rollout import RolloutEngines, SamplingConfig
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
 from engine.rl.train_losses import TrainSettings
@@ -52,11 +54,20 @@ class PPOConfig:
     use_kl_loss: bool = option(False, help="KL as a loss term (GRPO) instead of a reward penalty")
     kl_estimator: Literal["k1", "k2", "k3"] = option("k1", value_aliases={"use_kl_estimator_k3": "k3"},
                                                      help="KL estimator")
-    normalize_reward: bool = option(False, help="normalise rewards by running mean / std")
+    normalize_reward: bool = option(False, help="reward models' rewards and the critic's values as (x - mean) / std "
+                                                "with the mean / std in their config.json (OpenRLHF's; train_rm "
+                                                "saves them)")
+    normalize_reward_running: bool = option(False, help="normalise the rollout's rewards by their running mean / "
+                                                        "std over the rollouts so far")
     dynamic_filtering: bool = option(False, help="drop GRPO groups whose rewards are all equal")
+    vllm_is_correction: bool = option(False, help="weight each token's policy gradient by min(exp(logp_actor - "
+                                                  "logp_vLLM), --vllm_is_truncated_threshold): truncated importance "
+                                                  "sampling of the engines' mismatch with the trainer")
+    vllm_is_truncated_threshold: float = option(2.0, help="cap of the --vllm_is_correction weights")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
     seed: int = 42  # the job's --seed
+    skip_redundant_forwards: bool = True  # False: always score old log-probs (tests compare both ways)
 
     def __post_init__(self) -> None:
         samples = self.rollout_batch_size * self.n_samples_per_prompt
@@ -73,6 +84,8 @@ class PPOConfig:
             raise ValueError(f"--eps_clip_low_high must be two values >= 0, got {self.eps_clip_low_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"--dual_clip must be > 1.0, got {self.dual_clip}")
+        if self.vllm_is_truncated_threshold <= 0:
+            raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {self.vllm_is_truncated_threshold}")
 
     @property
     def clip_range(self) -> tuple[float, float]:
@@ -86,6 +99,17 @@ class PPOConfig:
     @property
     def needs_reference(self) -> bool:
         return self.init_kl_coef > 0
+
+    def needs_old_log_probs(self, *, reference: bool) -> bool:
+        """Whether scoring must run the actor's forward for the rollout's old log-probs. Not when
+        the rollout feeds exactly one optimizer step (the training forward's own log-probs are
+        them) and nothing else reads them before training: no KL penalty in the reward, no
+        adaptive KL controller fed by the rollout's KL."""
+        one_step = self.max_epochs == 1 and self.rollout_batch_size * self.n_samples_per_prompt == self.train_batch_size
+        kl_before_training = reference and (not self.use_kl_loss or self.kl_target is not None)
+        if self.vllm_is_correction:  # the weights compare them with the engines' log-probs
+            return True
+        return not (self.skip_redundant_forwards and one_step and not kl_before_training)
 
 
 @dataclass
@@ -109,7 +133,8 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, prompts, tokenizer, rollouts: RolloutEngines, actor,
                  sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
                  logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
-                 pretrain_samples=None):
+                 pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None,
+                 record=None):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -130,6 +155,12 @@ class PPOTrainer:
 
             self.ptx = PtxSampler(pretrain_samples, seed=config.seed,
                                   stride=config.max_epochs * config.rollout_batch_size * config.n_samples_per_prompt)
+        self.record = record  # engine.rl.console.RunRecord: metrics.jsonl and reward.png of the run directory
+        self.progress = None
+        self.evaluation = evaluation or RLEvalConfig()
+        self.eval_prompts = eval_prompts
+        if self.evaluation.eval_dataset and not eval_prompts:
+            raise ValueError(f"--eval_dataset {self.evaluation.eval_dataset} has no prompts")
         self.history: list[dict] = []
         steps_per_episode = len(prompts) // config.rollout_batch_size
         if steps_per_episode == 0:
@@ -140,12 +171,23 @@ class PPOTrainer:
 
     # ----- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict]:
+        from engine.rl.console import RolloutProgress
+
         start = self._resume()
-        for step in range(start, self.num_steps):
-            metrics = self.train_one_rollout(step)
-            self.history.append({"step": step + 1, **metrics})
-            self._report(step + 1, metrics)
-            self._maybe_checkpoint(step + 1)
+        self.progress = RolloutProgress(self.num_steps, start)
+        try:
+            for step in range(start, self.num_steps):
+                metrics = self.train_one_rollout(step)
+                if self.evaluation.due(step + 1, self.num_steps):
+                    metrics.update(self.evaluate(step + 1))
+                self.history.append({"step": step + 1, **metrics})
+                self._report(step + 1, metrics)
+                self._maybe_checkpoint(step + 1)
+                self.progress.advance()
+        finally:
+            self.progress.close()
+            if self.record is not None and self.history:
+                self.record.plot(self.history)
         if self.save_path:
             self.actor.save_hf(self.save_path)
             if self.critic is not None and self.save_value_network:
@@ -177,8 +219,21 @@ class PPOTrainer:
         chosen = order[index * self.config.rollout_batch_size:(index + 1) * self.config.rollout_batch_size]
         return [self.prompts[int(i)] for i in chosen]
 
-    def generate(self, rows: list[dict], step: int) -> tuple[RolloutBatch, dict]:
-        sampling = replace(self.sampling, seed=self.config.seed + step * 100003)
+    def evaluate(self, step: int) -> dict:
+        """The eval prompts with the weights the engines hold now (synced after this rollout)."""
+        started = time.perf_counter()
+        k = self.evaluation.eval_n_samples_per_prompt
+        sampling = replace(self.sampling, temperature=self.evaluation.eval_temperature, n_samples_per_prompt=k,
+                           seed=self.config.seed + 7919)
+        batch, meta = self.generate(list(self.eval_prompts), step, sampling=sampling)
+        rewards = self._rewards(Experience.from_rollout(batch), meta)
+        metrics = eval_metrics(rewards.tolist(), batch.response_lengths.tolist(), k)
+        metrics["time/eval"] = time.perf_counter() - started
+        return metrics
+
+    def generate(self, rows: list[dict], step: int, *, sampling: SamplingConfig | None = None
+                 ) -> tuple[RolloutBatch, dict]:
+        sampling = sampling or replace(self.sampling, seed=self.config.seed + step * 100003)
         samples = self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling)
         prompt_ids = [list(rows[s.prompt_index]["prompt_ids"]) for s in samples]
         batch = build_rollout_batch(
@@ -201,8 +256,11 @@ class PPOTrainer:
         """The rollout as an ``Experience`` with old / reference log-probs and values; its rewards."""
         micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
         experience = Experience.from_rollout(batch)
+        old_log_probs = None
+        if self.config.needs_old_log_probs(reference=self.reference is not None):
+            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature)
         experience = experience.with_fields(
-            old_log_probs=self.actor.log_probs(experience, micro, temperature=temperature),
+            old_log_probs=old_log_probs,
             ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature)
                            if self.reference is not None else None),
             values=self.critic.values(experience, micro) if self.critic is not None else None,
@@ -214,10 +272,15 @@ class PPOTrainer:
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
         }
-        if batch.rollout_log_probs is not None:
+        if batch.rollout_log_probs is not None and old_log_probs is not None:
             # Training-inference mismatch: vLLM's log-probs vs the Megatron actor's, same tokens.
             diff = (batch.rollout_log_probs - experience.old_log_probs).abs() * mask
             metrics["rollout_logprob_abs_diff"] = float(diff.sum() / mask.sum().clamp(min=1))
+            if self.config.vllm_is_correction:
+                weights, is_metrics = rollout_importance_weights(
+                    old_log_probs, batch.rollout_log_probs, mask, cap=self.config.vllm_is_truncated_threshold)
+                experience = experience.with_fields(rollout_is_weights=weights)
+                metrics.update(is_metrics)
         return experience, rewards, metrics
 
     def _rewards(self, experience: Experience, meta: dict) -> torch.Tensor:
@@ -233,13 +296,13 @@ class PPOTrainer:
     def advantages(self, experience: Experience, raw_rewards: torch.Tensor) -> tuple[Experience, dict]:
         config = self.config
         rewards = raw_rewards
-        if config.normalize_reward:
+        if config.normalize_reward_running:
             self.reward_moments.update(rewards)
             rewards = self.reward_moments.normalize(rewards)
         mask = experience.action_mask
         kl = None
         metrics = {}
-        if experience.ref_log_probs is not None:
+        if experience.ref_log_probs is not None and experience.old_log_probs is not None:
             kl = kl_estimate(experience.old_log_probs, experience.ref_log_probs, estimator=config.kl_estimator,
                              action_mask=mask)
             metrics["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
@@ -309,9 +372,12 @@ class PPOTrainer:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
                  "rollout_logprob_abs_diff",
-                 "time/generate", "time/score", "time/train", "time/sync")
+                 "time/generate", "time/score", "time/train", "time/sync", "eval/reward",
+                 f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
-        print(f"rollout {step}/{self.num_steps} {line}", flush=True)
+        self.progress.write(f"rollout {step}/{self.num_steps} {line}")
+        if self.record is not None:
+            self.record.add({"step": step, **metrics})
         if self.logger is not None:
             self.logger.log(metrics, step)
 

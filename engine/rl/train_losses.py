@@ -49,10 +49,13 @@ def policy_loss_fn(settings: TrainSettings, *, scale: float, tp_group, ptx_scale
     def loss_fn(logits: torch.Tensor, batch: dict):
         mask = batch["action_mask"]
         log_probs = token_log_probs(logits, batch["labels"], temperature=temperature)
+        # No old log-probs: the rollout feeds one optimizer step, so the policy that sampled it is
+        # this one and the ratio is 1 by construction (its gradient is the log-prob's).
+        old_log_probs = batch.get("old_log_probs")
         loss_sum, info = policy_loss(
-            log_probs, batch["old_log_probs"], batch["advantages"], mask,
+            log_probs, log_probs.detach() if old_log_probs is None else old_log_probs, batch["advantages"], mask,
             eps_clip=settings.eps_clip, eps_clip_high=settings.eps_clip_high,
-            dual_clip=settings.dual_clip, normaliser=1.0,
+            dual_clip=settings.dual_clip, normaliser=1.0, importance_weights=batch.get("rollout_is_weights"),
         )
         metrics = {"policy_loss_sum": loss_sum.detach(), "num_tokens": mask.sum().detach(),
                    "clip_frac": info["clip_frac"].detach(), "approx_kl": info["approx_kl"].detach()}

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from models.builder import build_model
+from models.builder import NO_RECOMPUTE, build_model
 
 EMA_CHECKPOINT_KEY = "ema"
 
@@ -23,7 +23,7 @@ class EmaModel:
             raise ValueError(f"--ema_beta must be in [0, 1), got {beta}")
         self.beta = beta
         self.model = build_model(engine.adapter, engine.config.parallel,
-                                 replace(engine.config.build, bf16=False, gradient_checkpointing=False))
+                                 replace(engine.config.build, bf16=False, **NO_RECOMPUTE))
         self.model.eval()
         self.model.requires_grad_(False)
         self._pairs = list(zip(self.model.parameters(), engine.model.parameters()))

@@ -36,7 +36,7 @@ from engine.runtime.offload import PARTS, TrainingStateOffloader
 from engine.runtime.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
 from engine.runtime.train_step import StepResult, reduce_metrics, routing_metrics, train_step
-from models.builder import ModelBuildConfig, build_model
+from models.builder import NO_RECOMPUTE, ModelBuildConfig, build_model
 from models.lora import LoraConfig, adapters_disabled
 from models.lora.export import save_peft_adapter
 from models.sources import ModelSource
@@ -73,7 +73,7 @@ class TrainingEngine:
         self.source.check_role(value_head=config.build.value_head, trainable=trainable)
         self.ctx = ctx or initialize_parallel(config.parallel, seed=config.seed)
         self.adapter = self.source.adapter()
-        build = config.build if trainable else replace(config.build, gradient_checkpointing=False)
+        build = config.build if trainable else replace(config.build, **NO_RECOMPUTE)
         self.model = build_model(self.adapter, config.parallel, build)
         if load_weights:
             # Weights only: a training checkpoint as a start is not a resume (see resume()).

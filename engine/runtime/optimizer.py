@@ -11,6 +11,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from parallel.options import option
 
+try:  # what megatron-core's precision-aware optimizer needs
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
 _SCHEDULES = {"cosine_with_min_lr": "cosine", "cosine": "cosine", "constant": "constant", "linear": "linear"}
 
 
@@ -26,6 +33,9 @@ class OptimConfig:
     weight_decay: float = option(0.0, flag="l2", help="weight decay")
     adam_betas: tuple[float, float] = option((0.9, 0.95), help="Adam beta1 beta2")
     max_norm: float = option(1.0, help="gradient clipping (0 disables)")
+    adam_offload: bool = option(False, help="Adam states (and, with Transformer Engine, the fp32 master weights) in "
+                                            "host memory, the update on the CPU (megatron-core's HybridDeviceOptimizer)"
+                                            "; a CPU build holds them in host memory anyway")
     adam_eps: float = 1e-8
     use_distributed_optimizer: bool = True
 
@@ -67,10 +77,23 @@ def build_optimizer(ddp_model, optim: OptimConfig, *, bf16: bool = False):
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=optim.use_distributed_optimizer,
+        **offload_kwargs(optim.adam_offload, cuda=torch.cuda.is_available(), transformer_engine=HAVE_TE),
     )
     optimizer = get_megatron_optimizer(config, [ddp_model], use_gloo_process_groups=torch.cuda.is_available())
     ddp_model.config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def offload_kwargs(adam_offload: bool, *, cuda: bool, transformer_engine: bool) -> dict:
+    """``--adam_offload`` as megatron-core 0.16.1 offers it: HybridDeviceOptimizer runs AdamW on the
+    host for the whole shard, its states in pinned host memory. With Transformer Engine the
+    precision-aware path hands it the bf16 shards, so the fp32 master weights live on the host too
+    (Megatron-LM pairs the two flags); without TE (its version check needs TE) the fp32 masters stay
+    on the GPU. A CPU build keeps every optimizer state in host memory already: nothing to move."""
+    if not (adam_offload and cuda):
+        return {}
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=1.0,
+                use_precision_aware_optimizer=transformer_engine)
 
 
 def build_scheduler(optimizer, optim: OptimConfig, *, total_steps: int) -> OptimizerParamScheduler:

@@ -1,0 +1,161 @@
+"""The capacity planner (tools/plan): counts from the meta-device build equal a hand count, a
+stage's count equals the sum the planner makes of it, the weight maps tile every full-size HF
+tensor, and impossible layouts are refused with the reason.
+
+The planner builds models in a fake process group, so each check runs in a fresh process."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.dist_harness import run_distributed
+
+
+def _in_process(fn, *args):
+    return run_distributed(fn, world_size=1, args=args, timeout=600)[0]
+
+
+def _padded(vocab: int, tp: int) -> int:
+    return -(-vocab // (128 * tp)) * 128 * tp
+
+
+def llama_hand_count(c: dict, tp: int, pp: int) -> list[int]:
+    """Per-rank parameters of each stage of a Llama-style model, from its HF config by hand."""
+    h, f, d = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * d * h // tp
+    proj = c["num_attention_heads"] * d * h // tp
+    experts = c.get("num_local_experts")
+    mlp = 3 * f * h // tp if not experts else 0
+    layer = qkv + proj + mlp + 2 * h  # two norms, replicated
+    embedding = _padded(c["vocab_size"], tp) // tp * h
+    per_stage = c["num_hidden_layers"] // pp
+    counts = [per_stage * layer for _ in range(pp)]
+    counts[0] += embedding
+    counts[-1] += h + embedding  # final norm, output layer (untied: its own shard)
+    return counts
+
+
+def _stage_counts(_rank, _world, name, tp, pp, ep):
+    from models.registry import get_adapter
+    from parallel.config import ParallelConfig
+    from tools.plan import meta
+    from tools.plan.configs import load_hf_config
+
+    adapter = get_adapter(load_hf_config(name))
+    moe = bool(adapter.num_experts)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if moe else None)
+    summed = [(s.dense, s.expert) for s in meta.stage_params(meta.rank_params(adapter, parallel), pp)]
+    with meta.fake_world(parallel):
+        built = [meta.count_stage_build(meta.build_stage(adapter, parallel, k, meta.meta_build_config()))
+                 for k in range(pp)]
+    return summed, built
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", [("llama3-70b", 8, 4, 1), ("qwen2.5-72b", 8, 8, 1),
+                                           ("mixtral-8x22b", 4, 4, 8)])
+def test_meta_counts_equal_a_hand_count(name, tp, pp, ep):
+    from tools.plan.configs import BUILTIN
+
+    c = BUILTIN[name]
+    summed, built = _in_process(_stage_counts, name, tp, pp, ep)
+    assert summed == built  # the planner's per-stage sums are the real stage builds
+    expected = llama_hand_count(c, tp, pp)
+    per_stage = c["num_hidden_layers"] // pp
+    if name.startswith("qwen"):  # q / k / v biases, split like their rows
+        d = c["hidden_size"] // c["num_attention_heads"]
+        expected = [n + per_stage * (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * d // tp
+                    for n in expected]
+    experts = [0] * pp
+    if c.get("num_local_experts"):
+        e, h, f = c["num_local_experts"], c["hidden_size"], c["intermediate_size"]
+        expected = [n + per_stage * e * h for n in expected]  # the router, replicated
+        experts = [per_stage * (e // ep) * 3 * h * f] * pp  # expert TP 1: whole experts
+    assert [d for d, _ in built] == expected
+    assert [x for _, x in built] == experts
+    if name == "llama3-70b":  # the issue's example, spelled out
+        assert built[0][0] == 2_271_543_296 and built[1][0] == 2_139_422_720
+
+
+def _tied_counts(_rank, _world, path):
+    from models.registry import load_adapter
+    from parallel.config import ParallelConfig
+    from tools.plan import meta
+
+    adapter = load_adapter(path)
+    parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    summed = [s.total for s in meta.stage_params(meta.rank_params(adapter, parallel, bf16=False), 2)]
+    built = []
+    for k in range(2):
+        with meta.fake_world(parallel, stage=k):
+            built.append(sum(meta.count_stage_build(meta.build_stage(adapter, parallel, k,
+                                                                     meta.meta_build_config(bf16=False)))))
+    return summed, built
+
+
+def test_tied_embeddings_are_counted_on_both_ends_of_a_pipeline(tmp_path):
+    from models.tiny import build_tiny_model
+
+    path = build_tiny_model("qwen2", tmp_path / "tied", tie_word_embeddings=True)
+    summed, built = _in_process(_tied_counts, str(path))
+    assert summed == built
+
+
+def _tiling(_rank, _world, name, tp, pp, ep):
+    from tools.plan.weight_map_check import check_weight_map
+
+    return check_weight_map(name, tp=tp, pp=pp, ep=ep)
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", [("llama3-70b", 8, 4, 1), ("llama3-70b", 8, 8, 1),
+                                           ("mixtral-8x22b", 8, 4, 8), ("qwen2.5-72b", 8, 4, 1)])
+def test_weight_maps_tile_every_full_size_hf_tensor(name, tp, pp, ep):
+    report = _in_process(_tiling, name, tp, pp, ep)
+    assert report["problems"] == []
+    assert report["tensors"] == report["hf_tensors"] > 0
+
+
+def _plan_cli(_rank, _world, argv):
+    from tools.plan.cli import parse_args, run
+
+    return run(parse_args(argv))
+
+
+def test_impossible_layouts_are_refused_with_the_reason():
+    base = ["--model", "llama3-70b", "--nodes", "4", "--context_parallel_size", "1", "--recompute_granularity", "full",
+            "--json"]
+    layers = _in_process(_plan_cli, base + ["--tensor_model_parallel_size", "8", "--pipeline_model_parallel_size", "3"])
+    assert not layers["fits"] and "--pipeline_model_parallel_size (3) must divide the number of layers (80)" in \
+        layers["reasons"][0]
+    kv = _in_process(_plan_cli, base + ["--tensor_model_parallel_size", "16", "--pipeline_model_parallel_size", "2"])
+    assert not kv["fits"] and "must divide the number of key/value heads (8)" in kv["reasons"][0]
+    memory = _in_process(_plan_cli, base + ["--tensor_model_parallel_size", "1", "--pipeline_model_parallel_size", "1",
+                                            "--nodes", "1"])
+    assert not memory["fits"] and "GB per GPU" in memory["reasons"][0]
+
+
+def test_search_ranks_fitting_layouts_and_json_has_per_stage_bytes():
+    out = _in_process(_plan_cli, ["--model", "mixtral-8x7b", "--nodes", "2", "--json", "--top", "3"])
+    assert out["tried"] > 10 and 0 < len(out["plans"]) <= 3
+    seconds = [p["step_seconds"] for p in out["plans"]]
+    assert seconds == sorted(seconds) and all(p["fits"] for p in out["plans"])
+    stage = out["plans"][0]["stages"][0]
+    assert stage["num_parameters"] > 0 and set(stage["bytes"]) == {"weights", "grads", "optimizer", "activations",
+                                                                    "logits"}
+    json.dumps(out)
+
+
+def test_adam_offload_selects_megatrons_cpu_offload_on_gpus_only():
+    from megatron.core.optimizer import OptimizerConfig
+
+    from engine.runtime.optimizer import offload_kwargs
+
+    assert offload_kwargs(True, cuda=False, transformer_engine=False) == {}  # host memory already
+    assert offload_kwargs(False, cuda=True, transformer_engine=True) == {}
+    without_te = offload_kwargs(True, cuda=True, transformer_engine=False)
+    assert without_te == {"optimizer_cpu_offload": True, "optimizer_offload_fraction": 1.0,
+                          "use_precision_aware_optimizer": False}
+    assert offload_kwargs(True, cuda=True, transformer_engine=True)["use_precision_aware_optimizer"]
+    config = OptimizerConfig(optimizer="adam", lr=1e-5, bf16=True, use_distributed_optimizer=True, **without_te)
+    assert config.optimizer_cpu_offload and config.decoupled_weight_decay  # AdamW, as the offload needs

@@ -1,0 +1,50 @@
+"""Built-in HF configs of the models people plan for, so the planner needs no download.
+
+Values are those of the published ``config.json`` files (Meta, Qwen, Mistral AI); a path to any
+HF model directory (or a ``config.json``) of a supported architecture works the same way.
+"""
+from __future__ import annotations
+
+import os
+
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
+               max_position_embeddings=8192, tie_word_embeddings=False, torch_dtype="bfloat16")
+_MIXTRAL = dict(model_type="mixtral", rms_norm_eps=1e-5, rope_theta=1e6, num_experts_per_tok=2,
+                num_local_experts=8, tie_word_embeddings=False, torch_dtype="bfloat16")
+
+BUILTIN: dict[str, dict] = {
+    "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8),
+    "llama3-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8),
+    "llama3.1-405b": dict(_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                          num_attention_heads=128, num_key_value_heads=8, max_position_embeddings=131072,
+                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                            high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "qwen2.5-72b": dict(model_type="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                        tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "mixtral-8x7b": dict(_MIXTRAL, vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=32768),
+    "mixtral-8x22b": dict(_MIXTRAL, vocab_size=32768, hidden_size=6144, intermediate_size=16384,
+                          num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
+                          max_position_embeddings=65536),
+}
+
+
+def load_hf_config(model: str):
+    """An HF config from a built-in name, a model directory or a ``config.json`` path."""
+    from transformers import AutoConfig
+
+    if model in BUILTIN:
+        fields = dict(BUILTIN[model])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if not os.path.exists(model):
+        raise ValueError(f"--model {model!r} is neither a built-in ({', '.join(BUILTIN)}) nor a path")
+    path = os.path.dirname(model) if model.endswith(".json") else model
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model}: cannot read an HF config: {exc}") from exc

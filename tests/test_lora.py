@@ -68,6 +68,7 @@ LAYOUTS = {
     "tp2_experts": (2, {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1, "sequence_parallel": True},
                     {"mixtral": EXPERTS}),
     "tp2_sp": (2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {"llama": ("all-linear",)}),
+    "pp2": (2, {"pipeline_model_parallel_size": 2}, {"llama": ("all-linear",)}),
     "ep2": (2, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {"mixtral": ("all-linear",)}),
 }
 

@@ -87,10 +87,12 @@ def test_only_adapters_train(single):
     assert result["loss"][-1] < result["loss"][0]
 
 
-def test_tp2_trains_the_same_curve(single, tiny_models, arithmetic_data):  # noqa: F811
-    tp2 = _run(tiny_models["llama"], arithmetic_data, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, 2)
-    _assert_same_curve(tp2["loss"], single[0]["loss"])
-    assert tp2["base_unchanged"]
+@pytest.mark.parametrize("layout", [{"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}],
+                         ids=["tp2_sp", "dp2"])
+def test_layouts_train_the_same_curve(layout, single, tiny_models, arithmetic_data):  # noqa: F811
+    result = _run(tiny_models["llama"], arithmetic_data, layout, 2)
+    _assert_same_curve(result["loss"], single[0]["loss"])
+    assert result["base_unchanged"]
 
 
 def test_exported_adapter_gives_our_logits(single, tiny_models):

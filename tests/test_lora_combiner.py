@@ -62,3 +62,11 @@ def test_combiner_refuses_a_mismatched_flag(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="pass --is_rm"):
         main(["--model_path", tiny_models["llama"], "--lora_path", str(tmp_path / "rm_adapter"),
               "--output_path", str(tmp_path / "out")])
+
+
+def test_an_adapter_as_a_model_flag_points_to_the_combiner(tiny_models, tmp_path):
+    from models.sources import ModelSource
+
+    _peft_adapter(tiny_models["llama"], tmp_path / "adapter", is_rm=False)
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a model: merge it .*lora_combiner"):
+        ModelSource.open(tmp_path / "adapter", flag="--pretrain")

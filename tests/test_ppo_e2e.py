@@ -114,6 +114,23 @@ def test_grpo_with_a_lora_actor(rl_setup, ray_cluster):
     assert (save_path / "adapter_model.safetensors").exists() and not (save_path / "model.safetensors").exists()
 
 
+def test_gae_with_lora_actor_and_critic_under_pp2(rl_setup, ray_cluster):
+    """LoRA on both trained roles: a PP=2 actor syncs merged weights from both stages, the critic trains
+    its adapters and value head, and both park their (adapter-only) optimizer state while the engine generates."""
+    from engine.cli import train_ppo_ray
+
+    history = train_ppo_ray.main(_ppo_args(
+        rl_setup, "--advantage_estimator", "gae", "--init_kl_coef", "0.01", "--max_steps", "12",
+        "--actor_num_gpus_per_node", "2", "--actor_pipeline_model_parallel_size", "2",
+        "--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "2e-3", "--critic_learning_rate", "1e-3",
+        "--megatron_enable_sleep",
+    ))
+    assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
+    assert all(h["memory/actor_parked_gb"] > 0 and h["memory/critic_parked_gb"] > 0 for h in history)
+    values = [h["critic/value_loss"] for h in history]
+    assert sum(values[-3:]) < sum(values[:3]), values
+
+
 def test_resume_continues_from_the_saved_rollout(rl_setup, ray_cluster):
     import shutil
 

@@ -125,3 +125,40 @@ def test_q_proj_adapter_touches_only_q_rows(tiny_models):
     base, merged = run_distributed(_merged_weights, 2, args=(tiny_models["llama"],), timeout=300)[0]
     changed = sorted(name for name in base if not torch.equal(base[name], merged[name]))
     assert changed == sorted(f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4))
+
+
+def _refusals(rank, world_size, models):
+    from models.builder import ModelBuildConfig, build_model
+    from models.lora import LoraConfig
+    from models.registry import load_adapter
+    from parallel.config import ParallelConfig
+    from parallel.initialize import initialize_parallel
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    initialize_parallel(parallel)
+    errors = {}
+    for case, (arch, lora) in {"dropout": ("llama", LoraConfig(lora_rank=4, lora_dropout=0.1)),
+                               "experts": ("mixtral", LoraConfig(lora_rank=4, target_modules=("w1",)))}.items():
+        try:
+            build_model(load_adapter(models[arch]), parallel, ModelBuildConfig(lora=lora))
+        except ValueError as exc:
+            errors[case] = str(exc)
+    return errors
+
+
+def test_what_lora_cannot_do_exactly_is_refused_naming_the_flag(tiny_models):
+    from models.builder import ModelBuildConfig, resolve_transformer_impl
+    from models.lora import LoraConfig
+    from models.lora.targets import resolve_targets
+    from models.registry import load_adapter
+
+    errors = run_distributed(_refusals, 2, args=(tiny_models,), timeout=300)[0]
+    assert "--lora_dropout 0.1 with tensor parallelism" in errors["dropout"]
+    assert "--expert_tensor_parallel_size 1" in errors["experts"]
+    with pytest.raises(ValueError, match="--transformer_impl transformer_engine is not supported"):
+        resolve_transformer_impl(ModelBuildConfig(transformer_impl="transformer_engine", lora=LoraConfig(lora_rank=4)))
+    assert resolve_transformer_impl(ModelBuildConfig(lora=LoraConfig(lora_rank=4))) == "local"
+    with pytest.raises(ValueError, match="--target_modules gate_proj: .* choose from q_proj k_proj v_proj o_proj w1 w3 w2"):
+        resolve_targets(load_adapter(tiny_models["mixtral"]), ("q_proj", "gate_proj"))
+    with pytest.raises(ValueError, match="--load_in_4bit .* needs --lora_rank > 0"):
+        LoraConfig(load_in_4bit=True)

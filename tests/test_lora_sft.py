@@ -87,8 +87,8 @@ def test_only_adapters_train(single):
     assert result["loss"][-1] < result["loss"][0]
 
 
-@pytest.mark.parametrize("layout", [{"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}],
-                         ids=["tp2_sp", "dp2"])
+@pytest.mark.parametrize("layout", [{"tensor_model_parallel_size": 2, "sequence_parallel": True}, {},
+                                    {"context_parallel_size": 2}], ids=["tp2_sp", "dp2", "cp2"])
 def test_layouts_train_the_same_curve(layout, single, tiny_models, arithmetic_data):  # noqa: F811
     result = _run(tiny_models["llama"], arithmetic_data, layout, 2)
     _assert_same_curve(result["loss"], single[0]["loss"])

@@ -162,3 +162,9 @@ def test_what_lora_cannot_do_exactly_is_refused_naming_the_flag(tiny_models):
         resolve_targets(load_adapter(tiny_models["mixtral"]), ("q_proj", "gate_proj"))
     with pytest.raises(ValueError, match="--load_in_4bit .* needs --lora_rank > 0"):
         LoraConfig(load_in_4bit=True)
+    from engine.cli import train_ppo_ray
+
+    job = train_ppo_ray.parse_args(["--pretrain", tiny_models["llama"], "--prompt_data", "p.jsonl", "--lora_rank", "4",
+                                    "--enable_ema"])
+    with pytest.raises(ValueError, match="--enable_ema with --lora_rank is not supported"):
+        train_ppo_ray.check_job(job)

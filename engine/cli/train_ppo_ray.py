@@ -191,6 +191,9 @@ def check_job(job: PPOJob) -> None:
     from engine.ray.colocation import colocated_sets
     from models.sources import ModelSource
 
+    if job.build.lora.enabled and job.models.enable_ema:
+        raise OptionError("--enable_ema with --lora_rank is not supported: the average would be of the adapters "
+                          "over a frozen base (train without LoRA, or without --enable_ema)")
     configs = role_configs(job, total_steps=1)
     colocated_sets(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
     pretrain_data_config(job)

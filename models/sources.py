@@ -87,6 +87,9 @@ class ModelSource:
 
     @staticmethod
     def _neither_message(directory: Path, flag: str) -> str:
+        if (directory / "adapter_config.json").is_file():
+            return (f"{flag} {directory} is a LoRA adapter, not a model: merge it into its base with "
+                    f"python -m tools.convert.lora_combiner --model_path BASE --lora_path {directory} --output_path OUT")
         steps = sorted((p for p in directory.glob("global_step*") if p.is_dir() and p.name[11:].isdigit()),
                        key=lambda p: int(p.name[11:]))
         if steps:

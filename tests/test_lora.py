@@ -68,6 +68,7 @@ LAYOUTS = {
     "tp2_experts": (2, {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1, "sequence_parallel": True},
                     {"mixtral": EXPERTS}),
     "tp2_sp": (2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {"llama": ("all-linear",)}),
+    "pp2": (2, {"pipeline_model_parallel_size": 2}, {"llama": ("all-linear",)}),
     "ep2": (2, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {"mixtral": ("all-linear",)}),
 }
 
@@ -82,6 +83,12 @@ def test_lora_logits_equal_hf_peft(layout, tiny_models, tmp_path):
         expected = _peft_logits(tiny_models[arch], str(tmp_path / arch))
         torch.testing.assert_close(merged[arch], expected, atol=ATOL, rtol=0, msg=f"{arch} {layout}")
         assert (expected - _hf_logits(tiny_models[arch])).abs().max() > 1e-2  # the adapters do change the output
+        if layout == "tp1":  # our adapter merged by the combiner (Mixtral's experts too) gives the same logits
+            from tools.convert.lora_combiner import main
+
+            main(["--model_path", tiny_models[arch], "--lora_path", str(tmp_path / arch),
+                  "--output_path", str(tmp_path / f"{arch}_merged")])
+            torch.testing.assert_close(_hf_logits(str(tmp_path / f"{arch}_merged")), expected, atol=ATOL, rtol=0)
 
 
 def _hf_logits(path: str) -> torch.Tensor:
@@ -118,3 +125,46 @@ def test_q_proj_adapter_touches_only_q_rows(tiny_models):
     base, merged = run_distributed(_merged_weights, 2, args=(tiny_models["llama"],), timeout=300)[0]
     changed = sorted(name for name in base if not torch.equal(base[name], merged[name]))
     assert changed == sorted(f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4))
+
+
+def _refusals(rank, world_size, models):
+    from models.builder import ModelBuildConfig, build_model
+    from models.lora import LoraConfig
+    from models.registry import load_adapter
+    from parallel.config import ParallelConfig
+    from parallel.initialize import initialize_parallel
+
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    initialize_parallel(parallel)
+    errors = {}
+    for case, (arch, lora) in {"dropout": ("llama", LoraConfig(lora_rank=4, lora_dropout=0.1)),
+                               "experts": ("mixtral", LoraConfig(lora_rank=4, target_modules=("w1",)))}.items():
+        try:
+            build_model(load_adapter(models[arch]), parallel, ModelBuildConfig(lora=lora))
+        except ValueError as exc:
+            errors[case] = str(exc)
+    return errors
+
+
+def test_what_lora_cannot_do_exactly_is_refused_naming_the_flag(tiny_models):
+    from models.builder import ModelBuildConfig, resolve_transformer_impl
+    from models.lora import LoraConfig
+    from models.lora.targets import resolve_targets
+    from models.registry import load_adapter
+
+    errors = run_distributed(_refusals, 2, args=(tiny_models,), timeout=300)[0]
+    assert "--lora_dropout 0.1 with tensor parallelism" in errors["dropout"]
+    assert "--expert_tensor_parallel_size 1" in errors["experts"]
+    with pytest.raises(ValueError, match="--transformer_impl transformer_engine is not supported"):
+        resolve_transformer_impl(ModelBuildConfig(transformer_impl="transformer_engine", lora=LoraConfig(lora_rank=4)))
+    assert resolve_transformer_impl(ModelBuildConfig(lora=LoraConfig(lora_rank=4))) == "local"
+    with pytest.raises(ValueError, match="--target_modules gate_proj: .* choose from q_proj k_proj v_proj o_proj w1 w3 w2"):
+        resolve_targets(load_adapter(tiny_models["mixtral"]), ("q_proj", "gate_proj"))
+    with pytest.raises(ValueError, match="--load_in_4bit .* needs --lora_rank > 0"):
+        LoraConfig(load_in_4bit=True)
+    from engine.cli import train_ppo_ray
+
+    job = train_ppo_ray.parse_args(["--pretrain", tiny_models["llama"], "--prompt_data", "p.jsonl", "--lora_rank", "4",
+                                    "--enable_ema"])
+    with pytest.raises(ValueError, match="--enable_ema with --lora_rank is not supported"):
+        train_ppo_ray.check_job(job)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.test_preference_trainers import _config, _pair_sets, model_path, pair_data  # noqa: F401 - fixtures
+from tests.test_preference_trainers import _config, _pair_sets, model_path, pair_data, unpaired_data  # noqa: F401 - fixtures
 
 LORA = {"lora_rank": 8, "lora_alpha": 16}
 
@@ -74,3 +74,29 @@ def test_lora_rm_trains_adapters_and_value_head(model_path, pair_data, tmp_path)
     assert result["eval"]["acc"] > 0.8 and result["eval"]["loss"] < result["history"][0]["loss"]
     config = (save_path / "adapter_config.json").read_text()
     assert '"SEQ_CLS"' in config and '"score"' in config
+
+
+def _kto(rank, world_size, model_dir, data_dir):
+    from transformers import AutoTokenizer
+
+    from engine.data.config import DataConfig
+    from engine.data.preference import UnpairedPreferenceDataset
+    from engine.runtime.engine import AdaptersOff
+    from engine.trainers.kto import KTOConfig, KTOTrainer
+    from models.lora import LoraConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = DataConfig(dataset=f"json@{data_dir}", input_key="prompt", output_key="completion", label_key="label",
+                      input_template="Q: {}\nA: ", max_len=32)
+    loop = {"train_batch_size": 16, "micro_train_batch_size": 4, "max_epochs": 2}
+    trainer = KTOTrainer(_config(model_dir, {}, lr=5e-3, loop=loop, build={"lora": LoraConfig(**LORA)}),
+                         UnpairedPreferenceDataset.from_config(data, tokenizer, split="train"),
+                         kto=KTOConfig(beta=0.1), pad_token_id=tokenizer.pad_token_id, max_len=32)
+    assert isinstance(trainer.reference, AdaptersOff)
+    return trainer.fit()
+
+
+def test_lora_kto_learns_against_its_base(model_path, unpaired_data):  # noqa: F811
+    history = run_distributed(_kto, 1, args=(model_path, unpaired_data), timeout=300)[0]
+    assert abs(history[0]["kl"]) < 1e-6 and abs(history[0]["loss"] - 0.5) < 1e-5  # policy == reference at start
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["signed_reward"] > 0, history[-1]

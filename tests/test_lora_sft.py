@@ -17,7 +17,7 @@ def _ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(5, vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
-def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint, save_path):
+def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint, save_path, lora=None):
     from transformers import AutoTokenizer
 
     from engine.data.config import DataConfig
@@ -38,7 +38,7 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint, sav
     config = OfflineTrainerConfig(
         engine=EngineConfig(pretrain=model_path, parallel=ParallelConfig(**layout),
                             optim=OptimConfig(learning_rate=1e-2, lr_warmup_ratio=0.1),
-                            build=ModelBuildConfig(lora=LoraConfig(**LORA))),
+                            build=ModelBuildConfig(lora=LoraConfig(**(lora or LORA)))),
         loop=TrainLoopConfig(**loop, save_path=save_path),
         checkpoint=CheckpointConfig(**(checkpoint or {})),
     )
@@ -62,12 +62,14 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint, sav
         "lora_numel": sum(p.numel() for n, p in model.named_parameters() if is_lora_name(n)),
         "adam_state_numel": state_numel,
         "logits": logits[0] if logits is not None else None,
+        "quantized": trainer.engine.quantized,
     }
 
 
-def _run(model_path, data_dir, layout, world_size, *, max_steps=NUM_STEPS, checkpoint=None, save_path=None):
+def _run(model_path, data_dir, layout, world_size, *, max_steps=NUM_STEPS, checkpoint=None, save_path=None,
+         lora=None):
     loop = {"train_batch_size": 16, "micro_train_batch_size": 4, "max_steps": max_steps}
-    return run_distributed(_train, world_size, args=(model_path, data_dir, layout, loop, checkpoint, save_path),
+    return run_distributed(_train, world_size, args=(model_path, data_dir, layout, loop, checkpoint, save_path, lora),
                            timeout=300)[0]
 
 
@@ -85,10 +87,12 @@ def test_only_adapters_train(single):
     assert result["loss"][-1] < result["loss"][0]
 
 
-def test_tp2_trains_the_same_curve(single, tiny_models, arithmetic_data):  # noqa: F811
-    tp2 = _run(tiny_models["llama"], arithmetic_data, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, 2)
-    _assert_same_curve(tp2["loss"], single[0]["loss"])
-    assert tp2["base_unchanged"]
+@pytest.mark.parametrize("layout", [{"tensor_model_parallel_size": 2, "sequence_parallel": True}, {},
+                                    {"context_parallel_size": 2}], ids=["tp2_sp", "dp2", "cp2"])
+def test_layouts_train_the_same_curve(layout, single, tiny_models, arithmetic_data):  # noqa: F811
+    result = _run(tiny_models["llama"], arithmetic_data, layout, 2)
+    _assert_same_curve(result["loss"], single[0]["loss"])
+    assert result["base_unchanged"]
 
 
 def test_exported_adapter_gives_our_logits(single, tiny_models):

@@ -450,7 +450,8 @@ def test_refused_and_default_spellings(capsys):
     base = ["--pretrain", "m", "--dataset", "d.jsonl"]
     lora = train_sft.parse_args([*base, "--lora_rank", "16", "--lora_alpha", "32", "--target_modules", "q_proj", "v_proj"])
     assert lora.trainer.engine.build.lora.target_modules == ("q_proj", "v_proj")
-    with pytest.raises(OptionError, match=r"^--load_in_4bit: not supported"):
+    assert train_sft.parse_args([*base, "--lora_rank", "8", "--load_in_4bit"]).trainer.engine.build.lora.load_in_4bit
+    with pytest.raises(OptionError, match=r"--load_in_4bit .* needs --lora_rank > 0"):
         train_sft.parse_args([*base, "--load_in_4bit"])
     assert train_rm.parse_args([*base, "--value_head_prefix", "value_head"]).trainer.engine.build.value_head_prefix \
         == "value_head"

@@ -27,9 +27,9 @@ JOBS = {
     "engine.cli.train_ppo_ray": "PPOJob", "engine.cli.serve_rm": "ServeRMJob",
     "engine.cli.batch_inference": "BatchInferenceJob", "engine.cli.demo": "DemoJob",
     "tools.convert.hf_to_mcore": "ToMcoreJob", "tools.convert.mcore_to_hf": "ToHFJob",
-    "tools.plan.cli": "PlanJob",
+    "tools.convert.lora_combiner": "CombinerJob", "tools.plan.cli": "PlanJob",
 }
-REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore",
+REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore", "model_path": "base", "lora_path": "adapter",
             "pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.
@@ -38,7 +38,7 @@ SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps":
            "train_batch_size": "4"}
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
          "load_checkpoint": ["--ckpt_path", "c"], "ema_beta": ["--enable_ema"],
-         "sequence_parallel": ["--tensor_model_parallel_size", "2"],
+         "sequence_parallel": ["--tensor_model_parallel_size", "2"], "load_in_4bit": ["--lora_rank", "4"],
          "recompute_num_layers": ["--recompute_granularity", "full"],
          "recompute_modules": ["--recompute_granularity", "selective"]}
 

@@ -8,7 +8,7 @@ c1970206, 2025-03-31) is an entry of :data:`TABLE`, one of:
 - a **notice**: accepted; one line on rank 0 / the driver says what this engine does instead
   (``--zero_stage 3``: the distributed optimizer shards Adam states over DP; TP / PP shard the
   weights). The notice is the action: nothing else changes;
-- a **refusal**: an error naming the flag and why (4-bit loading, ...); ``accepted``
+- a **refusal**: an error naming the flag and why (``--use_ms``, ...); ``accepted``
   values are what this engine does anyway and pass with the notice;
 - a **fan-out**: one OpenRLHF flag that is several options here (``--ring_attn_size`` sets every
   RL role's context-parallel size).
@@ -111,7 +111,8 @@ TABLE: tuple[Foreign, ...] = (
     # ----- models and heads ----------------------------------------------------------------------
     Foreign("disable_fast_tokenizer", EVERY, "tokenizers load as transformers' AutoTokenizer default (the fast "
             "tokenizer when the model has one)", refused=True),
-    Foreign("load_in_4bit", (*TRAINERS, "serve_rm"), "4-bit (bitsandbytes) loading of Megatron models",
+    Foreign("load_in_4bit", ("serve_rm",), "4-bit loading of the served reward model (QLoRA trains with "
+            "--load_in_4bit; merge its adapter with tools.convert.lora_combiner and serve the result)",
             refused=True),
     Foreign("use_ms", EVERY, "ModelScope hub downloads: download the model and pass its directory", refused=True),
     # ----- algorithms and data -------------------------------------------------------------------

@@ -29,6 +29,7 @@ from engine.runtime.checkpoint import CheckpointConfig
 from engine.runtime.logging import LoggingConfig
 from engine.runtime.optimizer import OptimConfig
 from models.builder import ModelBuildConfig
+from models.lora import LoraConfig
 from parallel.config import ParallelConfig
 from parallel.options import option
 
@@ -190,10 +191,9 @@ def check_job(job: PPOJob) -> None:
     from engine.ray.colocation import colocated_sets
     from models.sources import ModelSource
 
-    if job.build.lora.enabled:
-        raise OptionError(f"--lora_rank {job.build.lora.lora_rank}: not supported by train_ppo_ray yet (the vLLM weight "
-                          "sync of merged adapters is not wired); LoRA trains in train_sft, train_rm, train_dpo, "
-                          "train_kto, train_kd and train_prm")
+    if job.build.lora.enabled and job.models.enable_ema:
+        raise OptionError("--enable_ema with --lora_rank is not supported: the average would be of the adapters "
+                          "over a frozen base (train without LoRA, or without --enable_ema)")
     configs = role_configs(job, total_steps=1)
     colocated_sets(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
     pretrain_data_config(job)
@@ -218,7 +218,8 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
     def config(key: str, pretrain: str, flag: str, *, trainable: bool, value_head: bool, learning_rate=None,
                ema_beta=None):
         optim = replace(job.optim, learning_rate=learning_rate) if learning_rate is not None else job.optim
-        build = replace(job.build, value_head=value_head,
+        # LoRA adapts the trained roles (actor, critic); the frozen ones are plain.
+        build = replace(job.build, value_head=value_head, lora=job.build.lora if trainable else LoraConfig(),
                         value_normalisation=_value_normalisation(job, key, pretrain, flag) if value_head else None)
         options: RoleOptions = getattr(job, _flag_group(key))
         with naming_flags(PPOJob, _flag_group(key)):

@@ -57,9 +57,12 @@ class OwnerSender(_Sender):
                           if owns_weights(model) else None)
 
     def send(self, bucket_bytes: int) -> SyncStats | None:
+        from models.lora import merged_tensor_of
         from models.weights import iter_hf_weights
 
-        tensors = iter_hf_weights(self.model, self.adapter, dtype=self.adapter.export_dtype())
+        # A LoRA actor sends W + scale B A, merged shard by shard (the engines serve the merged model).
+        tensors = iter_hf_weights(self.model, self.adapter, dtype=self.adapter.export_dtype(),
+                                  tensor_of=merged_tensor_of(self.model))
         if self.transport is None:
             for _ in tensors:
                 pass
@@ -88,9 +91,11 @@ class SharedIpcSender(_Sender):
         self.shared = SharedIpcBuckets(rank=rank, device=device, group=objects, transport=self.transport)
 
     def send(self, bucket_bytes: int) -> SyncStats | None:
+        from models.lora import merged_tensor_of
         from models.weights import iter_hf_weights
 
-        tensors = iter_hf_weights(self.model, self.adapter, dtype=self.adapter.export_dtype(), every_rank=True)
+        tensors = iter_hf_weights(self.model, self.adapter, dtype=self.adapter.export_dtype(), every_rank=True,
+                                  tensor_of=merged_tensor_of(self.model))
         stats = stream_shared_ipc(self.fan_out, self.shared, tensors, bucket_bytes=bucket_bytes)
         return stats if self.transport is not None else None
 

@@ -78,6 +78,9 @@ class TrainingEngine:
         if load_weights:
             # Weights only: a training checkpoint as a start is not a resume (see resume()).
             self.source.load_weights(self.model, self.adapter, progress=self.is_rank_zero)
+        self.quantized = None
+        if config.build.lora.load_in_4bit:
+            self.quantized = self._quantize_base(load_weights)
         self.ddp_model = self.optimizer = self.scheduler = self.parking = None
         if trainable:
             self.ddp_model = wrap_ddp(self.model, config.optim)
@@ -103,6 +106,19 @@ class TrainingEngine:
         self.offload = offload and self.device.type == "cuda"  # on a CPU build host memory is home already
         if self.offload:
             self._to_host()
+
+    def _quantize_base(self, loaded: bool) -> dict[str, int]:
+        """QLoRA: the frozen decoder linears to NF4 once their weights are in; the bytes reported."""
+        from models.lora.quant import quantize_base_linears
+
+        if not loaded:
+            raise ValueError("--load_in_4bit quantises loaded base weights: this model was built without them")
+        stats = quantize_base_linears(self.model)
+        if self.is_rank_zero:
+            mib = {k: v / 2**20 for k, v in stats.items()}
+            print(f"QLoRA: decoder linears of rank 0 in NF4: {mib['base_bytes_before']:.1f} MiB -> "
+                  f"{mib['base_bytes_after']:.1f} MiB", flush=True)
+        return stats
 
     # ----- facts about this rank ----------------------------------------------------------
     @property

@@ -26,6 +26,15 @@ _LINEAR = re.compile(r"^decoder\.layers\.(\d+)\.(?:mlp\.experts\.local_experts\.
 _LORA_PARAM = re.compile(rf"(^|\.){LORA_MODULE}\.[^.]+\.lora_[AB]$")
 
 
+def parse_linear_name(name: str) -> tuple[str, int | None, int] | None:
+    """``(linear relative name, local expert or None, local layer)`` of a decoder linear's module name."""
+    match = _LINEAR.match(name)
+    if match is None:
+        return None
+    expert = match.group(2)
+    return match.group(3), None if expert is None else int(expert), int(match.group(1))
+
+
 def is_lora_name(name: str) -> bool:
     """Whether a parameter name is an adapter's (``...linear_qkv.lora.q_proj.lora_A``)."""
     return _LORA_PARAM.search(name) is not None
@@ -44,13 +53,12 @@ def apply_lora(model, adapter: ModelAdapter, config: LoraConfig, *, seed: int = 
     experts_per_rank = (adapter.num_experts or 0) // max(ps.get_expert_model_parallel_world_size(), 1)
     expert_offset = ps.get_expert_model_parallel_rank() * experts_per_rank
     for name, module in list(model.named_modules()):
-        match = _LINEAR.match(name)
-        if match is None or (match.group(3), match.group(2) is not None) not in targets:
+        parsed = parse_linear_name(name)
+        if parsed is None or (parsed[0], parsed[1] is not None) not in targets:
             continue
-        layer, expert = int(match.group(1)) + layer_offset, match.group(2)
-        index = {"layer": layer, "expert": int(expert) + expert_offset if expert is not None else None}
-        _adapt(module, targets[(match.group(3), expert is not None)], adapter, config, index,
-               seed=seed, init_b_std=init_b_std)
+        linear, expert, layer = parsed
+        index = {"layer": layer + layer_offset, "expert": None if expert is None else expert + expert_offset}
+        _adapt(module, targets[(linear, expert is not None)], adapter, config, index, seed=seed, init_b_std=init_b_std)
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_name(name) or _is_value_head(model, name))
 
@@ -138,11 +146,17 @@ def adapters_disabled(model):
 
 def merged_tensor_of(model):
     """A ``tensor_of`` for ``models.weights.iter_hf_weights``: adapted weights merged (W + scale B A,
-    shard by shard), every other tensor as it is."""
-    owners = {id(module.weight): module for _, module in lora_linears(model)}
+    shard by shard), NF4 weights dequantised, every other tensor as it is."""
+    from models.lora.quant import Nf4WeightMixin
+
+    # Keyed by the registered parameter (an NF4 layer's ``weight`` is made anew on every read).
+    owners = {id(module._parameters["weight"]): module for module in model.modules()
+              if is_lora_linear(module) or isinstance(module, Nf4WeightMixin)}
 
     def tensor_of(param: torch.nn.Parameter) -> torch.Tensor:
         owner = owners.get(id(param))
-        return param.data if owner is None else owner.merged_weight()
+        if owner is None:
+            return param.data
+        return owner.merged_weight() if is_lora_linear(owner) else owner.base_weight()
 
     return tensor_of

@@ -18,6 +18,8 @@ class LoraConfig:
         (ALL_LINEAR,), help="HF module names that get adapters (q_proj k_proj v_proj o_proj gate_proj up_proj "
                             "down_proj; Mixtral experts w1 w2 w3), or all-linear: every decoder linear")
     lora_dropout: float = option(0.0, help="dropout on the adapters' input (tensor parallel size 1 only)")
+    load_in_4bit: bool = option(False, help="QLoRA: hold the frozen base linears of the decoder in NF4 (bitsandbytes), "
+                                            "dequantised per layer in forward; needs --lora_rank > 0")
     init_b_std: float = 0.0  # B starts at zero (PEFT); tests draw it at random to see the adapters' output
 
     def __post_init__(self) -> None:
@@ -31,6 +33,8 @@ class LoraConfig:
             self.target_modules = (self.target_modules,)
         # OpenRLHF passes them space-separated; a comma-separated list is taken too.
         self.target_modules = tuple(name for item in self.target_modules for name in item.split(",") if name)
+        if self.load_in_4bit and not self.enabled:
+            raise ValueError("--load_in_4bit trains adapters on a frozen 4-bit base: it needs --lora_rank > 0")
         if not self.target_modules:
             raise ValueError("--target_modules needs at least one module name (or all-linear)")
 

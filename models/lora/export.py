@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +21,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from models.adapter import ModelAdapter
 from models.heads import is_value_model
 from models.hf_checkpoint import copy_side_files, staged_directory
-from models.lora.apply import lora_linears
+from models.lora.apply import lora_linears, parse_linear_name
 from models.lora.config import LoraConfig
 from models.lora.targets import COLUMN, resolve_targets
 from models.weights import is_owner, value_head_prefix
@@ -30,7 +29,6 @@ from parallel.resharding import all_gather_shards
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_UPDATES = "base_config_updates.json"
-_LINEAR = re.compile(r"^decoder\.layers\.(\d+)\.(?:mlp\.experts\.local_experts\.(\d+)\.)?(.+)$")
 
 
 def iter_lora_weights(model, adapter: ModelAdapter, config: LoraConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -39,12 +37,11 @@ def iter_lora_weights(model, adapter: ModelAdapter, config: LoraConfig) -> Itera
     layer_offset = get_transformer_layer_offset(model.config)
     experts_per_rank = (adapter.num_experts or 0) // ps.get_expert_model_parallel_world_size()
     for name, module in lora_linears(model):
-        match = _LINEAR.match(name)
-        expert = match.group(2)
-        linear = targets[(match.group(3), expert is not None)]
-        index = {"layer": int(match.group(1)) + layer_offset}
+        relative, expert, layer = parse_linear_name(name)
+        linear = targets[(relative, expert is not None)]
+        index = {"layer": layer + layer_offset}
         if expert is not None:
-            index["expert"] = int(expert) + ps.get_expert_model_parallel_rank() * experts_per_rank
+            index["expert"] = expert + ps.get_expert_model_parallel_rank() * experts_per_rank
         owner = is_owner(f"{name}.weight")
         for i, hf_module in enumerate(linear.hf_modules):
             if not linear.targeted[i]:

@@ -111,7 +111,7 @@ class LoraLinearMixin:
                 weight = weight + delta
             else:
                 weight = weight.index_add(0, pair.rows, delta)
-        return weight.to(self.weight.dtype)
+        return weight.to(self._parameters["weight"].dtype)
 
     def base_weight(self) -> torch.Tensor:
         return self.weight.data

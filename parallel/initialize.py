@@ -90,6 +90,19 @@ def local_device_index(env, *, rank: int, device_count: int) -> int:
     return rank % device_count
 
 
+def create_model_parallel_groups(config: ParallelConfig, *, gloo_groups: bool, timeout_minutes: int = 30) -> None:
+    """Megatron's TP / PP / CP / EP / DP groups of ``config`` over the initialised default group."""
+    _ps().initialize_model_parallel(
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        context_parallel_size=config.context_parallel_size,
+        expert_model_parallel_size=config.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.expert_tensor_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+        create_gloo_process_groups=gloo_groups,
+    )
+
+
 def initialize_parallel(
     config: ParallelConfig,
     *,
@@ -126,16 +139,8 @@ def initialize_parallel(
     ps = _ps()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=config.tensor_model_parallel_size,
-        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-        context_parallel_size=config.context_parallel_size,
-        expert_model_parallel_size=config.expert_model_parallel_size,
-        expert_tensor_parallel_size=config.expert_tensor_parallel,
-        distributed_timeout_minutes=timeout_minutes,
-        # On CPU the default group already is gloo: no duplicate gloo groups needed.
-        create_gloo_process_groups=torch.cuda.is_available(),
-    )
+    # On CPU the default group already is gloo: no duplicate gloo groups needed.
+    create_model_parallel_groups(config, gloo_groups=torch.cuda.is_available(), timeout_minutes=timeout_minutes)
     seed_everything(seed)
     return ParallelContext(
         config=config,

@@ -22,6 +22,7 @@ from models.adapter import ModelAdapter
 from models.builder import ModelBuildConfig, build_model
 from parallel import cpu_backend, megatron_patches
 from parallel.config import ParallelConfig
+from parallel.initialize import create_model_parallel_groups
 
 
 @contextmanager
@@ -43,14 +44,7 @@ def fake_world(parallel: ParallelConfig, *, world_size: int | None = None, stage
     rank = stage * world // parallel.pipeline_model_parallel_size
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-            context_parallel_size=parallel.context_parallel_size,
-            expert_model_parallel_size=parallel.expert_model_parallel_size,
-            expert_tensor_parallel_size=parallel.expert_tensor_parallel,
-            create_gloo_process_groups=False,
-        )
+        create_model_parallel_groups(parallel, gloo_groups=False)
         yield world
     finally:
         ps.destroy_model_parallel()

@@ -180,3 +180,24 @@ def zigzag_split_packed(
         pieces.append(zigzag_split(sample, dim=dim, cp_rank=cp_rank, cp_size=cp_size))
     local = torch.cat(pieces, dim=dim) if pieces else tensor.narrow(dim, 0, 0)
     return local, pad_packed_for_cp(cu_seqlens, cp_size) // cp_size
+
+
+@torch.no_grad()
+def zigzag_gather_packed(local: torch.Tensor, cu_seqlens: torch.Tensor, *, dim: int,
+                         cp_group: dist.ProcessGroup) -> torch.Tensor:
+    """Inverse of :func:`zigzag_split_packed` over ``cp_group``: every rank's local pieces of a
+    packed tensor, gathered and returned as the global packed tensor with the real sample
+    lengths of ``cu_seqlens`` (the per-sample CP padding dropped). Forward only (scoring)."""
+    cp_size = dist.get_world_size(group=cp_group)
+    if cp_size == 1:
+        return local
+    pieces = [torch.empty_like(local) for _ in range(cp_size)]
+    dist.all_gather(pieces, local.contiguous(), group=cp_group)
+    local_bounds = (pad_packed_for_cp(cu_seqlens.to(torch.int64), cp_size) // cp_size).tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    samples = []
+    for index, length in enumerate(lengths):
+        start, stop = local_bounds[index], local_bounds[index + 1]
+        shards = [piece.narrow(dim, start, stop - start) for piece in pieces]
+        samples.append(zigzag_unsplit(shards, dim=dim).narrow(dim, 0, length))
+    return torch.cat(samples, dim=dim)

@@ -349,7 +349,7 @@ NOTICES = {
     "train_sft": {"zero_stage", "flash_attn"},
     "train_rm": {"zero_stage", "flash_attn"},
     "train_dpo": {"zero_stage", "flash_attn"},
-    "train_ppo_ray": {"zero_stage", "packing_samples", "flash_attn"},
+    "train_ppo_ray": {"zero_stage", "flash_attn"},
     "train_kto": {"zero_stage", "flash_attn"},
     "train_prm": {"zero_stage", "flash_attn"},
     "train_kd": {"zero_stage", "flash_attn"},

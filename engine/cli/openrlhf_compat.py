@@ -67,7 +67,6 @@ def _zero(parallel_flags: str) -> str:
 
 _OFFLINE_GRID = "--tensor_model_parallel_size / --pipeline_model_parallel_size"
 _RL_GRID = "--{actor,critic,ref,reward}_tensor_model_parallel_size / ..._pipeline_model_parallel_size"
-_PADDED = "batches are padded to their longest sample (the loss equals the packed one; packing only saves compute)"
 
 TABLE: tuple[Foreign, ...] = (
     # ----- DeepSpeed and the launcher ------------------------------------------------------------
@@ -106,8 +105,6 @@ TABLE: tuple[Foreign, ...] = (
             "reward scoring in the checkpoint's dtype"),
     Foreign("full_determinism", (*TRAINERS, "batch_inference"), "deterministic kernels are not forced (runs "
             "repeat for a --seed and layout on CPU)", refused=True),
-    # ----- packing: exact here, padding gives the same loss ----------------------------------------
-    Foreign("packing_samples", RL, "RL micro-batches " + _PADDED.removeprefix("batches ")),
     # ----- models and heads ----------------------------------------------------------------------
     Foreign("disable_fast_tokenizer", EVERY, "tokenizers load as transformers' AutoTokenizer default (the fast "
             "tokenizer when the model has one)", refused=True),

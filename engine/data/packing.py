@@ -61,3 +61,43 @@ def packed_collate(pack: list[dict], *, pad_id: int, pad_to_multiple_of: int = 1
         "position_ids": torch.tensor([positions + list(range(pad))], dtype=torch.long),
         "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
     }
+
+
+def pack_padded_rows(batch: dict, *, multiple: int = 1) -> dict:
+    """A right-padded micro-batch (rows ``[b, L]`` with ``attention_mask`` 1 on each row's real
+    tokens, labels already shifted within each row) as one packed ``[1, T]`` row.
+
+    Every per-token tensor (``[b, L, ...]``) keeps each row's real tokens, back to back;
+    ``position_ids`` restart at 0 in every sample; ``cu_seqlens`` holds the boundaries. The
+    padding for ``multiple`` goes after the last sample, outside every sample (as in
+    ``packed_collate``). The inverse of the forward's per-token outputs: ``unpack_to_rows``.
+    """
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    if min(lengths) < 1:
+        raise ValueError("cannot pack a row with no real tokens")
+    real = sum(lengths)
+    pad = padded_length(real, multiple) - real
+    out = {}
+    for key, tensor in batch.items():
+        if not (torch.is_tensor(tensor) and tensor.dim() >= 2 and tuple(tensor.shape[:2]) == (rows, width)):
+            out[key] = tensor
+            continue
+        pieces = [tensor[row, :length] for row, length in enumerate(lengths)]
+        pieces.append(tensor.new_zeros((pad, *tensor.shape[2:])))
+        out[key] = torch.cat(pieces)[None]
+    out["position_ids"] = torch.cat([torch.arange(n) for n in (*lengths, pad)])[None]
+    out["attention_mask"] = torch.cat([torch.ones(real, dtype=torch.long), torch.zeros(pad, dtype=torch.long)])[None]
+    out["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return out
+
+
+def unpack_to_rows(packed: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-token values of a packed row (``[1, T, ...]``) back as right-padded rows ``[b, width, ...]``
+    (zeros after each sample's tokens)."""
+    bounds = cu_seqlens.tolist()
+    out = packed.new_zeros((len(bounds) - 1, width, *packed.shape[2:]))
+    for row, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        out[row, :stop - start] = packed[0, start:stop]
+    return out

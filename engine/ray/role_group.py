@@ -84,22 +84,24 @@ class RoleGroup:
             raise RoleError(f"{self.config.name}: results cover {covered} of {batch_size} samples")
         return out
 
-    def log_probs(self, experience: Experience, micro_batch_size: int, *, temperature: float = 1.0) -> torch.Tensor:
+    # ``packed``: each micro-batch's rows packed into one (--packing_samples); the same results.
+    def log_probs(self, experience: Experience, micro_batch_size: int, *, temperature: float = 1.0,
+                  packed: bool = False) -> torch.Tensor:
         """``[B, L]`` log-probs of ``labels`` (read where ``action_mask`` is 1)."""
         ref = ray.put(experience)
-        return self._per_sample([w.compute_log_probs.remote(ref, micro_batch_size, temperature) for w in self.workers],
-                                experience.batch_size, f"{self.config.name} log-probs")
+        return self._per_sample([w.compute_log_probs.remote(ref, micro_batch_size, temperature, packed)
+                                 for w in self.workers], experience.batch_size, f"{self.config.name} log-probs")
 
-    def values(self, experience: Experience, micro_batch_size: int) -> torch.Tensor:
+    def values(self, experience: Experience, micro_batch_size: int, *, packed: bool = False) -> torch.Tensor:
         """``[B, L]`` value-head outputs."""
         ref = ray.put(experience)
-        return self._per_sample([w.compute_values.remote(ref, micro_batch_size) for w in self.workers],
+        return self._per_sample([w.compute_values.remote(ref, micro_batch_size, packed) for w in self.workers],
                                 experience.batch_size, f"{self.config.name} values")
 
-    def rewards(self, experience: Experience, micro_batch_size: int) -> torch.Tensor:
+    def rewards(self, experience: Experience, micro_batch_size: int, *, packed: bool = False) -> torch.Tensor:
         """``[B]`` scores at each row's last real token."""
         ref = ray.put(experience)
-        return self._per_sample([w.compute_rewards.remote(ref, micro_batch_size) for w in self.workers],
+        return self._per_sample([w.compute_rewards.remote(ref, micro_batch_size, packed) for w in self.workers],
                                 experience.batch_size, f"{self.config.name} rewards")
 
     # ----- training and weights ---------------------------------------------------------------

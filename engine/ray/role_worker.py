@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
+from engine.data.packing import pack_padded_rows, unpack_to_rows
 from engine.ray.calls import split_evenly
 from engine.ray.devices import ray_device_index
 from engine.rl.experience import Experience
@@ -101,10 +102,18 @@ class MegatronRoleWorker:
         return ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0
 
     # ----- forward passes -----------------------------------------------------------------
-    def _per_token(self, experience: Experience, micro_batch_size: int, compute) -> ShardResult | None:
+    def _layout(self, micro: list[dict], packed: bool) -> list[dict]:
+        """Padded micro-batches as they are, or each packed into one row (``--packing_samples``)."""
+        if not packed:
+            return micro
+        return [pack_padded_rows(batch, multiple=self.engine.sequence_multiple()) for batch in micro]
+
+    def _per_token(self, experience: Experience, micro_batch_size: int, compute, packed: bool = False
+                   ) -> ShardResult | None:
         """``compute(output, micro_batch) -> [b, s_local]`` on this rank's share, rows padded to L."""
         start, stop = self._share(experience.batch_size)
-        micro = experience.microbatches(start, stop, micro_batch_size, multiple=self.engine.sequence_multiple())
+        micro = self._layout(experience.microbatches(start, stop, micro_batch_size,
+                                                     multiple=self.engine.sequence_multiple()), packed)
         if not micro:
             return ShardResult(start, stop, None) if self._is_share_head() else None
         outputs = self.engine.forward_outputs(micro, lambda out, mb: compute(out, mb).float(),
@@ -112,24 +121,30 @@ class MegatronRoleWorker:
         if not self._is_share_head():
             return None
         width = experience.input_ids.shape[1]
-        rows = [torch.nn.functional.pad(out, (0, width - out.shape[1])) for out in outputs]
+        if packed:
+            rows = [unpack_to_rows(out.cpu(), batch["cu_seqlens"], width) for out, batch in zip(outputs, micro)]
+        else:
+            rows = [torch.nn.functional.pad(out, (0, width - out.shape[1])) for out in outputs]
         return ShardResult(start, stop, torch.cat(rows).cpu())
 
     def compute_log_probs(self, experience: Experience, micro_batch_size: int,
-                          temperature: float = 1.0) -> ShardResult | None:
+                          temperature: float = 1.0, packed: bool = False) -> ShardResult | None:
         """log p(labels) at every position (read them where ``action_mask`` is 1)."""
         from engine.runtime.vocab_parallel import token_log_probs
 
         return self._per_token(experience, micro_batch_size,
-                               lambda logits, mb: token_log_probs(logits, mb["labels"], temperature=temperature))
+                               lambda logits, mb: token_log_probs(logits, mb["labels"], temperature=temperature),
+                               packed)
 
-    def compute_values(self, experience: Experience, micro_batch_size: int) -> ShardResult | None:
+    def compute_values(self, experience: Experience, micro_batch_size: int, packed: bool = False
+                       ) -> ShardResult | None:
         """Critic values per position (``[b, s, 1]`` head output squeezed)."""
-        return self._per_token(experience, micro_batch_size, lambda values, mb: values[..., 0])
+        return self._per_token(experience, micro_batch_size, lambda values, mb: values[..., 0], packed)
 
-    def compute_rewards(self, experience: Experience, micro_batch_size: int) -> ShardResult | None:
+    def compute_rewards(self, experience: Experience, micro_batch_size: int, packed: bool = False
+                        ) -> ShardResult | None:
         """Reward model score at each row's last real token."""
-        result = self.compute_values(experience, micro_batch_size)
+        result = self.compute_values(experience, micro_batch_size, packed)
         if result is None or result.values is None:
             return result
         last = experience.last_index[result.start:result.stop]
@@ -164,6 +179,7 @@ class MegatronRoleWorker:
                                        micro_batch_size=settings.micro_train_batch_size,
                                        pad_id=settings.pad_token_id, multiple=multiple)
                     ptx_scale = engine.loss_scale(micro, key="loss_mask")
+                micro = self._layout(micro, settings.packing_samples)
                 loss_fn = make_loss_fn(loss, settings, scale=engine.loss_scale(micro, key="action_mask"),
                                        tp_group=engine.ctx.tp_group, ptx_scale=ptx_scale)
                 result = engine.train_step(micro, loss_fn, normaliser_key="num_tokens")

@@ -64,6 +64,9 @@ class PPOConfig:
                                                   "logp_vLLM), --vllm_is_truncated_threshold): truncated importance "
                                                   "sampling of the engines' mismatch with the trainer")
     vllm_is_truncated_threshold: float = option(2.0, help="cap of the --vllm_is_correction weights")
+    packing_samples: bool = option(False, help="pack each scoring / training micro-batch's prompt + response "
+                                               "sequences into one row instead of padding them to the longest "
+                                               "(the same losses; no compute on padding)")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
     seed: int = 42  # the job's --seed
@@ -255,15 +258,16 @@ class PPOTrainer:
     def score(self, batch: RolloutBatch, meta: dict) -> tuple[Experience, torch.Tensor, dict]:
         """The rollout as an ``Experience`` with old / reference log-probs and values; its rewards."""
         micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
+        packed = self.config.packing_samples
         experience = Experience.from_rollout(batch)
         old_log_probs = None
         if self.config.needs_old_log_probs(reference=self.reference is not None):
-            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature)
+            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, packed=packed)
         experience = experience.with_fields(
             old_log_probs=old_log_probs,
-            ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature)
+            ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature, packed=packed)
                            if self.reference is not None else None),
-            values=self.critic.values(experience, micro) if self.critic is not None else None,
+            values=self.critic.values(experience, micro, packed=packed) if self.critic is not None else None,
         )
         rewards = self._rewards(experience, meta)
         mask = batch.action_mask
@@ -286,8 +290,8 @@ class PPOTrainer:
     def _rewards(self, experience: Experience, meta: dict) -> torch.Tensor:
         from engine.rl.rewards import combine_rewards
 
-        micro = self.config.micro_rollout_batch_size
-        per_source = [group.rewards(experience, micro).tolist() for group in self.reward_models]
+        micro, packed = self.config.micro_rollout_batch_size, self.config.packing_samples
+        per_source = [group.rewards(experience, micro, packed=packed).tolist() for group in self.reward_models]
         per_source += [src.score(meta["prompts"], meta["responses"], meta["labels"]) for src in self.reward_sources]
         if not per_source:
             raise ValueError("no reward source: pass --reward_pretrain and/or --remote_rm_url")
@@ -337,6 +341,7 @@ class PPOTrainer:
             dual_clip=config.dual_clip, value_clip=config.value_clip, temperature=self.sampling.temperature,
             kl_loss_coef=self.kl_controller.value if config.use_kl_loss else 0.0, kl_estimator=config.kl_estimator,
             ptx_coef=config.ptx_coef if self.ptx is not None else 0.0, pad_token_id=self._pad_id(),
+            packing_samples=config.packing_samples,
         )
 
     def train(self, experience: Experience, step: int) -> dict:

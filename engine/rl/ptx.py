@@ -21,7 +21,7 @@ import torch
 
 from engine.rl.sequences import trim_to_content
 
-PTX_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
+PTX_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "attention_mask")
 
 
 class PtxSampler:

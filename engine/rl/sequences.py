@@ -74,5 +74,15 @@ def trim_to_content(batch: dict, *, multiple: int = 1, mask_key: str = "action_m
     the last position ``mask_key`` trains on."""
     nonzero = batch[mask_key].nonzero()
     used = int(nonzero[:, 1].max()) + 2 if len(nonzero) else 1  # the last action's token is at t + 1
-    width = min(batch["input_ids"].shape[1], -(-used // multiple) * multiple)
-    return {k: v[:, :width] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
+    used = min(batch["input_ids"].shape[1], used)
+    width = -(-used // multiple) * multiple  # may be wider than the rows: padded with zeros then
+    out = {k: _fit_columns(v, width) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
+    if "position_ids" in out:
+        out["position_ids"] = torch.arange(width).expand(out["input_ids"].shape[0], width).contiguous()
+    return out
+
+
+def _fit_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    if tensor.shape[1] >= width:
+        return tensor[:, :width]
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))

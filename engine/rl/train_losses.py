@@ -34,6 +34,7 @@ class TrainSettings:
     kl_estimator: KLEstimator = "k1"
     ptx_coef: float = 0.0  # 0: no pretraining rows
     pad_token_id: int = 0
+    packing_samples: bool = False  # each micro-batch's rows packed into one (no padding computed)
 
 
 LossKind = Literal["policy", "value"]

@@ -42,7 +42,7 @@ from models.lora.export import save_peft_adapter
 from models.sources import ModelSource
 from models.weights import save_hf_checkpoint
 from parallel.config import ParallelConfig
-from parallel.context_parallel import zigzag_gather
+from parallel.context_parallel import zigzag_gather, zigzag_gather_packed
 from parallel.initialize import initialize_parallel
 from parallel.options import option
 
@@ -223,12 +223,15 @@ class TrainingEngine:
                         gather_context_parallel: bool = False) -> list[torch.Tensor]:
         """``compute(output, micro_batch)`` per micro-batch, forward only, on the last pipeline stage
         ([] elsewhere). ``gather_context_parallel``: per-token results ``[b, s_local, ...]`` of the CP
-        ranks joined back into the full sequence order."""
+        ranks joined back into the full sequence order (packed batches: the real samples, per-sample CP
+        padding dropped)."""
         cp_group = self.ctx.cp_group if gather_context_parallel and self.config.parallel.context_parallel_size > 1 else None
 
         def keep(output: torch.Tensor, batch: dict):
             result = compute(output, batch)
-            if cp_group is not None:
+            if cp_group is not None and "cu_seqlens" in batch:
+                result = zigzag_gather_packed(result, batch["cu_seqlens"], dim=1, cp_group=cp_group)
+            elif cp_group is not None:
                 result = zigzag_gather(result, dim=1, cp_group=cp_group)
             return output.new_zeros(()), {"out": result}
 

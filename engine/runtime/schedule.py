@@ -29,6 +29,13 @@ def packed_seq_params(batch: dict) -> PackedSeqParams | None:
     # Under context parallelism the global boundaries padded per sample to 2 x CP (cp_batch.py):
     # Megatron's rotary and our ring attention derive the local layout from them.
     padded = batch.get("cu_seqlens_padded")
+    width = batch["input_ids"].shape[1]
+    if padded is None and width > int(cu_seqlens[-1]):
+        # Padding after the last sample (sequence parallel wants a multiple of TP): Megatron's thd
+        # rotary splits the tokens by the boundaries, so the padding joins the last sample, at
+        # its end, where causal attention keeps it out of every real token's view.
+        padded = cu_seqlens.clone()
+        padded[-1] = width
     cu_seqlens = (padded if padded is not None else cu_seqlens).to(torch.int32)
     max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(

@@ -28,7 +28,9 @@ def token_entropy(logits: torch.Tensor, tp_group, *, temperature: float = 1.0) -
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
     shifted = logits - global_max.unsqueeze(-1)
     exp = shifted.exp()
-    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
+    # Masked vocabulary padding holds -inf logits: their term p * logit is 0, not 0 * -inf = nan.
+    weighted_terms = torch.where(exp > 0, exp * shifted, torch.zeros_like(shifted))
+    sums = torch.stack([exp.sum(-1), weighted_terms.sum(-1)])
     dist.all_reduce(sums, group=tp_group)
     normaliser, weighted = sums[0], sums[1]
     # H = log Z - E[shifted logit]

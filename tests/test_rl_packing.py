@@ -50,8 +50,6 @@ def _rollout(seed: int, rows: int):
 
 
 def _scores_and_step_both_ways(rank, world, path, grid):
-    import torch
-
     from engine.ray.role_worker import MegatronRoleWorker, RoleConfig
     from engine.rl.ptx import collate_ptx
     from engine.rl.train_losses import TrainSettings

@@ -98,6 +98,25 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
     rl_setup["tp2_history"] = history
 
 
+def test_async_grpo_one_step_off_policy_with_packing_and_correction(rl_setup, ray_cluster):
+    """--async_train: rollout k+1 is generated while the actor trains on rollout k, so from the second
+    rollout on the engine's samples come from the weights before the last update (staleness 1, a
+    real train-vs-engine log-prob gap that the truncated importance weights correct); packed micro-batches."""
+    from engine.cli import train_ppo_ray
+
+    history = train_ppo_ray.main(_ppo_args(
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "14",
+        "--async_train", "--vllm_is_correction", "--vllm_is_truncated_threshold", "1.5", "--packing_samples",
+    ))
+    assert [h["rollout/staleness"] for h in history] == [0] + [1] * 13
+    assert history[0]["rollout_logprob_abs_diff"] < 1e-4  # the first rollout: the actor's own weights
+    assert min(h["rollout_logprob_abs_diff"] for h in history[1:]) > 1e-4  # then one update behind
+    assert all(h["vllm_is/max"] <= 1.5 + 1e-6 for h in history)
+    assert any(abs(h["vllm_is/mean"] - 1.0) > 1e-4 for h in history[1:])
+    assert all("time/generate_wait" in h for h in history[:-1])
+    assert _rise(history) >= MARGIN, [h["reward"] for h in history]
+
+
 def test_grpo_with_a_lora_actor(rl_setup, ray_cluster):
     """A TP=2 LoRA actor: before every rollout the engine gets W + scale B A merged shard by shard
     (its log-probs equal the adapted actor's), the reward rises, and --save_path is a PEFT adapter."""

@@ -146,9 +146,22 @@ def parse_args(argv=None) -> PPOJob:
         # measure the temperature, not the engines' mismatch.
         raise OptionError(f"--vllm_is_correction with --temperature {job.sampling.temperature}: the engines' "
                           "log-probs are of the untempered policy; use --temperature 1")
+    if job.ppo.async_train:
+        _check_async(job)
     if not job.models.save_path:
         print_notices([NO_SAVE_PATH])
     return job
+
+
+def _check_async(job: PPOJob) -> None:
+    """--async_train overlaps generation with training: not where they take turns on the same GPUs."""
+    shared = [flag for flag, on in (("--colocate_all_models", job.placement.colocate_all_models),
+                                    ("--vllm_enable_sleep", job.vllm.enable_sleep_mode),
+                                    ("--megatron_enable_sleep", job.placement.megatron_enable_sleep))
+              if on]
+    if shared:
+        raise OptionError(f"--async_train with {shared[0]}: the engines and the trainers take turns on the same "
+                          "devices there, so generation cannot overlap training; drop one of the two")
 
 
 # ----- checks before anything starts ----------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 
 from engine.ray.calls import get_each
 from engine.ray.colocation import Placement, node_affinity
+from engine.ray.cpu_threads import ranks_per_node
 from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, ShardResult
 from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
@@ -138,6 +139,12 @@ class RoleGroup:
 
     def save_hf(self, path: str) -> None:
         self._wait([w.save_hf.remote(path) for w in self.workers], f"{self.config.name} HF export")
+
+    def use_node_cores(self) -> list[int]:
+        """CPU ranks take their node's cores, split between the role's ranks there (for phases
+        where nothing else computes); the thread count of each rank."""
+        per_node = ranks_per_node(self.node_ids())
+        return self._wait([w.use_node_cores.remote(n) for w, n in zip(self.workers, per_node)], "thread count")
 
     def weights_devices(self) -> list[str]:
         return self._wait([w.weights_device.remote() for w in self.workers], "weights device")

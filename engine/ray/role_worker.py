@@ -92,6 +92,15 @@ class MegatronRoleWorker:
     def weights_device(self) -> str:
         return self.engine.weights_device()
 
+    def use_node_cores(self, ranks_on_node: int) -> int:
+        """CPU ranks: compute with this node's cores split between ``ranks_on_node`` ranks
+        (``engine.ray.cpu_threads``); the torch thread count in effect."""
+        from engine.ray.cpu_threads import rank_threads
+
+        if self.engine.device.type == "cpu":
+            torch.set_num_threads(rank_threads(node_cores=len(os.sched_getaffinity(0)), ranks_on_node=ranks_on_node))
+        return torch.get_num_threads()
+
     # ----- where this rank sits -----------------------------------------------------------
     def _share(self, num_items: int) -> tuple[int, int]:
         ctx = self.engine.ctx

@@ -13,7 +13,7 @@ order of veRL's and OpenRLHF's colocated loops):
 """
 from __future__ import annotations
 
-from engine.ray.vllm_engine import generate, sleep_engines, wake_up_engines
+from engine.ray.vllm_engine import PendingGeneration, sleep_engines, submit_generate, wake_up_engines
 from engine.ray.weight_sync import ActorWeightSync
 from engine.rl.rollout import RolloutSample, SamplingConfig
 from engine.runtime.offload import PARTS
@@ -72,13 +72,16 @@ class VLLMRollouts:
         self._synced = synced
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
+        return self.generate_async(prompt_token_ids, sampling).result()
+
+    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> PendingGeneration:
         if not self._synced:
             self.sync_weights()
         self._wake("weights")  # asleep since start-up, with weights of their own
         if self.trainers is not None:
             self.trainers.before_generate()
         self._wake("kv_cache")
-        return generate(self.engines, prompt_token_ids, sampling)
+        return submit_generate(self.engines, prompt_token_ids, sampling)
 
     def release_memory(self) -> None:
         if self.sleep:

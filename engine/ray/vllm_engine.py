@@ -462,17 +462,34 @@ def shutdown_engines(engines: list, *, graceful: bool = True, timeout_s: float =
     _remove_groups([g for g in groups if g is not None])
 
 
-def generate(engines: list, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
-             timeout_s: float = 3600.0) -> list[RolloutSample]:
-    """Spread the prompts over the engines and return every sample, ordered by (prompt, sample).
+class PendingGeneration:
+    """Generation running on the engines (``submit_generate``); ``result()`` waits for it."""
+
+    def __init__(self, refs: list, busy: list[int], timeout_s: float):
+        self.refs, self.busy, self.timeout_s = refs, busy, timeout_s
+
+    def result(self) -> list[RolloutSample]:
+        """Every sample, ordered by (prompt, sample). A dead or hung engine raises ``EngineError``."""
+        per_engine = _gather(self.refs, timeout_s=self.timeout_s, what="generate", engine_indices=self.busy)
+        samples = [sample for chunk in per_engine for sample in chunk]
+        return sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))
+
+
+def submit_generate(engines: list, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                    timeout_s: float = 3600.0) -> PendingGeneration:
+    """Spread the prompts over the engines and start generating; returns at once.
 
     Prompts are split into contiguous, even chunks (one per engine); with ``sampling.seed`` set the
-    result does not depend on the number of engines. A dead or hung engine raises ``EngineError``.
+    result does not depend on the number of engines.
     """
     ranges = split_evenly(len(prompt_token_ids), len(engines))
     busy = [i for i, (start, stop) in enumerate(ranges) if stop > start]
     refs = [engines[i].generate.remote(prompt_token_ids[ranges[i][0]:ranges[i][1]], sampling, ranges[i][0])
             for i in busy]
-    per_engine = _gather(refs, timeout_s=timeout_s, what="generate", engine_indices=busy)
-    samples = [sample for chunk in per_engine for sample in chunk]
-    return sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))
+    return PendingGeneration(refs, busy, timeout_s)
+
+
+def generate(engines: list, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+             timeout_s: float = 3600.0) -> list[RolloutSample]:
+    """``submit_generate`` and wait: every sample, ordered by (prompt, sample)."""
+    return submit_generate(engines, prompt_token_ids, sampling, timeout_s=timeout_s).result()

@@ -67,6 +67,9 @@ class PPOConfig:
     packing_samples: bool = option(False, help="pack each scoring / training micro-batch's prompt + response "
                                                "sequences into one row instead of padding them to the longest "
                                                "(the same losses; no compute on padding)")
+    async_train: bool = option(False, help="generate the next rollout on the engines while the actor scores and "
+                                           "trains on this one (one step off-policy: the engines hold the "
+                                           "weights from before this step's update); the weight sync waits for it")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
     seed: int = 42  # the job's --seed
@@ -113,6 +116,22 @@ class PPOConfig:
         if self.vllm_is_correction:  # the weights compare them with the engines' log-probs
             return True
         return not (self.skip_redundant_forwards and one_step and not kl_before_training)
+
+
+@dataclass(kw_only=True)
+class PrefetchedRollout:
+    """One rollout's generation: submitted to the engines, then its batch once ``wait`` returns."""
+
+    step: int
+    rows: list[dict]
+    pending: object  # engine.rl.rollout.PendingRollout
+    weights_version: int  # actor optimizer updates the engines' weights held when it was submitted
+    batch: RolloutBatch | None = None
+    meta: dict | None = None
+
+    def wait(self, trainer: PPOTrainer) -> None:
+        if self.batch is None:
+            self.batch, self.meta = trainer.to_batch(self.rows, self.pending.result())
 
 
 @dataclass
@@ -165,6 +184,9 @@ class PPOTrainer:
         if self.evaluation.eval_dataset and not eval_prompts:
             raise ValueError(f"--eval_dataset {self.evaluation.eval_dataset} has no prompts")
         self.history: list[dict] = []
+        # Optimizer updates of the actor so far, and how many of them the engines' weights hold.
+        self.actor_version = self.engines_version = 0
+        self._next: PrefetchedRollout | None = None  # --async_train: the next rollout, generating or ready
         steps_per_episode = len(prompts) // config.rollout_batch_size
         if steps_per_episode == 0:
             raise ValueError(f"--prompt_data has {len(prompts)} prompts, fewer than --rollout_batch_size "
@@ -177,6 +199,8 @@ class PPOTrainer:
         from engine.rl.console import RolloutProgress
 
         start = self._resume()
+        if not self.config.async_train:
+            self._use_idle_cores()
         self.progress = RolloutProgress(self.num_steps, start)
         try:
             for step in range(start, self.num_steps):
@@ -197,23 +221,57 @@ class PPOTrainer:
                 self.critic.save_hf(f"{self.save_path}_critic")
         return self.history
 
+    def _roles(self) -> dict:
+        roles = {"actor": self.actor, "critic": self.critic, "ref": self.reference}
+        roles.update({f"reward{i}": group for i, group in enumerate(self.reward_models)})
+        return {name: group for name, group in roles.items() if group is not None}
+
+    def _use_idle_cores(self) -> None:
+        """The engines are idle while the roles score and train, one role at a time: on CPU each
+        role's ranks compute with all of their node's cores (``engine.ray.cpu_threads``)."""
+        threads = {name: min(group.use_node_cores()) for name, group in self._roles().items()}
+        print("torch threads per rank while scoring / training: "
+              + ", ".join(f"{name} {count}" for name, count in threads.items()), flush=True)
+
     def train_one_rollout(self, step: int) -> dict:
         timer = Timer()
         started = time.perf_counter()
-        rows = self._prompt_rows(step)
         with timer.phase("generate"):
-            batch, samples_meta = self.generate(rows, step)
+            rollout = self._take_rollout(step)
             self.rollouts.release_memory()
+        if self.config.async_train and step + 1 < self.num_steps:
+            self._next = self._submit(step + 1)  # runs on the engines while this rollout trains
         with timer.phase("score"):
-            experience, rewards, metrics = self.score(batch, samples_meta)
+            experience, rewards, metrics = self.score(rollout.batch, rollout.meta)
         with timer.phase("advantages"):
             experience, adv_metrics = self.advantages(experience, rewards)
+        metrics["rollout/staleness"] = self.actor_version - rollout.weights_version
         with timer.phase("train"):
             train_metrics = self.train(experience, step)
+        if self._next is not None:
+            with timer.phase("generate_wait"):  # the engines must be done before their weights change
+                self._next.wait(self)
         with timer.phase("sync"):
             sync_metrics = self.rollouts.sync_weights()
+            self.engines_version = self.actor_version
         timer.seconds["time/step"] = time.perf_counter() - started
         return {**metrics, **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
+
+    def _submit(self, step: int) -> PrefetchedRollout:
+        rows = self._prompt_rows(step)
+        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(step))
+        return PrefetchedRollout(step=step, rows=rows, pending=pending, weights_version=self.engines_version)
+
+    def _sampling(self, step: int) -> SamplingConfig:
+        return replace(self.sampling, seed=self.config.seed + step * 100003)  # a function of the step alone
+
+    def _take_rollout(self, step: int) -> PrefetchedRollout:
+        """This step's rollout: generated during the previous step (--async_train), else now."""
+        prefetched, self._next = self._next, None
+        if prefetched is None or prefetched.step != step:
+            prefetched = self._submit(step)
+        prefetched.wait(self)
+        return prefetched
 
     # ----- phases -------------------------------------------------------------------------
     def _prompt_rows(self, step: int) -> list[dict]:
@@ -236,8 +294,11 @@ class PPOTrainer:
 
     def generate(self, rows: list[dict], step: int, *, sampling: SamplingConfig | None = None
                  ) -> tuple[RolloutBatch, dict]:
-        sampling = sampling or replace(self.sampling, seed=self.config.seed + step * 100003)
-        samples = self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling)
+        sampling = sampling or self._sampling(step)
+        return self.to_batch(rows, self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling))
+
+    def to_batch(self, rows: list[dict], samples: list) -> tuple[RolloutBatch, dict]:
+        """The engines' samples of ``rows`` as a padded batch, and the texts the reward sources read."""
         prompt_ids = [list(rows[s.prompt_index]["prompt_ids"]) for s in samples]
         batch = build_rollout_batch(
             prompt_ids, [s.response_token_ids for s in samples], pad_id=self._pad_id(),
@@ -357,6 +418,7 @@ class PPOTrainer:
             ptx = self._ptx_rows(step, experience.batch_size)
             actor = self.actor.train(shared, "policy", settings, ptx)
             metrics.update({f"actor/{k}": v for k, v in actor.items()})
+            self.actor_version += 1
         return metrics
 
     def _ptx_rows(self, step: int, num_rows: int):
@@ -376,8 +438,8 @@ class PPOTrainer:
     def _report(self, step: int, metrics: dict) -> None:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
-                 "rollout_logprob_abs_diff",
-                 "time/generate", "time/score", "time/train", "time/sync", "eval/reward",
+                 "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness",
+                 "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         self.progress.write(f"rollout {step}/{self.num_steps} {line}")

@@ -53,11 +53,19 @@ class RolloutSample:
     finish_reason: str  # "stop" (EOS / stop token) or "length" (hit --generate_max_len)
 
 
+class PendingRollout(Protocol):
+    def result(self) -> list[RolloutSample]:
+        """Wait for the samples, ordered by (prompt, sample)."""
+
+
 class RolloutEngines(Protocol):
     """The generation side of the loop."""
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
         """Every sample of every prompt, ordered by (prompt, sample)."""
+
+    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> PendingRollout:
+        """Start generating with the weights the engines hold now; returns at once."""
 
     def release_memory(self) -> None:
         """Generation is over until the next weight sync (free accelerator memory if configured to)."""

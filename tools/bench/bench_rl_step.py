@@ -11,8 +11,9 @@ same rule-based reward (``engine/tasks/arithmetic.py``); no KL term (TRL's defau
 PPO epoch, one optimizer step per rollout, fp32 training, learning rate 1e-6.
 
 * ours: ``engine.cli.train_ppo_ray`` (a one-rank Megatron actor and one vLLM engine on Ray),
-  with the engine in fp32 (TRL's precision) and in bf16; the phases come from the ``time/*``
-  metrics the loop logs every rollout;
+  with the engine in fp32 (TRL's precision) and in bf16, then ``--async_train`` (the next rollout
+  generated while the actor trains, with ``--vllm_is_correction``); the phases come from the
+  ``time/*`` metrics the loop logs every rollout;
 * TRL: ``GRPOTrainer`` on CPU (HF ``generate``, fp32) with the same batch (16 completions per
   step, ``num_generations=4``); its phases are timed around its own methods. It runs with
   ``--trl_threads`` torch threads (1: each of our processes runs one thread too).
@@ -36,7 +37,7 @@ from tools.bench.common import print_table, reference_model
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_PROMPTS, NUM_SAMPLES = 4, 4
-PHASES = ("generate", "score", "advantages", "train", "sync")
+PHASES = ("generate", "score", "advantages", "train", "generate_wait", "sync")
 
 
 def _parse_args() -> argparse.Namespace:
@@ -64,7 +65,7 @@ def _write_prompts(workdir: Path, num_steps: int) -> Path:
 
 # ----- ours ----------------------------------------------------------------------------------
 
-def run_ours(model: str, prompts: Path, args, *, vllm_dtype: str) -> dict:
+def run_ours(model: str, prompts: Path, args, *, vllm_dtype: str, extra: tuple[str, ...] = ()) -> dict:
     """Per-phase median seconds of the measured steps of one train_ppo_ray run."""
     from engine.cli import train_ppo_ray
 
@@ -78,12 +79,12 @@ def run_ours(model: str, prompts: Path, args, *, vllm_dtype: str) -> dict:
         "--micro_rollout_batch_size", str(NUM_PROMPTS * NUM_SAMPLES),
         "--generate_max_len", str(args.generate_max_len), "--max_steps", str(num_steps),
         "--learning_rate", "1e-6", "--lr_warmup_ratio", "0", "--lr_scheduler", "constant",
-        "--enforce_eager", "--vllm_dtype", vllm_dtype, "--seed", "0",
+        "--enforce_eager", "--vllm_dtype", vllm_dtype, "--seed", "0", *extra,
     ]
     history = train_ppo_ray.build_and_fit(train_ppo_ray.parse_args(argv),
                                           sampling_overrides={"min_new_tokens": args.generate_max_len})
     measured = history[args.warmup_steps:]
-    result = {phase: statistics.median(h[f"time/{phase}"] for h in measured) for phase in PHASES}
+    result = {phase: statistics.median(h.get(f"time/{phase}", 0.0) for h in measured) for phase in PHASES}
     result["step"] = statistics.median(h["time/step"] for h in measured)
     result["tokens"] = statistics.median(h["response_length"] for h in measured) * NUM_PROMPTS * NUM_SAMPLES
     return result
@@ -153,7 +154,7 @@ def run_trl(model: str, prompts: Path, args, workdir: Path) -> dict:
     seconds = {k: v[args.warmup_steps:] for k, v in trainer.seconds.items()}
     generate, rollout, step = (statistics.median(seconds[k]) for k in ("generate", "rollout", "step"))
     return {"generate": generate, "score": rollout - generate, "advantages": None, "train": step - rollout,
-            "sync": None, "step": step, "tokens": NUM_PROMPTS * NUM_SAMPLES * args.generate_max_len}
+            "generate_wait": None, "sync": None, "step": step, "tokens": NUM_PROMPTS * NUM_SAMPLES * args.generate_max_len}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +185,18 @@ def main() -> None:
     ours = {"ours, vLLM fp32": run_ours(model, prompts, args, vllm_dtype="float32")}
     if not args.skip_bf16:
         ours["ours, vLLM bf16"] = run_ours(model, prompts, args, vllm_dtype="bfloat16")
+    dtype, name = ("float32", "fp32") if args.skip_bf16 else ("bfloat16", "bf16")
+    ours[f"ours --async_train, vLLM {name}"] = run_ours(model, prompts, args, vllm_dtype=dtype,
+                                                         extra=("--async_train", "--vllm_is_correction"))
     ray.shutdown()
 
     rows = [_row("TRL GRPOTrainer (HF generate fp32)", trl, trl["step"])]
     rows += [_row(name, result, trl["step"]) for name, result in ours.items()]
-    print_table("one GRPO step (median seconds; TRL's score column includes its advantages and log-probs)",
+    print_table("one GRPO step (median seconds; TRL's score column includes its advantages and log-probs; "
+                "generate_wait: async, the wait for the next rollout before the sync)",
                 ["run", "step s", *(f"{p} s" for p in PHASES), "new tokens", "TRL s / ours"], rows)
+    sync, overlapped = list(ours.values())[-2:]
+    print(f"async / sync (same vLLM dtype): {sync['step'] / overlapped['step']:.2f}x faster per step")
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -41,11 +41,15 @@ def test_no_reference_model_without_a_kl_coefficient(tmp_path):
 
 
 def _one_step_both_ways(rank, world, path):
+    """One optimizer step on the same rollout twice: with the old log-probs scored first and the
+    --vllm_is_correction weights computed from them directly, and without the old-log-prob
+    forward (the training forward's log-probs are the old ones and give the weights)."""
     import torch
     import torch.distributed as dist
 
     from engine.ray.role_worker import MegatronRoleWorker, RoleConfig
     from engine.rl.experience import Experience
+    from engine.rl.losses import rollout_importance_weights
     from engine.rl.train_losses import TrainSettings
     from engine.runtime.engine import EngineConfig, TrainingEngine
     from engine.runtime.optimizer import OptimConfig
@@ -70,24 +74,36 @@ def _one_step_both_ways(rank, world, path):
     shard = workers[0].compute_log_probs(experience, 4)
     old = [shard.values if shard is not None else None]
     dist.broadcast_object_list(old, src=0)
+    # The engines' log-probs: the actor's, off by up to +-0.6 nats per token.
+    engine_log_probs = (old[0] + (torch.rand(rows, length, generator=g) - 0.5) * 1.2) * mask
+    weights, direct = rollout_importance_weights(old[0], engine_log_probs, mask, cap=1.3)
+    direct["logprob_abs_diff"] = float(((old[0] - engine_log_probs).abs() * mask).sum() / mask.sum())
     settings = TrainSettings(train_batch_size=rows, micro_train_batch_size=4, max_epochs=1, seed=0)
-    with_old = workers[0].train(experience.with_fields(old_log_probs=old[0]), "policy", settings)
-    without = workers[1].train(experience, "policy", settings)
+    with_old = workers[0].train(experience.with_fields(old_log_probs=old[0], rollout_is_weights=weights),
+                                "policy", settings)
+    without = workers[1].train(experience.with_fields(rollout_log_probs=engine_log_probs), "policy",
+                               TrainSettings(**{**settings.__dict__, "vllm_is_cap": 1.3}))
     diff = max(float((a - b).abs().max()) for a, b in zip(workers[0].engine.model.parameters(),
                                                             workers[1].engine.model.parameters()))
     moved = max(float((a - b).abs().max()) for a, b in zip(workers[0].engine.model.parameters(),
                                                              TrainingEngine(engine_config, trainable=False,
                                                                             ctx=workers[0].engine.ctx).model.parameters()))
-    return with_old, without, diff, moved
+    return with_old, without, diff, moved, direct
 
 
 def test_skipping_the_old_log_probs_trains_the_same_step_at_tp2(tiny_models):
     results = run_distributed(_one_step_both_ways, world_size=2, args=(tiny_models["llama"],), timeout=300)
-    for with_old, without, diff, moved in results:
+    for with_old, without, diff, moved, direct in results:
         assert moved > 1e-4  # the step changed the weights ...
         assert diff < 1e-6, diff  # ... the same way both times
         assert without["policy_loss"] == pytest.approx(with_old["policy_loss"], rel=1e-5, abs=1e-7)
         assert without["clip_frac"] == 0.0
+        # The weights from the training forward are the direct computation's, and so are their metrics.
+        assert without["is_weight"] == pytest.approx(direct["vllm_is/mean"], rel=1e-5)
+        assert without["is_weight_max"] == pytest.approx(direct["vllm_is/max"], rel=1e-5)
+        assert without["is_capped"] == pytest.approx(direct["vllm_is/capped_frac"], rel=1e-5)
+        assert 0 < direct["vllm_is/capped_frac"] < 1
+        assert without["logprob_abs_diff"] == pytest.approx(direct["logprob_abs_diff"], rel=1e-5)
 
 
 # ----- --vllm_is_correction: truncated importance weights of the engines' mismatch ------------
@@ -133,10 +149,10 @@ def test_importance_weights_scale_each_tokens_policy_gradient():
     assert torch.allclose(grads[1], grads[0] * weights)  # at ratio 1: d(-A r)/dlogp = -A, times the weight
 
 
-def test_correction_needs_the_old_log_probs_and_refuses_a_tempered_policy():
+def test_correction_needs_no_old_log_prob_forward_and_refuses_a_tempered_policy():
     from engine.cli.options import OptionError
 
     job = _job("--rollout_batch_size", "8", "--train_batch_size", "8", "--vllm_is_correction")
-    assert job.ppo.needs_old_log_probs(reference=False)
+    assert not job.ppo.needs_old_log_probs(reference=False)  # the training forward's log-probs give the weights
     with pytest.raises(OptionError, match="--vllm_is_correction with --temperature 0.7"):
         _job("--vllm_is_correction", "--temperature", "0.7")

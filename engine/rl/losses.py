@@ -67,16 +67,22 @@ def policy_loss(
     return loss, metrics
 
 
+def truncated_importance_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
+                                 action_mask: torch.Tensor, *, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(exp(logp_actor_old - logp_vllm), cap) * action_mask, exp(...) uncapped)``, no gradient."""
+    if cap <= 0:
+        raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {cap}")
+    log_ratio = (old_log_probs - rollout_log_probs).detach().clamp(min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
+    raw = log_ratio.exp()
+    return raw.clamp(max=cap) * action_mask, raw
+
+
 def rollout_importance_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
                                action_mask: torch.Tensor, *, cap: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Truncated importance weights ``min(exp(logp_actor_old - logp_vllm), cap)`` per response token
     (0 elsewhere): the correction of the engines sampling from a slightly different policy than the
     trainer's (bf16 engines, a stale async rollout). Returns them and their mean / max / capped share."""
-    if cap <= 0:
-        raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {cap}")
-    log_ratio = (old_log_probs - rollout_log_probs).clamp(min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
-    raw = log_ratio.exp()
-    weights = raw.clamp(max=cap) * action_mask
+    weights, raw = truncated_importance_weights(old_log_probs, rollout_log_probs, action_mask, cap=cap)
     real = action_mask > 0
     metrics = {"vllm_is/mean": float(weights[real].mean()) if real.any() else 0.0,
                "vllm_is/max": float(weights[real].max()) if real.any() else 0.0,

@@ -113,9 +113,14 @@ class PPOConfig:
         adaptive KL controller fed by the rollout's KL."""
         one_step = self.max_epochs == 1 and self.rollout_batch_size * self.n_samples_per_prompt == self.train_batch_size
         kl_before_training = reference and (not self.use_kl_loss or self.kl_target is not None)
-        if self.vllm_is_correction:  # the weights compare them with the engines' log-probs
-            return True
+        # (--vllm_is_correction's weights then come from the training forward's log-probs.)
         return not (self.skip_redundant_forwards and one_step and not kl_before_training)
+
+
+# The engines' mismatch measured in the training forward (no old-log-prob forward), named as when
+# scoring measures it.
+TRAINING_MISMATCH_METRICS = {"logprob_abs_diff": "rollout_logprob_abs_diff", "is_weight": "vllm_is/mean",
+                             "is_weight_max": "vllm_is/max", "is_capped": "vllm_is/capped_frac"}
 
 
 @dataclass(kw_only=True)
@@ -337,7 +342,10 @@ class PPOTrainer:
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
         }
-        if batch.rollout_log_probs is not None and old_log_probs is not None:
+        if batch.rollout_log_probs is not None and old_log_probs is None:
+            # The training forward compares its log-probs (the old ones) with the engines'.
+            experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
+        elif batch.rollout_log_probs is not None:
             # Training-inference mismatch: vLLM's log-probs vs the Megatron actor's, same tokens.
             diff = (batch.rollout_log_probs - experience.old_log_probs).abs() * mask
             metrics["rollout_logprob_abs_diff"] = float(diff.sum() / mask.sum().clamp(min=1))
@@ -403,6 +411,7 @@ class PPOTrainer:
             kl_loss_coef=self.kl_controller.value if config.use_kl_loss else 0.0, kl_estimator=config.kl_estimator,
             ptx_coef=config.ptx_coef if self.ptx is not None else 0.0, pad_token_id=self._pad_id(),
             packing_samples=config.packing_samples,
+            vllm_is_cap=config.vllm_is_truncated_threshold if config.vllm_is_correction else None,
         )
 
     def train(self, experience: Experience, step: int) -> dict:
@@ -417,7 +426,7 @@ class PPOTrainer:
         if step >= self.config.freezing_actor_steps:
             ptx = self._ptx_rows(step, experience.batch_size)
             actor = self.actor.train(shared, "policy", settings, ptx)
-            metrics.update({f"actor/{k}": v for k, v in actor.items()})
+            metrics.update({TRAINING_MISMATCH_METRICS.get(k, f"actor/{k}"): v for k, v in actor.items()})
             self.actor_version += 1
         return metrics
 

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from engine.rl.kl import KLEstimator
-from engine.rl.losses import kl_loss, policy_loss, sft_loss, value_loss
+from engine.rl.losses import kl_loss, policy_loss, sft_loss, truncated_importance_weights, value_loss
 from engine.runtime.vocab_parallel import token_entropy, token_log_probs
 
 
@@ -35,6 +35,9 @@ class TrainSettings:
     ptx_coef: float = 0.0  # 0: no pretraining rows
     pad_token_id: int = 0
     packing_samples: bool = False  # each micro-batch's rows packed into one (no padding computed)
+    # --vllm_is_correction's cap, for weights computed in the training forward (batches with
+    # rollout_log_probs and no precomputed rollout_is_weights)
+    vllm_is_cap: float | None = None
 
 
 LossKind = Literal["policy", "value"]
@@ -53,13 +56,15 @@ def policy_loss_fn(settings: TrainSettings, *, scale: float, tp_group, ptx_scale
         # No old log-probs: the rollout feeds one optimizer step, so the policy that sampled it is
         # this one and the ratio is 1 by construction (its gradient is the log-prob's).
         old_log_probs = batch.get("old_log_probs")
+        old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
+        weights, engine_metrics = _engine_mismatch(old_log_probs, batch, settings.vllm_is_cap)
         loss_sum, info = policy_loss(
-            log_probs, log_probs.detach() if old_log_probs is None else old_log_probs, batch["advantages"], mask,
+            log_probs, old_log_probs, batch["advantages"], mask,
             eps_clip=settings.eps_clip, eps_clip_high=settings.eps_clip_high,
-            dual_clip=settings.dual_clip, normaliser=1.0, importance_weights=batch.get("rollout_is_weights"),
+            dual_clip=settings.dual_clip, normaliser=1.0, importance_weights=weights,
         )
         metrics = {"policy_loss_sum": loss_sum.detach(), "num_tokens": mask.sum().detach(),
-                   "clip_frac": info["clip_frac"].detach(), "approx_kl": info["approx_kl"].detach()}
+                   "clip_frac": info["clip_frac"].detach(), "approx_kl": info["approx_kl"].detach(), **engine_metrics}
         total = loss_sum
         if kl_coef > 0:
             kl_sum = kl_loss(log_probs, batch["ref_log_probs"], mask, settings.kl_estimator, normaliser=1.0)
@@ -77,6 +82,23 @@ def policy_loss_fn(settings: TrainSettings, *, scale: float, tp_group, ptx_scale
         return loss, metrics
 
     return loss_fn
+
+
+def _engine_mismatch(old_log_probs: torch.Tensor, batch: dict, cap: float | None):
+    """The importance weights of the policy loss and, when the batch carries the engines' log-probs
+    (the old-log-prob forward was skipped), the train-vs-engine metrics from this forward's own:
+    ``logprob_abs_diff`` and, with ``cap``, the truncated weights min(exp(logp - logp_vLLM), cap)."""
+    weights = batch.get("rollout_is_weights")
+    rollout = batch.get("rollout_log_probs")
+    if rollout is None:
+        return weights, {}
+    mask = batch["action_mask"]
+    metrics = {"logprob_abs_diff_sum": ((old_log_probs - rollout).abs() * mask).sum()}
+    if weights is None and cap is not None:
+        weights, raw = truncated_importance_weights(old_log_probs, rollout, mask, cap=cap)
+        metrics.update(is_weight_sum=weights.sum(), is_capped_sum=((raw > cap).float() * mask).sum(),
+                       is_weight_max=weights.max() if weights.numel() else weights.new_zeros(()))
+    return weights, metrics
 
 
 def _ptx_nll_sum(logits: torch.Tensor, batch: dict, log_probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -21,10 +21,14 @@ def reduce_metrics(per_microbatch: list[dict], *, normaliser_key: str | None = N
     """Sum metric tensors over micro-batches and DP ranks; broadcast them from the last stage.
 
     Keys ending in ``_sum`` are divided by the summed ``normaliser_key`` (e.g. a token count)
-    and reported without the suffix; everything else is averaged over micro-batches.
+    and reported without the suffix; keys ending in ``_max`` are the maximum over micro-batches
+    and ranks (of values >= 0); everything else is averaged over micro-batches.
     """
     keys = sorted(per_microbatch[0]) if per_microbatch else []
     names = _broadcast_keys_from_last_stage(keys)
+    maxima = {name: _max_over_ranks([float(m[name]) for m in per_microbatch])
+              for name in names if name.endswith("_max")}
+    names = [name for name in names if name not in maxima]
     values = torch.zeros(len(names) + 1, dtype=torch.float64)
     for metrics in per_microbatch:
         for i, name in enumerate(names):
@@ -43,7 +47,16 @@ def reduce_metrics(per_microbatch: list[dict], *, normaliser_key: str | None = N
             out[name] = total / count
     if normaliser_key in totals:
         out[normaliser_key] = totals[normaliser_key]
-    return out
+    return {**out, **maxima}
+
+
+def _max_over_ranks(values: list[float]) -> float:
+    """The largest of ``values`` over the data / context-parallel ranks and pipeline stages (the
+    stages without the value hold 0)."""
+    local = torch.tensor(max(values, default=0.0), dtype=torch.float64)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group(with_context_parallel=True))
+    dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+    return float(local)
 
 
 def _broadcast_keys_from_last_stage(keys: list[str]) -> list[str]:

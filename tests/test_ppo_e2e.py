@@ -98,17 +98,17 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
     rl_setup["tp2_history"] = history
 
 
-def test_async_grpo_one_step_off_policy_with_packing_and_correction(rl_setup, ray_cluster):
+def test_async_grpo_is_one_step_off_policy_and_corrected(rl_setup, ray_cluster):
     """--async_train: rollout k+1 is generated while the actor trains on rollout k, so from the second
     rollout on the engine's samples come from the weights before the last update (staleness 1, a
-    real train-vs-engine log-prob gap that the truncated importance weights correct); packed micro-batches."""
+    real train-vs-engine log-prob gap that the truncated importance weights correct)."""
     from engine.cli import train_ppo_ray
 
     history = train_ppo_ray.main(_ppo_args(
-        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "14",
-        "--async_train", "--vllm_is_correction", "--vllm_is_truncated_threshold", "1.5", "--packing_samples",
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
+        "--async_train", "--vllm_is_correction", "--vllm_is_truncated_threshold", "1.5",
     ))
-    assert [h["rollout/staleness"] for h in history] == [0] + [1] * 13
+    assert [h["rollout/staleness"] for h in history] == [0] + [1] * 11
     assert history[0]["rollout_logprob_abs_diff"] < 1e-4  # the first rollout: the actor's own weights
     assert min(h["rollout_logprob_abs_diff"] for h in history[1:]) > 1e-4  # then one update behind
     assert all(h["vllm_is/max"] <= 1.5 + 1e-6 for h in history)
@@ -124,7 +124,7 @@ def test_grpo_with_a_lora_actor(rl_setup, ray_cluster):
 
     save_path = rl_setup["root"] / "grpo_lora"
     history = train_ppo_ray.main(_ppo_args(
-        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "16",
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
         "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
         "--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "2e-3", "--save_path", str(save_path),
     ))
@@ -181,10 +181,11 @@ def test_gae_with_critic_and_reference_under_pp2(rl_setup, ray_cluster):
 
     # The reference (DP=2) shares the actor's placement group and keeps its weights offloaded; actor
     # and critic park their weights, gradients and optimizer state while the engine generates.
+    # Every role scores and trains on packed micro-batches.
     history = train_ppo_ray.main(_ppo_args(
-        rl_setup, "--advantage_estimator", "gae", "--init_kl_coef", "0.01", "--max_steps", "16",
+        rl_setup, "--advantage_estimator", "gae", "--init_kl_coef", "0.01", "--max_steps", "12",
         "--actor_num_gpus_per_node", "2", "--actor_pipeline_model_parallel_size", "2",
-        "--critic_learning_rate", "1e-4",
+        "--critic_learning_rate", "1e-4", "--packing_samples",
         "--colocate_actor_ref", "--ref_num_gpus_per_node", "2", "--ref_reward_offload", "--megatron_enable_sleep",
     ))
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4  # PP=2: both stages synced

@@ -270,7 +270,16 @@ def test_weight_sync_swaps_models_and_back(engines, transport, checkpoints, hf_m
     assert_greedy_matches(engines, hf_models["a"], prompts)
 
 
-def test_partial_sync_raises_names_tensor_and_blocks_generation(engines, transport, checkpoints, hf_models, prompts):
+def _at_tp1_only(request) -> None:
+    """The refusals of a bad sync are the driver's and the engine actor's, whatever the engine's TP:
+    checked once, on the TP=1 engine (CI time)."""
+    if request.node.callspec.params["engines"] != 1:
+        pytest.skip("TP-independent check, run with the TP=1 engine")
+
+
+def test_partial_sync_raises_names_tensor_and_blocks_generation(engines, transport, checkpoints, hf_models, prompts,
+                                                                 request):
+    _at_tp1_only(request)
     missing = "model.layers.1.self_attn.k_proj.weight"
     with pytest.raises(WeightSyncError, match=r"1 missing tensor\(s\): " + missing.replace(".", r"\.")):
         sync_weights(engines, stream_checkpoint(checkpoints["b"], skip=(missing,)),
@@ -281,7 +290,8 @@ def test_partial_sync_raises_names_tensor_and_blocks_generation(engines, transpo
     assert_greedy_matches(engines, hf_models["a"], prompts)
 
 
-def test_unexpected_and_misshaped_tensors_are_named(engines, checkpoints):
+def test_unexpected_and_misshaped_tensors_are_named(engines, checkpoints, request):
+    _at_tp1_only(request)
     extra = {"model.layers.99.mlp.up_proj.weight": torch.zeros(2, 2)}
     with pytest.raises(WeightSyncError, match=r"unexpected tensor\(s\): model\.layers\.99\.mlp\.up_proj\.weight"):
         # No transport given: a group is formed for this one call.
@@ -294,7 +304,8 @@ def test_unexpected_and_misshaped_tensors_are_named(engines, checkpoints):
     sync_weights(engines, stream_checkpoint(checkpoints["a"]), bucket_bytes=SMALL_BUCKET_BYTES)
 
 
-def test_exporter_failure_aborts_the_sync(engines, transport, checkpoints, hf_models, prompts):
+def test_exporter_failure_aborts_the_sync(engines, transport, checkpoints, hf_models, prompts, request):
+    _at_tp1_only(request)
     def failing_exporter():
         for i, item in enumerate(stream_checkpoint(checkpoints["b"])):
             if i == 5:

@@ -1,11 +1,12 @@
 """How many torch threads a CPU rank of a role computes with (GPU ranks are left alone).
 
 Role ranks start with one thread (``OMP_NUM_THREADS=1``): the processes of a Ray cluster share
-each node's cores. In the RL loop without ``--async_train`` the engines are idle while the roles
-score and train, and the roles compute one at a time, so the computing role's ranks can take the
-whole node: ``node cores // its ranks on that node`` threads each. With ``--async_train`` the
-engines generate during scoring and training and keep the cores they were started with; the
-roles stay at one thread per rank.
+each node's cores. The RL loop runs the roles one at a time (scoring, then training), so the
+computing role's ranks can take the whole node: ``node cores // its ranks on that node`` threads
+each. Without ``--async_train`` the engines are idle meanwhile; with it they generate during the
+first part of training on the core vLLM binds them to, and the trainer's threads share it (on
+the 2-core box the async training phase took 4.45 s with two threads, 5.12 s with one, in
+separate runs of tools/bench/bench_rl_step).
 """
 from __future__ import annotations
 

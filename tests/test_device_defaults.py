@@ -130,7 +130,8 @@ def test_colocated_rollout_hands_the_gpu_over_in_stages(monkeypatch):
     calls = []
     monkeypatch.setattr(rollouts, "wake_up_engines", lambda engines, tags=None: calls.append(("wake", *tags)))
     monkeypatch.setattr(rollouts, "sleep_engines", lambda engines: calls.append(("sleep",)))
-    monkeypatch.setattr(rollouts, "generate", lambda engines, prompts, sampling: calls.append(("generate",)) or [])
+    monkeypatch.setattr(rollouts, "submit_generate",
+                        lambda engines, prompts, sampling: calls.append(("generate",)) or rollouts.PendingGeneration([], [], 1.0))
 
     class Role:
         def __init__(self, name):

@@ -229,7 +229,8 @@ def test_vllm_engines_start_from_the_hf_config_and_wait_for_the_first_sync(sourc
             calls.append("sync")
             return {}
 
-    monkeypatch.setattr(rollouts, "generate", lambda engines, ids, sampling: calls.append("generate") or [])
+    monkeypatch.setattr(rollouts, "submit_generate",
+                        lambda engines, ids, sampling: calls.append("generate") or rollouts.PendingGeneration([], [], 1.0))
     fresh = rollouts.VLLMRollouts([], Sync(), synced=False)
     fresh.generate([[1]], None)
     fresh.generate([[1]], None)

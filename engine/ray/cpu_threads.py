@@ -1,16 +1,19 @@
 """How many torch threads a CPU rank of a role computes with (GPU ranks are left alone).
 
 Role ranks start with one thread (``OMP_NUM_THREADS=1``): the processes of a Ray cluster share
-each node's cores. The RL loop runs the roles one at a time (scoring, then training), so the
-computing role's ranks can take the whole node: ``node cores // its ranks on that node`` threads
-each. Without ``--async_train`` the engines are idle meanwhile; with it they generate during the
-first part of training on the core vLLM binds them to, and the trainer's threads share it (on
-the 2-core box the async training phase took 4.45 s with two threads, 5.12 s with one, in
-separate runs of tools/bench/bench_rl_step).
+each machine's cores. The RL loop runs the roles one at a time (scoring, then training), so the
+computing role's ranks can take the whole machine: ``cores // its ranks on that machine`` threads
+each (several Ray nodes may share one machine, as the two-node test clusters do). Without
+``--async_train`` the engines are idle meanwhile; with it they generate during the first part of
+training on the core vLLM binds them to, and the trainer's threads share it (on the 2-core box
+the async training phase took 4.45 s with two threads, 5.12 s with one, in separate runs of
+tools/bench/bench_rl_step).
 """
 from __future__ import annotations
 
+import socket
 from collections import Counter
+from pathlib import Path
 
 
 def rank_threads(*, node_cores: int, ranks_on_node: int) -> int:
@@ -18,7 +21,14 @@ def rank_threads(*, node_cores: int, ranks_on_node: int) -> int:
     return max(1, node_cores // max(ranks_on_node, 1))
 
 
+def machine_id() -> str:
+    """This machine's identity: the kernel's boot id (the same for every Ray node started on one
+    machine, as the two-node test clusters on one box are), else the host name."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    return boot_id.read_text().strip() if boot_id.exists() else socket.gethostname()
+
+
 def ranks_per_node(node_ids: list[str]) -> list[int]:
-    """For each rank (in rank order), how many ranks of its role share its node."""
+    """For each rank (in rank order), how many ranks of its role share its node (or machine)."""
     counts = Counter(node_ids)
     return [counts[node] for node in node_ids]

@@ -141,10 +141,11 @@ class RoleGroup:
         self._wait([w.save_hf.remote(path) for w in self.workers], f"{self.config.name} HF export")
 
     def use_node_cores(self) -> list[int]:
-        """CPU ranks take their node's cores, split between the role's ranks there (for phases
+        """CPU ranks take their machine's cores, split between the role's ranks there (for phases
         where nothing else computes); the thread count of each rank."""
-        per_node = ranks_per_node(self.node_ids())
-        return self._wait([w.use_node_cores.remote(n) for w, n in zip(self.workers, per_node)], "thread count")
+        machines = self._wait([w.machine_id.remote() for w in self.workers], "machine lookup")
+        per_machine = ranks_per_node(machines)
+        return self._wait([w.use_node_cores.remote(n) for w, n in zip(self.workers, per_machine)], "thread count")
 
     def weights_devices(self) -> list[str]:
         return self._wait([w.weights_device.remote() for w in self.workers], "weights device")

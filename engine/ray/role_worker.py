@@ -92,6 +92,12 @@ class MegatronRoleWorker:
     def weights_device(self) -> str:
         return self.engine.weights_device()
 
+    def machine_id(self) -> str:
+        """The machine this rank runs on (Ray nodes started on one machine share its cores)."""
+        from engine.ray.cpu_threads import machine_id
+
+        return machine_id()
+
     def use_node_cores(self, ranks_on_node: int) -> int:
         """CPU ranks: compute with this node's cores split between ``ranks_on_node`` ranks
         (``engine.ray.cpu_threads``); the torch thread count in effect."""

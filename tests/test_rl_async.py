@@ -18,10 +18,10 @@ def test_async_train_is_refused_where_engines_and_trainers_take_turns(flag):
 
 
 def test_a_roles_ranks_split_their_nodes_cores():
-    from engine.ray.cpu_threads import rank_threads, ranks_per_node
+    from engine.ray.cpu_threads import rank_threads, ranks_per_machine
 
-    assert ranks_per_node(["a", "b", "a", "a"]) == [3, 1, 3, 3]
-    assert rank_threads(node_cores=16, ranks_on_node=3) == 5
-    assert rank_threads(node_cores=2, ranks_on_node=1) == 2
-    assert rank_threads(node_cores=2, ranks_on_node=4) == 1  # never zero
+    assert ranks_per_machine(["a", "b", "a", "a"]) == [3, 1, 3, 3]
+    assert rank_threads(machine_cores=16, ranks_on_machine=3) == 5
+    assert rank_threads(machine_cores=2, ranks_on_machine=1) == 2
+    assert rank_threads(machine_cores=2, ranks_on_machine=4) == 1  # never zero
 

@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 
-def rank_threads(*, node_cores: int, ranks_on_node: int) -> int:
-    """Threads of one rank when its role is the only thing computing on its node."""
-    return max(1, node_cores // max(ranks_on_node, 1))
+def rank_threads(*, machine_cores: int, ranks_on_machine: int) -> int:
+    """Threads of one rank when its role is the only thing computing on its machine."""
+    return max(1, machine_cores // max(ranks_on_machine, 1))
 
 
 def machine_id() -> str:
@@ -28,7 +28,7 @@ def machine_id() -> str:
     return boot_id.read_text().strip() if boot_id.exists() else socket.gethostname()
 
 
-def ranks_per_node(node_ids: list[str]) -> list[int]:
-    """For each rank (in rank order), how many ranks of its role share its node (or machine)."""
-    counts = Counter(node_ids)
-    return [counts[node] for node in node_ids]
+def ranks_per_machine(machine_ids: list[str]) -> list[int]:
+    """For each rank (in rank order), how many ranks of its role share its machine."""
+    counts = Counter(machine_ids)
+    return [counts[machine] for machine in machine_ids]

@@ -18,7 +18,7 @@ import torch
 
 from engine.ray.calls import get_each
 from engine.ray.colocation import Placement, node_affinity
-from engine.ray.cpu_threads import ranks_per_node
+from engine.ray.cpu_threads import ranks_per_machine
 from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, ShardResult
 from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
@@ -140,12 +140,12 @@ class RoleGroup:
     def save_hf(self, path: str) -> None:
         self._wait([w.save_hf.remote(path) for w in self.workers], f"{self.config.name} HF export")
 
-    def use_node_cores(self) -> list[int]:
+    def use_machine_cores(self) -> list[int]:
         """CPU ranks take their machine's cores, split between the role's ranks there (for phases
         where nothing else computes); the thread count of each rank."""
         machines = self._wait([w.machine_id.remote() for w in self.workers], "machine lookup")
-        per_machine = ranks_per_node(machines)
-        return self._wait([w.use_node_cores.remote(n) for w, n in zip(self.workers, per_machine)], "thread count")
+        per_machine = ranks_per_machine(machines)
+        return self._wait([w.use_machine_cores.remote(n) for w, n in zip(self.workers, per_machine)], "thread count")
 
     def weights_devices(self) -> list[str]:
         return self._wait([w.weights_device.remote() for w in self.workers], "weights device")

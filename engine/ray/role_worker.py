@@ -98,13 +98,14 @@ class MegatronRoleWorker:
 
         return machine_id()
 
-    def use_node_cores(self, ranks_on_node: int) -> int:
-        """CPU ranks: compute with this node's cores split between ``ranks_on_node`` ranks
+    def use_machine_cores(self, ranks_on_machine: int) -> int:
+        """CPU ranks: compute with this machine's cores split between ``ranks_on_machine`` ranks
         (``engine.ray.cpu_threads``); the torch thread count in effect."""
         from engine.ray.cpu_threads import rank_threads
 
         if self.engine.device.type == "cpu":
-            torch.set_num_threads(rank_threads(node_cores=len(os.sched_getaffinity(0)), ranks_on_node=ranks_on_node))
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(rank_threads(machine_cores=cores, ranks_on_machine=ranks_on_machine))
         return torch.get_num_threads()
 
     # ----- where this rank sits -----------------------------------------------------------

@@ -204,7 +204,7 @@ class PPOTrainer:
         from engine.rl.console import RolloutProgress
 
         start = self._resume()
-        self._use_node_cores()
+        self._use_machine_cores()
         self.progress = RolloutProgress(self.num_steps, start)
         try:
             for step in range(start, self.num_steps):
@@ -230,10 +230,10 @@ class PPOTrainer:
         roles.update({f"reward{i}": group for i, group in enumerate(self.reward_models)})
         return {name: group for name, group in roles.items() if group is not None}
 
-    def _use_node_cores(self) -> None:
+    def _use_machine_cores(self) -> None:
         """The roles score and train one at a time: on CPU each role's ranks compute with all of
         their node's cores (``engine.ray.cpu_threads``)."""
-        threads = {name: min(group.use_node_cores()) for name, group in self._roles().items()}
+        threads = {name: min(group.use_machine_cores()) for name, group in self._roles().items()}
         print("torch threads per rank while scoring / training: "
               + ", ".join(f"{name} {count}" for name, count in threads.items()), flush=True)
 

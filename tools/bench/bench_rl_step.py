@@ -11,7 +11,8 @@ same rule-based reward (``engine/tasks/arithmetic.py``); no KL term (TRL's defau
 PPO epoch, one optimizer step per rollout, fp32 training, learning rate 1e-6.
 
 * ours: ``engine.cli.train_ppo_ray`` (a one-rank Megatron actor and one vLLM engine on Ray),
-  with the engine in fp32 (TRL's precision) and in bf16, then ``--async_train`` (the next rollout
+  with the engine in fp32 (TRL's precision) and in bf16, then ``--packing_samples`` (prompts of
+  different lengths: the padding the packed micro-batches skip), ``--async_train`` (the next rollout
   generated while the actor trains, with ``--vllm_is_correction``); the phases come from the
   ``time/*`` metrics the loop logs every rollout;
 * TRL: ``GRPOTrainer`` on CPU (HF ``generate``, fp32) with the same batch (16 completions per
@@ -186,6 +187,8 @@ def main() -> None:
     if not args.skip_bf16:
         ours["ours, vLLM bf16"] = run_ours(model, prompts, args, vllm_dtype="bfloat16")
     dtype, name = ("float32", "fp32") if args.skip_bf16 else ("bfloat16", "bf16")
+    ours[f"ours --packing_samples, vLLM {name}"] = run_ours(model, prompts, args, vllm_dtype=dtype,
+                                                             extra=("--packing_samples",))
     ours[f"ours --async_train, vLLM {name}"] = run_ours(model, prompts, args, vllm_dtype=dtype,
                                                          extra=("--async_train", "--vllm_is_correction"))
     ray.shutdown()
@@ -195,7 +198,9 @@ def main() -> None:
     print_table("one GRPO step (median seconds; TRL's score column includes its advantages and log-probs; "
                 "generate_wait: async, the wait for the next rollout before the sync)",
                 ["run", "step s", *(f"{p} s" for p in PHASES), "new tokens", "TRL s / ours"], rows)
-    sync, overlapped = list(ours.values())[-2:]
+    sync, packed, overlapped = (ours[f"ours, vLLM {name}"], ours[f"ours --packing_samples, vLLM {name}"],
+                                ours[f"ours --async_train, vLLM {name}"])
+    print(f"packed / padded train phase (same vLLM dtype): {sync['train'] / packed['train']:.2f}x faster")
     print(f"async / sync (same vLLM dtype): {sync['step'] / overlapped['step']:.2f}x faster per step")
     print(f"load average after: {os.getloadavg()}")
 

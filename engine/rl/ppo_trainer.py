@@ -290,15 +290,14 @@ class PPOTrainer:
         k = self.evaluation.eval_n_samples_per_prompt
         sampling = replace(self.sampling, temperature=self.evaluation.eval_temperature, n_samples_per_prompt=k,
                            seed=self.config.seed + 7919)
-        batch, meta = self.generate(list(self.eval_prompts), step, sampling=sampling)
+        batch, meta = self.generate(list(self.eval_prompts), sampling)
         rewards = self._rewards(Experience.from_rollout(batch), meta)
         metrics = eval_metrics(rewards.tolist(), batch.response_lengths.tolist(), k)
         metrics["time/eval"] = time.perf_counter() - started
         return metrics
 
-    def generate(self, rows: list[dict], step: int, *, sampling: SamplingConfig | None = None
-                 ) -> tuple[RolloutBatch, dict]:
-        sampling = sampling or self._sampling(step)
+    def generate(self, rows: list[dict], sampling: SamplingConfig) -> tuple[RolloutBatch, dict]:
+        """``rows`` generated now (evaluation; the rollouts go through ``_take_rollout``)."""
         return self.to_batch(rows, self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling))
 
     def to_batch(self, rows: list[dict], samples: list) -> tuple[RolloutBatch, dict]:

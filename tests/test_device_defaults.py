@@ -123,15 +123,20 @@ def test_colocated_rollout_hands_the_gpu_over_in_stages(monkeypatch):
     """--colocate_all_models --vllm_enable_sleep --megatron_enable_sleep: who holds the GPU when.
     The engines and role groups are recorders here (the real ones need a GPU for sleep mode; the
     parking itself is proven in tests/test_training_offload.py and in the PP=2 GAE run)."""
-    from engine.ray import rollouts
-    from engine.ray.rollouts import TrainerSleep, VLLMRollouts
+    from engine.ray.rollouts import EngineRollouts, TrainerSleep
     from engine.rl.rollout import SamplingConfig
 
     calls = []
-    monkeypatch.setattr(rollouts, "wake_up_engines", lambda engines, tags=None: calls.append(("wake", *tags)))
-    monkeypatch.setattr(rollouts, "sleep_engines", lambda engines: calls.append(("sleep",)))
-    monkeypatch.setattr(rollouts, "submit_generate",
-                        lambda engines, prompts, sampling: calls.append(("generate",)) or rollouts.PendingGeneration([], [], 1.0))
+
+    class Pool:  # records the EnginePool calls
+        def wake_up(self, tags=None):
+            calls.append(("wake", *tags))
+
+        def sleep(self):
+            calls.append(("sleep",))
+
+        def submit_generate(self, prompts, sampling):
+            calls.append(("generate",))
 
     class Role:
         def __init__(self, name):
@@ -150,8 +155,8 @@ def test_colocated_rollout_hands_the_gpu_over_in_stages(monkeypatch):
             calls.append(("push",))
             return {"sync/bytes": 1.0}
 
-    rollouts_ = VLLMRollouts([], Sync(), sleep=True, asleep=True, trainers=TrainerSleep(Role("actor"), Role("critic")))
-    rollouts_.generate([[1, 2]], SamplingConfig())
+    rollouts_ = EngineRollouts(Pool(), Sync(), sleep=True, asleep=True, trainers=TrainerSleep(Role("actor"), Role("critic")))
+    rollouts_.generate_async([[1, 2]], SamplingConfig())
     rollouts_.release_memory()
     metrics = rollouts_.sync_weights()
     assert calls == [
@@ -164,7 +169,7 @@ def test_colocated_rollout_hands_the_gpu_over_in_stages(monkeypatch):
     ]
     assert metrics["memory/actor_parked_gb"] == 5.0 and metrics["memory/critic_restored_gb"] == 1.0
     calls.clear()
-    rollouts_.generate([[1, 2]], SamplingConfig())  # the engines' weights are awake: only the cache wakes
+    rollouts_.generate_async([[1, 2]], SamplingConfig())  # the engines' weights are awake: only the cache wakes
     assert calls == [("actor", "park", "weights", "grads", "optimizer"),
                      ("critic", "park", "weights", "grads", "optimizer"), ("wake", "kv_cache"), ("generate",)]
 

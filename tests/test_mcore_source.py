@@ -229,13 +229,15 @@ def test_vllm_engines_start_from_the_hf_config_and_wait_for_the_first_sync(sourc
             calls.append("sync")
             return {}
 
-    monkeypatch.setattr(rollouts, "submit_generate",
-                        lambda engines, ids, sampling: calls.append("generate") or rollouts.PendingGeneration([], [], 1.0))
-    fresh = rollouts.VLLMRollouts([], Sync(), synced=False)
-    fresh.generate([[1]], None)
-    fresh.generate([[1]], None)
+    class Pool:
+        def submit_generate(self, ids, sampling):
+            calls.append("generate")
+
+    fresh = rollouts.EngineRollouts(Pool(), Sync(), synced=False)
+    fresh.generate_async([[1]], None)
+    fresh.generate_async([[1]], None)
     fresh.sync_weights()
     assert calls == ["sync", "generate", "generate", "sync"]
     calls.clear()
-    rollouts.VLLMRollouts([], Sync()).generate([[1]], None)
+    rollouts.EngineRollouts(Pool(), Sync()).generate_async([[1]], None)
     assert calls == ["generate"]

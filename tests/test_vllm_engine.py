@@ -331,6 +331,9 @@ def _stub_engine(ray, delay_s: float):
             time.sleep(delay_s)
             return []
 
+        def ready(self):
+            return True
+
     return StubEngine.remote()
 
 

@@ -65,3 +65,25 @@ def test_two_stage_senders_and_two_engines_join_in_one_order_and_sync(actor_and_
     prompts = [tokenizer(text, add_special_tokens=False).input_ids for text in PROMPT_TEXTS]
     actor_model = AutoModelForCausalLM.from_pretrained(checkpoints["a"]).eval()
     assert_greedy_matches(engines, actor_model, prompts)  # both engines now hold the actor's weights
+
+
+def test_an_engine_that_died_between_rollouts_is_named_by_the_next_sync(actor_and_engines):
+    """Issue 33 case 5: an idle engine killed between generations used to surface as "actor rank 0
+    failed during weight sync: [gloo] Connection closed by peer", naming no engine. Runs last: it
+    leaves this module's engines dead."""
+    import ray
+
+    from engine.ray.engine_pool import EngineError
+    from engine.ray.vllm_engine import VLLMEnginePool
+    from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
+
+    actor, engines = actor_and_engines
+    sync = ActorWeightSync(actor, VLLMEnginePool(engines), WeightSyncConfig(), backend="gloo", timeout_s=60)
+    sync.push()
+    ray.kill(engines[1])
+    try:
+        with pytest.raises(EngineError, match=r"vLLM engine 1 is dead \(The actor is dead because it was killed "
+                                              r"by `ray.kill`.\): found dead at .*, when the weight sync failed"):
+            sync.push()
+    finally:
+        ray.kill(engines[0])  # left waiting in the aborted update

@@ -19,6 +19,7 @@ from engine.cli.openrlhf_compat import NO_SAVE_PATH
 from engine.cli.options import OptionError, group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
 from engine.data.config import DataConfig
 from engine.ray.colocation import ColocationConfig
+from engine.ray.rollout_backends import RolloutBackendConfig
 from engine.ray.vllm_engine import VLLMEngineConfig
 from engine.ray.weight_sync import WeightSyncConfig
 from engine.rl.console import ConsoleConfig
@@ -110,6 +111,7 @@ class PPOJob:
     ref: RoleOptions = role_group("ref")
     reward: RoleOptions = role_group("reward")
     placement: ColocationConfig = group(title="placement", factory=ColocationConfig)
+    rollout: RolloutBackendConfig = group(title="vLLM rollouts", factory=RolloutBackendConfig)
     vllm: VLLMEngineConfig = group(title="vLLM rollouts", defaults={"gpu_memory_utilization": 0.95},
                                    factory=VLLMEngineConfig)
     sync: WeightSyncConfig = group(title="vLLM rollouts", factory=WeightSyncConfig)
@@ -322,8 +324,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.ray.cluster import join_cluster
     from engine.ray.colocation import NodeDealer, describe_placement, make_placements, release_placements
     from engine.ray.role_group import RoleGroup
-    from engine.ray.rollouts import TrainerSleep, VLLMRollouts
-    from engine.ray.vllm_engine import engines_on_gpus, loads_own_weights, shutdown_engines
+    from engine.ray.rollout_backends import rollout_backend
+    from engine.ray.rollouts import EngineRollouts, TrainerSleep
     from engine.ray.weight_sync import ActorWeightSync, resolve_sync_backend
     from engine.rl.console import RunRecord
     from engine.rl.ppo_trainer import PPOTrainer
@@ -341,8 +343,9 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     # After joining: a submitted job's working directory is unpacked anew by ray.init.
     record = RunRecord(job.console.resolved_run_dir())
     groups: dict = {}
-    engines: list = []
+    pool = None
     placements: dict = {}
+    backend = rollout_backend(job.rollout.rollout_backend)
     try:
         configs = role_configs(job, total_steps=_optimizer_steps(job, len(prompts)))
         placements = make_placements(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
@@ -350,20 +353,20 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         engine_config = _engine_config(job, source, placements.get("vllm"))
         colocated_engines = engines_first(placements)
         # Before anything starts: a transport that cannot reach these engines is a flag error.
-        backend = resolve_sync_backend(job.sync.backend, cuda=engines_on_gpus(engine_config),
-                                       colocated=colocated_engines)
+        transport = resolve_sync_backend(job.sync.backend, cuda=backend.on_gpus(engine_config),
+                                         colocated=colocated_engines)
         if colocated_engines:
-            engines = _start_engines(engine_config, dealer, sleep=job.vllm.enable_sleep_mode)
+            pool = _start_engines(backend, engine_config, dealer, sleep=job.vllm.enable_sleep_mode)
         for key, config in configs.items():
             groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks))
-        if not engines:
-            engines = _start_engines(engine_config, dealer, sleep=False)
-        print(describe_placement(groups, engines), f"weight sync: {backend}", sep="\n", flush=True)
+        if pool is None:
+            pool = _start_engines(backend, engine_config, dealer, sleep=False)
+        print(describe_placement(groups, pool), f"weight sync: {transport}", sep="\n", flush=True)
         trainers = (TrainerSleep(groups["actor"], groups.get("critic"))
                     if job.placement.trainers_sleep(engines_share_gpus=colocated_engines) else None)
-        rollouts = VLLMRollouts(engines, ActorWeightSync(groups["actor"], engines, job.sync, backend=backend),
-                                sleep=job.vllm.enable_sleep_mode, synced=loads_own_weights(engine_config),
-                                asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers)
+        rollouts = EngineRollouts(pool, ActorWeightSync(groups["actor"], pool, job.sync, backend=transport),
+                                  sleep=job.vllm.enable_sleep_mode, synced=backend.loads_own_weights(engine_config),
+                                  asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers)
         stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
         trainer = PPOTrainer(
             job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],
@@ -379,8 +382,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     finally:
         _link_logs(record.run_dir)
         print(f"run directory: {record.run_dir} (metrics.jsonl, reward.png, ray_logs/)", flush=True)
-        if engines:
-            shutdown_engines(engines)
+        if pool is not None:
+            pool.shutdown()
         for group_ in groups.values():
             group_.shutdown()
         release_placements(placements)
@@ -403,17 +406,15 @@ def _engine_config(job, source, shared):
         gpu_fraction=shared.gpu_per_rank if shared else 1.0, weights_from_trainer=True)
 
 
-def _start_engines(engine_config, dealer, *, sleep: bool) -> list:
-    """Start the engines (on the dealt nodes of a CPU-only cluster); ``sleep``: release their GPU
-    memory at once, for the roles created next."""
-    from engine.ray.vllm_engine import create_engines, sleep_engines
-
+def _start_engines(backend, engine_config, dealer, *, sleep: bool):
+    """Start the ``--rollout_backend`` engine pool (on the dealt nodes of a CPU-only cluster);
+    ``sleep``: release their GPU memory at once, for the roles created next."""
     if engine_config.shared_placement_group is None:
         engine_config = replace(engine_config, node_ids=dealer.deal(engine_config.num_engines))
-    engines = create_engines(engine_config)
+    pool = backend.start(engine_config)
     if sleep:
-        sleep_engines(engines)
-    return engines
+        pool.sleep()
+    return pool
 
 
 def main(argv=None) -> list[dict]:

@@ -245,10 +245,11 @@ def release_placements(placements: dict[str, Placement]) -> None:
         remove_placement_group(group)
 
 
-def describe_placement(groups: dict, engines: list) -> str:
-    """One line saying which Ray node each role rank and engine runs on (nodes numbered by first use)."""
+def describe_placement(groups: dict, pool) -> str:
+    """One line saying which Ray node each role rank and engine (of the ``EnginePool``) runs on
+    (nodes numbered by first use)."""
     where = {f"{key} rank {rank}": node for key, group in groups.items() for rank, node in enumerate(group.node_ids())}
-    where.update({f"engine {i}": node for i, node in enumerate(ray.get([e.node_id.remote() for e in engines]))})
+    where.update({f"engine {i}": node for i, node in enumerate(pool.node_ids())})
     numbers: dict[str, int] = {}
     for node in where.values():
         numbers.setdefault(node, len(numbers))

@@ -1,6 +1,6 @@
-"""The RL loop's rollout engines on Ray: vLLM engine actors and the actor -> engine weight sync
-(``engine.rl.rollout.RolloutEngines``), with the GPU memory handed between trainers and engines
-in stages where they share the GPUs.
+"""The RL loop's rollout engines (``engine.rl.rollout.RolloutEngines``): a pool of engines of any
+rollout backend (``engine.ray.engine_pool.EnginePool``) and the actor -> engine weight sync, with
+the GPU memory handed between trainers and engines in stages where they share the GPUs.
 
 One rollout under ``--colocate_all_models --vllm_enable_sleep --megatron_enable_sleep`` (the
 order of veRL's and OpenRLHF's colocated loops):
@@ -13,7 +13,7 @@ order of veRL's and OpenRLHF's colocated loops):
 """
 from __future__ import annotations
 
-from engine.ray.vllm_engine import PendingGeneration, sleep_engines, submit_generate, wake_up_engines
+from engine.ray.engine_pool import EnginePool
 from engine.ray.weight_sync import ActorWeightSync
 from engine.rl.rollout import RolloutSample, SamplingConfig
 from engine.runtime.offload import PARTS
@@ -55,8 +55,8 @@ class TrainerSleep:
         self.metrics[key] = self.metrics.get(key, 0.0) + sum(moved.values()) / 2**30
 
 
-class VLLMRollouts:
-    def __init__(self, engines: list, sync: ActorWeightSync, *, sleep: bool = False, synced: bool = True,
+class EngineRollouts:
+    def __init__(self, pool: EnginePool, sync: ActorWeightSync, *, sleep: bool = False, synced: bool = True,
                  asleep: bool = False, trainers: TrainerSleep | None = None):
         """``sleep`` (--vllm_enable_sleep): the engines release their GPU memory after each
         generation and take it back in stages (weights for the sync, then the KV cache).
@@ -64,7 +64,7 @@ class VLLMRollouts:
         dummy weights), so the first generation pushes the actor's weights first. ``asleep``: the
         engines were put to sleep at start-up (--colocate_all_models: before the roles took the
         GPU). ``trainers``: the trainable roles park their state while the engines work."""
-        self.engines = engines
+        self.pool = pool
         self.sync = sync
         self.sleep = sleep
         self.trainers = trainers
@@ -74,25 +74,25 @@ class VLLMRollouts:
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
         return self.generate_async(prompt_token_ids, sampling).result()
 
-    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> PendingGeneration:
+    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig):
         if not self._synced:
             self.sync_weights()
         self._wake("weights")  # asleep since start-up, with weights of their own
         if self.trainers is not None:
             self.trainers.before_generate()
         self._wake("kv_cache")
-        return submit_generate(self.engines, prompt_token_ids, sampling)
+        return self.pool.submit_generate(prompt_token_ids, sampling)
 
     def release_memory(self) -> None:
         if self.sleep:
-            sleep_engines(self.engines)
+            self.pool.sleep()
             self._asleep = set(ENGINE_MEMORY)
         if self.trainers is not None:
             self.trainers.after_generate()
 
     def _wake(self, tag: str) -> None:
         if tag in self._asleep:
-            wake_up_engines(self.engines, tags=[tag])
+            self.pool.wake_up([tag])
             self._asleep.discard(tag)
 
     def sync_weights(self) -> dict:

@@ -1,9 +1,13 @@
 """vLLM rollout engines as Ray actors: start-up, generation over many engines, in-place weight sync.
 
-    engines = create_engines(VLLMEngineConfig(pretrain=path, num_engines=2, tensor_parallel_size=1))
-    samples = generate(engines, prompt_token_ids, SamplingConfig(n_samples_per_prompt=4, seed=0))
-    sync_weights(engines, exporter_iterator, bucket_bytes=...)   # engine.ray.weight_sync
-    shutdown_engines(engines)
+    pool = start_pool(VLLMEngineConfig(pretrain=path, num_engines=2, tensor_parallel_size=1))
+    samples = pool.generate(prompt_token_ids, SamplingConfig(n_samples_per_prompt=4, seed=0))
+    sync_weights(pool, exporter_iterator, bucket_bytes=...)   # engine.ray.weight_sync
+    pool.shutdown()
+
+The ``vllm`` rollout backend (``engine.ray.rollout_backends``): this is the one module that imports
+vLLM (with its worker extension, ``engine.ray.vllm_worker_ext``). ``create_engines`` /
+``generate(engines, ...)`` / ``shutdown_engines`` work on the bare actor handles.
 
 Every engine is one ``LLMEngineActor`` wrapping ``vllm.LLM`` with ``WeightSyncExtension`` mixed
 into its workers, so it can join a weight-sync group (``engine.ray.weight_sync``) and load
@@ -20,26 +24,20 @@ from typing import Any, Callable, Literal
 
 import ray
 
-from engine.ray.calls import get_each, split_evenly
+from engine.ray.calls import get_each
 from engine.ray.colocation import node_affinity
+from engine.ray.engine_pool import EngineError, EngineStartupError, RayEnginePool
+from engine.ray.rollout_backends import RolloutBackend
 from engine.ray.vllm_worker_ext import WeightSyncExtension, check_vllm_cpu_head_size, vllm_cpu_env
 from engine.ray.weight_sync import report_problems
 from engine.rl.rollout import RolloutSample, SamplingConfig
 from parallel.options import option
 
 __all__ = ["EngineError", "EngineStartupError", "RolloutSample", "SamplingConfig", "VLLMEngineConfig",
-           "create_engines", "generate", "shutdown_engines"]
+           "VLLMEnginePool", "create_engines", "generate", "shutdown_engines", "start_pool"]
 
 WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class EngineError(RuntimeError):
-    """An engine failed, died or timed out (the message names the engine)."""
-
-
-class EngineStartupError(EngineError):
-    """An engine could not start (the message names the engine and the flags involved)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,13 +248,6 @@ class LLMEngineActor:
 # Driver-side helpers.
 
 
-def _gather(refs: list, *, timeout_s: float, what: str, engine_indices: list[int] | None = None,
-            error: type[EngineError] = EngineError, context: str = "") -> list:
-    """``ray.get`` of one ref per engine with a shared deadline; errors name the engine."""
-    names = [f"vLLM engine {i}" for i in (engine_indices or range(len(refs)))]
-    return get_each(refs, names=names, timeout_s=timeout_s, what=what, error=error, context=context)
-
-
 def loads_own_weights(config: VLLMEngineConfig) -> bool:
     """Whether the engines read their weights from ``--pretrain`` (an HF model) rather than wait
     for the trainer's first sync (a Megatron checkpoint, with ``weights_from_trainer``)."""
@@ -402,14 +393,6 @@ def _shared_placement_options(config: VLLMEngineConfig, engine_index: int) -> di
     return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy, "runtime_env": {"env_vars": env}}
 
 
-def sleep_engines(engines: list, *, timeout_s: float = 600.0) -> None:
-    _gather([e.sleep.remote() for e in engines], timeout_s=timeout_s, what="sleep")
-
-
-def wake_up_engines(engines: list, *, tags: list[str] | None = None, timeout_s: float = 600.0) -> None:
-    _gather([e.wake_up.remote(tags) for e in engines], timeout_s=timeout_s, what="wake-up")
-
-
 def create_engines(config: VLLMEngineConfig) -> list:
     """Start ``config.num_engines`` engines and wait until all are up.
 
@@ -430,8 +413,8 @@ def create_engines(config: VLLMEngineConfig) -> list:
     try:
         for i in range(config.num_engines):
             engines.append(_start_engine(config, i, device, groups))
-        _gather([e.ready.remote() for e in engines], timeout_s=config.startup_timeout_s, what="start-up",
-                error=EngineStartupError, context=context)
+        get_each([e.ready.remote() for e in engines], names=[f"vLLM engine {i}" for i in range(len(engines))],
+                 timeout_s=config.startup_timeout_s, what="start-up", error=EngineStartupError, context=context)
     except BaseException:
         shutdown_engines(engines, graceful=False)
         _remove_groups(groups)
@@ -446,50 +429,33 @@ def _remove_groups(groups: list) -> None:
         remove_placement_group(group)
 
 
+class VLLMEnginePool(RayEnginePool):
+    """The engines of ``create_engines`` as an ``engine.ray.engine_pool.EnginePool``."""
+
+    def __init__(self, handles: list, *, generate_timeout_s: float = 3600.0):
+        super().__init__(handles, kind="vLLM engine", generate_timeout_s=generate_timeout_s)
+
+    def shutdown(self, *, graceful: bool = True, timeout_s: float = 60.0) -> list:
+        """Stop the engines' vLLM processes, then the actors, then release their GPU reservations."""
+        groups = super().shutdown(graceful=graceful, timeout_s=timeout_s)
+        _remove_groups(groups)
+        return groups
+
+
+def start_pool(config: VLLMEngineConfig) -> VLLMEnginePool:
+    """``create_engines`` as a pool (the ``vllm`` rollout backend)."""
+    return VLLMEnginePool(create_engines(config))
+
+
 def shutdown_engines(engines: list, *, graceful: bool = True, timeout_s: float = 60.0) -> None:
-    """Stop the engines' vLLM processes, then the actors, then release their GPU reservations."""
-    groups = []
-    if graceful:
-        refs = [e.shutdown.remote() for e in engines]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        for ref in done:
-            try:
-                groups.append(ray.get(ref))
-            except ray.exceptions.RayError:
-                pass  # a dead engine has nothing left to stop; ray.kill below is enough
-    for engine in engines:
-        ray.kill(engine)
-    _remove_groups([g for g in groups if g is not None])
-
-
-class PendingGeneration:
-    """Generation running on the engines (``submit_generate``); ``result()`` waits for it."""
-
-    def __init__(self, refs: list, busy: list[int], timeout_s: float):
-        self.refs, self.busy, self.timeout_s = refs, busy, timeout_s
-
-    def result(self) -> list[RolloutSample]:
-        """Every sample, ordered by (prompt, sample). A dead or hung engine raises ``EngineError``."""
-        per_engine = _gather(self.refs, timeout_s=self.timeout_s, what="generate", engine_indices=self.busy)
-        samples = [sample for chunk in per_engine for sample in chunk]
-        return sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))
-
-
-def submit_generate(engines: list, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
-                    timeout_s: float = 3600.0) -> PendingGeneration:
-    """Spread the prompts over the engines and start generating; returns at once.
-
-    Prompts are split into contiguous, even chunks (one per engine); with ``sampling.seed`` set the
-    result does not depend on the number of engines.
-    """
-    ranges = split_evenly(len(prompt_token_ids), len(engines))
-    busy = [i for i, (start, stop) in enumerate(ranges) if stop > start]
-    refs = [engines[i].generate.remote(prompt_token_ids[ranges[i][0]:ranges[i][1]], sampling, ranges[i][0])
-            for i in busy]
-    return PendingGeneration(refs, busy, timeout_s)
+    VLLMEnginePool(engines).shutdown(graceful=graceful, timeout_s=timeout_s)
 
 
 def generate(engines: list, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
              timeout_s: float = 3600.0) -> list[RolloutSample]:
-    """``submit_generate`` and wait: every sample, ordered by (prompt, sample)."""
-    return submit_generate(engines, prompt_token_ids, sampling, timeout_s=timeout_s).result()
+    """Every sample of every prompt, ordered by (prompt, sample); with ``sampling.seed`` set the
+    result does not depend on the number of engines."""
+    return VLLMEnginePool(engines, generate_timeout_s=timeout_s).generate(prompt_token_ids, sampling)
+
+
+BACKEND = RolloutBackend(name="vllm", start=start_pool, on_gpus=engines_on_gpus, loads_own_weights=loads_own_weights)

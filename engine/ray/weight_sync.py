@@ -6,8 +6,9 @@ running an update, checking every engine worker's report.
     sync = ActorWeightSync(actor_group, engines, config, backend="gloo")  # the RL loop's: one push per rollout
 
 The bytes travel through ``parallel.weight_transfer`` (buckets, gloo / NCCL / CUDA IPC
-channels), which knows neither Ray nor the engines; the engine side of the protocol is
-``engine.ray.vllm_engine.LLMEngineActor`` and ``engine.ray.vllm_worker_ext``.
+channels), which knows neither Ray nor the engines; the engines are reached through the
+weight-receiver calls of ``engine.ray.engine_pool.EnginePool`` (``engines`` below is a pool, or a
+list of Ray engine-actor handles); vLLM's side is ``engine.ray.vllm_worker_ext``.
 
 Actor (Megatron, any TP/PP/EP) -> engines: the actor's ranks open their senders
 (``engine.ray.weight_senders``: with gloo / NCCL every rank that owns HF tensors, one per
@@ -23,7 +24,10 @@ from typing import Iterable, Literal
 
 import ray
 
-from engine.ray.calls import get_each
+from engine.ray.engine_pool import EnginePool, WeightSyncError, as_pool
+
+__all__ = ["ActorWeightSync", "EngineGroup", "WeightSyncConfig", "WeightSyncError", "connect_transport",
+           "resolve_sync_backend", "sync_weights"]
 from parallel.options import option
 from parallel.weight_transfer import (
     DEFAULT_BUCKET_BYTES,
@@ -34,10 +38,6 @@ from parallel.weight_transfer import (
     make_transport,
     stream_weights,
 )
-
-
-class WeightSyncError(RuntimeError):
-    """A weight update did not complete on every engine worker (names the tensors at fault)."""
 
 
 @dataclass(kw_only=True)
@@ -74,10 +74,6 @@ def resolve_sync_backend(requested: str, *, cuda: bool, colocated: bool) -> str:
 
 
 # ----- forming a group with the engines -------------------------------------------------------
-def _engine_names(engines: list) -> list[str]:
-    return [f"engine {i}" for i in range(len(engines))]
-
-
 def sender_host() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
@@ -87,7 +83,7 @@ class EngineGroup:
     """A connected transport and the engines whose workers joined it."""
 
     transport: WeightTransport
-    engines: tuple
+    pool: EnginePool | None
 
     @property
     def group_id(self) -> str:
@@ -96,46 +92,21 @@ class EngineGroup:
     def close(self, *, timeout_s: float = 60.0) -> None:
         """Leave the group on this side and on every engine that joined it."""
         self.transport.close()
-        refs = [engine.close_weight_receiver.remote(self.group_id) for engine in self.engines]
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        self.engines = ()
+        if self.pool is not None:
+            self.pool.close_weight_receiver(self.group_id, timeout_s=timeout_s)
+        self.pool = None
 
 
-def engine_worker_counts(engines: list, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[int]:
-    """How many workers (sync ranks) each engine has."""
-    return get_each([e.num_weight_sync_workers.remote() for e in engines], names=_engine_names(engines),
-                    timeout_s=timeout_s, what="group setup", error=WeightSyncError)
-
-
-def join_groups(engines: list, specs: list[dict], worker_counts: list[int]) -> list:
-    """Every engine joins every group of ``specs``, in that order, in one call per engine; engine
-    e's worker w is rank ``1 + sum(worker_counts[:e]) + w`` of each group (rank 0: the sender).
-
-    One ordered list for all engines is what keeps several senders (one per pipeline stage or
-    expert owner) from deadlocking: an engine joins one group at a time, and Ray orders an engine's
-    calls by arrival only, so groups requested by each sender on its own can reach engine 0 as
-    (A, B) and engine 1 as (B, A), each then waiting in a group the other never enters. Returns
-    the calls' references; the senders must ``connect`` while they run."""
-    refs, offset = [], 1
-    for engine, count in zip(engines, worker_counts):
-        refs.append(engine.init_weight_receivers.remote(specs, offset))
-        offset += count
-    return refs
-
-
-def wait_joined(refs: list, engines: list, *, timeout_s: float) -> None:
-    get_each(refs, names=_engine_names(engines), timeout_s=timeout_s, what="group setup", error=WeightSyncError)
-
-
-def connect_transport(engines: list, *, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S,
+def connect_transport(engines, *, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S,
                       host: str | None = None) -> EngineGroup:
     """Form the sync group: this process is rank 0, engine e's worker w is rank offset(e) + w."""
-    counts = engine_worker_counts(engines, timeout_s=timeout_s)
+    pool = as_pool(engines)
+    counts = pool.weight_sync_worker_counts(timeout_s=timeout_s)
     transport = make_transport(backend, world_size=1 + sum(counts), host=host or sender_host(), timeout_s=timeout_s)
-    joining = join_groups(engines, [transport.receiver_spec()], counts)
+    joining = pool.join_weight_groups([transport.receiver_spec()], counts, timeout_s=timeout_s)
     transport.connect()  # the workers are joining concurrently through the calls above
-    wait_joined(joining, engines, timeout_s=timeout_s)
-    return EngineGroup(transport, tuple(engines))
+    joining.result()
+    return EngineGroup(transport, pool)
 
 
 # ----- what the engine workers report -----------------------------------------------------------
@@ -172,7 +143,11 @@ def check_reports(reports: list[list[dict]]) -> None:
 
 
 # ----- one update from this process -------------------------------------------------------------
-def sync_weights(engines: list, named_tensors: Iterable[NamedTensor], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+def _same_engines(a, b) -> bool:
+    return list(getattr(a, "handles", [a])) == list(getattr(b, "handles", [b]))
+
+
+def sync_weights(engines, named_tensors: Iterable[NamedTensor], *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  transport: EngineGroup | None = None, backend: str = "gloo",
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> SyncStats:
     """Push every ``(hf_name, full_tensor)`` of ``named_tensors`` into every engine, in place.
@@ -182,20 +157,20 @@ def sync_weights(engines: list, named_tensors: Iterable[NamedTensor], *, bucket_
     naming the tensors when any worker did not receive exactly the model's tensors; if the
     iterator raises, the engines are told the update aborted and the error propagates.
     """
-    if transport is not None and tuple(engines) != transport.engines:
+    pool = as_pool(engines)
+    if transport is not None and not _same_engines(pool, transport.pool):
         # Workers outside the call would never take their part of the broadcasts: a hang.
         raise ValueError("sync_weights: engines must be exactly the engines the transport was connected to")
     own = transport is None
-    group = transport or connect_transport(engines, backend=backend, timeout_s=timeout_s)
-    names = _engine_names(engines)
+    group = transport or connect_transport(pool, backend=backend, timeout_s=timeout_s)
     try:
-        refs = [engine.receive_weights.remote(group.group_id) for engine in engines]
+        receiving = pool.receive_weights([group.group_id], timeout_s=timeout_s)
         try:
             stats = stream_weights(group.transport, named_tensors, bucket_bytes=bucket_bytes)
         except BaseException as err:
-            _wait_for_abort(refs, names, timeout_s, cause=err)
+            _wait_for_abort(receiving, cause=err)
             raise
-        reports = get_each(refs, names=names, timeout_s=timeout_s, what="weight sync", error=WeightSyncError)
+        reports = receiving.result()
         check_reports(reports)
         return replace(stats, worker_load_seconds=max(r["load_seconds"] for rs in reports for r in rs))
     finally:
@@ -203,10 +178,10 @@ def sync_weights(engines: list, named_tensors: Iterable[NamedTensor], *, bucket_
             group.close()
 
 
-def _wait_for_abort(refs: list, names: list[str], timeout_s: float, *, cause: BaseException) -> None:
+def _wait_for_abort(receiving, *, cause: BaseException) -> None:
     """The workers were told the update aborted; let them finalise (and mark themselves stale)."""
     try:
-        get_each(refs, names=names, timeout_s=timeout_s, what="an aborted weight sync", error=WeightSyncError)
+        receiving.result()
     except Exception as err:  # the transport itself may be what failed: keep the first error
         cause.add_note(f"while aborting the weight sync: {err!r}")
 
@@ -215,25 +190,32 @@ def _wait_for_abort(refs: list, names: list[str], timeout_s: float, *, cause: Ba
 class ActorWeightSync:
     """One complete update of every engine from a Megatron role's current weights, per ``push``."""
 
-    def __init__(self, actor_group, engines: list, config: WeightSyncConfig, *, backend: str,
+    def __init__(self, actor_group, engines, config: WeightSyncConfig, *, backend: str,
                  timeout_s: float = 600.0):
-        """``backend``: ``config.backend`` resolved for where the engines run (``resolve_sync_backend``)."""
+        """``engines``: an ``EnginePool`` (or Ray engine-actor handles); ``backend``: ``config.backend``
+        resolved for where the engines run (``resolve_sync_backend``)."""
         self.actor = actor_group
-        self.engines = engines
+        self.pool = as_pool(engines)
         self.bucket_bytes = config.bucket_mb << 20
         self.timeout_s = timeout_s
-        counts = engine_worker_counts(engines, timeout_s=timeout_s)
+        counts = self.pool.weight_sync_worker_counts(timeout_s=timeout_s)
         specs = actor_group.open_weight_sync(1 + sum(counts), backend)
-        joining = join_groups(engines, specs, counts)
+        joining = self.pool.join_weight_groups(specs, counts, timeout_s=timeout_s)
         actor_group.connect_weight_sync()  # each sender's group completes as the engines reach it
-        wait_joined(joining, engines, timeout_s=timeout_s)
+        joining.result()
         self.group_ids = [spec["group_id"] for spec in specs]  # the order every engine joined them in
 
     def push(self) -> dict:
-        receiving = [engine.receive_weights.remote(self.group_ids) for engine in self.engines]
-        sent = self.actor.send_weights(self.bucket_bytes)
-        reports = get_each(receiving, names=_engine_names(self.engines), timeout_s=self.timeout_s,
-                           what="receiving weights", error=WeightSyncError)
+        receiving = self.pool.receive_weights(self.group_ids, timeout_s=self.timeout_s)
+        try:
+            sent = self.actor.send_weights(self.bucket_bytes)
+        except Exception as err:
+            # An engine that died leaves the senders with a closed connection: name the engine.
+            explained = self.pool.explain(err, what="the weight sync")
+            if explained is err:
+                raise
+            raise explained from err
+        reports = receiving.result()
         check_reports(reports)
         stats = [s for s in sent if s]
         return {

@@ -7,14 +7,17 @@ strategy here and names it in its weight map; nothing else switches on the kind.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from parallel.resharding import merge_fused_shards, shard_range
 
-if TYPE_CHECKING:
-    from models.adapter import ModelAdapter
+
+class ModelAdapter(Protocol):
+    """What a split reads of the architecture (``models.adapter.ModelAdapter`` offers it)."""
+
+    vocab_size: int
 
 
 def _rows(reader, name: str, start: int, stop: int) -> torch.Tensor:

@@ -630,7 +630,8 @@ def test_multiturn_trains_every_assistant_turn_as_the_template_renders_them(tmp_
 
 
 def test_packed_pairs_keep_every_sequence_and_mark_its_last_token():
-    from engine.data.collate import preference_collate, preference_packed_collate
+    from engine.data.collate import preference_collate
+    from engine.data.packing import preference_packed_collate
 
     pairs = [{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8], "prompt_len": 2, "margin": 0.5},
              {"chosen_ids": [1, 9, 10], "rejected_ids": [1, 9, 11, 12, 13], "prompt_len": 2}]

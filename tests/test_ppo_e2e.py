@@ -117,6 +117,28 @@ def test_async_grpo_is_one_step_off_policy_and_corrected(rl_setup, ray_cluster):
     assert _rise(history) >= MARGIN, [h["reward"] for h in history]
 
 
+def test_grpo_runs_on_another_rollout_backend(rl_setup, ray_cluster):
+    """The loop and the weight sync know engines only through EnginePool: a backend on HF
+    ``generate`` (tests/hf_rollout_backend.py, registered here) runs GRPO, and after every sync its
+    raw log-probs equal the actor's (fp32), so the weights really went through the pool."""
+    from engine.cli import train_ppo_ray
+    from engine.ray.rollout_backends import ROLLOUT_BACKENDS, register_rollout_backend
+
+    register_rollout_backend("hf_generate", "tests.hf_rollout_backend:BACKEND")
+    try:
+        history = train_ppo_ray.main(_ppo_args(
+            rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "2",
+            "--rollout_backend", "hf_generate", "--rollout_batch_size", "8", "--train_batch_size", "32",
+        ))
+    finally:
+        ROLLOUT_BACKENDS.pop("hf_generate")
+    assert len(history) == 2
+    assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
+    assert history[1]["actor/policy_loss"] == history[1]["actor/policy_loss"]  # trained on its samples
+    with pytest.raises(ValueError, match="--rollout_backend 'sglang' is not known; known: vllm"):
+        train_ppo_ray.parse_args(_ppo_args(rl_setup, "--rollout_backend", "sglang"))
+
+
 def test_grpo_with_a_lora_actor(rl_setup, ray_cluster):
     """A TP=2 LoRA actor: before every rollout the engine gets W + scale B A merged shard by shard
     (its log-probs equal the adapted actor's), the reward rises, and --save_path is a PEFT adapter."""

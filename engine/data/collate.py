@@ -67,8 +67,8 @@ def preference_collate(samples: list[dict], pad_id: int, *, pad_to_multiple_of: 
     the pair count the loss is normalised by) and ``last_index`` (long ``[2B]``: each row's
     eos, where a reward model reads its score).
     """
-    rows = [_response_sample(s["chosen_ids"], s["prompt_len"]) for s in samples]
-    rows += [_response_sample(s["rejected_ids"], s["prompt_len"]) for s in samples]
+    rows = [response_sample(s["chosen_ids"], s["prompt_len"]) for s in samples]
+    rows += [response_sample(s["rejected_ids"], s["prompt_len"]) for s in samples]
     batch = pad_collate(rows, pad_id, pad_to_multiple_of=pad_to_multiple_of)
     batch["margin"] = torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32)
     batch["pair_mask"] = torch.ones(len(samples), dtype=torch.float32)
@@ -76,39 +76,6 @@ def preference_collate(samples: list[dict], pad_id: int, *, pad_to_multiple_of: 
     return batch
 
 
-def preference_packed_collate(samples: list[dict], pad_id: int, *, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Pairs -> the ``2B`` sequences of ``preference_collate`` (chosen, then rejected) packed into one
-    ``[1, T]`` row (``packing.packed_collate``): no padding between sequences.
-
-    Per-sequence values are read through ``packed_sequences_collate``'s keys (``last_token``: where
-    a reward model reads its score). ``margin`` and ``pair_mask`` as in ``preference_collate``.
-    """
-    rows = [_response_sample(s["chosen_ids"], s["prompt_len"]) for s in samples]
-    rows += [_response_sample(s["rejected_ids"], s["prompt_len"]) for s in samples]
-    batch = packed_sequences_collate(rows, pad_id, pad_to_multiple_of=pad_to_multiple_of)
-    batch.update(margin=torch.tensor([float(s.get("margin", 0.0)) for s in samples], dtype=torch.float32),
-                 pair_mask=torch.ones(len(samples), dtype=torch.float32))
-    return batch
-
-
-def packed_sequences_collate(samples: list[dict], pad_id: int, *, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """``packing.packed_collate`` of whole sequences whose per-sequence values the trainers read:
-    plus ``sequence_index`` (long ``[1, T]``: which sample a token belongs to, ``len(samples)`` on
-    the padding after the last), ``last_token`` (float ``[1, T]``: 1 at each sample's last token)
-    and ``num_sequences``."""
-    from engine.data.packing import packed_collate
-
-    batch = packed_collate(samples, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
-    width = batch["input_ids"].shape[1]
-    sequence_index = torch.full((1, width), len(samples), dtype=torch.long)
-    last_token = torch.zeros(1, width, dtype=torch.float32)
-    bounds = batch["cu_seqlens"].tolist()
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        sequence_index[0, start:end] = index
-        last_token[0, end - 1] = 1.0
-    batch.update(sequence_index=sequence_index, last_token=last_token, num_sequences=torch.tensor(len(samples)))
-    return batch
-
-
-def _response_sample(input_ids: list[int], prompt_len: int) -> dict:
+def response_sample(input_ids: list[int], prompt_len: int) -> dict:
+    """A prompt + response sequence with the loss on the response only."""
     return {"input_ids": input_ids, "loss_mask": [0] * prompt_len + [1] * (len(input_ids) - prompt_len)}

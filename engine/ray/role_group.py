@@ -25,6 +25,25 @@ from engine.rl.train_losses import LossKind, TrainSettings
 from parallel.weight_transfer import SyncStats
 
 
+class _SharedObject:
+    """One object-store copy of the object the roles were handed last (a rollout's experience, its
+    ptx rows): the reference, reward, critic and actor groups read the same copy instead of each
+    putting its own."""
+
+    def __init__(self):
+        self._object, self._ref = None, None
+
+    def ref(self, obj):
+        if obj is None or isinstance(obj, ray.ObjectRef):
+            return obj
+        if obj is not self._object:
+            self._object, self._ref = obj, ray.put(obj)
+        return self._ref
+
+
+_SHARED = _SharedObject()
+
+
 def rank_placement_options(placement: Placement, rank: int) -> dict:
     """Ray options that put ``rank`` where ``placement`` says (its bundle, or its dealt node)."""
     options: dict = {"num_cpus": placement.cpu_per_rank, "num_gpus": placement.gpu_per_rank}
@@ -89,26 +108,28 @@ class RoleGroup:
     def log_probs(self, experience: Experience, micro_batch_size: int, *, temperature: float = 1.0,
                   packed: bool = False) -> torch.Tensor:
         """``[B, L]`` log-probs of ``labels`` (read where ``action_mask`` is 1)."""
-        ref = ray.put(experience)
+        ref = _SHARED.ref(experience)
         return self._per_sample([w.compute_log_probs.remote(ref, micro_batch_size, temperature, packed)
                                  for w in self.workers], experience.batch_size, f"{self.config.name} log-probs")
 
     def values(self, experience: Experience, micro_batch_size: int, *, packed: bool = False) -> torch.Tensor:
         """``[B, L]`` value-head outputs."""
-        ref = ray.put(experience)
+        ref = _SHARED.ref(experience)
         return self._per_sample([w.compute_values.remote(ref, micro_batch_size, packed) for w in self.workers],
                                 experience.batch_size, f"{self.config.name} values")
 
     def rewards(self, experience: Experience, micro_batch_size: int, *, packed: bool = False) -> torch.Tensor:
         """``[B]`` scores at each row's last real token."""
-        ref = ray.put(experience)
+        ref = _SHARED.ref(experience)
         return self._per_sample([w.compute_rewards.remote(ref, micro_batch_size, packed) for w in self.workers],
                                 experience.batch_size, f"{self.config.name} rewards")
 
     # ----- training and weights ---------------------------------------------------------------
     def train(self, experience, loss: LossKind, settings: TrainSettings, ptx=None) -> dict:
-        """PPO epochs over ``experience`` (an ``Experience`` or its object reference); metrics of rank 0."""
-        return self._wait([w.train.remote(experience, loss, settings, ptx) for w in self.workers],
+        """PPO epochs over ``experience`` (with ``ptx`` rows when given); metrics of rank 0."""
+        experience_ref = _SHARED.ref(experience)
+        ptx_ref = ray.put(ptx) if ptx is not None else None
+        return self._wait([w.train.remote(experience_ref, loss, settings, ptx_ref) for w in self.workers],
                           f"{self.config.name} train")[0]
 
     def open_weight_sync(self, world_size: int, backend: str) -> list[dict]:

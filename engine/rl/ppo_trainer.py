@@ -134,10 +134,6 @@ class PrefetchedRollout:
     batch: RolloutBatch | None = None
     meta: dict | None = None
 
-    def wait(self, trainer: PPOTrainer) -> None:
-        if self.batch is None:
-            self.batch, self.meta = trainer.to_batch(self.rows, self.pending.result())
-
 
 @dataclass
 class Timer:
@@ -254,7 +250,7 @@ class PPOTrainer:
             train_metrics = self.train(experience, step)
         if self._next is not None:
             with timer.phase("generate_wait"):  # the engines must be done before their weights change
-                self._next.wait(self)
+                self._collect(self._next)
         with timer.phase("sync"):
             sync_metrics = self.rollouts.sync_weights()
             self.engines_version = self.actor_version
@@ -274,8 +270,13 @@ class PPOTrainer:
         prefetched, self._next = self._next, None
         if prefetched is None or prefetched.step != step:
             prefetched = self._submit(step)
-        prefetched.wait(self)
+        self._collect(prefetched)
         return prefetched
+
+    def _collect(self, rollout: PrefetchedRollout) -> None:
+        """Wait for ``rollout``'s samples (once) and batch them."""
+        if rollout.batch is None:
+            rollout.batch, rollout.meta = self.to_batch(rollout.rows, rollout.pending.result())
 
     # ----- phases -------------------------------------------------------------------------
     def _prompt_rows(self, step: int) -> list[dict]:
@@ -413,17 +414,14 @@ class PPOTrainer:
         )
 
     def train(self, experience: Experience, step: int) -> dict:
-        import ray
-
         settings = self.train_settings(step)
         metrics = {}
-        shared = ray.put(experience)  # one copy in the object store for both roles
         if self.critic is not None:
-            critic = self.critic.train(shared, "value", settings)
+            critic = self.critic.train(experience, "value", settings)
             metrics.update({f"critic/{k}": v for k, v in critic.items()})
         if step >= self.config.freezing_actor_steps:
             ptx = self._ptx_rows(step, experience.batch_size)
-            actor = self.actor.train(shared, "policy", settings, ptx)
+            actor = self.actor.train(experience, "policy", settings, ptx)
             metrics.update({TRAINING_MISMATCH_METRICS.get(k, f"actor/{k}"): v for k, v in actor.items()})
             self.actor_version += 1
         return metrics
@@ -433,13 +431,11 @@ class PPOTrainer:
         ptx micro-batch with each actor micro-batch), padded; None without --pretrain_data."""
         if self.ptx is None:
             return None
-        import ray
-
         from engine.rl.ptx import collate_ptx
 
         per_step = self.config.train_batch_size
         num = self.config.max_epochs * (num_rows // per_step) * per_step
-        return ray.put(collate_ptx(self.ptx.samples(step, num), pad_id=self._pad_id()))
+        return collate_ptx(self.ptx.samples(step, num), pad_id=self._pad_id())
 
     # ----- bookkeeping --------------------------------------------------------------------
     def _report(self, step: int, metrics: dict) -> None:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from engine.data.collate import packed_sequences_collate, pad_collate
+from engine.data.collate import pad_collate
+from engine.data.packing import packed_sequences_collate
 from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn
 from engine.trainers.base import OfflineTrainer, OfflineTrainerConfig

@@ -1,7 +1,8 @@
 """What the paired-preference trainers (reward model, DPO) share: chosen/rejected batching."""
 from __future__ import annotations
 
-from engine.data.collate import preference_collate, preference_packed_collate
+from engine.data.collate import preference_collate
+from engine.data.packing import preference_packed_collate
 from engine.trainers.base import OfflineTrainer, OfflineTrainerConfig
 
 

@@ -22,7 +22,7 @@ def context_parallel_share(cp_group) -> float:
 
 def _per_sequence(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
     """``[..., s]`` per-token values summed per sequence: per row of a padded batch; of a packed
-    one, per ``sequence_index`` (``engine.data.collate.preference_packed_collate``)."""
+    one, per ``sequence_index`` (``engine.data.packing.preference_packed_collate``)."""
     if "sequence_index" not in batch:
         return per_token.sum(-1)
     index = batch["sequence_index"].to(per_token.device)

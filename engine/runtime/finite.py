@@ -37,7 +37,11 @@ def any_rank(flags: list[bool]) -> list[bool]:
 
 def grads_are_finite(ddp_model) -> bool:
     """This rank's gradients (Megatron DDP's contiguous grad buffers, which the optimizer reads) finite."""
-    return all(_is_finite(buffer.grad_data) for buffer in ddp_model.buffers + ddp_model.expert_parallel_buffers)
+    grads = [b.grad_data for b in ddp_model.buffers + ddp_model.expert_parallel_buffers if b.grad_data.numel()]
+    if not grads:
+        return True
+    # One max-norm per buffer (NaN or inf exactly when an element is), one device sync for all.
+    return bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g, float("inf")).float() for g in grads])).all())
 
 
 class LossWatch:
@@ -56,7 +60,8 @@ class LossWatch:
 
 def step_skip_cause(loss_watch: LossWatch, ddp_model) -> str | None:
     """Why this step must not update the weights ("loss", "grad norm", both), agreed by every rank;
-    None when it may. A non-finite grad norm is exactly a non-finite gradient element."""
+    None when it may. The grad norm is non-finite when a gradient element is (finite elements whose
+    norm overflows are left to clipping, whose coefficient then zeroes the update)."""
     loss_bad, grads_bad = any_rank([bool(loss_watch.bad), not grads_are_finite(ddp_model)])
     causes = [name for name, bad in (("loss", loss_bad), ("grad norm", grads_bad)) if bad]
     return " and ".join(causes) or None

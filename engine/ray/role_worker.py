@@ -200,7 +200,11 @@ class MegatronRoleWorker:
                                        tp_group=engine.ctx.tp_group, ptx_scale=ptx_scale)
                 result = engine.train_step(micro, loss_fn, normaliser_key="num_tokens")
                 history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
-        return {k: sum(h[k] for h in history) / len(history) for k in history[0]} if history else {}
+        if not history:
+            return {}
+        # skipped_steps is the engine's running count: its last value, not a mean.
+        return {**{k: sum(h[k] for h in history) / len(history) for k in history[0]},
+                "skipped_steps": history[-1]["skipped_steps"]}
 
     # ----- weights out --------------------------------------------------------------------
     def open_weight_sync(self, world_size: int, backend: str) -> dict | None:

@@ -60,6 +60,9 @@ class PPOConfig:
     normalize_reward_running: bool = option(False, help="normalise the rollout's rewards by their running mean / "
                                                         "std over the rollouts so far")
     dynamic_filtering: bool = option(False, help="drop GRPO groups whose rewards are all equal")
+    nonfinite_reward_policy: Literal["error", "skip"] = option(
+        "error", help="a NaN / inf reward from any source: error (naming the source and the sample) or skip "
+                      "(drop that sample's prompt group from the rollout, counted as rollout/nonfinite_rewards)")
     vllm_is_correction: bool = option(False, help="weight each token's policy gradient by min(exp(logp_actor - "
                                                   "logp_vLLM), --vllm_is_truncated_threshold): truncated importance "
                                                   "sampling of the engines' mismatch with the trainer")
@@ -243,11 +246,17 @@ class PPOTrainer:
             self._next = self._submit(step + 1)  # runs on the engines while this rollout trains
         with timer.phase("score"):
             experience, rewards, metrics = self.score(rollout.batch, rollout.meta)
-        with timer.phase("advantages"):
-            experience, adv_metrics = self.advantages(experience, rewards)
         metrics["rollout/staleness"] = self.actor_version - rollout.weights_version
-        with timer.phase("train"):
-            train_metrics = self.train(experience, step)
+        adv_metrics = train_metrics = {}
+        if experience.batch_size >= self.config.train_batch_size:
+            with timer.phase("advantages"):
+                experience, adv_metrics = self.advantages(experience, rewards)
+            with timer.phase("train"):
+                train_metrics = self.train(experience, step)
+        else:  # --nonfinite_reward_policy skip left less than one optimizer step of samples
+            print(f"warning: rollout {step + 1}: {experience.batch_size} samples left after dropping groups with "
+                  f"non-finite rewards, fewer than --train_batch_size {self.config.train_batch_size}: no training "
+                  "on this rollout", flush=True)
         if self._next is not None:
             with timer.phase("generate_wait"):  # the engines must be done before their weights change
                 self._collect(self._next)
@@ -292,8 +301,12 @@ class PPOTrainer:
         sampling = replace(self.sampling, temperature=self.evaluation.eval_temperature, n_samples_per_prompt=k,
                            seed=self.config.seed + 7919)
         batch, meta = self.generate(list(self.eval_prompts), sampling)
-        rewards = self._rewards(Experience.from_rollout(batch), meta)
-        metrics = eval_metrics(rewards.tolist(), batch.response_lengths.tolist(), k)
+        rewards = self._rewards(Experience.from_rollout(batch), meta, k)
+        # --nonfinite_reward_policy skip: a non-finite reward counts as a failed answer here.
+        metrics = eval_metrics(torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0).tolist(),
+                               batch.response_lengths.tolist(), k)
+        if self.config.nonfinite_reward_policy == "skip":
+            metrics["eval/nonfinite_rewards"] = int((~torch.isfinite(rewards)).sum())
         metrics["time/eval"] = time.perf_counter() - started
         return metrics
 
@@ -334,10 +347,9 @@ class PPOTrainer:
                            if self.reference is not None else None),
             values=self.critic.values(experience, micro, packed=packed) if self.critic is not None else None,
         )
-        rewards = self._rewards(experience, meta)
+        rewards = self._rewards(experience, meta, self.config.n_samples_per_prompt)
         mask = batch.action_mask
         metrics = {
-            "reward": float(rewards.mean()),
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
         }
@@ -353,17 +365,43 @@ class PPOTrainer:
                     old_log_probs, batch.rollout_log_probs, mask, cap=self.config.vllm_is_truncated_threshold)
                 experience = experience.with_fields(rollout_is_weights=weights)
                 metrics.update(is_metrics)
+        if self.config.nonfinite_reward_policy == "skip":
+            experience, rewards, metrics["rollout/nonfinite_rewards"] = self._drop_nonfinite_groups(experience, rewards)
+        metrics["reward"] = float(rewards.mean()) if len(rewards) else float("nan")
         return experience, rewards, metrics
 
-    def _rewards(self, experience: Experience, meta: dict) -> torch.Tensor:
-        from engine.rl.rewards import combine_rewards
+    def _rewards(self, experience: Experience, meta: dict, n_samples_per_prompt: int) -> torch.Tensor:
+        """Each sample's reward, the mean over the sources. A non-finite one is an error naming its source
+        and sample (--nonfinite_reward_policy error), else NaN, for ``score`` to drop its group."""
+        from engine.rl.rewards import combine_rewards, nonfinite_reward_error, nonfinite_rewards
 
         micro, packed = self.config.micro_rollout_batch_size, self.config.packing_samples
-        per_source = [group.rewards(experience, micro, packed=packed).tolist() for group in self.reward_models]
-        per_source += [src.score(meta["prompts"], meta["responses"], meta["labels"]) for src in self.reward_sources]
+        per_source = [(f"reward model {group.config.engine.pretrain} (--reward_pretrain)",
+                       group.rewards(experience, micro, packed=packed).tolist()) for group in self.reward_models]
+        per_source += [(getattr(src, "name", type(src).__name__),
+                        src.score(meta["prompts"], meta["responses"], meta["labels"])) for src in self.reward_sources]
         if not per_source:
             raise ValueError("no reward source: pass --reward_pretrain and/or --remote_rm_url")
-        return torch.tensor(combine_rewards(per_source), dtype=torch.float32)
+        found = nonfinite_rewards(per_source)
+        if found and self.config.nonfinite_reward_policy == "error":
+            raise nonfinite_reward_error(found, meta, n_samples_per_prompt)
+        rewards = torch.tensor(combine_rewards([values for _, values in per_source]), dtype=torch.float32)
+        rewards[list(found)] = float("nan")  # one mark for "dropped", whichever source and value
+        return rewards
+
+    def _drop_nonfinite_groups(self, experience: Experience, rewards: torch.Tensor
+                               ) -> tuple[Experience, torch.Tensor, int]:
+        """--nonfinite_reward_policy skip: every prompt group holding a non-finite reward leaves the
+        rollout before anything reads its rewards (advantages, running moments, KL controller)."""
+        bad = ~torch.isfinite(rewards)
+        if not bad.any():
+            return experience, rewards, 0
+        n = self.config.n_samples_per_prompt
+        rows = (~bad.view(-1, n).any(dim=1)).repeat_interleave(n).nonzero()[:, 0]
+        print(f"warning: {int(bad.sum())} sample(s) with a non-finite reward (samples {bad.nonzero()[:, 0].tolist()[:8]}"
+              f"): their {(rewards.numel() - rows.numel()) // n} prompt group(s) dropped from the rollout "
+              "(--nonfinite_reward_policy skip)", flush=True)
+        return experience.select(rows), rewards[rows], int(bad.sum())
 
     def advantages(self, experience: Experience, raw_rewards: torch.Tensor) -> tuple[Experience, dict]:
         config = self.config
@@ -387,9 +425,12 @@ class PPOTrainer:
             self.kl_controller.update(metrics["kl"], experience.batch_size)
         metrics["kl_coef"] = self.kl_controller.value
         experience = experience.with_fields(advantages=advantages, returns=returns)
+        keep = torch.ones(experience.batch_size, dtype=torch.bool)
         if config.dynamic_filtering:
             keep = filter_all_equal_groups(raw_rewards, config.n_samples_per_prompt)
             metrics["filtered_ratio"] = 1.0 - float(keep.float().mean())
+        if config.dynamic_filtering or experience.batch_size % config.train_batch_size:
+            # (groups dropped for non-finite rewards can leave a batch that is no multiple either)
             experience = experience.select(self._rows_to_keep(keep))
         metrics["advantage_abs_mean"] = float((advantages.abs() * mask).sum() / mask.sum().clamp(min=1))
         return experience, metrics

@@ -5,12 +5,14 @@
   ``{"query": [prompt + response, ...], "prompts": [...], "labels": [...]}`` -> ``{"rewards": [...]}``;
 - paths of Python files defining ``reward_func(prompts, responses, labels) -> list[float]``
   (verifiable rewards; ``--label_key`` names the dataset column passed as ``labels``).
-Several sources are averaged per sample (``combine_rewards``).
+Several sources are averaged per sample (``combine_rewards``). A non-finite reward from any source
+(these or a reward model) is found by ``nonfinite_rewards`` and named by ``nonfinite_reward_error``.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +28,13 @@ class RewardFunctionError(RuntimeError):
     """A reward function file is missing, malformed, raised, or returned the wrong thing."""
 
 
+class NonFiniteRewardError(RuntimeError):
+    """A reward source gave a sample NaN or inf (``--nonfinite_reward_policy error``)."""
+
+
 class RewardSource(Protocol):
+    name: str  # named in errors
+
     def score(self, prompts: list[str], responses: list[str], labels: list | None) -> list[float]: ...
 
 
@@ -47,6 +55,7 @@ class RemoteRewardModel:
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, max_retries: int = 3, batch_size: int = 64):
         self.url = url
+        self.name = f"reward server {url} (--remote_rm_url)"
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.batch_size = batch_size
@@ -92,6 +101,7 @@ class RewardFunction:
 
     def __init__(self, path: str):
         self.path = path
+        self.name = f"reward_func of {path} (--remote_rm_url)"
         file = Path(path)
         if not file.is_file():
             raise RewardFunctionError(f"--remote_rm_url {path}: no such file")
@@ -131,3 +141,28 @@ def combine_rewards(per_source: list[list[float]]) -> list[float]:
     if not per_source:
         raise ValueError("no reward source")
     return [sum(values) / len(values) for values in zip(*per_source)]
+
+
+def nonfinite_rewards(per_source: list[tuple[str, list[float]]]) -> dict[int, tuple[str, float]]:
+    """{sample index: (the first source naming it, its value)} for every sample some source gave a
+    NaN or inf reward: one such sample would turn the advantages, the loss and the weights NaN."""
+    found: dict[int, tuple[str, float]] = {}
+    for name, rewards in per_source:
+        for index, value in enumerate(rewards):
+            if not math.isfinite(value) and index not in found:
+                found[index] = (name, value)
+    return found
+
+
+def nonfinite_reward_error(found: dict[int, tuple[str, float]], meta: dict, n_samples_per_prompt: int
+                           ) -> NonFiniteRewardError:
+    """The error naming the first bad sample (its source, index, prompt and response) and the count."""
+    index = min(found)
+    name, value = found[index]
+    prompt, response = meta["prompts"][index], meta["responses"][index]
+    return NonFiniteRewardError(
+        f"{name} gave a non-finite reward ({value}) to sample {index} of the rollout (prompt "
+        f"{index // n_samples_per_prompt}, its sample {index % n_samples_per_prompt}): {prompt!r} -> "
+        f"{response!r}; {len(found)} sample(s) of {len(meta['prompts'])} in all (samples "
+        f"{sorted(found)[:8]}). Fix the reward source, or pass --nonfinite_reward_policy skip to drop those "
+        "samples' prompt groups from the rollout")

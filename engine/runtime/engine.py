@@ -32,6 +32,7 @@ from engine.runtime.checkpoint import (
     save_training_checkpoint,
 )
 from engine.runtime.ema import EMA_CHECKPOINT_KEY, EmaModel
+from engine.runtime.finite import SkippedSteps, check_finite_weights
 from engine.runtime.offload import PARTS, TrainingStateOffloader
 from engine.runtime.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
@@ -82,6 +83,7 @@ class TrainingEngine:
         if config.build.lora.load_in_4bit:
             self.quantized = self._quantize_base(load_weights)
         self.ddp_model = self.optimizer = self.scheduler = self.parking = None
+        self.skipped_steps = SkippedSteps(config.optim.max_skipped_steps)
         if trainable:
             self.ddp_model = wrap_ddp(self.model, config.optim)
             self.optimizer = build_optimizer(self.ddp_model, config.optim, bf16=config.build.params_dtype == torch.bfloat16)
@@ -200,12 +202,22 @@ class TrainingEngine:
             self.ddp_model, self.optimizer, self.scheduler, microbatches, loss_fn,
             seq_length=seq_length, normaliser_key=normaliser_key,
         )
-        if self.ema is not None:
+        self._count_skip(result.skip_cause)
+        result.metrics["skipped_steps"] = float(self.skipped_steps.total)
+        if self.ema is not None and result.skip_cause is None:
             self.ema.update()
         if self.adapter.num_experts:
             one_stage = self.config.parallel.pipeline_model_parallel_size == 1
             result.metrics.update(routing_metrics(self.model.router_stats, with_aux_loss=one_stage))
         return result
+
+    def _count_skip(self, cause: str | None) -> None:
+        """Counts a skipped step (logged on rank 0); raises after --max_skipped_steps in a row."""
+        try:
+            self.skipped_steps.record(cause)
+        finally:
+            if cause is not None and self.is_rank_zero:
+                print(self.skipped_steps.message(cause), flush=True)
 
     @torch.no_grad()
     def forward_only(self, microbatches: list[dict], loss_fn: LossFn) -> list[dict]:
@@ -247,6 +259,8 @@ class TrainingEngine:
     # ----- persistence --------------------------------------------------------------------
     def save_checkpoint(self, config: CheckpointConfig, step: int, trainer_state: dict) -> Path:
         self.restore_training_state(("weights", "optimizer"))
+        check_finite_weights({"": self.model, **{f"{k}.": m for k, m in self._extra_models().items()}},
+                             what=f"the checkpoint of step {step} under {config.ckpt_path}")
         return save_training_checkpoint(
             config, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             trainer_state=trainer_state, adapter=self.adapter, hf_source_dir=self.source.hf_dir,
@@ -276,6 +290,8 @@ class TrainingEngine:
         """The HF export of the model, or of its EMA when one is kept (as OpenRLHF exports it); with
         LoRA, a PEFT adapter directory (``tools.convert.lora_combiner`` merges it into the base)."""
         self.restore_training_state(("weights", "optimizer"))
+        check_finite_weights({"": self.model, **({"ema.": self.ema.model} if self.ema is not None else {})},
+                             what=f"the HF export {path}")
         if self.lora.enabled:
             save_peft_adapter(self.model, self.adapter, self.lora, path, base_model=self.config.pretrain,
                               source_dir=self.source.hf_dir, config_updates=config_updates)

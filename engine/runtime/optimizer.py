@@ -36,6 +36,9 @@ class OptimConfig:
     adam_offload: bool = option(False, help="Adam states (and, with Transformer Engine, the fp32 master weights) in "
                                             "host memory, the update on the CPU (megatron-core's HybridDeviceOptimizer)"
                                             "; a CPU build holds them in host memory anyway")
+    max_skipped_steps: int = option(3, help="stop the run (an error naming the cause) after this many optimizer "
+                                            "steps in a row skipped for a non-finite loss or grad norm (0: never "
+                                            "stop); a skipped step leaves the weights unchanged on every rank")
     adam_eps: float = 1e-8
     use_distributed_optimizer: bool = True
 
@@ -48,6 +51,8 @@ class OptimConfig:
             raise ValueError(f"--lr_scheduler must be one of {sorted(_SCHEDULES)}, got {self.lr_scheduler!r}")
         if self.max_norm < 0:
             raise ValueError(f"--max_norm must be >= 0 (0 disables clipping), got {self.max_norm}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"--max_skipped_steps must be >= 0 (0: never stop), got {self.max_skipped_steps}")
 
 
 def wrap_ddp(model, optim: OptimConfig) -> DistributedDataParallel:

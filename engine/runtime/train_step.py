@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from engine.runtime.finite import LossWatch, step_skip_cause
 from engine.runtime.schedule import LossFn, run_microbatches
 
 
@@ -15,6 +16,7 @@ class StepResult:
     metrics: dict[str, float]  # summed over micro-batches and data-parallel ranks, then normalised
     grad_norm: float
     update_successful: bool
+    skip_cause: str | None = None  # "loss" / "grad norm" when the step was skipped for non-finite values
 
 
 def reduce_metrics(per_microbatch: list[dict], *, normaliser_key: str | None = None) -> dict[str, float]:
@@ -77,25 +79,37 @@ def train_step(
     seq_length: int,
     normaliser_key: str | None = None,
 ) -> StepResult:
-    """Zero grads, forward/backward all micro-batches (1F1B under PP), reduce, clip, step."""
+    """Zero grads, forward/backward all micro-batches (1F1B under PP), reduce, clip, step.
+
+    A non-finite loss or gradient on any rank skips the update on every rank (grads zeroed, the LR
+    schedule not advanced), as Megatron's fp16 loss scaler skips an overflow; this engine trains in
+    fp32 / bf16, where megatron-core checks nothing."""
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
+    watch = LossWatch(loss_fn)
     metrics = run_microbatches(
         ddp_model,
         microbatches,
-        loss_fn,
+        watch,
         num_microbatches=len(microbatches),
         forward_only=False,
         seq_length=seq_length,
         micro_batch_size=microbatches[0]["input_ids"].shape[0],
     )
-    update_successful, grad_norm, _ = optimizer.step()
+    skip_cause = step_skip_cause(watch, ddp_model)
+    if skip_cause is not None:
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
+        update_successful, grad_norm = False, float("nan")
+    else:
+        update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     return StepResult(
         metrics=reduce_metrics(metrics, normaliser_key=normaliser_key),
-        grad_norm=float(grad_norm or 0.0),
+        grad_norm=float(grad_norm if grad_norm is not None else 0.0),
         update_successful=bool(update_successful),
+        skip_cause=skip_cause,
     )
 
 

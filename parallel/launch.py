@@ -25,7 +25,10 @@ import torch.multiprocessing as mp
 from parallel.config import ParallelConfig
 from parallel.ports import free_port
 
-PRELOAD_MODULES = ("torch", "megatron.core.models.gpt.gpt_model", "megatron.core.pipeline_parallel", "transformers")
+# "parallel" first: its import installs the filters of megatron-core's import-time warnings
+# (parallel/__init__.py) before megatron is imported in the forkserver.
+PRELOAD_MODULES = ("parallel", "torch", "megatron.core.models.gpt.gpt_model", "megatron.core.pipeline_parallel",
+                   "transformers")
 
 
 def launched_by_torchrun() -> bool:

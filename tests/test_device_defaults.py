@@ -181,3 +181,17 @@ def test_trainers_sleep_where_the_engines_share_their_gpus_unless_told():
     assert not ColocationConfig().trainers_sleep(engines_share_gpus=False)
     assert ColocationConfig(megatron_enable_sleep=True).trainers_sleep(engines_share_gpus=False)
     assert not ColocationConfig(megatron_enable_sleep=False).trainers_sleep(engines_share_gpus=True)
+
+
+def test_rank_processes_start_without_megatron_import_warnings():
+    """megatron-core warns at import that Apex / TE are absent (4-5 lines per rank above the demo's
+    first line); the forkserver imports ``parallel`` first, whose filters silence exactly those."""
+    code = ("from parallel.launch import rank_process_context\n"
+            "if __name__ == '__main__':\n"
+            "    context = rank_process_context(cuda=False)\n"
+            "    process = context.Process(target=print, args=('rank ran',))\n"
+            "    process.start(); process.join()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank ran" in done.stdout
+    assert "not installed" not in done.stderr, done.stderr

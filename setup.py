@@ -14,6 +14,8 @@ CORE = [
     "tensorboard>=2.18",
     "wandb>=0.19",
     "tqdm>=4.66",
+    # The RL run directory's plots (engine/rl/plots.py).
+    "matplotlib>=3.9,<3.12",
     "numpy",
     "packaging",
     "einops",

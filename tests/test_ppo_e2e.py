@@ -92,6 +92,7 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
     assert [line["step"] for line in lines] == list(range(1, 17))
     assert [line["reward"] for line in lines] == pytest.approx([h["reward"] for h in history])
     assert Image.open(record.parent / "reward.png").size == (640, 400)
+    assert Image.open(record.parent / "rollout.png").size == (960, 400)
     # The engine really holds the actor's weights after every sync (fp32: equal log-probs).
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
     assert _rise(history) >= MARGIN, [h["reward"] for h in history]

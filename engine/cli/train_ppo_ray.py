@@ -381,7 +381,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         return trainer.fit()
     finally:
         _link_logs(record.run_dir)
-        print(f"run directory: {record.run_dir} (metrics.jsonl, reward.png, ray_logs/)", flush=True)
+        print(f"run directory: {record.run_dir} (metrics.jsonl, reward.png, rollout.png, ray_logs/)", flush=True)
         if pool is not None:
             pool.shutdown()
         for group_ in groups.values():

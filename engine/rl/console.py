@@ -1,6 +1,7 @@
 """What a person watching an RL run sees: one progress bar over the rollouts with one metrics line
 per rollout written above it, and a run directory holding the metrics of every rollout
-(``metrics.jsonl``), a plot of the reward per rollout (``reward.png``, eval reward too) and the
+(``metrics.jsonl``), plots of the reward per rollout (``reward.png``, eval reward too) and of the
+response length and the train-vs-engine gap (``rollout.png``, ``engine.rl.plots``), and the
 engines' and role workers' logs (``ray_logs``), which reach the console only with ``--verbose``."""
 from __future__ import annotations
 
@@ -61,53 +62,9 @@ class RunRecord:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}) + "\n")
 
-    def plot(self, history: list[dict]) -> Path:
-        path = self.run_dir / "reward.png"
-        series = {"reward": [(h["step"], h["reward"]) for h in history if "reward" in h],
-                  "eval/reward": [(h["step"], h["eval/reward"]) for h in history if "eval/reward" in h]}
-        plot_series(series, path, title="reward per rollout")
-        return path
+    def plot(self, history: list[dict]) -> None:
+        """``reward.png`` and ``rollout.png`` of the run directory."""
+        from engine.rl.plots import plot_rewards, plot_rollout_shape
 
-
-COLOURS = {"reward": (31, 119, 180), "eval/reward": (255, 127, 14)}
-
-
-def plot_series(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str,
-                size: tuple[int, int] = (640, 400)) -> None:
-    """A line chart (PIL only: no plotting library needed on a cluster node)."""
-    from PIL import Image, ImageDraw
-
-    width, height = size
-    left, right, top, bottom = 60, 20, 30, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    points = [p for values in series.values() for p in values]
-    if not points:
-        draw.text((left, top), f"{title}: no data", fill="black")
-        image.save(path)
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
-    y_lo, y_hi = min(ys), max(ys)
-    if y_hi - y_lo < 1e-9:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
-                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 8), title, fill="black")
-    for value, label_y in ((y_lo, height - bottom), (y_hi, top)):
-        draw.text((4, label_y - 6), f"{value:.3g}", fill="black")
-    draw.text((left, height - bottom + 6), f"rollout {x_lo:g}", fill="black")
-    draw.text((width - right - 90, height - bottom + 6), f"rollout {x_hi:g}", fill="black")
-    for i, (name, values) in enumerate(series.items()):
-        colour = COLOURS.get(name, (44, 160, 44))
-        pixels = [at(x, y) for x, y in values]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
-        for px, py in pixels:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((width - right - 120, top + 6 + 14 * i), name, fill=colour)
-    image.save(path)
+        plot_rewards(history, self.run_dir / "reward.png")
+        plot_rollout_shape(history, self.run_dir / "rollout.png")

@@ -15,7 +15,7 @@ from parallel.options import option
 
 @dataclass(kw_only=True)
 class ConsoleConfig:
-    run_dir: str | None = option(None, help="where the run's metrics.jsonl, reward.png and ray_logs go "
+    run_dir: str | None = option(None, help="where the run's metrics.jsonl, reward.png, rollout.png and ray_logs go "
                                             "(default: runs/ppo_ray/<date-time>, under ray job submit in the home "
                                             "directory: the job's working directory is Ray's temporary copy)")
     verbose: bool = option(False, help="vLLM's, Ray's and the role workers' logs on the console too (else only in "

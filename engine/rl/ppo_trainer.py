@@ -334,7 +334,7 @@ class PPOTrainer:
             "prompts": [rows[s.prompt_index]["prompt"] for s in samples],
             "responses": self.tokenizer.batch_decode([s.response_token_ids for s in samples], skip_special_tokens=True),
             "labels": [rows[s.prompt_index]["label"] for s in samples],
-            "truncated": sum(s.finish_reason == "length" for s in samples),
+            "truncated": sum(s.truncated for s in samples),
         }
         return batch, meta
 

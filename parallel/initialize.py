@@ -34,6 +34,10 @@ class ParallelContext:
         return _ps().get_context_parallel_group()
 
     @property
+    def dp_group(self):
+        return _ps().get_data_parallel_group()
+
+    @property
     def tp_rank(self) -> int:
         return _ps().get_tensor_model_parallel_rank()
 

@@ -174,10 +174,13 @@ class MegatronRoleWorker:
 
         ``ptx`` (actor only): padded pretraining rows, ``train_batch_size`` per optimizer step in
         step order; each step's rows join its rollout micro-batches (``engine.rl.ptx``)."""
+        from engine.rl.policy_losses.aggregation import annotate_microbatches
         from engine.rl.ptx import attach_ptx, finish_ptx_metrics
-        from engine.rl.train_losses import make_loss_fn
+        from engine.rl.train_losses import LossGroups, make_loss_fn
 
         engine, total, per_step = self.engine, experience.batch_size, settings.train_batch_size
+        ctx = engine.ctx
+        groups = LossGroups(tp_group=ctx.tp_group, cp_group=ctx.cp_group, dp_group=ctx.dp_group)
         multiple = engine.sequence_multiple()
         generator = torch.Generator().manual_seed(settings.seed)
         history = []
@@ -195,9 +198,9 @@ class MegatronRoleWorker:
                                        micro_batch_size=settings.micro_train_batch_size,
                                        pad_id=settings.pad_token_id, multiple=multiple)
                     ptx_scale = engine.loss_scale(micro, key="loss_mask")
-                micro = self._layout(micro, settings.packing_samples)
-                loss_fn = make_loss_fn(loss, settings, scale=engine.loss_scale(micro, key="action_mask"),
-                                       tp_group=engine.ctx.tp_group, ptx_scale=ptx_scale)
+                aggregation = self._aggregation(micro, loss, settings)
+                micro = self._layout(annotate_microbatches(micro, mode=aggregation.mode), settings.packing_samples)
+                loss_fn = make_loss_fn(loss, settings, aggregation=aggregation, groups=groups, ptx_scale=ptx_scale)
                 result = engine.train_step(micro, loss_fn, normaliser_key="num_tokens")
                 history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
         if not history:
@@ -205,6 +208,18 @@ class MegatronRoleWorker:
         # skipped_steps is the engine's running count: its last value, not a mean.
         return {**{k: sum(h[k] for h in history) / len(history) for k in history[0]},
                 "skipped_steps": history[-1]["skipped_steps"]}
+
+    def _aggregation(self, micro: list[dict], loss: LossKind, settings: TrainSettings):
+        """This optimizer step's ``--loss_agg_mode`` normalisers, counted once over its padded
+        micro-batches on every DP rank (the critic's value loss: the token mean)."""
+        from engine.rl.policy_losses.aggregation import Aggregation, step_counts
+
+        engine = self.engine
+        mode = settings.loss_agg_mode if loss == "policy" else "token-mean"
+        return Aggregation.for_step(mode, step_counts(micro, dp_group=engine.ctx.dp_group),
+                                    num_microbatches=len(micro), data_parallel_size=engine.data_parallel_size,
+                                    context_parallel_size=engine.config.parallel.context_parallel_size,
+                                    max_response_len=settings.max_response_len)
 
     # ----- weights out --------------------------------------------------------------------
     def open_weight_sync(self, world_size: int, backend: str) -> dict | None:

@@ -20,7 +20,7 @@ class Experience:
     input_ids: torch.Tensor  # [B, L] long, prompt + response, right-padded
     labels: torch.Tensor  # [B, L] long, input_ids shifted left
     position_ids: torch.Tensor  # [B, L] long
-    action_mask: torch.Tensor  # [B, L] float, 1 where labels[t] is a response token
+    action_mask: torch.Tensor  # [B, L] float, 1 where labels[t] is a response token that trains
     last_index: torch.Tensor  # [B] long, each row's last real token (reward models score there)
     old_log_probs: torch.Tensor | None = None  # [B, L] the actor's log-probs before this rollout's training
     ref_log_probs: torch.Tensor | None = None  # [B, L] the reference's
@@ -62,5 +62,8 @@ class Experience:
     def microbatches(self, start: int, stop: int, size: int, *, multiple: int = 1) -> list[dict]:
         """Rows ``[start, stop)`` in micro-batches of ``size`` rows, trailing padding columns cut
         to a multiple of ``multiple`` (sequence parallel x context parallel)."""
-        return [trim_to_content(self.select(slice(lo, min(lo + size, stop))).token_batch(), multiple=multiple)
+        # Cut after each row's last real token, not its last trained one: a reward model scores
+        # there, and a loss mask may leave the end of a response untrained.
+        return [trim_to_content(self.select(slice(lo, min(lo + size, stop))).token_batch(), multiple=multiple,
+                                mask_key="attention_mask", label_aligned=False)
                 for lo in range(start, stop, size)]

@@ -24,7 +24,9 @@ from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
 from engine.rl.losses import rollout_importance_weights
-from engine.rl.rollout import RolloutEngines, SamplingConfig
+from engine.rl.policy_losses.aggregation import LossAggMode, check_loss_agg_mode
+from engine.rl.policy_losses.registry import policy_loss_class
+from engine.rl.rollout import RolloutEngines, SamplingConfig, rollout_loss_masks
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
 from engine.rl.train_losses import TrainSettings
 from parallel.options import option
@@ -74,6 +76,14 @@ class PPOConfig:
                                            "trains on this one (one step off-policy: the engines hold the "
                                            "weights from before this step's update); the weight sync waits for it")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
+    policy_loss_type: str = option("ppo", help="the actor's policy loss, by name (engine/rl/policy_losses/registry.py; "
+                                               "shipped: ppo, the clipped surrogate)")
+    loss_agg_mode: LossAggMode = option("token-mean", help="how the policy and KL losses reduce their token losses "
+                                                          "over the optimizer step (veRL's): token-mean, "
+                                                          "seq-mean-token-sum, seq-mean-token-mean, "
+                                                          "seq-mean-token-sum-norm (divisor --generate_max_len)")
+    mask_truncated_completions: bool = option(False, help="leave responses that hit --generate_max_len out of the "
+                                                          "actor's and critic's losses (and their normalisers)")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
     seed: int = 42  # the job's --seed
     skip_redundant_forwards: bool = True  # False: always score old log-probs (tests compare both ways)
@@ -95,6 +105,18 @@ class PPOConfig:
             raise ValueError(f"--dual_clip must be > 1.0, got {self.dual_clip}")
         if self.vllm_is_truncated_threshold <= 0:
             raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {self.vllm_is_truncated_threshold}")
+        check_loss_agg_mode(self.loss_agg_mode)
+        self._check_policy_loss_inputs()
+
+    def _check_policy_loss_inputs(self) -> None:
+        """Refuse a --policy_loss_type that needs what this run does not compute."""
+        needs = policy_loss_class(self.policy_loss_type).needs
+        if "ref_log_probs" in needs and not self.needs_reference:
+            raise ValueError(f"--policy_loss_type {self.policy_loss_type} needs the reference model's log-probs: "
+                             f"set --init_kl_coef > 0")
+        if "values" in needs and not self.needs_critic:
+            raise ValueError(f"--policy_loss_type {self.policy_loss_type} needs the critic's values: "
+                             f"--advantage_estimator gae")
 
     @property
     def clip_range(self) -> tuple[float, float]:
@@ -320,12 +342,13 @@ class PPOTrainer:
         batch = build_rollout_batch(
             prompt_ids, [s.response_token_ids for s in samples], pad_id=self._pad_id(),
             response_log_probs=[s.logprobs or [0.0] * len(s.response_token_ids) for s in samples],
+            response_loss_masks=rollout_loss_masks(samples, mask_truncated=self.config.mask_truncated_completions),
         )
         meta = {
             "prompts": [rows[s.prompt_index]["prompt"] for s in samples],
             "responses": self.tokenizer.batch_decode([s.response_token_ids for s in samples], skip_special_tokens=True),
             "labels": [rows[s.prompt_index]["label"] for s in samples],
-            "truncated": sum(s.finish_reason == "length" for s in samples),
+            "truncated": sum(s.truncated for s in samples),
         }
         return batch, meta
 
@@ -365,6 +388,8 @@ class PPOTrainer:
                     old_log_probs, batch.rollout_log_probs, mask, cap=self.config.vllm_is_truncated_threshold)
                 experience = experience.with_fields(rollout_is_weights=weights)
                 metrics.update(is_metrics)
+            if "rollout_log_probs" in policy_loss_class(self.config.policy_loss_type).needs:
+                experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
         if self.config.nonfinite_reward_policy == "skip":
             experience, rewards, metrics["rollout/nonfinite_rewards"] = self._drop_nonfinite_groups(experience, rewards)
         metrics["reward"] = float(rewards.mean()) if len(rewards) else float("nan")
@@ -452,6 +477,8 @@ class PPOTrainer:
             ptx_coef=config.ptx_coef if self.ptx is not None else 0.0, pad_token_id=self._pad_id(),
             packing_samples=config.packing_samples,
             vllm_is_cap=config.vllm_is_truncated_threshold if config.vllm_is_correction else None,
+            policy_loss_type=config.policy_loss_type, loss_agg_mode=config.loss_agg_mode,
+            max_response_len=self.sampling.max_new_tokens,
         )
 
     def train(self, experience: Experience, step: int) -> dict:

@@ -44,13 +44,58 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RolloutSample:
-    """One generated response."""
+    """One generated response.
+
+    ``loss_mask`` (one 0 / 1 per response token) and ``segments`` (``[start, stop)`` spans of the
+    response the policy generated, e.g. the turns of a multi-turn sample between which the
+    environment's tokens were appended) say which tokens train: a token trains when its mask is 1
+    (default) and it lies in a segment (default: the whole response). The others are in the
+    context of the forward passes but contribute nothing to any loss or loss normaliser.
+    """
 
     prompt_index: int  # index into the prompt list given to ``generate``
     sample_index: int  # 0 .. n_samples_per_prompt - 1
     response_token_ids: list[int]
     logprobs: list[float] | None  # log-prob of each response token, before temperature / top-p
     finish_reason: str  # "stop" (EOS / stop token) or "length" (hit --generate_max_len)
+    loss_mask: tuple[int, ...] | None = None
+    segments: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        length = len(self.response_token_ids)
+        if self.loss_mask is not None and len(self.loss_mask) != length:
+            raise ValueError(f"sample {self.prompt_index}/{self.sample_index}: loss_mask has {len(self.loss_mask)} "
+                             f"entries for {length} response tokens")
+        for start, stop in self.segments or ():
+            if not 0 <= start <= stop <= length:
+                raise ValueError(f"sample {self.prompt_index}/{self.sample_index}: segment [{start}, {stop}) is not "
+                                 f"inside its {length} response tokens")
+
+    @property
+    def truncated(self) -> bool:
+        """The response hit --generate_max_len (the engine stopped it, not EOS / a stop token)."""
+        return self.finish_reason == "length"
+
+    def trained_tokens(self, *, mask_truncated: bool = False) -> list[float] | None:
+        """Per response token, 1.0 where it trains (None: every token, the common case).
+        ``mask_truncated`` (--mask_truncated_completions): none of a truncated response's."""
+        if mask_truncated and self.truncated:
+            return [0.0] * len(self.response_token_ids)
+        if self.loss_mask is None and self.segments is None:
+            return None
+        mask = [float(m) for m in self.loss_mask] if self.loss_mask is not None else [1.0] * len(self.response_token_ids)
+        if self.segments is not None:
+            inside = [0.0] * len(mask)
+            for start, stop in self.segments:
+                inside[start:stop] = [1.0] * (stop - start)
+            mask = [m * i for m, i in zip(mask, inside)]
+        return mask
+
+
+def rollout_loss_masks(samples: list[RolloutSample], *, mask_truncated: bool = False) -> list[list[float] | None] | None:
+    """The per-token loss masks of ``samples`` for ``build_rollout_batch`` (None: every token trains)."""
+    masks = [sample.trained_tokens(mask_truncated=mask_truncated) for sample in samples]
+    return masks if any(mask is not None for mask in masks) else None
 
 
 class PendingRollout(Protocol):

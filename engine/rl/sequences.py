@@ -3,7 +3,8 @@
 Layout, the same as the SFT collate's: row ``i`` is ``prompt + response`` right-padded to ``L``;
 ``labels[t] = input_ids[t+1]``; per-token RL quantities (log-probs, values, advantages, ...) sit
 at the position ``t`` whose *label* is the token they are about, and ``action_mask[t] = 1``
-exactly when ``labels[t]`` is a response token. A response token's log-prob is thus read from
+exactly when ``labels[t]`` is a response token that trains (every response token unless the sample
+carries a loss mask). A response token's log-prob is thus read from
 the logits at the position before it, and the value there is the state value before the action.
 """
 from __future__ import annotations
@@ -38,11 +39,18 @@ def build_rollout_batch(
     *,
     pad_id: int,
     response_log_probs: list[list[float]] | None = None,
+    response_loss_masks: list[list[float] | None] | None = None,
     pad_to_multiple_of: int = 1,
 ) -> RolloutBatch:
-    """Pack rollouts (one prompt per response; repeat prompts for n samples) into a RolloutBatch."""
+    """Pack rollouts (one prompt per response; repeat prompts for n samples) into a RolloutBatch.
+
+    ``response_loss_masks`` (per response, per response token; None: all trained): ``action_mask``
+    is 0 on the tokens whose mask is 0, which are then left out of every loss, normaliser and
+    advantage (``engine.rl.rollout.RolloutSample.trained_tokens``)."""
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts for {len(response_ids)} responses")
+    if response_loss_masks is not None and len(response_loss_masks) != len(response_ids):
+        raise ValueError(f"{len(response_loss_masks)} loss masks for {len(response_ids)} responses")
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
     batch = len(prompt_ids)
@@ -54,6 +62,11 @@ def build_rollout_batch(
         input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         first, last = len(prompt) - 1, len(sequence) - 1  # label positions of the response tokens
         action_mask[i, first:last] = 1.0
+        masked = response_loss_masks[i] if response_loss_masks is not None else None
+        if masked is not None:
+            if len(masked) != len(response):
+                raise ValueError(f"response {i}: a loss mask of {len(masked)} entries for {len(response)} tokens")
+            action_mask[i, first:last] = torch.tensor(masked, dtype=torch.float32)
         if rollout_log_probs is not None and response:
             rollout_log_probs[i, first:last] = torch.tensor(response_log_probs[i], dtype=torch.float32)
     labels = torch.roll(input_ids, -1, dims=1)
@@ -69,11 +82,13 @@ def build_rollout_batch(
     )
 
 
-def trim_to_content(batch: dict, *, multiple: int = 1, mask_key: str = "action_mask") -> dict:
+def trim_to_content(batch: dict, *, multiple: int = 1, mask_key: str = "action_mask", label_aligned: bool = True) -> dict:
     """Drop trailing all-padding columns of a micro-batch (rows are right-padded): those after
-    the last position ``mask_key`` trains on."""
+    the last position ``mask_key`` marks (``label_aligned``: a label position, whose token is at
+    ``t + 1``; else a token position, as ``attention_mask``)."""
     nonzero = batch[mask_key].nonzero()
-    used = int(nonzero[:, 1].max()) + 2 if len(nonzero) else 1  # the last action's token is at t + 1
+    after = 2 if label_aligned else 1
+    used = int(nonzero[:, 1].max()) + after if len(nonzero) else 1
     used = min(batch["input_ids"].shape[1], used)
     width = -(-used // multiple) * multiple  # may be wider than the rows: padded with zeros then
     out = {k: _fit_columns(v, width) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}

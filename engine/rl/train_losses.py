@@ -1,76 +1,66 @@
 """The actor's and critic's micro-batch losses on Megatron outputs (vocab-parallel logits, values).
 
-Each returns ``(loss_sum * scale, metrics)``: the masked token sum scaled to the optimizer
-step's global token mean (``engine.runtime.schedule.token_mean_scale``), so the gradient is
-the same for every TP / PP / CP / DP layout. The actor's ptx term (``engine.rl.ptx``) has its
+Each returns ``(loss_sum * scale, metrics)``: the weighted token sum scaled to the optimizer
+step's aggregated loss (``engine.rl.policy_losses.aggregation``; the critic's and the default
+``--loss_agg_mode token-mean`` are the global token mean), so the gradient is the same for every
+TP / PP / CP / DP layout. The actor's ptx term (``engine.rl.ptx``) has its
 own scale: its token mean is over the step's pretraining tokens, not its response tokens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from engine.rl.kl import KLEstimator
-from engine.rl.losses import kl_loss, policy_loss, sft_loss, truncated_importance_weights, value_loss
+from engine.rl.losses import kl_loss, sft_loss, truncated_importance_weights, value_loss
+from engine.rl.policy_losses.aggregation import Aggregation
+from engine.rl.policy_losses.registry import PolicyLoss, PolicyLossInputs, policy_loss_class
+from engine.rl.train_settings import TrainSettings
 from engine.runtime.vocab_parallel import token_entropy, token_log_probs
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainSettings:
-    """What the driver sends the actor / critic ranks to train on one rollout."""
-
-    train_batch_size: int  # samples per optimizer step
-    micro_train_batch_size: int
-    max_epochs: int  # passes over the rollout
-    seed: int  # shuffles the rollout's rows each epoch
-    eps_clip: float = 0.2  # low clip (and high, unless eps_clip_high)
-    eps_clip_high: float | None = None
-    dual_clip: float | None = None
-    value_clip: float | None = None
-    temperature: float = 1.0  # the sampling temperature, applied to the trainer's logits too
-    kl_loss_coef: float = 0.0  # 0: no KL loss term
-    kl_estimator: KLEstimator = "k1"
-    ptx_coef: float = 0.0  # 0: no pretraining rows
-    pad_token_id: int = 0
-    packing_samples: bool = False  # each micro-batch's rows packed into one (no padding computed)
-    # --vllm_is_correction's cap, for weights computed in the training forward (batches with
-    # rollout_log_probs and no precomputed rollout_is_weights)
-    vllm_is_cap: float | None = None
-
 
 LossKind = Literal["policy", "value"]
 
 
-def policy_loss_fn(settings: TrainSettings, *, scale: float, tp_group, ptx_scale: float = 0.0):
-    """PPO surrogate (+ KL loss) on the rollout rows; with ``settings.ptx_coef`` and a
-    ``loss_mask`` in the batch, plus ``ptx_coef`` x the NLL of the pretraining rows."""
+@dataclass(frozen=True, kw_only=True)
+class LossGroups:
+    """The process groups a loss may reduce over."""
+
+    tp_group: Any = None  # the vocab-parallel entropy
+    cp_group: Any = None  # a sequence split over context-parallel ranks
+    dp_group: Any = None
+
+
+def policy_loss_fn(settings: TrainSettings, *, aggregation: Aggregation, groups: LossGroups, ptx_scale: float = 0.0):
+    """The ``--policy_loss_type`` loss (+ KL loss) on the rollout rows, aggregated by
+    ``--loss_agg_mode``; with ``settings.ptx_coef`` and a ``loss_mask`` in the batch, plus
+    ``ptx_coef`` x the NLL of the pretraining rows."""
     temperature = settings.temperature
     kl_coef = settings.kl_loss_coef
     ptx_coef = settings.ptx_coef
+    policy = policy_loss_class(settings.policy_loss_type)(settings)
+    scale = aggregation.scale
 
     def loss_fn(logits: torch.Tensor, batch: dict):
         mask = batch["action_mask"]
+        weights = aggregation.token_weights(mask, batch)
         log_probs = token_log_probs(logits, batch["labels"], temperature=temperature)
         # No old log-probs: the rollout feeds one optimizer step, so the policy that sampled it is
         # this one and the ratio is 1 by construction (its gradient is the log-prob's).
         old_log_probs = batch.get("old_log_probs")
         old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
-        weights, engine_metrics = _engine_mismatch(old_log_probs, batch, settings.vllm_is_cap)
-        loss_sum, info = policy_loss(
-            log_probs, old_log_probs, batch["advantages"], mask,
-            eps_clip=settings.eps_clip, eps_clip_high=settings.eps_clip_high,
-            dual_clip=settings.dual_clip, normaliser=1.0, importance_weights=weights,
-        )
-        metrics = {"policy_loss_sum": loss_sum.detach(), "num_tokens": mask.sum().detach(),
-                   "clip_frac": info["clip_frac"].detach(), "approx_kl": info["approx_kl"].detach(), **engine_metrics}
+        importance, engine_metrics = _engine_mismatch(old_log_probs, batch, settings.vllm_is_cap)
+        inputs = _policy_inputs(policy, batch, log_probs=log_probs, old_log_probs=old_log_probs, weights=weights,
+                                aggregation=aggregation, groups=groups, importance_weights=importance)
+        loss_sum, policy_metrics = policy(inputs)
+        metrics = {**aggregation.metric("policy_loss", loss_sum), "num_tokens": mask.sum().detach(),
+                   **policy_metrics, **engine_metrics}
         total = loss_sum
         if kl_coef > 0:
-            kl_sum = kl_loss(log_probs, batch["ref_log_probs"], mask, settings.kl_estimator, normaliser=1.0)
+            kl_sum = kl_loss(log_probs, batch["ref_log_probs"], weights, settings.kl_estimator, normaliser=1.0)
             total = total + kl_coef * kl_sum
-            metrics["kl_loss_sum"] = kl_sum.detach()
-        entropy = token_entropy(logits, tp_group, temperature=temperature)
+            metrics.update(aggregation.metric("kl_loss", kl_sum))
+        entropy = token_entropy(logits, groups.tp_group, temperature=temperature)
         metrics["entropy_sum"] = (entropy * mask).sum()
         loss = total * scale
         if ptx_coef > 0 and "loss_mask" in batch:
@@ -84,13 +74,42 @@ def policy_loss_fn(settings: TrainSettings, *, scale: float, tp_group, ptx_scale
     return loss_fn
 
 
+def _policy_inputs(policy: PolicyLoss, batch: dict, *, log_probs, old_log_probs, weights, aggregation, groups,
+                   importance_weights) -> PolicyLossInputs:
+    """What ``policy`` declared it needs, and nothing else."""
+    needs = policy.needs
+    tensors = {}
+    for key in ("ref_log_probs", "rollout_log_probs", "values"):
+        if key in needs:
+            if batch.get(key) is None:
+                raise ValueError(f"--policy_loss_type {policy.name} needs {key}, which this run does not compute "
+                                 f"({_WHY_MISSING[key]})")
+            tensors[key] = batch[key]
+    sequences = None
+    if "sequence_index" in needs:
+        sequences = {"sequence_index": batch["sequence_index"], "num_sequences": batch["num_sequences"]}
+    return PolicyLossInputs(
+        log_probs=log_probs, advantages=batch["advantages"], mask=batch["action_mask"], weights=weights,
+        aggregation=aggregation, importance_weights=importance_weights,
+        old_log_probs=old_log_probs if "old_log_probs" in needs else None,
+        cp_group=groups.cp_group if "cp_group" in needs else None,
+        dp_group=groups.dp_group if "dp_group" in needs else None,
+        sequences=sequences, **tensors,
+    )
+
+
+_WHY_MISSING = {"ref_log_probs": "a reference model: --init_kl_coef > 0",
+                "values": "a critic: --advantage_estimator gae",
+                "rollout_log_probs": "the engines' log-probs"}
+
+
 def _engine_mismatch(old_log_probs: torch.Tensor, batch: dict, cap: float | None):
     """The importance weights of the policy loss and, when the batch carries the engines' log-probs
     (the old-log-prob forward was skipped), the train-vs-engine metrics from this forward's own:
     ``logprob_abs_diff`` and, with ``cap``, the truncated weights min(exp(logp - logp_vLLM), cap)."""
     weights = batch.get("rollout_is_weights")
     rollout = batch.get("rollout_log_probs")
-    if rollout is None:
+    if rollout is None or "old_log_probs" in batch:  # scoring measured the mismatch (and made the weights)
         return weights, {}
     mask = batch["action_mask"]
     metrics = {"logprob_abs_diff_sum": ((old_log_probs - rollout).abs() * mask).sum()}
@@ -118,9 +137,15 @@ def value_loss_fn(settings: TrainSettings, *, scale: float):
     return loss_fn
 
 
-def make_loss_fn(kind: LossKind, settings: TrainSettings, *, scale: float, tp_group, ptx_scale: float = 0.0):
+def make_loss_fn(kind: LossKind, settings: TrainSettings, *, aggregation: Aggregation, groups: LossGroups,
+                 ptx_scale: float = 0.0):
+    """The actor's loss (``policy``: ``--policy_loss_type`` aggregated by ``aggregation``) or the
+    critic's (``value``: the token mean, ``aggregation.scale`` of a token-mean aggregation)."""
     if kind == "policy":
-        return policy_loss_fn(settings, scale=scale, tp_group=tp_group, ptx_scale=ptx_scale)
+        return policy_loss_fn(settings, aggregation=aggregation, groups=groups, ptx_scale=ptx_scale)
     if kind == "value":
-        return value_loss_fn(settings, scale=scale)
+        return value_loss_fn(settings, scale=aggregation.scale)
     raise ValueError(f"unknown loss {kind!r}")
+
+
+__all__ = ["LossGroups", "LossKind", "TrainSettings", "make_loss_fn", "policy_loss_fn", "value_loss_fn"]

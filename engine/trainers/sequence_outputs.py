@@ -9,27 +9,12 @@ ranks' gradients.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from engine.runtime.per_sequence import context_parallel_share, sequence_sums
 from engine.runtime.vocab_parallel import token_log_probs
-from parallel.context_parallel import all_reduce_sum, zigzag_gather
+from parallel.context_parallel import zigzag_gather
 
-
-def context_parallel_share(cp_group) -> float:
-    """The part of a sequence-level loss each CP rank contributes: ``1 / cp_size``."""
-    return 1.0 / dist.get_world_size(group=cp_group)
-
-
-def _per_sequence(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
-    """``[..., s]`` per-token values summed per sequence: per row of a padded batch; of a packed
-    one, per ``sequence_index`` (``engine.data.packing.preference_packed_collate``)."""
-    if "sequence_index" not in batch:
-        return per_token.sum(-1)
-    index = batch["sequence_index"].to(per_token.device)
-    count = int(batch["num_sequences"])
-    sums = per_token.new_zeros((*per_token.shape[:-2], count + 1))  # the last bucket: padding
-    return sums.scatter_add(-1, index.reshape(-1).expand(*per_token.shape[:-2], -1),
-                            per_token.reshape(*per_token.shape[:-2], -1))[..., :count]
+__all__ = ["context_parallel_share", "last_token_values", "sequence_log_probs"]
 
 
 def sequence_log_probs(logits: torch.Tensor, batch: dict, *, cp_group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +25,7 @@ def sequence_log_probs(logits: torch.Tensor, batch: dict, *, cp_group) -> tuple[
     """
     mask = batch["loss_mask"].float()
     per_token = torch.stack([token_log_probs(logits, batch["labels"]) * mask, mask])
-    total = all_reduce_sum(_per_sequence(per_token, batch), group=cp_group)
+    total = sequence_sums(per_token, batch, cp_group=cp_group)
     return total[0], total[1].detach()
 
 
@@ -48,6 +33,6 @@ def last_token_values(values: torch.Tensor, batch: dict, *, cp_group) -> torch.T
     """Value-head output ``[rows, s_local, 1]`` read at each sequence's last token (its eos)."""
     if "last_token" in batch:  # packed: each sequence's last token is marked
         marked = values[..., 0].float() * batch["last_token"].to(values.device)
-        return all_reduce_sum(_per_sequence(marked, batch), group=cp_group)
+        return sequence_sums(marked, batch, cp_group=cp_group)
     full = zigzag_gather(values[..., 0].float(), dim=1, cp_group=cp_group)
     return full.gather(1, batch["last_index"].to(full.device).unsqueeze(1)).squeeze(1)

@@ -1,0 +1,33 @@
+"""What the driver sends the actor / critic ranks to train on one rollout."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.rl.kl import KLEstimator
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """What the driver sends the actor / critic ranks to train on one rollout."""
+
+    train_batch_size: int  # samples per optimizer step
+    micro_train_batch_size: int
+    max_epochs: int  # passes over the rollout
+    seed: int  # shuffles the rollout's rows each epoch
+    eps_clip: float = 0.2  # low clip (and high, unless eps_clip_high)
+    eps_clip_high: float | None = None
+    dual_clip: float | None = None
+    value_clip: float | None = None
+    temperature: float = 1.0  # the sampling temperature, applied to the trainer's logits too
+    kl_loss_coef: float = 0.0  # 0: no KL loss term
+    kl_estimator: KLEstimator = "k1"
+    ptx_coef: float = 0.0  # 0: no pretraining rows
+    pad_token_id: int = 0
+    packing_samples: bool = False  # each micro-batch's rows packed into one (no padding computed)
+    # --vllm_is_correction's cap, for weights computed in the training forward (batches with
+    # rollout_log_probs and no precomputed rollout_is_weights)
+    vllm_is_cap: float | None = None
+    policy_loss_type: str = "ppo"  # --policy_loss_type: a name of engine.rl.policy_losses.registry
+    loss_agg_mode: str = "token-mean"  # --loss_agg_mode (engine.rl.policy_losses.aggregation)
+    # seq-mean-token-sum-norm's constant per-sequence divisor (Dr. GRPO): --generate_max_len
+    max_response_len: int = 1

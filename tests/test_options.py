@@ -19,6 +19,7 @@ from typing import Literal, get_args, get_origin
 import pytest
 
 from engine.cli.options import OptionError, build_job, build_parser, foreign_flags, job_flags, parse_job, unwrap_optional
+from engine.ray.rollout_backends import register_rollout_backend
 from engine.rl.policy_losses.registry import PolicyLoss, register_policy_loss
 from parallel.options import option_info
 
@@ -36,9 +37,11 @@ REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore", "model_pa
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps": "4",
            "input_template": "Q: {}", "ema_beta": "0.5", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
-           "train_batch_size": "4", "policy_loss_type": "options_test_loss"}
+           "train_batch_size": "4", "policy_loss_type": "options_test_loss", "rollout_backend": "options_test_backend"}
 # --policy_loss_type's other valid value: a loss registered here (only "ppo" is shipped)
 register_policy_loss("options_test_loss")(type("OptionsTestLoss", (PolicyLoss,), {}))
+# --rollout_backend's: a backend registered by name only (never started by these tests)
+register_rollout_backend("options_test_backend", "tests.hf_rollout_backend:BACKEND")
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
          "load_checkpoint": ["--ckpt_path", "c"], "ema_beta": ["--enable_ema"],
          "sequence_parallel": ["--tensor_model_parallel_size", "2"], "load_in_4bit": ["--lora_rank", "4"],

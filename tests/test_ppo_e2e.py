@@ -136,7 +136,7 @@ def test_grpo_runs_on_another_rollout_backend(rl_setup, ray_cluster):
     assert len(history) == 2
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
     assert history[1]["actor/policy_loss"] == history[1]["actor/policy_loss"]  # trained on its samples
-    with pytest.raises(ValueError, match="--rollout_backend 'sglang' is not known; known: vllm"):
+    with pytest.raises(ValueError, match="--rollout_backend 'sglang' is not known; known: .*vllm"):
         train_ppo_ray.parse_args(_ppo_args(rl_setup, "--rollout_backend", "sglang"))
 
 

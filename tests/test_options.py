@@ -37,7 +37,8 @@ SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps":
            "input_template": "Q: {}", "ema_beta": "0.5", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
            "train_batch_size": "4"}
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
-         "load_checkpoint": ["--ckpt_path", "c"], "ema_beta": ["--enable_ema"],
+         "load_checkpoint": ["--ckpt_path", "c"], "require_checkpoint": ["--load_checkpoint", "--ckpt_path", "c"],
+         "ema_beta": ["--enable_ema"],
          "sequence_parallel": ["--tensor_model_parallel_size", "2"], "load_in_4bit": ["--lora_rank", "4"],
          "recompute_num_layers": ["--recompute_granularity", "full"],
          "recompute_modules": ["--recompute_granularity", "selective"]}

@@ -208,3 +208,29 @@ def test_resume_at_leaves_a_complete_record_alone(tmp_path):
     before = record.metrics_path.stat().st_mtime_ns
     time.sleep(0.01)
     assert record.resume_at(1) == 0 and record.metrics_path.stat().st_mtime_ns == before
+
+
+# ----- the RL driver locks its paths before anything starts ------------------------------------
+def test_rl_driver_is_refused_a_held_ckpt_path_before_any_role_starts(tiny_models, tmp_path):
+    from engine.cli import train_ppo_ray
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "label": "2"}\n' * 4)
+    ckpt = tmp_path / "ckpt"
+    holder = _start_holder(ckpt)
+    args = ["--pretrain", tiny_models["llama"], "--prompt_data", str(prompts), "--input_key", "prompt",
+            "--label_key", "label", "--remote_rm_url", "engine/tasks/arithmetic.py", "--n_samples_per_prompt", "2",
+            "--rollout_batch_size", "2", "--train_batch_size", "4", "--micro_train_batch_size", "2",
+            "--run_dir", str(tmp_path / "run"), "--ckpt_path", str(ckpt), "--save_steps", "1",
+            "--save_path", str(tmp_path / "out")]
+    try:
+        with pytest.raises(PathLockError, match=rf"--ckpt_path {ckpt.resolve()} is in use .*PID {holder.pid}"):
+            train_ppo_ray.main(args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()  # nothing written
+    assert not lock_file_of(tmp_path / "out").exists()  # --save_path was not left locked
+    assert train_ppo_ray.job_paths(train_ppo_ray.parse_args([*args, "--save_value_network"])) == {
+        "--ckpt_path": str(ckpt), "--save_path": str(tmp_path / "out"),
+        "--save_value_network": f"{tmp_path / 'out'}_critic"}

@@ -18,6 +18,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.durable_io import fsync_directory, fsync_tree
+from models.staging import remove_stale_staging, staging_path
+from parallel.process_identity import ProcessIdentity
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # {hf_name: shape} of the HF checkpoint a Megatron checkpoint came from, kept in its hf/ directory:
@@ -36,23 +40,31 @@ class CheckpointError(RuntimeError):
 
 
 @contextmanager
-def staged_directory(directory: str | os.PathLike) -> Iterator[Path]:
-    """Collective: every rank writes into ``<directory>.partial`` inside the block; when all are
-    done, rank 0 moves it into place (replacing an older ``directory``). A crash or an error
-    leaves the staging directory, never a half-written ``directory``."""
+def staged_directory(directory: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Collective: every rank writes into a staging directory inside the block, named for this
+    job (``models.staging``: two jobs never share one); when all are done, rank 0 moves it into
+    place (replacing an older ``directory``). A crash or an error leaves the staging directory,
+    never a half-written ``directory``. ``durable``: every file and directory is fsynced before
+    the rename and the parent after it, so a power loss cannot publish files without their data."""
     directory = Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
     rank = dist.get_rank()
+    identity = [ProcessIdentity.current() if rank == 0 else None]
+    dist.broadcast_object_list(identity, src=0)  # rank 0 names the staging directory for every rank
+    staging = staging_path(directory, identity[0])
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_stale_staging(directory, identity[0])
         staging.mkdir(parents=True)
     dist.barrier()
     yield staging
     dist.barrier()
     if rank == 0:
+        if durable:
+            fsync_tree(staging)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
+        if durable:
+            fsync_directory(directory.parent)
     dist.barrier()
 
 

@@ -8,10 +8,12 @@ A checkpoint directory holds:
   exported without the original directory), and ``tensor_shapes.json``, the names and shapes of
   that HF checkpoint's tensors (vLLM engines started from ``hf/`` check weight syncs against it);
 - ``meta.json``: format version, architecture and the padded vocabulary size;
-- ``manifest.json``, written last: every file with its size. A directory without a manifest or
-  whose files disagree with it (a crash or a truncated copy) is not a checkpoint.
+- ``manifest.json``, written last: every file with its size and CRC-32 (``models.manifest``). A
+  directory without a manifest or whose files disagree with it (a crash, a truncated copy, a
+  corrupt byte) is not a checkpoint.
 
-Directories are written under ``<name>.partial`` and renamed into place when complete.
+Directories are written under a staging name unique to the job, fsynced, and renamed into place
+when complete (``models.hf_checkpoint.staged_directory``).
 """
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ from models.hf_checkpoint import (
     hf_tensor_shapes,
     staged_directory,
 )
+from models.manifest import verify_checkpoint_files, write_manifest
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 META = "meta.json"
 HF_DIR = "hf"
 COMMON_STATE = "common_state.pt"
@@ -50,34 +52,12 @@ def _save_strategy():
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
 
 
-def write_manifest(directory: Path) -> None:
-    files = {
-        str(p.relative_to(directory)): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
-def verify_checkpoint(directory: str | os.PathLike) -> dict:
-    """Raise CheckpointError naming the problem unless ``directory`` is a complete checkpoint."""
-    directory = Path(directory)
-    manifest = directory / MANIFEST
-    if not manifest.exists():
-        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MANIFEST})")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"{manifest} is unreadable: {exc}") from exc
-    for name, size in files.items():
-        path = directory / name
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {directory} is missing {name}")
-        if path.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {directory}: {name} has {path.stat().st_size} bytes, expected {size} (truncated?)"
-            )
-    return json.loads((directory / META).read_text())
+def verify_checkpoint(directory: str | os.PathLike, *, checksums: bool = True, group=None) -> dict:
+    """Raise CheckpointError naming the problem unless ``directory`` is a complete checkpoint; its
+    meta.json. ``checksums``: also compare every file's CRC-32 (reads the whole checkpoint; with a
+    ``group``, collective: the ranks share the reading and agree on the verdict)."""
+    verify_checkpoint_files(directory, checksums=checksums, group=group)
+    return json.loads((Path(directory) / META).read_text())
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
@@ -94,14 +74,16 @@ def save_sharded(
     extra_meta: dict | None = None,
     common_state: dict | None = None,
     rank_state: dict | None = None,
+    durable: bool = True,
 ) -> None:
     """Collectively save a sharded state dict as a complete, atomically placed checkpoint.
 
     ``common_state`` (rank 0's, e.g. scheduler and data position) goes to ``common_state.pt``;
-    ``rank_state`` (e.g. RNG states) to ``rank_state/<rank>.pt`` for every rank.
+    ``rank_state`` (e.g. RNG states) to ``rank_state/<rank>.pt`` for every rank. ``durable``
+    (off only to measure its cost): files fsynced and checksummed before the rename.
     """
     rank = dist.get_rank()
-    with staged_directory(directory) as staging:
+    with staged_directory(directory, durable=durable) as staging:
         dist_checkpointing.save(sharded_state_dict, str(staging), sharded_strategy=_save_strategy())
         if rank_state is not None:
             (staging / RANK_STATE_DIR).mkdir(exist_ok=True)
@@ -110,6 +92,8 @@ def save_sharded(
         if rank == 0:
             _write_side_files(staging, adapter, hf_source_dir=hf_source_dir, padded_vocab_size=padded_vocab_size,
                               extra_meta=extra_meta, common_state=common_state)
+        dist.barrier()
+        write_manifest(staging, checksums=durable, group=dist.group.WORLD)
 
 
 def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_size: int, extra_meta: dict | None,
@@ -132,7 +116,6 @@ def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_siz
     (staging / META).write_text(json.dumps(meta, indent=1))
     if common_state is not None:
         torch.save(common_state, staging / COMMON_STATE)
-    write_manifest(staging)
 
 
 EXTRA_STATE_SUFFIX = "_extra_state"
@@ -142,8 +125,10 @@ def load_sharded(sharded_state_dict: dict, directory: str | os.PathLike) -> dict
     """Verify and load a checkpoint into the given sharded state dict layout (any TP/PP/EP, either
     layer spec). Requested entries the checkpoint lacks are an error naming them, except module
     extra states: Transformer Engine's norms carry one (fp8 metadata) that the local spec's norms
-    do not write, so a TE model keeps its own when it loads a checkpoint of the local spec."""
-    verify_checkpoint(directory)
+    do not write, so a TE model keeps its own when it loads a checkpoint of the local spec.
+    Sizes are checked here; contents (checksums) where the checkpoint is chosen (a resume's
+    ``latest_valid_checkpoint``, a converter's check), not again by every rank."""
+    verify_checkpoint(directory, checksums=False)
     extra_states = dict(_extra_state_entries(sharded_state_dict))
     state, _, absent = dist_checkpointing.load(sharded_state_dict, str(directory),
                                                strict=StrictHandling.RETURN_UNEXPECTED)

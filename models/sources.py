@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 from models.hf_checkpoint import CheckpointError
-from models.mcore_checkpoint import HF_DIR, MANIFEST, META, verify_checkpoint
+from models.manifest import MANIFEST
+from models.mcore_checkpoint import HF_DIR, META, verify_checkpoint
 
 HF, MEGATRON = "hf", "megatron"
 
@@ -73,7 +74,9 @@ class ModelSource:
                              "checkpoint)")
         if (directory / MANIFEST).exists() or (directory / META).exists() or any(directory.glob("*.distcp")):
             try:
-                meta = verify_checkpoint(directory)
+                # Sizes only: a source is opened by the launcher and by every rank, and checksums read
+                # the whole checkpoint (a resume and the converters compare them).
+                meta = verify_checkpoint(directory, checksums=False)
             except CheckpointError as exc:
                 raise CheckpointError(f"{flag} {path}: {exc}") from exc
             if meta.get("trained_only"):

@@ -172,7 +172,7 @@ def test_load_errors_name_the_path(tmp_path):
     with pytest.raises(DataError, match=r"notes\.txt: unsupported file type '\.txt'"):
         load_dataset_source(str(tmp_path / "notes.txt"))
     (tmp_path / "broken.jsonl").write_text('{"input": "a"}\n{"input": oops}\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl: cannot read it as json.*row 1"):
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 2 is not valid JSON.*--skip_bad_rows"):
         load_dataset_source(str(tmp_path / "broken.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"empty\.jsonl: the file is empty"):
@@ -359,6 +359,24 @@ def test_skip_bad_rows_counts_and_warns(tmp_path, tok):
     with pytest.warns(DataWarning, match=r"skipped 2 of 5 rows.*bad\.jsonl, row 1, key 'output'"):
         dataset = SFTDataset.from_config(config(path, skip_bad_rows=True), tok)
     assert len(dataset) == 3 and dataset.num_skipped == 2
+
+
+def test_skip_bad_rows_skips_lines_that_are_not_json(tmp_path, tok):
+    lines = [json.dumps(ROWS[0]), '{"input": "q", "output": oops}', json.dumps(ROWS[1]), "not json at all",
+             json.dumps({"input": "q"}), json.dumps(ROWS[2])]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    path = str(tmp_path / "mixed.jsonl")
+    with pytest.raises(DataError, match=r"mixed\.jsonl: line 2 is not valid JSON.*2 such lines"):
+        SFTDataset.from_config(config(path), tok)
+    with pytest.warns(DataWarning) as caught:
+        dataset = SFTDataset.from_config(config(path, skip_bad_rows=True), tok)
+    messages = [str(w.message) for w in caught]
+    assert any("skipped 2 of 6 lines that are not valid JSON" in m and "line 2" in m for m in messages), messages
+    # The malformed row (no output) is named by its line in the file, and counted with the two lines.
+    assert any("skipped 3 of 6 rows" in m and "mixed.jsonl, row 4, key 'output'" in m for m in messages), messages
+    assert dataset.num_skipped == 3
+    assert [s["input_ids"] for s in dataset] == [s["input_ids"] for s in SFTDataset.from_config(
+        config(write(tmp_path / "good.jsonl", ROWS[:3])), tok)]
 
 
 def test_from_config_with_a_saved_tokenizer(tmp_path, tok):

@@ -174,6 +174,7 @@ def test_gae_with_lora_actor_and_critic_under_pp2(rl_setup, ray_cluster):
 
 
 def test_resume_continues_from_the_saved_rollout(rl_setup, ray_cluster):
+    import json
     import shutil
 
     from engine.cli import train_ppo_ray
@@ -187,14 +188,23 @@ def test_resume_continues_from_the_saved_rollout(rl_setup, ray_cluster):
     shutil.copytree(rl_setup["root"] / "ckpt_tp2", ckpt)
     for step in range(6, 17, 2):
         shutil.rmtree(ckpt / "actor" / f"global_step{step}")
+    # Its run directory logged rollout 5 and half a line of rollout 6 before the kill.
+    run_dir = rl_setup["root"] / "run_resume"
+    run_dir.mkdir()
+    logged = (rl_setup["root"] / "run_tp2" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "metrics.jsonl").write_text("".join(logged[:5]) + logged[5][:20])
     # Four more rollouts are enough to show the same trajectory (constant LR: the shorter run's
     # schedule is the same).
     history = train_ppo_ray.main(_ppo_args(
         rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "8",
         "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
-        "--ckpt_path", str(ckpt), "--load_checkpoint",
+        "--ckpt_path", str(ckpt), "--load_checkpoint", "--run_dir", str(run_dir),
     ))
     assert [h["step"] for h in history] == list(range(5, 9))
+    # The resumed run's record holds every rollout once: 1-4 from before, 5-8 of this run.
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in record] == list(range(1, 9))
+    assert [line["reward"] for line in record[4:]] == [h["reward"] for h in history]
     assert [h["reward"] for h in history] == [h["reward"] for h in reference[4:8]]
     assert [h["actor/policy_loss"] for h in history] == [h["actor/policy_loss"] for h in reference[4:8]]
 

@@ -2,11 +2,12 @@
 the launch on local ranks or under torchrun, and the tokenizer / split loading."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from engine.cli.openrlhf_compat import NO_SAVE_PATH
-from engine.cli.options import group, naming_flags, parse_job, print_notices
+from engine.cli.options import OptionError, group, naming_flags, parse_job, print_notices
 from engine.data.config import DataConfig
 from engine.trainers.base import OfflineTrainerConfig
 from parallel.options import option
@@ -102,11 +103,32 @@ def check_model(job: OfflineJob) -> None:
                                        num_query_groups=adapter.attention.num_kv_heads, num_experts=adapter.num_experts)
 
 
+def job_paths(job: OfflineJob) -> dict[str, str | None]:
+    """The output paths this job writes, by flag: each is locked for the job's life."""
+    return {"--ckpt_path": job.trainer.checkpoint.used_path, "--save_path": job.trainer.loop.save_path}
+
+
+def holds_job_locks() -> bool:
+    """One process per job locks its paths: this launcher, or rank 0 under torchrun (every rank runs
+    the launch there)."""
+    from parallel.launch import launched_by_torchrun
+
+    return not launched_by_torchrun() or os.environ.get("RANK") == "0"
+
+
 def launch(train: Callable, job: OfflineJob) -> None:
-    """Run ``train(job)`` on every rank: torchrun's world, or ``--nproc_per_node`` ranks spawned here."""
+    """Run ``train(job)`` on every rank: torchrun's world, or ``--nproc_per_node`` ranks spawned here.
+    The job's output paths are locked first (``engine.runtime.path_lock``): before any rank writes."""
+    from engine.runtime.checkpoint import check_resumable
+    from engine.runtime.path_lock import holding_paths
     from parallel.launch import check_launch, run_on_ranks
 
     grid = job.trainer.engine.parallel
     check_launch(grid, job.launch.nproc_per_node)  # the world first: it is what the launcher got wrong
     check_model(job)
-    run_on_ranks(train, job, grid=grid, nproc_per_node=job.launch.nproc_per_node)
+    try:
+        check_resumable(job.trainer.checkpoint)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    with holding_paths(job_paths(job) if holds_job_locks() else {}):
+        run_on_ranks(train, job, grid=grid, nproc_per_node=job.launch.nproc_per_node)

@@ -417,13 +417,27 @@ def _start_engines(backend, engine_config, dealer, *, sleep: bool):
     return pool
 
 
+def job_paths(job: PPOJob) -> dict[str, str | None]:
+    """The output paths this run writes, by flag: the driver locks each for the run's life."""
+    save = job.models.save_path
+    return {"--ckpt_path": job.checkpoint.used_path, "--save_path": save,
+            "--save_value_network": f"{save}_critic" if save and job.models.save_value_network else None}
+
+
 def main(argv=None) -> list[dict]:
     from engine.ray.cluster import check_address
+    from engine.runtime.checkpoint import check_resumable
+    from engine.runtime.path_lock import holding_paths
 
     job = parse_args(argv)
     check_job(job)  # flag errors before anything starts
+    try:
+        check_resumable(job.checkpoint, subdirectory="actor")
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     check_address(os.environ.get("RAY_ADDRESS"))
-    return build_and_fit(job)
+    with holding_paths(job_paths(job)):  # before anything is written
+        return build_and_fit(job)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ class RowDataset(Sequence):
     def _build(self, rows, *, skip_bad_rows: bool) -> None:
         rows = as_rows(rows)
         self._samples: list[dict] = []
-        self.num_skipped = 0
+        # Lines that were not valid JSON were skipped while loading (--skip_bad_rows): counted here too.
+        self.num_skipped = rows.num_unparsable
         self.num_too_long = 0
         first_error = None
         for index in range(len(rows)):
@@ -50,14 +51,14 @@ class RowDataset(Sequence):
                 self.num_too_long += 1
             else:
                 self._samples.append(self._compact(sample))
-        self._warn_dropped(len(rows), first_error)
+        self._warn_dropped(len(rows) + rows.num_unparsable, first_error)
 
     def _warn_dropped(self, num_rows: int, first_error: DataError | None) -> None:
         name = type(self).__name__
         if self.num_skipped:
             warnings.warn(
                 f"{name}: skipped {self.num_skipped} of {num_rows} rows as malformed (--skip_bad_rows); "
-                f"first: {first_error}", DataWarning, stacklevel=3,
+                f"first: {first_error or 'a line that is not valid JSON (named above)'}", DataWarning, stacklevel=3,
             )
         if self.num_too_long:
             warnings.warn(

@@ -39,7 +39,8 @@ class DataConfig:
     multiturn: bool = option(False, help="a conversation in --input_key trains on every assistant turn, not only "
                                          "the last (needs --apply_chat_template)")
     packing_samples: bool = option(False, help="several samples per sequence, attention kept inside each")
-    skip_bad_rows: bool = option(False, help="skip (and count) malformed rows instead of failing")
+    skip_bad_rows: bool = option(False, help="skip (and count) malformed rows, and lines that are not valid JSON, "
+                                             "instead of failing")
     seed: int = 42  # orders the mixing (the job's --seed)
     # The template used without --input_template, --apply_chat_template and --pretrain_mode (set by
     # the jobs that follow OpenRLHF's default, OPENRLHF_INPUT_TEMPLATE); read ``template``.

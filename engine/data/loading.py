@@ -13,13 +13,15 @@ Every file becomes its own part of the ``Rows``, so errors name the file and its
 """
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from engine.data.config import DataConfig
-from engine.data.errors import DataError
+from engine.data.errors import DataError, DataWarning
 from engine.data.rows import Rows
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -32,14 +34,17 @@ SUPPORTED = (
 SPLIT_NAMES = ("train", "training", "validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
 
 
-def load_dataset_source(spec: str, *, split: str = "train", max_samples: int | None = None) -> Rows:
-    """The rows of split ``split`` of one dataset spec, the first ``max_samples`` of them."""
+def load_dataset_source(spec: str, *, split: str = "train", max_samples: int | None = None,
+                        skip_bad_rows: bool = False) -> Rows:
+    """The rows of split ``split`` of one dataset spec, the first ``max_samples`` of them.
+    ``skip_bad_rows``: lines of a JSON-lines file that are not valid JSON are skipped and counted."""
     spec = spec.strip()
     kind, at, location = spec.partition("@")
     if at and kind.lower() in TYPE_NAMES:
-        rows = _load_directory(Path(location).expanduser(), split, builders={FILE_FORMATS["." + kind.lower()]})
+        rows = _load_directory(Path(location).expanduser(), split, builders={FILE_FORMATS["." + kind.lower()]},
+                               skip_bad_rows=skip_bad_rows)
     elif not at and Path(spec).expanduser().exists():
-        rows = _load_local(Path(spec).expanduser(), split)
+        rows = _load_local(Path(spec).expanduser(), split, skip_bad_rows=skip_bad_rows)
     elif not at and _looks_like_path(spec):
         raise DataError(f"no such file or directory; {SUPPORTED}", source=spec)
     else:
@@ -57,7 +62,8 @@ def blend_datasets(config: DataConfig, *, split: str | None = None) -> Rows:
     the mixture.
     """
     split = split or config.train_split
-    sources = [load_dataset_source(spec, split=split, max_samples=config.max_samples) for spec in config.dataset_specs]
+    sources = [load_dataset_source(spec, split=split, max_samples=config.max_samples, skip_bad_rows=config.skip_bad_rows)
+               for spec in config.dataset_specs]
     for spec, source in zip(config.dataset_specs, sources):
         if len(source) == 0:
             raise DataError(f"split {split!r} has no rows", source=spec)
@@ -84,7 +90,7 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or Path(spec).suffix.lower() in FILE_FORMATS
 
 
-def _load_local(path: Path, split: str) -> Rows:
+def _load_local(path: Path, split: str, *, skip_bad_rows: bool = False) -> Rows:
     if path.is_file():
         if split != "train":
             raise DataError(
@@ -92,13 +98,13 @@ def _load_local(path: Path, split: str) -> Rows:
                 f"files ({split}.jsonl, ...) in a directory and pass the directory or TYPE@DIR",
                 source=str(path),
             )
-        return _load_file(path)
+        return _load_file(path, skip_bad_rows=skip_bad_rows)
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return _load_saved(path, split)
-    return _load_directory(path, split, builders=set(FILE_FORMATS.values()))
+    return _load_directory(path, split, builders=set(FILE_FORMATS.values()), skip_bad_rows=skip_bad_rows)
 
 
-def _load_file(path: Path) -> Rows:
+def _load_file(path: Path, *, skip_bad_rows: bool = False) -> Rows:
     """One local file as one part of ``Rows``."""
     import datasets
 
@@ -110,18 +116,55 @@ def _load_file(path: Path) -> Rows:
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise DataError(f"cannot read it as {builder}: {_root_cause(error)}", source=str(path)) from error
+        failure = DataError(f"cannot read it as {builder}: {_root_cause(error)}", source=str(path))
+        if builder == "json":
+            return _load_json_lines(path, failure, skip_bad_rows=skip_bad_rows)
+        raise failure from error
     return Rows.from_table(str(path), table)
 
 
-def _load_directory(directory: Path, split: str, *, builders: set[str]) -> Rows:
+def _load_json_lines(path: Path, failure: DataError, *, skip_bad_rows: bool) -> Rows:
+    """A JSON-lines file the Arrow reader refused, read line by line: its lines that are not valid
+    JSON are named (the first) and, with ``--skip_bad_rows``, skipped and counted. A file that is
+    one JSON document, or whose lines all parse (the reader failed for another reason), keeps the
+    reader's error."""
+    text = path.read_text(errors="replace")
+    if not text.lstrip().startswith("{"):
+        raise failure
+    rows, bad = {}, []
+    for number, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            bad.append((number, error.msg))
+            continue
+        if not isinstance(row, dict):
+            bad.append((number, f"a JSON {type(row).__name__}, not an object"))
+            continue
+        rows[number] = row
+    if not bad:
+        raise failure
+    first = f"line {bad[0][0] + 1} is not valid JSON: {bad[0][1]}"
+    if not skip_bad_rows:
+        raise DataError(f"{first} ({len(bad)} such lines; --skip_bad_rows skips them)", source=str(path))
+    warnings.warn(f"{path}: skipped {len(bad)} of {len(bad) + len(rows)} lines that are not valid JSON "
+                  f"(--skip_bad_rows); first: {first}", DataWarning, stacklevel=2)
+    # Rows keep their line numbers (0-based), so a later error about a row names its line.
+    loaded = Rows([(str(path), rows)], np.zeros(len(rows), dtype=np.int64), np.fromiter(rows, dtype=np.int64))
+    loaded.num_unparsable = len(bad)
+    return loaded
+
+
+def _load_directory(directory: Path, split: str, *, builders: set[str], skip_bad_rows: bool = False) -> Rows:
     if not directory.is_dir():
         raise DataError(f"not a directory; {SUPPORTED}", source=str(directory))
     files = sorted(p for p in directory.rglob("*") if p.is_file() and FILE_FORMATS.get(p.suffix.lower()) in builders)
     if not files:
         kinds = ", ".join(ext for ext, builder in FILE_FORMATS.items() if builder in builders)
         raise DataError(f"the directory holds no data files ({kinds}); {SUPPORTED}", source=str(directory))
-    return Rows.concat([_load_file(path) for path in _files_of_split(files, directory, split)])
+    return Rows.concat([_load_file(path, skip_bad_rows=skip_bad_rows) for path in _files_of_split(files, directory, split)])
 
 
 def _files_of_split(files: list[Path], directory: Path, split: str) -> list[Path]:

@@ -24,6 +24,8 @@ class Rows(Sequence):
         self.parts = parts
         self.part_ids = np.asarray(part_ids, dtype=np.int64)
         self.row_ids = np.asarray(row_ids, dtype=np.int64)
+        # Lines of the sources that were not rows at all (not valid JSON, skipped by --skip_bad_rows).
+        self.num_unparsable = 0
 
     @classmethod
     def from_table(cls, name: str, table: Any) -> "Rows":
@@ -46,12 +48,16 @@ class Rows(Sequence):
             parts.extend(piece.parts)
         if not parts:
             return cls([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-        return cls(parts, np.concatenate(part_ids), np.concatenate(row_ids))
+        joined = cls(parts, np.concatenate(part_ids), np.concatenate(row_ids))
+        joined.num_unparsable = sum(piece.num_unparsable for piece in pieces)
+        return joined
 
     def take(self, indices) -> "Rows":
         """The rows at ``indices`` (repeats allowed), in that order."""
         indices = np.asarray(indices, dtype=np.int64)
-        return Rows(self.parts, self.part_ids[indices], self.row_ids[indices])
+        taken = Rows(self.parts, self.part_ids[indices], self.row_ids[indices])
+        taken.num_unparsable = self.num_unparsable
+        return taken
 
     def head(self, count: int | None) -> "Rows":
         """The first ``count`` rows (all when ``count`` is None)."""

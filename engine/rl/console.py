@@ -6,6 +6,7 @@ engines' and role workers' logs (``ray_logs``), which reach the console only wit
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,31 @@ class RunRecord:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}) + "\n")
 
+    def resume_at(self, step: int) -> int:
+        """A run resumed after rollout ``step``: drop the lines of later rollouts (the interrupted run
+        logged them; the resumed one logs them again). Rewritten aside and renamed, never half
+        written. Returns the number of lines dropped."""
+        if not self.metrics_path.exists():
+            return 0
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        # A line that does not parse is the torn last write of a killed run: dropped too.
+        kept = [line for line in lines if (logged := _step_of(line)) is not None and logged <= step]
+        if len(kept) < len(lines):
+            staging = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            staging.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
+            os.replace(staging, self.metrics_path)
+        return len(lines) - len(kept)
+
     def plot(self, history: list[dict]) -> None:
         """``reward.png`` and ``rollout.png`` of the run directory."""
         from engine.rl.plots import plot_rewards, plot_rollout_shape
 
         plot_rewards(history, self.run_dir / "reward.png")
         plot_rollout_shape(history, self.run_dir / "rollout.png")
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -543,11 +543,17 @@ class PPOTrainer:
             return 0
         state = self.actor.resume(self._role_checkpoint("actor"))
         if state is None:
+            from engine.runtime.checkpoint import no_checkpoint_message
+
+            print(f"--load_checkpoint: {no_checkpoint_message(self._role_checkpoint('actor').ckpt_path)}: "
+                  "starting from scratch", flush=True)
             return 0
         if self.critic is not None:
             self.critic.resume(self._role_checkpoint("critic"))
         self.kl_controller.value = state["kl_coef"]
         self.reward_moments.merge(*state["reward_moments"])
         self.rollouts.sync_weights()  # the engines still hold the initial weights
+        if self.record is not None:
+            self.record.resume_at(state["step"])  # the rollouts after the checkpoint run again
         print(f"resumed the RL run at rollout {state['step']}", flush=True)
         return state["step"]

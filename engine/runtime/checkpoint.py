@@ -2,8 +2,10 @@
 
 Saved in the sharded Megatron format of ``models.mcore_checkpoint`` under
 ``<ckpt_path>/global_step<N>``: complete directories only (written aside and renamed), the
-newest ``--max_ckpt_num`` kept. Resume takes the newest checkpoint that verifies; a truncated
-or half-written one is reported and skipped in favour of the previous.
+newest ``--max_ckpt_num`` kept. Resume takes the newest checkpoint that verifies (sizes and
+CRC-32 of every file against its manifest); a truncated, half-written or corrupt one is named and
+skipped in favour of the previous. ``--load_checkpoint`` with no usable checkpoint says so and
+starts fresh, or with ``--require_checkpoint`` is an error.
 """
 from __future__ import annotations
 
@@ -46,12 +48,21 @@ class CheckpointConfig:
     save_steps: int = option(-1, help="checkpoint every N steps and at the last one (-1: no checkpoints)")
     max_ckpt_num: int = option(3, help="checkpoints kept (oldest removed)")
     load_checkpoint: bool = option(False, help="resume from the newest valid checkpoint under --ckpt_path")
+    require_checkpoint: bool = option(False, help="with --load_checkpoint: fail when --ckpt_path holds no usable "
+                                                  "checkpoint (default: say so and start fresh)")
 
     def __post_init__(self) -> None:
         if self.max_ckpt_num < 1:
             raise ValueError(f"--max_ckpt_num must be >= 1, got {self.max_ckpt_num}")
         if (self.load_checkpoint or self.save_steps > 0) and not self.ckpt_path:
             raise ValueError("--load_checkpoint / --save_steps need --ckpt_path")
+        if self.require_checkpoint and not self.load_checkpoint:
+            raise ValueError("--require_checkpoint needs --load_checkpoint")
+
+    @property
+    def used_path(self) -> str | None:
+        """--ckpt_path when this job reads or writes it (the job then locks it), else None."""
+        return self.ckpt_path if self.load_checkpoint or self.save_steps > 0 else None
 
 
 def _rng_state() -> dict:
@@ -80,14 +91,56 @@ def step_directories(ckpt_path: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_valid_checkpoint(ckpt_path: str | Path) -> Path | None:
+def latest_valid_checkpoint(ckpt_path: str | Path, *, group=None) -> Path | None:
+    """The newest checkpoint under ``ckpt_path`` whose files match their manifest; each one
+    skipped is named. ``group``: collective, the ranks share the checksum reading and agree."""
     for _, directory in reversed(step_directories(ckpt_path)):
         try:
-            verify_checkpoint(directory)
+            verify_checkpoint(directory, group=group)
             return directory
         except CheckpointError as exc:
-            logger.warning("skipping unusable checkpoint %s: %s", directory, exc)
+            if group is None or dist.get_rank(group) == 0:
+                print(f"warning: skipping unusable checkpoint {directory}: {exc}", flush=True)
     return None
+
+
+def resume_directory(config: CheckpointConfig, *, group=None) -> Path | None:
+    """The checkpoint ``--load_checkpoint`` resumes from; None (said in one line) when there is none
+    usable, an error naming the path with ``--require_checkpoint``."""
+    if not config.load_checkpoint:
+        return None
+    directory = latest_valid_checkpoint(config.ckpt_path, group=group)
+    if directory is None:
+        message = no_checkpoint_message(config.ckpt_path)
+        if config.require_checkpoint:
+            raise CheckpointError(f"--require_checkpoint: {message}")
+        if group is None or dist.get_rank(group) == 0:
+            print(f"--load_checkpoint: {message}: starting from scratch", flush=True)
+    return directory
+
+
+def no_checkpoint_message(ckpt_path: str | Path) -> str:
+    found = step_directories(ckpt_path)
+    if not Path(ckpt_path).is_dir():
+        return f"--ckpt_path {ckpt_path} does not exist"
+    if not found:
+        return f"--ckpt_path {ckpt_path} holds no checkpoint (no global_step<N> directory)"
+    return f"--ckpt_path {ckpt_path} holds no usable checkpoint ({len(found)} found, none complete and intact)"
+
+
+def check_resumable(config: CheckpointConfig, *, subdirectory: str | None = None) -> None:
+    """Before any rank starts: with ``--require_checkpoint``, a ``--ckpt_path`` without a complete
+    checkpoint (by file sizes; the ranks then compare checksums) is a ValueError naming it."""
+    if not config.require_checkpoint:
+        return
+    root = Path(config.ckpt_path) / subdirectory if subdirectory else Path(config.ckpt_path)
+    for _, directory in reversed(step_directories(root)):
+        try:
+            verify_checkpoint(directory, checksums=False)
+            return
+        except CheckpointError:
+            continue
+    raise ValueError(f"--require_checkpoint: {no_checkpoint_message(root)}")
 
 
 def save_training_checkpoint(

@@ -27,8 +27,8 @@ from megatron.core import parallel_state as ps
 
 from engine.runtime.checkpoint import (
     CheckpointConfig,
-    latest_valid_checkpoint,
     load_training_checkpoint,
+    resume_directory,
     save_training_checkpoint,
 )
 from engine.runtime.ema import EMA_CHECKPOINT_KEY, EmaModel
@@ -269,7 +269,7 @@ class TrainingEngine:
 
     def resume(self, config: CheckpointConfig) -> dict | None:
         """Restore the newest valid checkpoint under ``--ckpt_path``; None if there is none."""
-        directory = latest_valid_checkpoint(config.ckpt_path) if config.load_checkpoint else None
+        directory = resume_directory(config, group=dist.group.WORLD)
         if directory is None:
             return None
         self.restore_training_state()

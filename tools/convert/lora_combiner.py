@@ -46,8 +46,11 @@ def combine(paths: CombinerPaths) -> None:
     import torch
     from transformers import AutoConfig
 
+    from models.durable_io import fsync_directory, fsync_tree
     from models.hf_checkpoint import HFShardWriter, copy_side_files, finalize_hf_directory
     from models.lora.merge import PeftAdapter, merged_checkpoint
+    from models.staging import remove_stale_staging, staging_path
+    from parallel.process_identity import ProcessIdentity
 
     adapter = PeftAdapter(paths.lora_path)
     config = AutoConfig.from_pretrained(paths.model_path)
@@ -56,8 +59,10 @@ def combine(paths: CombinerPaths) -> None:
         raise ValueError(f"--is_rm: {paths.lora_path} holds no value head (modules_to_save); was it trained by train_rm?")
     if heads and not paths.is_rm:
         raise ValueError(f"--lora_path {paths.lora_path} carries {', '.join(heads)} (a reward model's head): pass --is_rm")
-    staging = Path(paths.output_path).with_name(Path(paths.output_path).name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    # Staged under a name of this process's (two combiners on one output never share a staging).
+    me = ProcessIdentity.current()
+    remove_stale_staging(Path(paths.output_path), me)
+    staging = staging_path(Path(paths.output_path), me)
     staging.mkdir(parents=True)
     writer = HFShardWriter(staging, max_shard_bytes=paths.max_shard_size_mb << 20)
     drop = ("lm_head.weight",) if paths.is_rm else ()  # a reward model scores with its head instead
@@ -74,9 +79,11 @@ def combine(paths: CombinerPaths) -> None:
     if paths.bf16:
         config.dtype = "bfloat16"
     config.save_pretrained(staging)
+    fsync_tree(staging)
     if Path(paths.output_path).exists():
         shutil.rmtree(paths.output_path)
     os.replace(staging, paths.output_path)
+    fsync_directory(Path(paths.output_path).parent)
     print(f"merged {len(adapter.pairs)} adapted modules into {paths.output_path}")
 
 

@@ -1,6 +1,8 @@
 """SFT on the Megatron engine: layouts agree, packing is exact, resume is exact, a task is learnt."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.dist_harness import run_distributed
@@ -48,10 +50,13 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None
     )
     trainer = SFTTrainer(config, train_set, eval_set, pad_token_id=tokenizer.pad_token_id,
                          packing_samples=packing, max_len=32)
+    batches, next_batch = [], trainer.global_batch_indices
+    trainer.global_batch_indices = lambda: batches.append(next_batch()) or batches[-1]  # what each step trains
     history = trainer.fit()
     final_eval = trainer._evaluate(trainer.last_step)
     return {"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
-            "aux_loss": [h.get("aux_loss") for h in history], "eval_loss": final_eval.get("loss")}
+            "aux_loss": [h.get("aux_loss") for h in history], "eval_loss": final_eval.get("loss"),
+            "lr": [h["lr"] for h in history], "batches": batches}
 
 
 def _run(model_path, data_dir, layout, world_size, *, loop=None, checkpoint=None, packing=False, lr=1e-3,
@@ -150,3 +155,23 @@ def test_moe_run_resumes_under_another_layout(tiny_models, arithmetic_data, tmp_
                    checkpoint={**ckpt, "load_checkpoint": True}, build=build)
     _assert_same_curve(resumed["loss"], whole["loss"][3:])
     _assert_same_curve(resumed["aux_loss"], whole["aux_loss"][3:])
+
+
+def test_resume_with_doubled_batch_size_trains_every_sample_once(tiny_models, arithmetic_data, tmp_path):
+    """Checkpointed after 2 steps of 16, resumed with --train_batch_size 32: the epoch's 256 samples
+    are each trained exactly once, and the LR follows the plan of the samples trained (the schedule
+    re-planned for steps of 32): the resumed steps' LR is the whole run's after as many samples."""
+    ckpt = {"ckpt_path": str(tmp_path / "ckpt"), "save_steps": 2, "max_ckpt_num": 8}
+    whole = _run(tiny_models["llama"], arithmetic_data, {}, 2, checkpoint=ckpt,
+                 loop={"train_batch_size": 16, "micro_train_batch_size": 4, "max_epochs": 1})
+    assert len(whole["batches"]) == 16
+    for later in (tmp_path / "ckpt").iterdir():
+        if later.name != "global_step2":
+            shutil.rmtree(later)
+    resumed = _run(tiny_models["llama"], arithmetic_data, {}, 2, checkpoint={**ckpt, "load_checkpoint": True},
+                   loop={"train_batch_size": 32, "micro_train_batch_size": 4, "max_epochs": 1})
+    trained = [i for batch in whole["batches"][:2] + resumed["batches"] for i in batch]
+    assert [len(b) for b in resumed["batches"]] == [32] * 7
+    assert sorted(trained) == list(range(256))  # every sample once: none skipped, none repeated
+    # Resumed step k has trained 32 + 32 k samples, as the whole run after its step 2 + 2 k.
+    assert resumed["lr"] == pytest.approx(whole["lr"][3::2], rel=1e-9)

@@ -78,3 +78,30 @@ class SchedulePlan:
 
     def state_dict(self) -> dict:
         return asdict(self)
+
+
+def prompt_position(*, step: int, num_prompts: int, rollout_batch_size: int) -> dict:
+    """What an RL checkpoint stores of its prompts after rollout ``step``."""
+    return {"num_prompts": num_prompts, "rollout_batch_size": rollout_batch_size,
+            "consumed": step * rollout_batch_size}
+
+
+def check_prompt_position(saved: dict | None, *, num_prompts: int, rollout_batch_size: int) -> None:
+    """Refuse (ValueError with the reason) a resume whose rollouts would not continue at the next
+    unconsumed prompt: an RL run's rollout index orders its prompts, seeds its sampling, draws its
+    --pretrain_data samples and plans the actor's LR schedule, so another --rollout_batch_size or
+    another prompt set cannot continue it exactly. ``saved`` None: a checkpoint from before
+    positions were stored (it is trusted, as it was then)."""
+    if saved is None:
+        return
+    if saved["num_prompts"] != num_prompts:
+        raise ValueError(
+            f"the checkpoint's run had {saved['num_prompts']} prompts, this one has {num_prompts} (--prompt_data / "
+            "--prompt_data_probs / --max_samples changed?): its prompt position cannot be resumed exactly; resume "
+            "with the same prompts, or start without --load_checkpoint")
+    if saved["rollout_batch_size"] != rollout_batch_size:
+        raise ValueError(
+            f"--rollout_batch_size {rollout_batch_size} differs from the checkpoint's run "
+            f"({saved['rollout_batch_size']}, {saved['consumed']} prompts consumed): an RL run's rollout index orders "
+            "its prompts, seeds its sampling and plans the actor's LR schedule, so a resume cannot continue at the "
+            f"next unconsumed prompt exactly; resume with --rollout_batch_size {saved['rollout_batch_size']}")

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from engine.data.position import check_prompt_position, prompt_position
 from engine.rl.advantages import (
     AdvantageConfig,
     AdvantageInputs,
@@ -457,7 +458,9 @@ class PPOTrainer:
 
     def _state(self, step: int) -> dict:
         return {"step": step, "kl_coef": self.kl_controller.value,
-                "reward_moments": self.reward_moments.state()}
+                "reward_moments": self.reward_moments.state(),
+                "prompts": prompt_position(step=step, num_prompts=len(self.prompts),
+                                           rollout_batch_size=self.config.rollout_batch_size)}
 
     def _role_checkpoint(self, role: str):
         return replace(self.checkpoint, ckpt_path=f"{self.checkpoint.ckpt_path}/{role}")
@@ -480,6 +483,8 @@ class PPOTrainer:
         state = self.actor.resume(self._role_checkpoint("actor"))
         if state is None:
             return 0
+        check_prompt_position(state.get("prompts"), num_prompts=len(self.prompts),
+                              rollout_batch_size=self.config.rollout_batch_size)
         if self.critic is not None:
             self.critic.resume(self._role_checkpoint("critic"))
         self.kl_controller.value = state["kl_coef"]

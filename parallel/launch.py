@@ -5,7 +5,8 @@ Under torchrun (``RANK`` in the environment) the world is torchrun's and data pa
 what the model-parallel grid leaves of it, as in Megatron; a world the grid does not divide is
 refused before any process group forms. Otherwise ``--nproc_per_node`` processes are started
 (one included: the caller's process stays free of distributed state) with torchrun's
-environment variables, and the launch fails if any rank fails.
+environment variables, and the launch fails if any rank fails. Ranks die with their launcher
+(``parallel.lifetime``): none trains on headless after a kill -9 of torchrun or of the CLI.
 
 On CPU, ranks are forked from multiprocessing's forkserver with torch, megatron-core and
 transformers preloaded: importing them costs ~10 s of CPU per process, which dominated short jobs
@@ -23,12 +24,14 @@ import torch
 import torch.multiprocessing as mp
 
 from parallel.config import ParallelConfig
+from parallel.lifetime import die_with, die_with_parent
 from parallel.ports import free_port
 
-# "parallel" first: its import installs the filters of megatron-core's import-time warnings
-# (parallel/__init__.py) before megatron is imported in the forkserver.
-PRELOAD_MODULES = ("parallel", "torch", "megatron.core.models.gpt.gpt_model", "megatron.core.pipeline_parallel",
-                   "transformers")
+# parallel.forkserver_lifetime first: the server dies with its launcher from then on; and its
+# package's import (parallel/__init__.py) installs the filters of megatron-core's import-time
+# warnings before megatron is imported in the forkserver.
+PRELOAD_MODULES = ("parallel.forkserver_lifetime", "torch", "megatron.core.models.gpt.gpt_model",
+                   "megatron.core.pipeline_parallel", "transformers")
 
 
 def launched_by_torchrun() -> bool:
@@ -61,7 +64,9 @@ def adopt_environment(env: dict[str, str]) -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def _rank_main(rank: int, fn: Callable, world_size: int, port: int, env: dict, args: tuple) -> None:
+def _rank_main(rank: int, fn: Callable, world_size: int, port: int, launcher: int, env: dict, args: tuple) -> None:
+    # The launcher, not the parent: a forkserver's ranks are its children, and it lives as long as they do.
+    die_with(launcher)
     adopt_environment(env)
     os.environ.update(
         RANK=str(rank),
@@ -106,6 +111,7 @@ def run_on_ranks(fn: Callable[..., Any], *args, grid: ParallelConfig, nproc_per_
     """
     nprocs = check_launch(grid, nproc_per_node)
     if launched_by_torchrun():
+        die_with_parent()  # torchrun's agent: a rank never trains on after its launcher died
         fn(*args)
         return
     spawn_local_ranks(fn, nprocs, *args)
@@ -125,5 +131,5 @@ def spawn_local_ranks(fn: Callable[..., Any], world_size: int, *args) -> None:
     """``fn(*args)`` on ``world_size`` ranks spawned on this machine; fails if any rank fails."""
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     context = rank_process_context()  # a forkserver's preload is set on the context start_processes uses
-    mp.start_processes(_rank_main, args=(fn, world_size, free_port(), dict(os.environ), args), nprocs=world_size,
-                       start_method=context.get_start_method())
+    mp.start_processes(_rank_main, args=(fn, world_size, free_port(), os.getpid(), dict(os.environ), args),
+                       nprocs=world_size, start_method=context.get_start_method())

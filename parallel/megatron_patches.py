@@ -5,7 +5,11 @@ Each fix names the function and the reason; remove one when megatron-core fixes 
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import queue
+
+from parallel.lifetime import die_with_parent
 
 _applied = False
 
@@ -69,6 +73,30 @@ def _define_te_general_gemm_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _write_checkpoints_without_a_manager() -> None:
+    """megatron.core.dist_checkpointing.strategies.filesystem_async (0.16.1): ``_get_write_results_queue``.
+
+    At the first save it starts a ``multiprocessing.Manager`` (a spawned server process, ~550 MB)
+    only to carry the writer's results back. Nothing ties that server to the rank: after a kill -9
+    of the rank (or its launcher) it lives on, re-parented to PID 1, indefinitely. Our saves are
+    synchronous (``models.mcore_checkpoint.save_sharded``): the results are put and taken in the
+    rank's own process, so an in-process queue carries them and no Manager is started. (Megatron's
+    async save, which puts them from another process, is not used here.) The writer processes the
+    save forks per bucket are given a parent-death signal so that they also go with the rank."""
+    module = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    results: queue.Queue = queue.Queue()
+    module._get_write_results_queue = lambda: results
+    writer = module.FileSystemWriterAsync
+    write = writer.write_preloaded_data
+
+    @functools.wraps(write)  # megatron inspects its signature (use_msc)
+    def write_preloaded_data(*args, **kwargs):
+        die_with_parent()
+        return write(*args, **kwargs)
+
+    writer.write_preloaded_data = staticmethod(write_preloaded_data)
+
+
 def apply() -> None:
     """Idempotent; called by ``parallel.initialize.initialize_parallel``."""
     global _applied
@@ -76,4 +104,5 @@ def apply() -> None:
         _skip_step_in_reshardable_load()
         _unshare_adam_steps_after_load()
         _define_te_general_gemm_without_te()
+        _write_checkpoints_without_a_manager()
         _applied = True

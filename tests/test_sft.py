@@ -1,6 +1,8 @@
 """SFT on the Megatron engine: layouts agree, packing is exact, resume is exact, a task is learnt."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.dist_harness import run_distributed
@@ -48,19 +50,35 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None
     )
     trainer = SFTTrainer(config, train_set, eval_set, pad_token_id=tokenizer.pad_token_id,
                          packing_samples=packing, max_len=32)
+    trainer.train_dataset = _Recording(train_set)  # the sample indices this rank trains, in order
     history = trainer.fit()
     final_eval = trainer._evaluate(trainer.last_step)
     return {"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
-            "aux_loss": [h.get("aux_loss") for h in history], "eval_loss": final_eval.get("loss")}
+            "aux_loss": [h.get("aux_loss") for h in history], "eval_loss": final_eval.get("loss"),
+            "lr": [h["lr"] for h in history], "trained": trainer.train_dataset.taken}
+
+
+class _Recording:
+    """A training set that records which samples are read."""
+
+    def __init__(self, samples):
+        self.samples, self.taken = samples, []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        self.taken.append(index)
+        return self.samples[index]
 
 
 def _run(model_path, data_dir, layout, world_size, *, loop=None, checkpoint=None, packing=False, lr=1e-3,
-         build=None):
+         build=None, all_ranks=False):
     loop = loop or {"train_batch_size": 16, "micro_train_batch_size": 4, "max_steps": NUM_STEPS}
     results = run_distributed(
         _train, world_size, args=(model_path, data_dir, layout, loop, checkpoint, packing, lr, build), timeout=300
     )
-    return results[0]
+    return results if all_ranks else results[0]
 
 
 def _assert_same_curve(actual: list[float], expected: list[float]) -> None:
@@ -150,3 +168,25 @@ def test_moe_run_resumes_under_another_layout(tiny_models, arithmetic_data, tmp_
                    checkpoint={**ckpt, "load_checkpoint": True}, build=build)
     _assert_same_curve(resumed["loss"], whole["loss"][3:])
     _assert_same_curve(resumed["aux_loss"], whole["aux_loss"][3:])
+
+
+def test_resume_with_doubled_batch_size_trains_every_sample_once(tiny_models, arithmetic_data, tmp_path):
+    """Checkpointed after 2 steps of 16, resumed with --train_batch_size 32 (DP=2): the epoch's 256
+    samples are each trained exactly once (read by one rank, once), and the LR follows the plan of
+    the samples trained (the schedule re-planned for steps of 32): the resumed steps' LR is the
+    whole run's after as many samples. (Before, the resume started at sample 2 x 32 and left 32
+    samples untrained.)"""
+    ckpt = {"ckpt_path": str(tmp_path / "ckpt"), "save_steps": 2, "max_ckpt_num": 8}
+    whole = _run(tiny_models["llama"], arithmetic_data, {}, 2, checkpoint=ckpt, all_ranks=True,
+                 loop={"train_batch_size": 16, "micro_train_batch_size": 4, "max_epochs": 1})
+    for later in (tmp_path / "ckpt").iterdir():
+        if later.name != "global_step2":
+            shutil.rmtree(later)
+    resumed = _run(tiny_models["llama"], arithmetic_data, {}, 2, checkpoint={**ckpt, "load_checkpoint": True},
+                   loop={"train_batch_size": 32, "micro_train_batch_size": 4, "max_epochs": 1}, all_ranks=True)
+    per_rank = 16 // 2 * 2  # the first run's two steps, each rank's half of each
+    trained = [i for rank in whole for i in rank["trained"][:per_rank]] + [i for rank in resumed for i in rank["trained"]]
+    assert len(resumed[0]["lr"]) == 7  # 224 samples left: 7 steps of 32
+    assert sorted(trained) == list(range(256))  # every sample once: none skipped, none repeated
+    # Resumed step k has trained 32 + 32 k samples, as the whole run after its step 2 + 2 k.
+    assert resumed[0]["lr"] == pytest.approx(whole[0]["lr"][3::2], rel=1e-9)

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from engine.data.position import check_prompt_position, prompt_position
 from engine.rl.advantages import (
     AdvantageConfig,
     AdvantageInputs,
@@ -521,7 +522,9 @@ class PPOTrainer:
 
     def _state(self, step: int) -> dict:
         return {"step": step, "kl_coef": self.kl_controller.value,
-                "reward_moments": self.reward_moments.state()}
+                "reward_moments": self.reward_moments.state(),
+                "prompts": prompt_position(step=step, num_prompts=len(self.prompts),
+                                           rollout_batch_size=self.config.rollout_batch_size)}
 
     def _role_checkpoint(self, role: str):
         return replace(self.checkpoint, ckpt_path=f"{self.checkpoint.ckpt_path}/{role}")
@@ -548,6 +551,8 @@ class PPOTrainer:
             print(f"--load_checkpoint: {no_checkpoint_message(self._role_checkpoint('actor').ckpt_path)}: "
                   "starting from scratch", flush=True)
             return 0
+        check_prompt_position(state.get("prompts"), num_prompts=len(self.prompts),
+                              rollout_batch_size=self.config.rollout_batch_size)
         if self.critic is not None:
             self.critic.resume(self._role_checkpoint("critic"))
         self.kl_controller.value = state["kl_coef"]

@@ -118,3 +118,15 @@ def build_scheduler(optimizer, optim: OptimConfig, *, total_steps: int) -> Optim
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=True,
     )
+
+
+def replan_scheduler(scheduler: OptimizerParamScheduler, *, samples_per_step: int, consumed_samples: int,
+                     warmup_samples: int, decay_samples: int) -> None:
+    """Set a schedule planned in samples in steps of ``samples_per_step`` (a resume under another
+    --train_batch_size): the LR as a function of the samples trained stays that of the plan. The
+    step counts may be fractional (Megatron's scheduler computes in floats)."""
+    scheduler.num_steps = consumed_samples / samples_per_step
+    scheduler.lr_warmup_steps = warmup_samples / samples_per_step
+    scheduler.lr_decay_steps = decay_samples / samples_per_step
+    scheduler.wd_incr_steps = decay_samples / samples_per_step
+    scheduler.step(increment=0)  # sets the parameter groups' LR for the new count

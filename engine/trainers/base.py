@@ -3,6 +3,10 @@
 A subclass says how a list of dataset samples becomes micro-batches and what the loss is; this
 class owns the rest: deterministic sharding of global batches over data-parallel ranks, gradient
 accumulation, evaluation, logging, checkpoints with exact resume, and the final HF export.
+
+Checkpoints store the data position in samples and the LR plan in samples
+(``engine.data.position``): a resume under another ``--train_batch_size`` continues at the next
+unconsumed sample, with the remaining steps and the LR schedule re-planned for the samples left.
 """
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from engine.data.position import DataPosition, SchedulePlan
 from engine.runtime.checkpoint import CheckpointConfig
 from engine.runtime.engine import EngineConfig, TrainingEngine
 from engine.runtime.logging import LoggingConfig, MetricsLogger, format_metrics
+from engine.runtime.optimizer import replan_scheduler
 from engine.runtime.schedule import LossFn
 from parallel.options import option
 
@@ -67,6 +73,11 @@ class OfflineTrainer:
         # resumption follow the same curve as an uninterrupted one.
         self.last_step = min(self.total_steps, loop.max_steps or self.total_steps)
         self.engine = TrainingEngine(config.engine, total_steps=self.total_steps)
+        self.position = DataPosition(num_samples=len(train_dataset))
+        scheduler = self.engine.scheduler
+        self.plan = SchedulePlan.fresh(train_batch_size=loop.train_batch_size, warmup_steps=scheduler.lr_warmup_steps,
+                                       decay_steps=scheduler.lr_decay_steps)
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its order): computed once per epoch
         self._check_batch_sizes()
         self.logger = MetricsLogger(config.logging)
         self.history: list[dict] = []
@@ -93,16 +104,23 @@ class OfflineTrainer:
             )
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.config.engine.seed + epoch)
-        return torch.randperm(len(self.train_dataset), generator=generator).tolist()
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.engine.seed + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_dataset), generator=generator).tolist())
+        return self._order[1]
 
-    def rank_samples(self, step: int) -> list:
-        """This DP rank's share of global batch ``step`` (deterministic: resume needs no data state)."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        batch_size, dp = self.config.loop.train_batch_size, self.engine.data_parallel_size
-        order = self._epoch_order(epoch)[index * batch_size : (index + 1) * batch_size]
-        share = batch_size // dp
-        mine = order[self.engine.data_parallel_rank * share : (self.engine.data_parallel_rank + 1) * share]
+    def global_batch_indices(self) -> list[int]:
+        """Training-set indices of the next global batch: the next ``--train_batch_size`` samples of
+        the epoch's order after ``self.position`` (the same on every rank)."""
+        batch_size = self.config.loop.train_batch_size
+        epoch, begin = self.position.next_batch(batch_size)
+        return self._epoch_order(epoch)[begin : begin + batch_size]
+
+    def rank_samples(self) -> list:
+        """This DP rank's share of the next global batch."""
+        batch, dp = self.global_batch_indices(), self.engine.data_parallel_size
+        share = len(batch) // dp
+        mine = batch[self.engine.data_parallel_rank * share : (self.engine.data_parallel_rank + 1) * share]
         return [self.train_dataset[i] for i in mine]
 
     def split_microbatches(self, samples: list) -> list[list]:
@@ -111,14 +129,14 @@ class OfflineTrainer:
 
     # ----- loop ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        state = self.engine.resume(self.config.checkpoint) or {"step": 0}
-        start = state["step"]
+        start = self._resume()
         progress = tqdm(
             range(start, self.last_step), initial=start, total=self.last_step,
             desc=type(self).__name__, disable=not self.engine.is_rank_zero,
         )
         for step in progress:
             metrics = self.train_one_step(step)
+            self.position.advance(self.config.loop.train_batch_size)
             self.history.append({"step": step + 1, **metrics})
             if (step + 1) % self.config.logging.logging_steps == 0:
                 self.logger.log(metrics, step + 1)
@@ -135,9 +153,45 @@ class OfflineTrainer:
         self.logger.close()
         return self.history
 
+    # ----- resume ---------------------------------------------------------------------------
+    def _resume(self) -> int:
+        """The step to continue after; the data position and the LR plan of the checkpoint, re-planned
+        when ``--train_batch_size`` changed."""
+        state = self.engine.resume(self.config.checkpoint)
+        if state is None:
+            return 0
+        step, batch_size = state["step"], self.config.loop.train_batch_size
+        if "data" not in state:  # saved before positions were: it assumed this batch size throughout
+            for _ in range(step):
+                self.position.advance(batch_size)
+            return step
+        self.position = DataPosition.restore(state["data"], num_samples=len(self.train_dataset))
+        saved = SchedulePlan(**state["schedule"])
+        if saved.train_batch_size == batch_size:
+            self.plan = saved
+        else:
+            self._replan(step, saved)
+        return step
+
+    def _replan(self, step: int, saved: SchedulePlan) -> None:
+        loop, position = self.config.loop, self.position
+        remaining = position.remaining_steps(loop.train_batch_size, loop.max_epochs)
+        self.total_steps = step + remaining
+        self.last_step = min(self.total_steps, loop.max_steps or self.total_steps)
+        self.plan = saved.replanned(train_batch_size=loop.train_batch_size,
+                                    planned_samples=position.consumed + remaining * loop.train_batch_size)
+        replan_scheduler(self.engine.scheduler, samples_per_step=loop.train_batch_size, consumed_samples=position.consumed,
+                         warmup_samples=self.plan.warmup_samples, decay_samples=self.plan.decay_samples)
+        if self.engine.is_rank_zero:
+            print(f"resume: --train_batch_size {loop.train_batch_size} (the checkpoint's run had "
+                  f"{saved.train_batch_size}): continuing at sample {position.consumed_in_epoch} of epoch "
+                  f"{position.epoch} ({position.consumed} samples trained), {remaining} more steps; LR schedule "
+                  f"re-planned in samples: warmup until sample {self.plan.warmup_samples}, decay until sample "
+                  f"{self.plan.decay_samples} (was {saved.decay_samples})", flush=True)
+
     def train_one_step(self, step: int) -> dict:
         started = time.perf_counter()
-        microbatches = self.make_microbatches(self.rank_samples(step))
+        microbatches = self.make_microbatches(self.rank_samples())
         result = self.engine.train_step(microbatches, self.make_loss_fn(microbatches), normaliser_key=self.normaliser_key)
         elapsed = time.perf_counter() - started
         tokens = torch.tensor(sum(int(b["input_ids"].numel()) for b in microbatches), dtype=torch.float64)
@@ -183,6 +237,7 @@ class OfflineTrainer:
         ckpt = self.config.checkpoint
         if not ckpt.ckpt_path or ckpt.save_steps <= 0 or (step % ckpt.save_steps and step != self.last_step):
             return
-        directory = self.engine.save_checkpoint(ckpt, step, {"step": step})
+        state = {"step": step, "data": self.position.state_dict(), "schedule": self.plan.state_dict()}
+        directory = self.engine.save_checkpoint(ckpt, step, state)
         if self.config.loop.save_hf_ckpt:
             self.engine.save_hf(directory.parent / f"{directory.name}_hf")

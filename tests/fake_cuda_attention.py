@@ -91,7 +91,7 @@ def cuda_kernels_on_cpu():
     saved_block_kernel = ring.block_kernel
     kernels.EFFICIENT_FORWARD, kernels.EFFICIENT_BACKWARD = efficient_forward, efficient_backward
     kernels.VARLEN_FORWARD, kernels.VARLEN_BACKWARD = varlen_forward, varlen_backward
-    ring.block_kernel = lambda device: "cuda_efficient"
+    ring.block_kernel = lambda device, dtype: "cuda_efficient"
     try:
         yield
     finally:

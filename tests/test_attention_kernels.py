@@ -37,11 +37,13 @@ def test_dense_and_ring_kernel_choices():
     assert kernels.choose_ring_flash_attn(device_type="cuda", dtype=BF16, ring_flash_attn=True)
     assert not kernels.choose_ring_flash_attn(device_type="cuda", dtype=BF16, ring_flash_attn=False)
     assert not kernels.choose_ring_flash_attn(device_type="cuda", dtype=FP32, ring_flash_attn=True)
-    block = kernels.choose_ring_block_kernel
-    assert block(device_type="cuda", cpu_flash=True, cuda_efficient=True) == "cuda_efficient"
-    assert block(device_type="cuda", cpu_flash=True, cuda_efficient=False) == "math"
-    assert block(device_type="cpu", cpu_flash=True, cuda_efficient=True) == "cpu_flash"
-    assert block(device_type="cpu", cpu_flash=False, cuda_efficient=True) == "math"
+    def block(device, dtype=BF16, **have):
+        return kernels.choose_ring_block_kernel(device_type=device, dtype=dtype,
+                                                **{"cpu_flash": True, "cuda_efficient": True, **have})
+
+    assert block("cuda") == block("cuda", FP32) == "cuda_efficient"
+    assert block("cuda", torch.float64) == block("cuda", cuda_efficient=False) == "math"
+    assert block("cpu") == "cpu_flash" and block("cpu", cpu_flash=False) == "math"
     # This machine: CPU tensors never try to import a CUDA extension.
     q = torch.zeros(4, 2, 8, dtype=BF16)
     assert core_attention.dense_kernel(q) == "sdpa" and core_attention.packed_kernel(q, 0.0) == "sdpa_per_sample"
@@ -127,3 +129,36 @@ def test_torch_varlen_path_equals_the_per_sample_path(monkeypatch):
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
         assert torch.allclose(a, e, atol=1e-5), f"{name}: {(a - e).abs().max()}"
     assert actual[0][23:].abs().max() == 0
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_ring_cuda_blocks_in_bf16_match_the_fp32_path(tmp_path, packed):
+    """On CUDA the ring's blocks run in the inputs' bf16 (the memory-efficient kernel; here its CPU
+    stand-in) and merge / accumulate in fp32: CP=1 output and gradients against the CPU path, which
+    computes in fp32 throughout."""
+    import torch.distributed as dist
+
+    from parallel.attention.ring import ring_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        gen = torch.Generator().manual_seed(1)
+        lead = (40,) if packed else (32, 2)
+        q, w = (torch.randn(*lead, 4, 16, generator=gen).to(BF16) for _ in range(2))
+        k, v = (torch.randn(*lead, 2, 16, generator=gen).to(BF16) for _ in range(2))
+        cu = torch.tensor([0, 10, 16, 36]) if packed else None  # 4 tokens of trailing padding
+
+        def run():
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = ring_attention(*leaves, cp_group=group, scale=0.25, cu_seqlens=cu)
+            (out.float() * w.float()).sum().backward()
+            return [out.detach().float(), *(t.grad.float() for t in leaves)]
+
+        expected = run()
+        with cuda_kernels_on_cpu():
+            actual = run()
+    finally:
+        dist.destroy_process_group()
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        assert a.dtype == e.dtype and torch.allclose(a, e, atol=3e-2, rtol=3e-2), f"{name}: {(a - e).abs().max()}"

@@ -385,7 +385,7 @@ def _ring_block_kernel(kind: str | None):
 
     original = ring.block_kernel
     if kind is not None:
-        ring.block_kernel = lambda device: kind
+        ring.block_kernel = lambda device, dtype: kind
     try:
         yield
     finally:
@@ -439,7 +439,7 @@ def check_ring_attention(workdir: Path):
     s = sizes()
     initialize_parallel(ParallelConfig())
     cp_group = ps.get_context_parallel_group()
-    kernel = ring.block_kernel(torch.device("cuda" if _cuda() else "cpu"))
+    kernel = ring.block_kernel(torch.device("cuda" if _cuda() else "cpu"), torch.bfloat16 if _cuda() else torch.float32)
     short, long = s.ring_seq
     inputs = _ring_inputs(short)
     got, _, _ = _ring_run(inputs, None, cp_group)

@@ -52,13 +52,13 @@ def choose_ring_flash_attn(*, device_type: str, dtype: torch.dtype, ring_flash_a
     return ring_flash_attn and device_type == "cuda" and dtype in HALF
 
 
-def choose_ring_block_kernel(*, device_type: str, cpu_flash: bool, cuda_efficient: bool) -> str:
+def choose_ring_block_kernel(*, device_type: str, dtype: torch.dtype, cpu_flash: bool, cuda_efficient: bool) -> str:
     """One block of our own ring: a kernel returning the log-sum-exp without materialising scores
-    where there is one (CPU: torch's fused flash kernel; CUDA: the memory-efficient one, any dtype),
-    else explicit math (fp32 score matrices)."""
+    where there is one (CPU: torch's fused flash kernel; CUDA: the memory-efficient one, for fp16,
+    bf16 and fp32), else explicit math (fp32 / fp64 score matrices)."""
     if device_type == "cpu" and cpu_flash:
         return "cpu_flash"
-    if device_type == "cuda" and cuda_efficient:
+    if device_type == "cuda" and cuda_efficient and dtype in (*HALF, torch.float32):
         return "cuda_efficient"
     return "math"
 

@@ -233,9 +233,9 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def block_kernel(device: torch.device) -> str:
-    """The block kernel of our own ring on ``device`` (one of ``kernels.RING_BLOCK_KERNELS``)."""
-    return kernels.choose_ring_block_kernel(device_type=device.type, cpu_flash=_FLASH_CPU is not None,
+def block_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The block kernel of our own ring for ``dtype`` inputs on ``device`` (``kernels.RING_BLOCK_KERNELS``)."""
+    return kernels.choose_ring_block_kernel(device_type=device.type, dtype=dtype, cpu_flash=_FLASH_CPU is not None,
                                             cuda_efficient=kernels.CUDA_EFFICIENT_OPS)
 
 
@@ -377,7 +377,7 @@ class _RingComm:
 
 def _ring_forward(q, kv, layout, comm, scale):
     """Returns out [b, h, n, d] and lse [b, h, n] in the compute dtype."""
-    kernel = block_kernel(q.device)
+    kernel = block_kernel(q.device, q.dtype)
     compute = _kernel_dtype(q.dtype, kernel)
     qc = q.to(compute)
     acc = [None, None]
@@ -399,7 +399,7 @@ def _ring_forward(q, kv, layout, comm, scale):
 
 
 def _ring_backward(q, kv, out, lse, dout, layout, comm, scale):
-    kernel = block_kernel(q.device)
+    kernel = block_kernel(q.device, q.dtype)
     compute = _kernel_dtype(q.dtype, kernel)
     qc, doutc = q.to(compute), dout.to(compute)
     dq = torch.zeros_like(qc, dtype=_compute_dtype(q.dtype))  # gradients accumulate in fp32

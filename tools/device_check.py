@@ -9,7 +9,7 @@ its own timeout (a timed-out check is killed with everything it started), inside
 (default 450 s). Prints one PASS / FAIL / SKIP line per check, writes a JSON summary to
 ``$OUT/device_check.json`` when ``OUT`` is set (or to ``--json``), and exits 1 on any FAIL. Without
 a usable CUDA device every check is SKIP, with the cause (``tools.cuda_preflight``); ``--smoke``
-runs them on the CPU at tiny sizes instead (their CI test).
+runs them anyway, which on a CPU means tiny sizes (the checks' own CI test).
 """
 from __future__ import annotations
 
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(TIMEOUTS_S), help="comma-separated checks to run")
     parser.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
-    parser.add_argument("--smoke", action="store_true", help="run on the CPU at tiny sizes (the checks' own test)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run even without CUDA (a CPU runs the checks at tiny sizes: their own test)")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all checks together")
     parser.add_argument("--json", default=None, help="summary path (default: $OUT/device_check.json if OUT is set)")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")

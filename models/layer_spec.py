@@ -61,28 +61,39 @@ class LayerSpecChoice:
 
 
 def choose_layer_spec(requested: str, *, te_available: bool, on_cuda: bool,
-                      apex_available: bool = False) -> LayerSpecChoice:
+                      apex_available: bool = False, te_error: str = "") -> LayerSpecChoice:
     """``requested`` is ``--transformer_impl``. ``apex_available`` changes nothing (Apex's norm is
-    never used: it refuses RMSNorm); it is an argument so that this stays said and tested."""
+    never used: it refuses RMSNorm); it is an argument so that this stays said and tested.
+    ``te_error``: why an installed TE does not load (``parallel.optional_deps.Probe.reason``)."""
     if requested not in TRANSFORMER_IMPLS:
         raise ValueError(f"--transformer_impl must be one of {', '.join(TRANSFORMER_IMPLS)}, got {requested!r}")
     if requested == "local":
         return LayerSpecChoice("local", "--transformer_impl local")
     if requested == "transformer_engine" and not (te_available and on_cuda):
         missing = "Transformer Engine (pip install transformer-engine[pytorch])" if not te_available else "CUDA"
+        if te_error and not te_available:
+            missing = f"a Transformer Engine that loads (the installed one fails: {te_error})"
         raise ValueError(f"--transformer_impl transformer_engine needs {missing}; --transformer_impl local runs without")
     if te_available and on_cuda:
         return LayerSpecChoice("transformer_engine", "Transformer Engine imports and CUDA is available")
     why = "no CUDA" if not on_cuda else "Transformer Engine does not import"
+    if te_error and not te_available:
+        why += f" (Transformer Engine is installed but fails to load: {te_error})"
     return LayerSpecChoice("local", why + (" (Apex alone is not used)" if apex_available else ""))
 
 
 def detect_layer_spec(requested: str) -> LayerSpecChoice:
-    """:func:`choose_layer_spec` for this process (TE as megatron-core's own spec module sees it)."""
+    """:func:`choose_layer_spec` for this process (TE as megatron-core's own spec module sees it: a TE
+    that installs but fails to load is blocked before megatron imports, by
+    ``parallel.megatron_patches.guard_transformer_engine``, whose probe gives the reason)."""
     import torch
 
-    return choose_layer_spec(requested, te_available=gpt_layer_specs.HAVE_TE, on_cuda=torch.cuda.is_available(),
-                             apex_available=gpt_layer_specs.HAVE_APEX)
+    from parallel.megatron_patches import guard_transformer_engine
+
+    te = guard_transformer_engine()
+    return choose_layer_spec(requested, te_available=gpt_layer_specs.HAVE_TE and te.importable,
+                             on_cuda=torch.cuda.is_available(), apex_available=gpt_layer_specs.HAVE_APEX,
+                             te_error=te.reason if te.installed else "")
 
 
 def _core_attention(ring_head_stride: int | None) -> ModuleSpec:

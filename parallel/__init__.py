@@ -8,3 +8,9 @@ warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
 warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
 warnings.filterwarnings("ignore", message=r".*`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*")
 warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf.*")
+
+# Before megatron-core is first imported: a Transformer Engine that installs but fails to load
+# (OSError / RuntimeError) would otherwise crash megatron's ImportError-only guards.
+from parallel.megatron_patches import guard_transformer_engine  # noqa: E402
+
+guard_transformer_engine()

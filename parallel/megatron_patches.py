@@ -8,10 +8,33 @@ from __future__ import annotations
 import functools
 import importlib
 import queue
+import warnings
 
 from parallel.lifetime import die_with_parent
+from parallel.optional_deps import Probe, block, probe
 
 _applied = False
+_te_probe: Probe | None = None
+
+
+def guard_transformer_engine(probe_fn=probe) -> Probe:
+    """megatron-core 0.16.1 imports Transformer Engine under ``except ImportError`` (``HAVE_TE`` in
+    ``gpt_layer_specs``, ``utils``, ``tensor_parallel.layers``, ...). A TE that installs but cannot
+    load (built for another CUDA or torch) raises OSError / RuntimeError instead, which those guards
+    let through: every ``import megatron.core`` would crash. Probe TE once, before megatron is first
+    imported (``parallel/__init__.py`` calls this), and block a broken one so that megatron's guards
+    see ImportError and the local layer spec runs. The probe (with its reason) is what
+    ``models.layer_spec.detect_layer_spec`` and the check scripts report. ``probe_fn``: for tests."""
+    global _te_probe
+    if _te_probe is None:
+        found = probe_fn("transformer_engine")
+        if found.installed and not found.importable:
+            block("transformer_engine")
+            block("transformer_engine_torch")  # TE's compiled module, imported on its own by megatron
+            warnings.warn(f"Transformer Engine is installed but does not load ({found.reason}); "
+                          "the local layer spec runs instead", stacklevel=2)
+        _te_probe = found
+    return _te_probe
 
 
 def _skip_step_in_reshardable_load() -> None:

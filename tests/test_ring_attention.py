@@ -25,6 +25,7 @@ from parallel.context_parallel import (
     zigzag_unsplit,
 )
 from tests.dist_harness import run_distributed
+from tests.fake_cuda_attention import cuda_kernels_on_cpu
 from tools.bench.bench_ring_attention import PeakLiveBytes
 
 ATOL = 1e-5
@@ -116,7 +117,12 @@ def _check_case(case, cp_group):
 
 @contextlib.contextmanager
 def _block_kernel(kind: str):
-    """Force the explicit-math block kernel (what runs where PyTorch's CPU flash kernel can't)."""
+    """Force the explicit-math block kernel (what runs where PyTorch's CPU flash kernel can't), or
+    the CUDA one (torch's memory-efficient kernel) through its CPU stand-in."""
+    if kind == "cuda_efficient":
+        with cuda_kernels_on_cpu():
+            yield
+        return
     saved = ring_module._FLASH_CPU
     if kind == "math":
         ring_module._FLASH_CPU = None
@@ -153,6 +159,9 @@ _CASES = [
     dict(name="packed-aligned", lengths=[16, 8, 24], heads=2, kv_heads=2, head_dim=8, seed=4),
     dict(name="padded-gqa-math", seq_len=48, batch=2, heads=4, kv_heads=2, head_dim=8, seed=5, kernel="math"),
     dict(name="packed-odd-gqa-math", lengths=[5, 11, 7], heads=4, kv_heads=1, head_dim=8, seed=6, kernel="math"),
+    dict(name="padded-gqa-cuda", seq_len=48, batch=2, heads=4, kv_heads=2, head_dim=8, seed=7, kernel="cuda_efficient"),
+    dict(name="packed-odd-gqa-cuda", lengths=[5, 11, 7], heads=4, kv_heads=1, head_dim=8, seed=8,
+         kernel="cuda_efficient"),
 ]
 
 

@@ -3,28 +3,31 @@
     bash scripts/gpu_check.sh            # installs the GPU extras if missing, then this
     python -m tools.gpu_check [--only train_step,vllm_nccl] [--workdir runs/gpu_check]
 
-Checks (each in its own process, so one failure cannot poison the next):
+Checks (each in its own process group with its own timeout, so one failure cannot poison the next
+and a timed-out check takes everything it started with it, Ray's workers included):
 
 - ``train_step``: a Llama-shaped model trains in bf16 (flash-attn / TE spec when installed; the
   CPU-tensor metric reductions cross the cpu:gloo,cuda:nccl backend); loss falls; MFU printed.
 - ``tp2_sp``: SFT with TP=2 and --sequence_parallel (needs two GPUs).
-- ``vllm_nccl``: a vLLM GPU engine, another model's weights pushed over NCCL, greedy equals HF.
+- ``vllm_nccl``: a vLLM GPU engine, another model's weights pushed over NCCL, greedy equals HF (needs
+  two GPUs: NCCL refuses two ranks on one device, so the sender takes the last GPU, the engine GPU 0).
 - ``vllm_ipc_sleep``: the same over CUDA IPC from a process on the engine's GPU, across sleep / wake.
-- ``grpo``: the main job (engine.cli.demo: SFT then GRPO on the tiny task) for 3 rollouts.
+- ``grpo``: the main job (engine.cli.demo: SFT then GRPO on the tiny task) for 3 rollouts (needs two
+  GPUs: one for the actor, one for the engine; on one GPU ``grpo_colocated`` is the GRPO check).
 - ``grpo_colocated``: GRPO with actor and engine on one GPU (--colocate_all_models): CUDA IPC sync,
   staged sleep / wake of the engine, the actor's state parked while it generates.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from tools.device_check import run_in_group
 
 # Peak dense bf16 tensor-core FLOP/s by device name (datasheets, without sparsity): MFU's denominator.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
@@ -93,8 +96,6 @@ def check_train_step(workdir: Path) -> str:
 
 
 def check_tp2_sp(workdir: Path) -> str:
-    if torch.cuda.device_count() < 2:
-        raise _Skip("needs two GPUs")
     from engine.tasks.arithmetic import make_rows, write_jsonl
     from models.tiny import build_tiny_model
 
@@ -117,7 +118,11 @@ def _vllm_sync(workdir: Path, backend: str, *, sleep: bool) -> str:
 
     paths = {name: build_tiny_model("llama", workdir / f"vllm-{name}", seed=seed, **TINY)
              for name, seed in (("a", 0), ("b", 1))}
-    ray.init(num_gpus=1)
+    # Ray hands the engine GPU 0. NCCL needs the sender on another GPU (the last one); CUDA IPC
+    # needs it on the engine's own.
+    sender_gpu = torch.cuda.device_count() - 1 if backend == "nccl" else 0
+    torch.cuda.set_device(sender_gpu)
+    ray.init(num_gpus=max(1, sender_gpu))
     engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], dtype="float32", enforce_eager=True,
                                               max_model_len=256, seed=0, enable_sleep_mode=sleep,
                                               gpu_memory_utilization=0.3))
@@ -190,6 +195,23 @@ def check_grpo_colocated(workdir: Path) -> str:
     return f"3 colocated GRPO rollouts, CUDA IPC sync, log-prob mismatch {worst:.1e}, actor parked {parked:.3f} GB"
 
 
+# GPUs each check needs; with fewer it is skipped with the reason.
+NEEDS_GPUS = {
+    "tp2_sp": (2, "TP=2 needs two GPUs"),
+    "vllm_nccl": (2, "NCCL refuses two ranks on one GPU: the sender and the engine need a GPU each "
+                     "(vllm_ipc_sleep checks the one-GPU sync)"),
+    "grpo": (2, "the demo puts the actor and the engine on a GPU each (grpo_colocated runs GRPO on one GPU)"),
+}
+
+
+def skip_reason(name: str, *, device_count: int) -> str | None:
+    """Why ``name`` cannot run with ``device_count`` GPUs (None: it can)."""
+    needed, why = NEEDS_GPUS.get(name, (1, ""))
+    if device_count < needed:
+        return f"needs {needed} GPUs, {device_count} visible: {why}"
+    return None
+
+
 CHECKS = {
     "train_step": check_train_step,
     "tp2_sp": check_tp2_sp,
@@ -200,23 +222,20 @@ CHECKS = {
 }
 
 
-class _Skip(Exception):
-    pass
-
-
 def _run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command[:3])} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    code, output = run_in_group(command, CHECK_TIMEOUT_S)
+    if code != 0:
+        ended = "ran over its time (process group killed)" if code is None else f"exited {code}"
+        raise RuntimeError(f"{' '.join(command[:3])} {ended}:\n{output[-3000:]}")
 
 
 # ----- driver ----------------------------------------------------------------------------------
 def _child(name: str, workdir: str) -> None:
-    try:
-        detail = CHECKS[name](Path(workdir))
-    except _Skip as skip:
-        print(f"SKIP {name}: {skip}", flush=True)
+    reason = skip_reason(name, device_count=torch.cuda.device_count()) if torch.cuda.is_available() else None
+    if reason:
+        print(f"SKIP {name}: {reason}", flush=True)
         return
+    detail = CHECKS[name](Path(workdir))
     print(f"PASS {name}: {detail}", flush=True)
 
 
@@ -230,21 +249,23 @@ def main(argv=None) -> int:
     if args.child:
         _child(args.child, workdir)
         return 0
-    if not torch.cuda.is_available():
-        print("FAIL setup: no CUDA device visible to torch")
+    from tools.cuda_preflight import diagnose, facts_here
+
+    verdict = diagnose(facts_here())
+    if not verdict.usable:
+        print(f"FAIL setup: {verdict.message}")
         return 1
     failed = 0
     for name in args.only.split(","):
         start = time.perf_counter()
-        try:
-            done = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--child", name, "--workdir", workdir],
-                                  capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, env=dict(os.environ))
-            lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "SKIP"))]
-            ok = done.returncode == 0 and lines
-            print(lines[-1] if ok else f"FAIL {name}: exit {done.returncode}\n{done.stderr[-4000:]}", flush=True)
-        except subprocess.TimeoutExpired:
-            ok = False
-            print(f"FAIL {name}: over {CHECK_TIMEOUT_S} s", flush=True)
+        code, output = run_in_group([sys.executable, "-m", "tools.gpu_check", "--child", name, "--workdir", workdir],
+                                    CHECK_TIMEOUT_S)
+        lines = [line for line in output.splitlines() if line.startswith(("PASS", "SKIP"))]
+        ok = code == 0 and lines
+        if code is None:
+            print(f"FAIL {name}: over {CHECK_TIMEOUT_S} s (its process group killed)\n{output[-2000:]}", flush=True)
+        else:
+            print(lines[-1] if ok else f"FAIL {name}: exit {code}\n{output[-4000:]}", flush=True)
         failed += not ok
         print(f"     ({time.perf_counter() - start:.0f} s)", flush=True)
     return 1 if failed else 0

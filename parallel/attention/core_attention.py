@@ -4,8 +4,10 @@ Megatron's ``SelfAttention`` computes q/k/v (with rotary applied) and hands them
 ``[s, b, heads, head_dim]`` for padded batches, ``[t, heads, head_dim]`` for packed (``thd``)
 batches described by ``PackedSeqParams.cu_seqlens_q``. The output is ``[s, b, heads*head_dim]``
 (packed: ``[t, heads*head_dim]``). Kernel choice, in order: ring attention when the context
-parallel group has more than one rank, flash-attn on CUDA for fp16/bf16, else PyTorch SDPA
-(which itself picks flash / memory-efficient kernels on CUDA and the math kernel on CPU).
+parallel group has more than one rank, flash-attn on CUDA for fp16/bf16 when it imports, else
+PyTorch's own kernels: SDPA for padded batches (flash / memory-efficient on CUDA, its fused kernel
+on CPU) and, for packed batches on CUDA, torch's FlashAttention-2 varlen kernel
+(``parallel.attention.kernels``); one SDPA call per sample elsewhere.
 """
 from __future__ import annotations
 
@@ -15,16 +17,24 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-try:  # GPU extra; absent on CPU machines.
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-    HAVE_FLASH_ATTN = True
-except ImportError:  # pragma: no cover - depends on the machine
-    HAVE_FLASH_ATTN = False
+from parallel.attention import kernels
 
 
-def _use_flash(q: torch.Tensor) -> bool:
-    return HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def _flash_attn_here(q: torch.Tensor) -> bool:
+    # Probed (imported) only where it could run: a CPU process never tries to load a CUDA extension.
+    return q.is_cuda and q.dtype in kernels.HALF and kernels.have("flash_attn")
+
+
+def dense_kernel(q: torch.Tensor) -> str:
+    """The kernel of a padded batch here (``kernels.choose_dense_kernel``)."""
+    return kernels.choose_dense_kernel(device_type=q.device.type, dtype=q.dtype, flash_attn=_flash_attn_here(q))
+
+
+def packed_kernel(q: torch.Tensor, dropout_p: float) -> str:
+    """The kernel of a packed batch here (``kernels.choose_packed_kernel``)."""
+    return kernels.choose_packed_kernel(device_type=q.device.type, dtype=q.dtype, dropout_p=dropout_p,
+                                        flash_attn=_flash_attn_here(q),
+                                        torch_flash_varlen=kernels.torch_flash_varlen_here(q.device))
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float = 0.0):
@@ -43,12 +53,17 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
 
 def packed_causal(q, k, v, cu_seqlens: torch.Tensor, *, scale: float, dropout_p: float = 0.0):
     """Causal attention inside each sample of a packed ``[t, h, d]`` batch; nothing crosses samples."""
-    if _use_flash(q):
+    kernel = packed_kernel(q, dropout_p)
+    if kernel == "flash_attn_varlen":
+        from flash_attn import flash_attn_varlen_func
+
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         cu = cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(
             q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, softmax_scale=scale, causal=True
         )
+    if kernel == "torch_flash_varlen":
+        return kernels.torch_flash_varlen(q, k, v, cu_seqlens, scale=scale)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -131,7 +146,9 @@ class CoreAttention(MegatronModule):
             return out.flatten(-2)
         # [s, b, h, d] -> [b, s, h, d]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-        if _use_flash(q):
+        if dense_kernel(q) == "flash_attn":
+            from flash_attn import flash_attn_func
+
             out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=self.softmax_scale, causal=True)
         else:
             out = sdpa_causal(q, k, v, scale=self.softmax_scale, dropout_p=dropout_p)

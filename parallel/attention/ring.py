@@ -13,9 +13,11 @@ The backward pass is a second ring: K/V travel again together with their dK/dV a
 which take one extra hop to arrive home. Only local tensors are saved (q, k, v themselves, the
 output and its log-sum-exp), so activation memory is O(local sequence).
 
-Block kernels: on CPU, PyTorch's fused flash kernel (what SDPA runs there), which returns the
-log-sum-exp and never materialises the score block; elsewhere an explicit-math kernel. On CUDA
-with fp16/bf16 and ``ring_flash_attn`` installed, the whole ring is handed to its
+Block kernels (``parallel.attention.kernels.choose_ring_block_kernel``): on CPU, PyTorch's fused
+flash kernel (what SDPA runs there); on CUDA, PyTorch's memory-efficient kernel in the inputs' own
+dtype (packed blocks' masks as an additive bias). Both return the log-sum-exp and never
+materialise the score block; partial results are merged in fp32. Elsewhere an explicit-math
+kernel. On CUDA with fp16/bf16 and ``ring_flash_attn`` importable, the whole ring is handed to its
 ``zigzag_ring_flash_attn_func`` / ``zigzag_ring_flash_attn_varlen_func``, which use this layout.
 """
 from __future__ import annotations
@@ -25,14 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from parallel.attention import kernels
 from parallel.context_parallel import zigzag_positions
-
-try:  # GPU extra (pip install ring-flash-attn); absent on CPU machines.
-    from ring_flash_attn import zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_varlen_func
-
-    HAVE_RING_FLASH_ATTN = True
-except ImportError:  # pragma: no cover - depends on the machine
-    HAVE_RING_FLASH_ATTN = False
 
 # Point-to-point tags: K and V, then dK and dV, may be in flight between the same ranks at once.
 _KV_TAGS, _DKV_TAGS = (0, 1), (2, 3)
@@ -237,13 +233,20 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _use_fused_cpu_kernel(q: torch.Tensor) -> bool:
-    return _FLASH_CPU is not None and q.device.type == "cpu"
+def block_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The block kernel of our own ring for ``dtype`` inputs on ``device`` (``kernels.RING_BLOCK_KERNELS``)."""
+    return kernels.choose_ring_block_kernel(device_type=device.type, dtype=dtype, cpu_flash=_FLASH_CPU is not None,
+                                            cuda_efficient=kernels.CUDA_EFFICIENT_OPS)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Partial results are merged in fp32 (fp64 stays fp64) so half-precision inputs lose nothing.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_dtype(dtype: torch.dtype, kernel: str) -> torch.dtype:
+    # The CUDA kernel takes bf16 / fp16 as they are (tensor cores; it accumulates in fp32 itself).
+    return dtype if kernel == "cuda_efficient" else _compute_dtype(dtype)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -257,9 +260,12 @@ def _additive_mask(block: _Block, dtype: torch.dtype) -> torch.Tensor | None:
     return additive.masked_fill_(~block.mask, float("-inf"))
 
 
-def _block_forward(q, k, v, block: _Block, scale: float):
+def _block_forward(q, k, v, block: _Block, scale: float, kernel: str):
     """(out [b, h, n, d], lse [b, h, n]) of q attending to k/v under the block's mask."""
-    if _use_fused_cpu_kernel(q):
+    if kernel == "cuda_efficient":
+        out, lse = kernels.efficient_block_forward(q, k, v, causal=block.causal, mask=block.mask, scale=scale)
+        return out.float(), lse
+    if kernel == "cpu_flash":
         return _FLASH_CPU(q, k, v, 0.0, block.causal, attn_mask=_additive_mask(block, q.dtype), scale=scale)
     scores = _math_scores(q, k, block, scale)
     lse = torch.logsumexp(scores, dim=-1)
@@ -267,9 +273,12 @@ def _block_forward(q, k, v, block: _Block, scale: float):
     return torch.matmul(_rows(probs), v).view(q.shape), lse.flatten(1, 2)
 
 
-def _block_backward(q, k, v, block: _Block, scale: float, dout, out, lse):
+def _block_backward(q, k, v, block: _Block, scale: float, dout, out, lse, kernel: str):
     """(dq, dk, dv) of one block, given the GLOBAL ``out`` and ``lse`` of these query rows."""
-    if _use_fused_cpu_kernel(q):
+    if kernel == "cuda_efficient":
+        return kernels.efficient_block_backward(q, k, v, causal=block.causal, mask=block.mask, scale=scale,
+                                                dout=dout, out=out, lse=lse)
+    if kernel == "cpu_flash":
         return _FLASH_CPU_BACKWARD(dout, q, k, v, out, lse, 0.0, block.causal,
                                    attn_mask=_additive_mask(block, q.dtype), scale=scale)
     group_shape = (q.shape[0], k.shape[1], -1, q.shape[2])  # [b, kv_heads, group, n]
@@ -324,7 +333,8 @@ def _join_halves(layout: _ZigzagLayout, parts) -> torch.Tensor:
 
 
 def _add_tokens(target: torch.Tensor, tokens, values: torch.Tensor) -> None:
-    """``target[tokens] += values`` along dim 0."""
+    """``target[tokens] += values`` along dim 0 (in the target's dtype: fp32 accumulators)."""
+    values = values.to(target.dtype)
     if tokens is None:
         target.add_(values)
     elif isinstance(tokens, slice):
@@ -367,7 +377,8 @@ class _RingComm:
 
 def _ring_forward(q, kv, layout, comm, scale):
     """Returns out [b, h, n, d] and lse [b, h, n] in the compute dtype."""
-    compute = _compute_dtype(q.dtype)
+    kernel = block_kernel(q.device, q.dtype)
+    compute = _kernel_dtype(q.dtype, kernel)
     qc = q.to(compute)
     acc = [None, None]
     for step in range(comm.size):
@@ -378,7 +389,8 @@ def _ring_forward(q, kv, layout, comm, scale):
         for block in _plan_step(layout, comm.rank, src):
             q_block = _heads_first(_select(qc, layout.halves[block.q_half]))
             k_block, v_block = (_heads_first(_select(t, block.kv_tokens)) for t in (kc, vc))
-            acc[block.q_half] = _merge(acc[block.q_half], _block_forward(q_block, k_block, v_block, block, scale))
+            partial = _block_forward(q_block, k_block, v_block, block, scale, kernel)
+            acc[block.q_half] = _merge(acc[block.q_half], partial)
         if pending is not None:
             kv = pending()
     out = _join_halves(layout, [acc[0][0].permute(2, 0, 1, 3), acc[1][0].permute(2, 0, 1, 3)])
@@ -387,15 +399,16 @@ def _ring_forward(q, kv, layout, comm, scale):
 
 
 def _ring_backward(q, kv, out, lse, dout, layout, comm, scale):
-    compute = _compute_dtype(q.dtype)
+    kernel = block_kernel(q.device, q.dtype)
+    compute = _kernel_dtype(q.dtype, kernel)
     qc, doutc = q.to(compute), dout.to(compute)
-    dq = torch.zeros_like(qc)
+    dq = torch.zeros_like(qc, dtype=_compute_dtype(q.dtype))  # gradients accumulate in fp32
     dkv, dkv_pending = None, None
     for step in range(comm.size):
         kv_pending = comm.start(kv, _KV_TAGS) if step + 1 < comm.size else None
         src = (comm.rank - step) % comm.size
         kvc = tuple(t.to(compute) for t in kv)
-        block_dkv = _backward_step(qc, kvc, doutc, out, lse, dq, layout, comm.rank, src, scale)
+        block_dkv = _backward_step(qc, kvc, doutc, out, lse, dq, layout, comm.rank, src, scale, kernel)
         # dK/dV of rank src's block travel with it: add ours to what the previous ranks summed
         # (in place: the received buffers are ours, and what we sent last step is untouched).
         if dkv_pending is None:
@@ -411,16 +424,16 @@ def _ring_backward(q, kv, out, lse, dout, layout, comm, scale):
     return dq.to(q.dtype), dk.to(kv[0].dtype), dv.to(kv[1].dtype)
 
 
-def _backward_step(qc, kvc, doutc, out, lse, dq, layout, rank, src, scale):
+def _backward_step(qc, kvc, doutc, out, lse, dq, layout, rank, src, scale, kernel):
     """Adds this step's contribution into ``dq``; returns (dK, dV) for rank src's block."""
-    dk, dv = (torch.zeros_like(t) for t in kvc)
+    dk, dv = (torch.zeros_like(t, dtype=dq.dtype) for t in kvc)
     for block in _plan_step(layout, rank, src):
         q_tokens = layout.halves[block.q_half]
         k_block, v_block = (_heads_first(_select(t, block.kv_tokens)) for t in kvc)
         dq_block, dk_block, dv_block = _block_backward(
             _heads_first(_select(qc, q_tokens)), k_block, v_block, block, scale,
             _heads_first(_select(doutc, q_tokens)), _heads_first(_select(out, q_tokens)),
-            _select(lse, q_tokens).permute(1, 2, 0),
+            _select(lse, q_tokens).permute(1, 2, 0), kernel,
         )
         _add_tokens(dq, q_tokens, dq_block.permute(2, 0, 1, 3))
         _add_tokens(dk, block.kv_tokens, dk_block.permute(2, 0, 1, 3))
@@ -452,10 +465,15 @@ class _RingAttentionFunction(torch.autograd.Function):
 
 
 def _use_ring_flash(q: torch.Tensor) -> bool:
-    return HAVE_RING_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if not (q.is_cuda and q.dtype in kernels.HALF):  # no import attempt where it could not run anyway
+        return False
+    return kernels.choose_ring_flash_attn(device_type=q.device.type, dtype=q.dtype,
+                                          ring_flash_attn=kernels.have("ring_flash_attn"))
 
 
 def _ring_flash_attention(q, k, v, *, cp_group, scale, cu_seqlens):  # pragma: no cover - needs CUDA
+    from ring_flash_attn import zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_varlen_func
+
     if cu_seqlens is None:
         # ring-flash-attn wants [b, s, h, d]; flash-attn only needs the last dim contiguous.
         out = zigzag_ring_flash_attn_func(

@@ -32,7 +32,7 @@ from models.adapter import TE_FUSED_NORM_NAMES, LayerSpecOptions
 from models.norms import LocalNorm
 from parallel.attention.core_attention import CoreAttention
 
-TransformerImpl = Literal["auto", "local", "transformer_engine"]
+TransformerImpl = Literal["auto", "local", "transformer_engine"]  # also models.build_config's
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 _FUSED_NAME = {local: fused for fused, local in TE_FUSED_NORM_NAMES.items()}
 

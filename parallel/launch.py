@@ -24,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from parallel.config import ParallelConfig
+from parallel.errors import LaunchError  # noqa: F401  (raised here; the CLIs catch it without importing torch)
 from parallel.lifetime import die_with, die_with_parent
 from parallel.ports import free_port
 
@@ -77,10 +78,6 @@ def _rank_main(rank: int, fn: Callable, world_size: int, port: int, launcher: in
         MASTER_PORT=str(port),
     )
     fn(*args)
-
-
-class LaunchError(ValueError):
-    """The launch does not fit the parallel sizes; the message names the flags and the launcher's numbers."""
 
 
 def check_world(grid: ParallelConfig, world_size: int, source: str) -> int:

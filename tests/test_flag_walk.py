@@ -24,6 +24,7 @@ from tests.test_options import JOBS
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("engine", "models", "parallel", "tools")
+REGISTERED = re.compile(r"^(engine|models|parallel|tools)(\.\w+)+(:\w+)?$")
 
 
 def _module_file(name: str) -> Path | None:
@@ -40,6 +41,8 @@ def _imports(path: Path):
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.module
             yield from (f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and REGISTERED.match(node.value):
+            yield node.value.split(":")[0]  # a registry entry ("module" or "module:attribute"), imported by name
 
 
 def reachable_source(module: str) -> str:

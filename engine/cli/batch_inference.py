@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 
 from engine.cli.options import group, parse_job, run_cli
 from engine.data.config import DataConfig
-from engine.ray.vllm_engine import VLLMEngineConfig
+from engine.ray.config import VLLMEngineConfig
 from engine.rl.rollout import SamplingConfig
 from parallel.options import option
 
@@ -138,9 +138,9 @@ def run_rm(job: BatchInferenceJob) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
+    job = parse_args(argv)  # first: --help imports nothing heavy
     from engine.inference.batch import write_jsonl
 
-    job = parse_args(argv)
     if job.scoring.post_processor and job.task.eval_task != "rm":
         raise SystemExit("--post_processor needs --eval_task rm (the rewards it selects by)")
     rows = run_rm(job) if job.task.eval_task == "rm" else run_generate(job)

@@ -9,7 +9,7 @@ from typing import Callable, ClassVar
 from engine.cli.openrlhf_compat import NO_SAVE_PATH
 from engine.cli.options import OptionError, group, naming_flags, parse_job, print_notices
 from engine.data.config import DataConfig
-from engine.trainers.base import OfflineTrainerConfig
+from engine.trainers.config import OfflineTrainerConfig
 from parallel.options import option
 
 # DataConfig fields each kind of dataset does not read: they are not flags of that job.

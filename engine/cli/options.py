@@ -386,7 +386,7 @@ def parse_job(job_cls, argv=None, *, description: str | None = None, overrides: 
 def run_cli(main, argv=None):
     """A CLI's ``__main__``: flag errors end the process with one line naming the flag, not a traceback."""
     from engine.runtime.path_lock import PathLockError
-    from parallel.launch import LaunchError
+    from parallel.errors import LaunchError
 
     try:
         return main(argv)

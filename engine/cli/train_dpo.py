@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import DataConfig
-from engine.trainers.base import OfflineTrainerConfig
-from engine.trainers.dpo import DPOConfig
+from engine.trainers.config import DPOConfig, OfflineTrainerConfig
 
 
 @dataclass(kw_only=True)

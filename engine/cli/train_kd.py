@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
-from engine.trainers.base import OfflineTrainerConfig
-from engine.trainers.kd import KDConfig
+from engine.trainers.config import KDConfig, OfflineTrainerConfig
 
 
 @dataclass(kw_only=True)

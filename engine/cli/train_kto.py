@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
-from engine.trainers.base import OfflineTrainerConfig
-from engine.trainers.kto import KTOConfig
+from engine.trainers.config import KTOConfig, OfflineTrainerConfig
 
 
 @dataclass(kw_only=True)

@@ -18,19 +18,15 @@ from typing import ClassVar
 from engine.cli.openrlhf_compat import NO_SAVE_PATH
 from engine.cli.options import OptionError, group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
 from engine.data.config import DataConfig
-from engine.ray.colocation import ColocationConfig
+from engine.ray.config import ColocationConfig, VLLMEngineConfig, WeightSyncConfig
 from engine.ray.rollout_backends import RolloutBackendConfig
-from engine.ray.vllm_engine import VLLMEngineConfig
-from engine.ray.weight_sync import WeightSyncConfig
+from engine.rl.config import PPOConfig
 from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
-from engine.rl.ppo_trainer import PPOConfig
 from engine.rl.rollout import SamplingConfig
-from engine.runtime.checkpoint import CheckpointConfig
-from engine.runtime.logging import LoggingConfig
-from engine.runtime.optimizer import OptimConfig
-from models.builder import ModelBuildConfig
-from models.lora import LoraConfig
+from engine.runtime.config import CheckpointConfig, LoggingConfig, OptimConfig
+from models.build_config import ModelBuildConfig
+from models.lora.config import LoraConfig
 from parallel.config import ParallelConfig
 from parallel.options import option
 
@@ -425,11 +421,11 @@ def job_paths(job: PPOJob) -> dict[str, str | None]:
 
 
 def main(argv=None) -> list[dict]:
+    job = parse_args(argv)  # first: --help imports nothing heavy
     from engine.ray.cluster import check_address
     from engine.runtime.checkpoint import check_resumable
     from engine.runtime.path_lock import holding_paths
 
-    job = parse_args(argv)
     check_job(job)  # flag errors before anything starts
     try:
         check_resumable(job.checkpoint, subdirectory="actor")

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import DataConfig
-from engine.trainers.base import OfflineTrainerConfig
-from engine.trainers.rm import RMConfig
+from engine.trainers.config import OfflineTrainerConfig, RMConfig
 
 
 @dataclass(kw_only=True)

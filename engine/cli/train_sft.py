@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from engine.cli import offline
 from engine.cli.options import run_cli
 from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
-from engine.trainers.base import OfflineTrainerConfig
+from engine.trainers.config import OfflineTrainerConfig
 
 
 @dataclass(kw_only=True)

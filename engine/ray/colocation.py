@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import ray
 
-from parallel.options import option
+from engine.ray.config import ColocationConfig  # noqa: F401  (declared apart: the parsers import no torch)
 
 # CPU reserved per colocated rank on CPU-only clusters: enough for Ray to place it in its
 # bundle, too little to limit how many processes a small box runs.
@@ -37,26 +37,6 @@ class Placement:
 
     def bundle_index(self, rank: int) -> int:
         return self.bundle_order[rank] if self.bundle_order else rank
-
-
-@dataclass(frozen=True, kw_only=True)
-class ColocationConfig:
-    """Which roles share devices, and whether frozen roles leave them between forwards."""
-
-    colocate_actor_ref: bool = option(False, help="actor and reference share devices")
-    colocate_critic_reward: bool = option(False, help="critic and reward models share devices")
-    colocate_all_models: bool = option(False, help="every role and (on GPU) the vLLM engines share the "
-                                                   "actor's devices")
-    ref_reward_offload: bool = option(False, help="reference / reward model weights stay in host memory "
-                                                  "except during their forward passes")
-    megatron_enable_sleep: bool | None = option(
-        None, aliases=("deepspeed_enable_sleep",), value_aliases={"no_megatron_enable_sleep": False},
-        help="actor and critic park weights, gradients and optimizer state in host memory while the engines "
-             "generate (default: on where the engines share their GPUs: --colocate_all_models on GPU)")
-
-    def trainers_sleep(self, *, engines_share_gpus: bool) -> bool:
-        """Whether the trainable roles park their state during generation (``megatron_enable_sleep``)."""
-        return engines_share_gpus if self.megatron_enable_sleep is None else self.megatron_enable_sleep
 
 
 def gpus_available() -> bool:

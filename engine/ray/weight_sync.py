@@ -20,7 +20,7 @@ that order and verify the update is complete.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Literal
+from typing import Iterable
 
 import ray
 
@@ -28,7 +28,7 @@ from engine.ray.engine_pool import EnginePool, WeightSyncError, as_pool
 
 __all__ = ["ActorWeightSync", "EngineGroup", "WeightSyncConfig", "WeightSyncError", "connect_transport",
            "resolve_sync_backend", "sync_weights"]
-from parallel.options import option
+from engine.ray.config import WeightSyncConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from parallel.weight_transfer import (
     DEFAULT_BUCKET_BYTES,
     DEFAULT_TIMEOUT_S,
@@ -38,21 +38,6 @@ from parallel.weight_transfer import (
     make_transport,
     stream_weights,
 )
-
-
-@dataclass(kw_only=True)
-class WeightSyncConfig:
-    """How the actor's weights reach the engines before every rollout."""
-
-    backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = option(
-        "auto", flag="vllm_sync_backend",
-        help="transport: gloo (CPU, any box), nccl (GPU), cuda_ipc (engines on the actor's GPUs); auto: cuda_ipc "
-             "under --colocate_all_models on GPU, nccl on GPU, gloo on CPU")
-    bucket_mb: int = option(64, flag="vllm_sync_bucket_mb", help="bucket size; no rank ever holds the whole model")
-
-    def __post_init__(self) -> None:
-        if self.bucket_mb < 1:
-            raise ValueError(f"--vllm_sync_bucket_mb must be >= 1, got {self.bucket_mb}")
 
 
 def resolve_sync_backend(requested: str, *, cuda: bool, colocated: bool) -> str:

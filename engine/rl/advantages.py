@@ -16,14 +16,15 @@ from typing import Literal
 
 import torch
 
-from parallel.options import option
+from engine.rl.config import (  # noqa: F401  (declared apart: the parsers import no torch)
+    ADVANTAGE_ESTIMATOR_ALIASES,
+    ADVANTAGE_ESTIMATORS,
+    GROUP_ESTIMATORS,
+    AdvantageConfig,
+    check_discount,
+)
 
 AdvantageEstimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo"]
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo")
-# OpenRLHF calls GRPO's group normalisation "group_norm"; accept its flag value too.
-ADVANTAGE_ESTIMATOR_ALIASES = {"group_norm": "grpo"}
-# Estimators whose baseline comes from the other samples of the same prompt.
-GROUP_ESTIMATORS: tuple[str, ...] = ("reinforce_baseline", "rloo", "grpo", "dr_grpo")
 # Estimators whose advantages are whitened over the whole batch afterwards (OpenRLHF's choice:
 # RLOO and GRPO advantages are already centred per group).
 WHITENED_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline")
@@ -47,11 +48,6 @@ def _check_groups(rewards: torch.Tensor, n_samples_per_prompt: int) -> None:
     if rewards.numel() % n_samples_per_prompt != 0:
         raise ValueError(f"rewards has {rewards.numel()} samples, not a multiple of "
                          f"--n_samples_per_prompt={n_samples_per_prompt}")
-
-
-def _check_discount(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"--{name} must be in [0, 1], got {value}")
 
 
 # ----------------------------------------------------------------------------- token rewards
@@ -108,8 +104,8 @@ def compute_gae(
     """
     _check_per_token("rewards", rewards, action_mask)
     _check_per_token("values", values, action_mask)
-    _check_discount("gamma", gamma)
-    _check_discount("lambd", lambd)
+    check_discount("gamma", gamma)
+    check_discount("lambd", lambd)
     real = action_mask.bool()
     rewards, values = rewards.float(), values.float()
     last_gae = rewards.new_zeros(rewards.size(0))
@@ -132,7 +128,7 @@ def compute_gae(
 def reinforce_returns(token_rewards: torch.Tensor, action_mask: torch.Tensor, *, gamma: float) -> torch.Tensor:
     """Discounted return-to-go ``G_t = r_t + gamma * G_{t+1}`` over the real tokens of each row."""
     _check_per_token("token_rewards", token_rewards, action_mask)
-    _check_discount("gamma", gamma)
+    check_discount("gamma", gamma)
     real = action_mask.bool()
     token_rewards = token_rewards.float()
     running = token_rewards.new_zeros(token_rewards.size(0))
@@ -220,43 +216,6 @@ def whiten(
 
 
 # ------------------------------------------------------------------------------- entry point
-
-@dataclass(kw_only=True)
-class AdvantageConfig:
-    """How advantages are estimated (the RL loop's ``--advantage_estimator`` family of flags)."""
-
-    estimator: Literal["gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "group_norm", "dr_grpo"] = option(
-        "gae", flag="advantage_estimator",
-        help="gae (critic), reinforce (REINFORCE++), reinforce_baseline, rloo, grpo (alias group_norm), dr_grpo "
-             "(group mean baseline, no std)")
-    gamma: float = option(1.0, help="discount")
-    lambd: float = option(1.0, help="GAE lambda")
-    reward_clip_range: tuple[float, float] | None = option(None, help="clip sequence rewards to [low, high]")
-    advantage_std_norm: bool = option(True, flag="no_advantage_std_norm",
-                                      help="do not divide advantages by their standard deviation")
-    n_samples_per_prompt: int = 1  # the rollout's --n_samples_per_prompt (groups for the baselines)
-
-    def __post_init__(self):
-        self.estimator = ADVANTAGE_ESTIMATOR_ALIASES.get(self.estimator, self.estimator)
-        if self.estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"--advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.estimator!r}")
-        _check_discount("gamma", self.gamma)
-        _check_discount("lambd", self.lambd)
-        if self.n_samples_per_prompt < 1:
-            raise ValueError(f"--n_samples_per_prompt must be >= 1, got {self.n_samples_per_prompt}")
-        if self.estimator in GROUP_ESTIMATORS:
-            if self.n_samples_per_prompt < 2:
-                raise ValueError(f"--advantage_estimator {self.estimator} needs --n_samples_per_prompt > 1, "
-                                 f"got {self.n_samples_per_prompt}")
-            if self.gamma != 1.0:
-                # OpenRLHF silently resets gamma to 1 here: the sequence reward sits on the last
-                # token, so discounting would weight tokens of one response differently.
-                raise ValueError(f"--gamma must be 1.0 with --advantage_estimator {self.estimator}, got {self.gamma}")
-        if self.reward_clip_range is not None:
-            low, high = self.reward_clip_range
-            if not low < high:
-                raise ValueError("--reward_clip_range must be (low, high) with low < high, "
-                                 f"got {self.reward_clip_range}")
 
 
 @dataclass(kw_only=True)

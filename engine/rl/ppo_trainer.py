@@ -9,139 +9,25 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import torch
 
 from engine.data.position import check_prompt_position, prompt_position
 from engine.rl.advantages import (
-    AdvantageConfig,
     AdvantageInputs,
     RunningMoments,
     compute_advantages,
     filter_all_equal_groups,
 )
+from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
 from engine.rl.losses import rollout_importance_weights
-from engine.rl.policy_losses.aggregation import LossAggMode, check_loss_agg_mode
 from engine.rl.policy_losses.registry import policy_loss_class
 from engine.rl.rollout import RolloutEngines, SamplingConfig, rollout_loss_masks
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
 from engine.rl.train_losses import TrainSettings
-from parallel.options import option
-
-
-@dataclass(kw_only=True)
-class PPOConfig:
-    """The RL algorithm (OpenRLHF's flags)."""
-
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    rollout_batch_size: int = option(1024, help="prompts per rollout")
-    n_samples_per_prompt: int = option(1, help="responses sampled per prompt")
-    train_batch_size: int = option(128, help="samples per optimizer step")
-    micro_train_batch_size: int = option(4, help="samples per training micro-batch per rank")
-    micro_rollout_batch_size: int = option(8, help="samples per forward micro-batch when scoring")
-    max_epochs: int = option(1, help="PPO epochs over each rollout")
-    num_episodes: int = option(1, help="passes over the prompt set")
-    max_steps: int | None = option(None, help="rollouts to run (default: the prompt set over --num_episodes)")
-    eps_clip: float = option(0.2, help="PPO clip range")
-    eps_clip_low_high: tuple[float, float] | None = option(
-        None, help="asymmetric clip range LOW HIGH (DAPO's clip-higher); overrides --eps_clip")
-    dual_clip: float | None = option(None, help="dual-clip PPO bound (> 1) on the loss of negative advantages")
-    value_clip: float | None = option(0.2, help="critic value clip range")
-    init_kl_coef: float = option(0.01, help="KL coefficient (0: no reference model)")
-    kl_target: float | None = option(None, help="adaptive KL controller target (default: a fixed coefficient)")
-    kl_horizon: int = option(10000, help="adaptive KL controller horizon")
-    use_kl_loss: bool = option(False, help="KL as a loss term (GRPO) instead of a reward penalty")
-    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", value_aliases={"use_kl_estimator_k3": "k3"},
-                                                     help="KL estimator")
-    normalize_reward: bool = option(False, help="reward models' rewards and the critic's values as (x - mean) / std "
-                                                "with the mean / std in their config.json (OpenRLHF's; train_rm "
-                                                "saves them)")
-    normalize_reward_running: bool = option(False, help="normalise the rollout's rewards by their running mean / "
-                                                        "std over the rollouts so far")
-    dynamic_filtering: bool = option(False, help="drop GRPO groups whose rewards are all equal")
-    nonfinite_reward_policy: Literal["error", "skip"] = option(
-        "error", help="a NaN / inf reward from any source: error (naming the source and the sample) or skip "
-                      "(drop that sample's prompt group from the rollout, counted as rollout/nonfinite_rewards)")
-    vllm_is_correction: bool = option(False, help="weight each token's policy gradient by min(exp(logp_actor - "
-                                                  "logp_vLLM), --vllm_is_truncated_threshold): truncated importance "
-                                                  "sampling of the engines' mismatch with the trainer")
-    vllm_is_truncated_threshold: float = option(2.0, help="cap of the --vllm_is_correction weights")
-    packing_samples: bool = option(False, help="pack each scoring / training micro-batch's prompt + response "
-                                               "sequences into one row instead of padding them to the longest "
-                                               "(the same losses; no compute on padding)")
-    async_train: bool = option(False, help="generate the next rollout on the engines while the actor scores and "
-                                           "trains on this one (one step off-policy: the engines hold the "
-                                           "weights from before this step's update); the weight sync waits for it")
-    freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
-    policy_loss_type: str = option("ppo", help="the actor's policy loss, by name (engine/rl/policy_losses/registry.py; "
-                                               "shipped: ppo, the clipped surrogate)")
-    loss_agg_mode: LossAggMode = option("token-mean", help="how the policy and KL losses reduce their token losses "
-                                                          "over the optimizer step (veRL's): token-mean, "
-                                                          "seq-mean-token-sum, seq-mean-token-mean, "
-                                                          "seq-mean-token-sum-norm (divisor --generate_max_len)")
-    mask_truncated_completions: bool = option(False, help="leave responses that hit --generate_max_len out of the "
-                                                          "actor's and critic's losses (and their normalisers)")
-    ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
-    seed: int = 42  # the job's --seed
-    skip_redundant_forwards: bool = True  # False: always score old log-probs (tests compare both ways)
-
-    def __post_init__(self) -> None:
-        samples = self.rollout_batch_size * self.n_samples_per_prompt
-        if samples % self.train_batch_size:
-            raise ValueError(
-                f"--rollout_batch_size x --n_samples_per_prompt ({samples}) must be divisible by "
-                f"--train_batch_size ({self.train_batch_size})"
-            )
-        if self.n_samples_per_prompt != self.advantage.n_samples_per_prompt:
-            raise ValueError("--n_samples_per_prompt differs between the rollout and the advantage config")
-        if self.ptx_coef < 0:
-            raise ValueError(f"--ptx_coef must be >= 0, got {self.ptx_coef}")
-        if self.eps_clip_low_high is not None and min(self.eps_clip_low_high) < 0:
-            raise ValueError(f"--eps_clip_low_high must be two values >= 0, got {self.eps_clip_low_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"--dual_clip must be > 1.0, got {self.dual_clip}")
-        if self.vllm_is_truncated_threshold <= 0:
-            raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {self.vllm_is_truncated_threshold}")
-        check_loss_agg_mode(self.loss_agg_mode)
-        self._check_policy_loss_inputs()
-
-    def _check_policy_loss_inputs(self) -> None:
-        """Refuse a --policy_loss_type that needs what this run does not compute."""
-        needs = policy_loss_class(self.policy_loss_type).needs
-        if "ref_log_probs" in needs and not self.needs_reference:
-            raise ValueError(f"--policy_loss_type {self.policy_loss_type} needs the reference model's log-probs: "
-                             f"set --init_kl_coef > 0")
-        if "values" in needs and not self.needs_critic:
-            raise ValueError(f"--policy_loss_type {self.policy_loss_type} needs the critic's values: "
-                             f"--advantage_estimator gae")
-
-    @property
-    def clip_range(self) -> tuple[float, float]:
-        """(low, high) clip of the policy ratio."""
-        return self.eps_clip_low_high or (self.eps_clip, self.eps_clip)
-
-    @property
-    def needs_critic(self) -> bool:
-        return self.advantage.estimator == "gae"
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.init_kl_coef > 0
-
-    def needs_old_log_probs(self, *, reference: bool) -> bool:
-        """Whether scoring must run the actor's forward for the rollout's old log-probs. Not when
-        the rollout feeds exactly one optimizer step (the training forward's own log-probs are
-        them) and nothing else reads them before training: no KL penalty in the reward, no
-        adaptive KL controller fed by the rollout's KL."""
-        one_step = self.max_epochs == 1 and self.rollout_batch_size * self.n_samples_per_prompt == self.train_batch_size
-        kl_before_training = reference and (not self.use_kl_loss or self.kl_target is not None)
-        # (--vllm_is_correction's weights then come from the training forward's log-probs.)
-        return not (self.skip_redundant_forwards and one_step and not kl_before_training)
-
 
 # The engines' mismatch measured in the training forward (no old-log-prob forward), named as when
 # scoring measures it.

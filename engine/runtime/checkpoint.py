@@ -13,13 +13,13 @@ import logging
 import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.runtime.config import CheckpointConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from models.heads import is_value_model
 from models.hf_checkpoint import CheckpointError
 from models.lora import has_lora
@@ -31,38 +31,12 @@ from models.mcore_checkpoint import (
     save_sharded,
     verify_checkpoint,
 )
-from parallel.options import option
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
 # Optimizer states in the canonical per-parameter layout: a resume may change TP / PP / DP
 # (megatron-core 0.16.1 rejects its default 'fully_sharded_model_space' format at save time).
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    """Resumable training checkpoints."""
-
-    ckpt_path: str | None = option(None, help="directory of resumable training checkpoints")
-    save_steps: int = option(-1, help="checkpoint every N steps and at the last one (-1: no checkpoints)")
-    max_ckpt_num: int = option(3, help="checkpoints kept (oldest removed)")
-    load_checkpoint: bool = option(False, help="resume from the newest valid checkpoint under --ckpt_path")
-    require_checkpoint: bool = option(False, help="with --load_checkpoint: fail when --ckpt_path holds no usable "
-                                                  "checkpoint (default: say so and start fresh)")
-
-    def __post_init__(self) -> None:
-        if self.max_ckpt_num < 1:
-            raise ValueError(f"--max_ckpt_num must be >= 1, got {self.max_ckpt_num}")
-        if (self.load_checkpoint or self.save_steps > 0) and not self.ckpt_path:
-            raise ValueError("--load_checkpoint / --save_steps need --ckpt_path")
-        if self.require_checkpoint and not self.load_checkpoint:
-            raise ValueError("--require_checkpoint needs --load_checkpoint")
-
-    @property
-    def used_path(self) -> str | None:
-        """--ckpt_path when this job reads or writes it (the job then locks it), else None."""
-        return self.ckpt_path if self.load_checkpoint or self.save_steps > 0 else None
 
 
 def _rng_state() -> dict:

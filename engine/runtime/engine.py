@@ -17,7 +17,7 @@ colocated vLLM engines generate (``park_training_state``); whatever needs them b
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,34 +31,20 @@ from engine.runtime.checkpoint import (
     resume_directory,
     save_training_checkpoint,
 )
+from engine.runtime.config import EngineConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.runtime.ema import EMA_CHECKPOINT_KEY, EmaModel
 from engine.runtime.finite import SkippedSteps, check_finite_weights
 from engine.runtime.offload import PARTS, TrainingStateOffloader
-from engine.runtime.optimizer import OptimConfig, build_optimizer, build_scheduler, wrap_ddp
+from engine.runtime.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from engine.runtime.schedule import LossFn, run_microbatches, token_mean_scale
 from engine.runtime.train_step import StepResult, reduce_metrics, routing_metrics, train_step
-from models.builder import NO_RECOMPUTE, ModelBuildConfig, build_model
+from models.builder import NO_RECOMPUTE, build_model
 from models.lora import LoraConfig, adapters_disabled
 from models.lora.export import save_peft_adapter
 from models.sources import ModelSource
 from models.weights import save_hf_checkpoint
-from parallel.config import ParallelConfig
 from parallel.context_parallel import zigzag_gather, zigzag_gather_packed
 from parallel.initialize import initialize_parallel
-from parallel.options import option
-
-
-@dataclass(kw_only=True)
-class EngineConfig:
-    """The model, its grid and its optimizer."""
-
-    pretrain: str = option(help="model to start from: an HF directory or a Megatron checkpoint (tools.convert."
-                                "hf_to_mcore output or <ckpt_path>/global_stepN), written under any layout")
-    seed: int = option(42, help="random seed (initialisation, data order, sampling)")
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    build: ModelBuildConfig = field(default_factory=ModelBuildConfig)
-    pretrain_flag: str = "--pretrain"  # the flag ``pretrain`` came from (--reward_pretrain ...), named in errors
 
 
 class TrainingEngine:

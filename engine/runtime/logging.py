@@ -2,29 +2,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from parallel.options import option
-
-
-@dataclass(kw_only=True)
-class LoggingConfig:
-    """Where metrics go."""
-
-    logging_steps: int = option(1, help="log metrics every N steps")
-    use_tensorboard: str | None = option(None, metavar="DIR", help="TensorBoard log directory")
-    use_wandb: str | None = option(None, metavar="KEY|True|offline",
-                                   help="wandb API key; True: the existing login (offline without one); offline")
-    wandb_org: str | None = option(None, help="wandb entity (team or user)")
-    wandb_group: str | None = option(None, help="wandb run group")
-    wandb_project: str = option("megatron-rlhf", help="wandb project")
-    wandb_run_name: str | None = option(None, help="wandb run name")
-
-    def __post_init__(self) -> None:
-        if self.logging_steps < 1:
-            raise ValueError(f"--logging_steps must be >= 1, got {self.logging_steps}")
+from engine.runtime.config import LoggingConfig  # noqa: F401  (declared apart: the parsers import no torch)
 
 
 class MetricsLogger:

@@ -1,15 +1,12 @@
 """Megatron DDP + distributed (DP-sharded) Adam + LR schedule, from one typed config."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from parallel.options import option
+from engine.runtime.config import LR_SCHEDULES, OptimConfig  # noqa: F401  (declared apart: the parsers import no torch)
 
 try:  # what megatron-core's precision-aware optimizer needs
     import transformer_engine  # noqa: F401
@@ -17,42 +14,6 @@ try:  # what megatron-core's precision-aware optimizer needs
     HAVE_TE = True
 except ImportError:
     HAVE_TE = False
-
-_SCHEDULES = {"cosine_with_min_lr": "cosine", "cosine": "cosine", "constant": "constant", "linear": "linear"}
-
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    """Megatron's distributed Adam and its LR schedule."""
-
-    learning_rate: float = option(1e-5, help="peak learning rate")
-    lr_warmup_ratio: float = option(0.03, help="fraction of the steps spent in linear warmup")
-    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "constant", "linear"] = option(
-        "cosine_with_min_lr", help="learning-rate schedule after warmup")
-    min_lr_ratio: float = option(0.1, help="cosine / linear decay ends at learning_rate x this")
-    weight_decay: float = option(0.0, flag="l2", help="weight decay")
-    adam_betas: tuple[float, float] = option((0.9, 0.95), help="Adam beta1 beta2")
-    max_norm: float = option(1.0, help="gradient clipping (0 disables)")
-    adam_offload: bool = option(False, help="Adam states (and, with Transformer Engine, the fp32 master weights) in "
-                                            "host memory, the update on the CPU (megatron-core's HybridDeviceOptimizer)"
-                                            "; a CPU build holds them in host memory anyway")
-    max_skipped_steps: int = option(3, help="stop the run (an error naming the cause) after this many optimizer "
-                                            "steps in a row skipped for a non-finite loss or grad norm (0: never "
-                                            "stop); a skipped step leaves the weights unchanged on every rank")
-    adam_eps: float = 1e-8
-    use_distributed_optimizer: bool = True
-
-    def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.lr_warmup_ratio < 1:
-            raise ValueError(f"--lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
-        if self.lr_scheduler not in _SCHEDULES:
-            raise ValueError(f"--lr_scheduler must be one of {sorted(_SCHEDULES)}, got {self.lr_scheduler!r}")
-        if self.max_norm < 0:
-            raise ValueError(f"--max_norm must be >= 0 (0 disables clipping), got {self.max_norm}")
-        if self.max_skipped_steps < 0:
-            raise ValueError(f"--max_skipped_steps must be >= 0 (0: never stop), got {self.max_skipped_steps}")
 
 
 def wrap_ddp(model, optim: OptimConfig) -> DistributedDataParallel:
@@ -103,7 +64,7 @@ def offload_kwargs(adam_offload: bool, *, cuda: bool, transformer_engine: bool) 
 
 def build_scheduler(optimizer, optim: OptimConfig, *, total_steps: int) -> OptimizerParamScheduler:
     warmup = int(total_steps * optim.lr_warmup_ratio)
-    style = _SCHEDULES[optim.lr_scheduler]
+    style = LR_SCHEDULES[optim.lr_scheduler]
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else optim.learning_rate,

@@ -11,45 +11,17 @@ unconsumed sample, with the remaining steps and the LR schedule re-planned for t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from engine.data.position import DataPosition, SchedulePlan
-from engine.runtime.checkpoint import CheckpointConfig
-from engine.runtime.engine import EngineConfig, TrainingEngine
-from engine.runtime.logging import LoggingConfig, MetricsLogger, format_metrics
+from engine.runtime.engine import TrainingEngine
+from engine.runtime.logging import MetricsLogger, format_metrics
 from engine.runtime.optimizer import replan_scheduler
 from engine.runtime.schedule import LossFn
-from parallel.options import option
-
-
-@dataclass(kw_only=True)
-class TrainLoopConfig:
-    """Epochs, batch sizes, evaluation and the final export."""
-
-    max_epochs: int = option(1, help="passes over the training set")
-    train_batch_size: int = option(128, help="samples per optimizer step, over all data-parallel ranks")
-    micro_train_batch_size: int = option(8, help="samples per micro-batch per rank (gradient accumulation fills the rest)")
-    max_steps: int | None = option(None, help="stop after N optimizer steps (the LR schedule is unchanged)")
-    eval_steps: int = option(-1, help="evaluate every N steps (-1: at the end, when --eval_split is given)")
-    save_path: str | None = option(None, help="final HF checkpoint directory")
-    save_hf_ckpt: bool = option(False, help="also export HF weights with each training checkpoint")
-
-    def __post_init__(self) -> None:
-        for flag in ("max_epochs", "train_batch_size", "micro_train_batch_size"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
-
-
-@dataclass(kw_only=True)
-class OfflineTrainerConfig:
-    engine: EngineConfig
-    loop: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+from engine.trainers.config import OfflineTrainerConfig, TrainLoopConfig  # noqa: F401  (declared apart: the parsers import no torch)
 
 
 class OfflineTrainer:

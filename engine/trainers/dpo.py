@@ -10,39 +10,16 @@ TP / PP / CP / DP.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
 
 from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn
+from engine.trainers.config import DPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.trainers.losses import dpo_loss
 from engine.trainers.pairs import PairwiseTrainer
 from engine.trainers.sequence_outputs import context_parallel_share, sequence_log_probs
-from parallel.options import option
-
-
-@dataclass(kw_only=True)
-class DPOConfig:
-    """The DPO family's loss and its reference model."""
-
-    beta: float = option(0.1, help="DPO temperature")
-    ipo: bool = option(False, help="IPO loss instead of DPO's")
-    label_smoothing: float = option(0.0, help="cDPO: the assumed rate of flipped preference labels")
-    nll_loss_coef: float = option(0.0, help="weight of the chosen responses' per-token NLL (RPO)")
-    ref_pretrain: str | None = option(None, help="reference model, HF directory or Megatron checkpoint (default: --pretrain)")
-    ref_offload: bool = option(False, help="keep the reference in host memory between uses (GPU)")
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.ipo and self.label_smoothing > 0:
-            raise ValueError("--label_smoothing (cDPO) does not apply with --ipo")
-        if self.nll_loss_coef < 0:
-            raise ValueError(f"--nll_loss_coef must be >= 0, got {self.nll_loss_coef}")
 
 
 def dpo_loss_fn(scale: float, config: DPOConfig, ref_log_probs: deque, cp_group) -> LossFn:

@@ -8,7 +8,6 @@ student's loss consumes in micro-batch order (the schedule calls the loss in tha
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,24 +15,9 @@ import torch.nn.functional as F
 from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn, gather_vocab
 from engine.trainers.base import OfflineTrainerConfig
+from engine.trainers.config import KDConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.trainers.losses import kd_loss, log_probs_from_logits
 from engine.trainers.sft import SFTTrainer
-from parallel.options import option
-
-
-@dataclass(kw_only=True)
-class KDConfig:
-    """Distillation from a frozen teacher with the student's tokenizer."""
-
-    teacher_model: str = option(help="the frozen teacher: HF directory or Megatron checkpoint")
-    kd_coef: float = option(0.4, help="weight of the distillation term (1 - it: NLL)")
-    teacher_offload: bool = option(False, help="keep the teacher in host memory between uses (GPU)")
-
-    def __post_init__(self) -> None:
-        if not self.teacher_model:
-            raise ValueError("--teacher_model is required for knowledge distillation")
-        if not 0.0 <= self.kd_coef <= 1.0:
-            raise ValueError(f"--kd_coef must be in [0, 1], got {self.kd_coef}")
 
 
 def kd_loss_fn(scale: float, kd_coef: float, vocab_size: int, teacher_logits: deque) -> LossFn:

@@ -9,7 +9,6 @@ and the reference scores the real ones; the loss then needs one policy forward a
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,27 +19,9 @@ from engine.data.packing import packed_sequences_collate
 from engine.runtime.engine import frozen_copy
 from engine.runtime.schedule import LossFn
 from engine.trainers.base import OfflineTrainer, OfflineTrainerConfig
+from engine.trainers.config import KTOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.trainers.losses import kto_loss
 from engine.trainers.sequence_outputs import context_parallel_share, sequence_log_probs
-from parallel.options import option
-
-
-@dataclass(kw_only=True)
-class KTOConfig:
-    """KTO's loss and its reference model."""
-
-    beta: float = option(0.01, help="KTO temperature")
-    desirable_loss_weight: float = option(1.0, help="weight of desirable completions")
-    undesirable_loss_weight: float = option(1.0, help="weight of undesirable completions")
-    ref_pretrain: str | None = option(None, help="reference model, HF directory or Megatron checkpoint (default: --pretrain)")
-    ref_offload: bool = option(False, help="keep the reference in host memory between uses (GPU)")
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
-        for flag in ("desirable_loss_weight", "undesirable_loss_weight"):
-            if getattr(self, flag) < 0:
-                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
 
 
 def mismatched_samples(samples: list[dict], max_len: int) -> list[dict]:

@@ -10,27 +10,18 @@ eval split (else on the first training pairs), so consumers can normalise reward
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state as ps
 
 from engine.runtime.schedule import LossFn
 from engine.trainers.base import OfflineTrainerConfig
+from engine.trainers.config import RMConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.trainers.losses import pairwise_rm_loss
 from engine.trainers.pairs import PairwiseTrainer
 from engine.trainers.sequence_outputs import context_parallel_share, last_token_values
-from parallel.options import option
 
 STATS_MAX_PAIRS = 1024  # pairs scored for the exported reward statistics without an eval split
-
-
-@dataclass(kw_only=True)
-class RMConfig:
-    """The pairwise loss."""
-
-    margin_loss: bool = option(False, help="subtract each pair's margin column inside the loss (without it "
-                                           "margins are read but not used, as in OpenRLHF)")
 
 
 def rm_loss_fn(scale: float, cp_group, *, margin_loss: bool = False) -> LossFn:

@@ -15,9 +15,6 @@ from dataclasses import asdict, dataclass
 
 from engine.cli.options import group, parse_job, run_cli
 from tools.plan.configs import load_hf_config
-from tools.plan.plan import layout_of, make_plan
-from tools.plan.report import format_plan, format_search, plan_dict
-from tools.plan.search import is_complete, search
 from tools.plan.spec import ClusterSpec, LayoutSpec, ModelSpec, OutputSpec, RolloutSpec
 
 
@@ -50,6 +47,12 @@ def assumptions(job: PlanJob) -> dict:
 
 def run(job: PlanJob) -> dict | list:
     """The plan (a complete layout) or the ranked search, as printed."""
+    # The planner builds the model on the meta device (torch, megatron): imported when it runs, not
+    # when --help is printed.
+    from tools.plan.plan import layout_of, make_plan
+    from tools.plan.report import format_plan, format_search, plan_dict
+    from tools.plan.search import is_complete, search
+
     adapter, reward = adapters(job)
     said = assumptions(job)
     if is_complete(job.layout, adapter):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from models.builder import RECOMPUTE_MODULES
+from models.build_config import RECOMPUTE_MODULES
 from parallel.options import option
 
 Job = Literal["sft", "dpo", "rm", "kto", "ppo", "grpo"]

@@ -18,18 +18,11 @@ collective in the loss itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 
-LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
-
-
-def check_loss_agg_mode(mode: str) -> None:
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"--loss_agg_mode {mode!r} is not one of {', '.join(LOSS_AGG_MODES)}")
+from engine.rl.config import LOSS_AGG_MODES, LossAggMode, check_loss_agg_mode  # noqa: F401  (declared apart: the parsers import no torch)
 
 
 def annotate_microbatches(microbatches: list[dict], *, mode: str, mask_key: str = "action_mask") -> list[dict]:

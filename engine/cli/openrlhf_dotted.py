@@ -9,7 +9,9 @@ OpenRLHF renamed a concept between 2025 and 0.10 (``--dataset_split``, ``--max_n
 flag this engine spells it with. ``engine/cli/options.py`` gives the parser of each of OpenRLHF's
 CLIs (:data:`CLIS`) the dotted twin of each flag it has, with the same effect (aliases on the same
 argparse action: the last one given wins, as for every alias); a dotted name whose flat flag a job
-does not have is unrecognized there, as an unknown flat flag is.
+does not have is unrecognized there, as an unknown flat flag is. Entries of the table given dotted
+print their notice (or refusal) naming the spelling typed. :data:`BY_VALUE` holds the 0.10+ flags
+that take a value where 2025 had a switch (``--ds.param_dtype bf16``: ``--bf16``).
 
 Not here (so unrecognized, as any flag OpenRLHF added after March 2025 that has no option here):
 concepts without a counterpart in this engine (``--train.dynamic_batch_enable``,
@@ -20,10 +22,12 @@ set both roles, as the 2025 flags did; only the learning rate is the critic's ow
 """
 from __future__ import annotations
 
-from engine.cli.openrlhf_compat import EVERY
+from engine.cli.openrlhf_compat import EVERY, RL
 
 # The CLIs that take the dotted names: OpenRLHF's (a module name under engine/cli or tools/convert).
 CLIS = (*EVERY, "lora_combiner")
+# 0.10+ spells the trained model's settings per role in train_ppo_ray and per model elsewhere.
+RL_ONLY, NOT_RL = ("actor.", "critic."), ("model.", "adam.")
 
 RENAMED: dict[str, str] = {
     # ----- checkpoints and logging ------------------------------------------------------------------
@@ -185,10 +189,12 @@ BY_VALUE: dict[str, tuple[str, dict[str, bool]]] = {
 }
 
 
-def twins(flat_names: set[str]) -> dict[str, tuple[str, ...]]:
-    """The dotted spellings of those of ``flat_names`` that OpenRLHF 0.10+ renamed (flat -> dotted)."""
+def twins(flat_names: set[str], cli: str) -> dict[str, tuple[str, ...]]:
+    """The dotted spellings in CLI ``cli`` of those of ``flat_names`` that OpenRLHF 0.10+ renamed (flat -> dotted)."""
     out: dict[str, list[str]] = {}
     for dotted, flat in RENAMED.items():
+        if dotted.startswith(RL_ONLY if cli not in RL else NOT_RL):
+            continue
         if flat in flat_names:
             out.setdefault(flat, []).append(dotted)
     return {flat: tuple(names) for flat, names in out.items()}

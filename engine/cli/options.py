@@ -332,7 +332,7 @@ def _flat_names(job_cls) -> set[str]:
 @functools.cache
 def _dotted_twins(job_cls) -> dict[str, tuple[str, ...]]:
     """Flat flag of the job -> its OpenRLHF 0.10+ dotted spellings."""
-    return twins(_flat_names(job_cls))
+    return twins(_flat_names(job_cls), cli_name(job_cls))
 
 
 def dotted_flags(job_cls) -> dict[str, str]:

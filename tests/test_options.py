@@ -126,12 +126,15 @@ def test_every_cli_has_a_job():
 
 @pytest.mark.parametrize("module", sorted(JOBS))
 def test_flags_and_fields_map_one_to_one(module):
+    from engine.cli.options import dotted_flags
+
     job_cls = _job(module)
     flags = job_flags(job_cls)  # raises if two fields would share a flag
     parser = build_parser(job_cls)
     parsed = {s for action in parser._actions for s in action.option_strings if s not in ("-h", "--help")}
     fields, foreign = {s for f in flags for s in f.option_strings}, {f"--{e.flag}" for e in foreign_flags(job_cls)}
-    assert parsed == fields | foreign and not fields & foreign
+    dotted = {f"--{name}" for name in dotted_flags(job_cls)}  # OpenRLHF 0.10+'s spellings of the same flags
+    assert parsed == fields | foreign | dotted and not fields & foreign
     # ... and back: every option field of the job's configs is a flag unless the job excludes it.
     assert _all_option_fields(job_cls) == {f.dest for f in flags} | _excluded(job_cls)
 

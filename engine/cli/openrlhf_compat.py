@@ -50,9 +50,12 @@ class Foreign:
     def refuses(self, value: Any) -> bool:
         return self.refused and value not in self.accepted
 
-    def line(self, value: Any) -> str:
-        """The notice (or, for a refused value, the error) naming the flag as typed."""
-        shown = f"--{self.flag}" if self.type is None else f"--{self.flag} {_show(value)}"
+    def line(self, value: Any, typed: str | None = None) -> str:
+        """The notice (or, for a refused value, the error) naming the flag as typed (``typed``: the
+        spelling given, e.g. OpenRLHF 0.10+'s ``--ds.zero_stage``; with its value for a switch given
+        by value, ``--ds.param_dtype bf16``)."""
+        name = typed or f"--{self.flag}"
+        shown = name if self.type is None else f"{name} {_show(value)}"
         return f"{shown}: {'not supported: ' if self.refuses(value) else ''}{self.says}"
 
 

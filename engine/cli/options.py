@@ -20,6 +20,11 @@ LoRA, ...) are added for the job's CLI from that one table: ``parse_job`` refuse
 with an OptionError naming it, prints one notice line per accepted one (rank 0 only) and builds
 the job without them; a fan-out sets the fields of the flags it stands for.
 
+OpenRLHF 0.10+'s dotted spellings (``engine/cli/openrlhf_dotted.py``: ``--ds.zero_stage``,
+``--actor.adam.lr``, ...) of the flags a job has are more option strings of the same argparse
+actions, so they have the same effect and the last of two spellings given wins, as for any alias;
+``--help`` leaves them out and says so in one line at the end.
+
 Validation errors of the configs name flags as ``--<field flag>``; they are rewritten to the
 flag the user typed (``--actor_tensor_model_parallel_size``, ``--prompt_data``) and raised as
 :class:`OptionError` (a ``ValueError``). ``naming_flags(job_cls, "actor")`` does the same for
@@ -32,6 +37,7 @@ the prefixed flag. This module is the ~200 lines of it that this project needs.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import os
@@ -44,6 +50,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Iterator, Literal, get_args, get_origin
 
 from engine.cli.openrlhf_compat import Foreign, entries_for
+from engine.cli.openrlhf_dotted import BY_VALUE, CLIS, twins
 from parallel.options import flag_name, option_info
 
 GROUP = "option_group"
@@ -208,22 +215,50 @@ def _show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help without OpenRLHF 0.10+'s dotted twins (the epilog says they are accepted)."""
+
+    # The one method that spells an action's option strings in the help (argparse since 3.2; the
+    # usage line shows only the first, always the flat name).
+    def _format_action_invocation(self, action):
+        flat = [s for s in action.option_strings if "." not in s]
+        if flat != action.option_strings:
+            action = copy.copy(action)
+            action.option_strings = flat
+        return super()._format_action_invocation(action)
+
+
+DOTTED_EPILOG = ("OpenRLHF 0.10+'s dotted names of these flags are accepted too, with the same effect\n"
+                 "(--ds.zero_stage for --zero_stage, --data.max_len for --max_len, ...): the table is\n"
+                 "engine/cli/openrlhf_dotted.py.")
+
+
+def _spellings(names, dotted: dict[str, tuple[str, ...]]) -> list[str]:
+    """Option strings of flags ``names``: each, then the dotted twins of them all."""
+    return [f"--{n}" for n in names] + [f"--{d}" for n in names for d in dotted.get(n, ())]
+
+
 def build_parser(job_cls, *, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dotted = _dotted_twins(job_cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter,
+                                     epilog=DOTTED_EPILOG if dotted else None)
     sections: dict[tuple, argparse._ArgumentGroup] = {}
     titles = {f.name: (f.metadata.get(GROUP) or GroupInfo()).title or f.name.replace("_", " ")
               for f in dataclasses.fields(job_cls)}
+    actions: dict[str, argparse.Action] = {}  # flag (no "--") -> its action
     for flag in job_flags(job_cls):
         key = (flag.group, flag.owner)
         if key not in sections:
             sections[key] = parser.add_argument_group(f"{titles[flag.group]}: {_summary(flag.owner)}")
         section = sections[key]
         kwargs = _argparse_kwargs(flag)
-        section.add_argument(*[f"--{n}" for n in (flag.flag, *flag.aliases)], **kwargs)
+        action = section.add_argument(*_spellings((flag.flag, *flag.aliases), dotted), **kwargs)
+        actions.update(dict.fromkeys((flag.flag, *flag.aliases), action))
         for name, value in flag.value_aliases:
-            section.add_argument(f"--{name}", dest=flag.dest, action="store_const", const=value,
-                                 help=f"alias of --{flag.flag} {value}")
-    _add_foreign_flags(parser, job_cls)
+            actions[name] = section.add_argument(*_spellings((name,), dotted), dest=flag.dest, action="store_const",
+                                                 const=value, help=f"alias of --{flag.flag} {value}")
+    actions.update(_add_foreign_flags(parser, job_cls, dotted))
+    _add_by_value_flags(parser, actions)
     return parser
 
 
@@ -253,6 +288,60 @@ def foreign_flags(job_cls) -> tuple[Foreign, ...]:
     return entries
 
 
+_TYPED = "typed:"  # argparse dest prefix: how an entry was spelled (dotted or flat), for its notice
+
+
+class _Entry(argparse.Action):
+    """An OpenRLHF table entry: its value (True for a switch) and the spelling it was given with."""
+
+    def __init__(self, option_strings, dest, *, switch: bool, **kwargs):
+        self.switch = switch
+        super().__init__(option_strings, dest, **({"nargs": 0} if switch else {}), **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True if self.switch else values)
+        setattr(namespace, _TYPED + self.dest, option_string)
+
+
+class _ByValue(argparse.Action):
+    """An OpenRLHF 0.10+ valued flag standing for a 2025 switch (``--ds.param_dtype bf16``: ``--bf16``)."""
+
+    def __init__(self, option_strings, dest, *, switch: argparse.Action, meaning: dict[str, bool], **kwargs):
+        self.switch, self.meaning = switch, meaning
+        super().__init__(option_strings, dest, choices=list(meaning), **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.meaning[values]:  # False: as if the switch were not given
+            self.switch(parser, namespace, [], f"{option_string} {values}")
+
+
+def _add_by_value_flags(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action]) -> None:
+    for dotted, (flat, meaning) in BY_VALUE.items():
+        if flat in actions:
+            parser.add_argument(f"--{dotted}", action=_ByValue, dest=actions[flat].dest, default=argparse.SUPPRESS,
+                                switch=actions[flat], meaning=meaning, help=argparse.SUPPRESS)
+
+
+def _flat_names(job_cls) -> set[str]:
+    """Every flag of a job of OpenRLHF's CLIs (options, their aliases, OpenRLHF table entries), without "--"."""
+    if cli_name(job_cls) not in CLIS:
+        return set()
+    return {s[2:] for f in job_flags(job_cls) for s in f.option_strings} | {e.flag for e in foreign_flags(job_cls)}
+
+
+@functools.cache
+def _dotted_twins(job_cls) -> dict[str, tuple[str, ...]]:
+    """Flat flag of the job -> its OpenRLHF 0.10+ dotted spellings."""
+    return twins(_flat_names(job_cls), cli_name(job_cls))
+
+
+def dotted_flags(job_cls) -> dict[str, str]:
+    """Every OpenRLHF 0.10+ dotted flag a job accepts -> the flat flag it stands for."""
+    out = {d: flat for flat, ds in _dotted_twins(job_cls).items() for d in ds}
+    out.update({d: flat for d, (flat, _) in BY_VALUE.items() if flat in _flat_names(job_cls)})
+    return out
+
+
 class _FanOut(argparse.Action):
     """One flag setting several options (their dests) to its value."""
 
@@ -265,10 +354,11 @@ class _FanOut(argparse.Action):
             setattr(namespace, target, values)
 
 
-def _add_foreign_flags(parser: argparse.ArgumentParser, job_cls) -> None:
+def _add_foreign_flags(parser: argparse.ArgumentParser, job_cls, dotted) -> dict[str, argparse.Action]:
     entries = foreign_flags(job_cls)
     if not entries:
-        return
+        return {}
+    actions = {}
     by_flag = {f.flag: f for f in job_flags(job_cls)}
     section = parser.add_argument_group("OpenRLHF flags: accepted with a one-line notice, aliases of several "
                                         "options here, or refused with the reason")
@@ -281,11 +371,11 @@ def _add_foreign_flags(parser: argparse.ArgumentParser, job_cls) -> None:
         else:
             refused = "refused" + (f" unless {' / '.join(map(str, entry.accepted))}" if entry.accepted else "")
             kwargs["help"] = f"{refused}: {entry.says}" if entry.refused else entry.says
-            if entry.type is None:
-                kwargs["action"] = "store_true"
-            else:
+            kwargs.update(action=_Entry, switch=entry.type is None)
+            if entry.type is not None:
                 kwargs.update(type=entry.type, nargs=entry.nargs, metavar=entry.type.__name__.upper())
-        section.add_argument(f"--{entry.flag}", **kwargs)
+        actions[entry.flag] = section.add_argument(*_spellings((entry.flag,), dotted), **kwargs)
+    return actions
 
 
 def take_foreign_flags(job_cls, parsed: dict[str, Any]) -> list[str]:
@@ -296,9 +386,10 @@ def take_foreign_flags(job_cls, parsed: dict[str, Any]) -> list[str]:
         if _FOREIGN + entry.flag not in parsed:
             continue
         value = parsed.pop(_FOREIGN + entry.flag)
+        typed = parsed.pop(_TYPED + _FOREIGN + entry.flag, None)
         if entry.refuses(value):
-            raise OptionError(entry.line(value))
-        notices.append(entry.line(value))
+            raise OptionError(entry.line(value, typed))
+        notices.append(entry.line(value, typed))
     return notices
 
 

@@ -125,16 +125,18 @@ def _pre_change_policy_loss(settings, *, scale, tp_group, logits, batch):
     log_probs = token_log_probs(logits, batch["labels"], temperature=settings.temperature)
     old_log_probs = batch.get("old_log_probs")
     old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
-    weights = batch.get("rollout_is_weights")
+    # The engines' mismatch, now measured on one route whatever the old log-probs' source (metric
+    # names as the loop reports them).
     rollout = batch.get("rollout_log_probs")
-    engine_metrics = {}
+    weights, engine_metrics = None, {}
     if rollout is not None:
         cap = settings.vllm_is_cap
-        engine_metrics = {"logprob_abs_diff_sum": ((old_log_probs - rollout).abs() * mask).sum()}
-        if weights is None and cap is not None:
+        engine_metrics = {"rollout_logprob_abs_diff_sum": ((old_log_probs - rollout).abs() * mask).sum()}
+        if cap is not None:
             weights, raw = truncated_importance_weights(old_log_probs, rollout, mask, cap=cap)
-            engine_metrics.update(is_weight_sum=weights.sum(), is_capped_sum=((raw > cap).float() * mask).sum(),
-                                  is_weight_max=weights.max() if weights.numel() else weights.new_zeros(()))
+            engine_metrics.update({"vllm_is/mean_sum": weights.sum(),
+                                   "vllm_is/capped_frac_sum": ((raw > cap).float() * mask).sum(),
+                                   "vllm_is/max": weights.max() if weights.numel() else weights.new_zeros(())})
     loss_sum, info = policy_loss(log_probs, old_log_probs, batch["advantages"], mask, eps_clip=settings.eps_clip,
                                  eps_clip_high=settings.eps_clip_high, dual_clip=settings.dual_clip,
                                  normaliser=1.0, importance_weights=weights)
@@ -177,8 +179,6 @@ def _bit_for_bit_body(rank, world_size):
     results = []
     for old_log_probs in (None, -torch.rand(rows, length, generator=g) * 3):
         step_batch = dict(batch) if old_log_probs is None else {**batch, "old_log_probs": old_log_probs}
-        if old_log_probs is not None:
-            step_batch.pop("rollout_log_probs")  # scoring measured them (the two routes of today)
         outputs = []
         for compute in ("before", "after"):
             leaf = logits.clone().requires_grad_(True)

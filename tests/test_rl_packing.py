@@ -46,7 +46,7 @@ def _rollout(seed: int, rows: int):
     experience = Experience.from_rollout(batch)
     mask = experience.action_mask
     return experience.with_fields(advantages=torch.randn(mask.shape, generator=g) * mask,
-                                  rollout_is_weights=(0.5 + torch.rand(mask.shape, generator=g)) * mask)
+                                  rollout_log_probs=-(0.5 + 5 * torch.rand(mask.shape, generator=g)) * mask)
 
 
 def _scores_and_step_both_ways(rank, world, path, grid):
@@ -88,7 +88,7 @@ def _scores_and_step_both_ways(rank, world, path, grid):
     results = []
     for actor, packed in ((padded_actor, False), (packed_actor, True)):
         settings = TrainSettings(train_batch_size=8, micro_train_batch_size=4, max_epochs=1, seed=0, temperature=0.9,
-                                 ptx_coef=0.1, packing_samples=packed)
+                                 ptx_coef=0.1, packing_samples=packed, vllm_is_cap=2.0)
         results.append(actor.train(experience, "policy", settings, ptx_rows))
     weight_diff = max(float((a - b).abs().max()) for a, b in zip(padded_actor.engine.model.parameters(),
                                                                    packed_actor.engine.model.parameters()))

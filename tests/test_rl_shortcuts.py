@@ -41,15 +41,16 @@ def test_no_reference_model_without_a_kl_coefficient(tmp_path):
 
 
 def _one_step_both_ways(rank, world, path):
-    """One optimizer step on the same rollout twice: with the old log-probs scored first and the
-    --vllm_is_correction weights computed from them directly, and without the old-log-prob
-    forward (the training forward's log-probs are the old ones and give the weights)."""
+    """One optimizer step on the same rollout twice: with the old log-probs scored first, and without
+    the old-log-prob forward (the training forward's log-probs are the old ones); both give the
+    --vllm_is_correction weights and the mismatch metrics in the training forward, which must equal
+    a direct computation from the scored old log-probs."""
     import torch
     import torch.distributed as dist
 
     from engine.ray.role_worker import MegatronRoleWorker, RoleConfig
     from engine.rl.experience import Experience
-    from engine.rl.losses import rollout_importance_weights
+    from engine.rl.losses import truncated_importance_weights
     from engine.rl.train_losses import TrainSettings
     from engine.runtime.engine import EngineConfig, TrainingEngine
     from engine.runtime.optimizer import OptimConfig
@@ -76,13 +77,15 @@ def _one_step_both_ways(rank, world, path):
     dist.broadcast_object_list(old, src=0)
     # The engines' log-probs: the actor's, off by up to +-0.6 nats per token.
     engine_log_probs = (old[0] + (torch.rand(rows, length, generator=g) - 0.5) * 1.2) * mask
-    weights, direct = rollout_importance_weights(old[0], engine_log_probs, mask, cap=1.3)
-    direct["logprob_abs_diff"] = float(((old[0] - engine_log_probs).abs() * mask).sum() / mask.sum())
-    settings = TrainSettings(train_batch_size=rows, micro_train_batch_size=4, max_epochs=1, seed=0)
-    with_old = workers[0].train(experience.with_fields(old_log_probs=old[0], rollout_is_weights=weights),
+    weights, raw = truncated_importance_weights(old[0], engine_log_probs, mask, cap=1.3)
+    real = mask > 0
+    direct = {"vllm_is/mean": float(weights[real].mean()), "vllm_is/max": float(weights[real].max()),
+              "vllm_is/capped_frac": float((raw[real] > 1.3).float().mean()),
+              "rollout_logprob_abs_diff": float(((old[0] - engine_log_probs).abs() * mask).sum() / mask.sum())}
+    settings = TrainSettings(train_batch_size=rows, micro_train_batch_size=4, max_epochs=1, seed=0, vllm_is_cap=1.3)
+    with_old = workers[0].train(experience.with_fields(old_log_probs=old[0], rollout_log_probs=engine_log_probs),
                                 "policy", settings)
-    without = workers[1].train(experience.with_fields(rollout_log_probs=engine_log_probs), "policy",
-                               TrainSettings(**{**settings.__dict__, "vllm_is_cap": 1.3}))
+    without = workers[1].train(experience.with_fields(rollout_log_probs=engine_log_probs), "policy", settings)
     diff = max(float((a - b).abs().max()) for a, b in zip(workers[0].engine.model.parameters(),
                                                             workers[1].engine.model.parameters()))
     moved = max(float((a - b).abs().max()) for a, b in zip(workers[0].engine.model.parameters(),
@@ -98,12 +101,12 @@ def test_skipping_the_old_log_probs_trains_the_same_step_at_tp2(tiny_models):
         assert diff < 1e-6, diff  # ... the same way both times
         assert without["policy_loss"] == pytest.approx(with_old["policy_loss"], rel=1e-5, abs=1e-7)
         assert without["clip_frac"] == 0.0
-        # The weights from the training forward are the direct computation's, and so are their metrics.
-        assert without["is_weight"] == pytest.approx(direct["vllm_is/mean"], rel=1e-5)
-        assert without["is_weight_max"] == pytest.approx(direct["vllm_is/max"], rel=1e-5)
-        assert without["is_capped"] == pytest.approx(direct["vllm_is/capped_frac"], rel=1e-5)
+        # One route: both runs measure the mismatch in the training forward, equal to the direct
+        # computation from the scored old log-probs, under the names the loop reports.
+        for run in (with_old, without):
+            for name in ("vllm_is/mean", "vllm_is/max", "vllm_is/capped_frac", "rollout_logprob_abs_diff"):
+                assert run[name] == pytest.approx(direct[name], rel=1e-5), name
         assert 0 < direct["vllm_is/capped_frac"] < 1
-        assert without["logprob_abs_diff"] == pytest.approx(direct["logprob_abs_diff"], rel=1e-5)
 
 
 # ----- --vllm_is_correction: truncated importance weights of the engines' mismatch ------------
@@ -113,13 +116,15 @@ def test_importance_weights_equal_a_direct_computation():
 
     import torch
 
-    from engine.rl.losses import rollout_importance_weights
+    from engine.rl.train_losses import rollout_mismatch
 
     g = torch.Generator().manual_seed(0)
     old = -torch.rand(4, 10, generator=g) * 3
     rollout = old + (torch.rand(4, 10, generator=g) - 0.5) * 2
     mask = (torch.rand(4, 10, generator=g) > 0.3).float()
-    weights, metrics = rollout_importance_weights(old, rollout, mask, cap=1.5)
+    weights, sums = rollout_mismatch(old, {"rollout_log_probs": rollout, "action_mask": mask}, 1.5)
+    metrics = {"vllm_is/mean": float(sums["vllm_is/mean_sum"] / mask.sum()), "vllm_is/max": float(sums["vllm_is/max"]),
+               "vllm_is/capped_frac": float(sums["vllm_is/capped_frac_sum"] / mask.sum())}
     direct = [[min(math.exp(o - r), 1.5) * m for o, r, m in zip(*rows)]
               for rows in zip(old.tolist(), rollout.tolist(), mask.tolist())]
     assert torch.allclose(weights, torch.tensor(direct), atol=1e-6)

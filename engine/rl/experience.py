@@ -27,7 +27,6 @@ class Experience:
     values: torch.Tensor | None = None  # [B, L] the critic's
     advantages: torch.Tensor | None = None  # [B, L]
     returns: torch.Tensor | None = None  # [B, L]
-    rollout_is_weights: torch.Tensor | None = None  # [B, L] --vllm_is_correction's truncated weights
     # [B, L] the engines' log-probs of their samples, when the training forward compares them with
     # its own (no old-log-prob forward: engine.rl.train_losses)
     rollout_log_probs: torch.Tensor | None = None

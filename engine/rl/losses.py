@@ -39,7 +39,8 @@ def policy_loss(
     ``-dual_clip * A``. Returns the loss and detached metrics: ``clip_frac`` (fraction of real
     tokens where the clipped term was taken) and ``approx_kl`` (mean of old - new log-probs).
     ``importance_weights`` (per token, no gradient) scale each token's objective: the truncated
-    importance sampling of ``--vllm_is_correction`` (:func:`rollout_importance_weights`).
+    importance sampling of ``--vllm_is_correction`` (:func:`truncated_importance_weights`, made by
+    ``engine.rl.train_losses.rollout_mismatch``).
     """
     if eps_clip < 0:
         raise ValueError(f"--eps_clip must be >= 0, got {eps_clip}")
@@ -75,19 +76,6 @@ def truncated_importance_weights(old_log_probs: torch.Tensor, rollout_log_probs:
     log_ratio = (old_log_probs - rollout_log_probs).detach().clamp(min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
     raw = log_ratio.exp()
     return raw.clamp(max=cap) * action_mask, raw
-
-
-def rollout_importance_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
-                               action_mask: torch.Tensor, *, cap: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Truncated importance weights ``min(exp(logp_actor_old - logp_vllm), cap)`` per response token
-    (0 elsewhere): the correction of the engines sampling from a slightly different policy than the
-    trainer's (bf16 engines, a stale async rollout). Returns them and their mean / max / capped share."""
-    weights, raw = truncated_importance_weights(old_log_probs, rollout_log_probs, action_mask, cap=cap)
-    real = action_mask > 0
-    metrics = {"vllm_is/mean": float(weights[real].mean()) if real.any() else 0.0,
-               "vllm_is/max": float(weights[real].max()) if real.any() else 0.0,
-               "vllm_is/capped_frac": float((raw[real] > cap).float().mean()) if real.any() else 0.0}
-    return weights, metrics
 
 
 def value_loss(

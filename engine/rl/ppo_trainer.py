@@ -23,16 +23,9 @@ from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parse
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
-from engine.rl.losses import rollout_importance_weights
-from engine.rl.policy_losses.registry import policy_loss_class
 from engine.rl.rollout import RolloutEngines, SamplingConfig, rollout_loss_masks
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
-from engine.rl.train_losses import TrainSettings
-
-# The engines' mismatch measured in the training forward (no old-log-prob forward), named as when
-# scoring measures it.
-TRAINING_MISMATCH_METRICS = {"logprob_abs_diff": "rollout_logprob_abs_diff", "is_weight": "vllm_is/mean",
-                             "is_weight_max": "vllm_is/max", "is_capped": "vllm_is/capped_frac"}
+from engine.rl.train_losses import ROLLOUT_METRICS, TrainSettings
 
 
 @dataclass(kw_only=True)
@@ -258,25 +251,13 @@ class PPOTrainer:
             values=self.critic.values(experience, micro, packed=packed) if self.critic is not None else None,
         )
         rewards = self._rewards(experience, meta, self.config.n_samples_per_prompt)
-        mask = batch.action_mask
         metrics = {
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
         }
-        if batch.rollout_log_probs is not None and old_log_probs is None:
-            # The training forward compares its log-probs (the old ones) with the engines'.
-            experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
-        elif batch.rollout_log_probs is not None:
-            # Training-inference mismatch: vLLM's log-probs vs the Megatron actor's, same tokens.
-            diff = (batch.rollout_log_probs - experience.old_log_probs).abs() * mask
-            metrics["rollout_logprob_abs_diff"] = float(diff.sum() / mask.sum().clamp(min=1))
-            if self.config.vllm_is_correction:
-                weights, is_metrics = rollout_importance_weights(
-                    old_log_probs, batch.rollout_log_probs, mask, cap=self.config.vllm_is_truncated_threshold)
-                experience = experience.with_fields(rollout_is_weights=weights)
-                metrics.update(is_metrics)
-            if "rollout_log_probs" in policy_loss_class(self.config.policy_loss_type).needs:
-                experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
+        # The engines' log-probs go to the training forward, which measures the train-vs-engine
+        # mismatch and makes --vllm_is_correction's weights (engine.rl.train_losses.rollout_mismatch).
+        experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
         if self.config.nonfinite_reward_policy == "skip":
             experience, rewards, metrics["rollout/nonfinite_rewards"] = self._drop_nonfinite_groups(experience, rewards)
         metrics["reward"] = float(rewards.mean()) if len(rewards) else float("nan")
@@ -377,7 +358,7 @@ class PPOTrainer:
         if step >= self.config.freezing_actor_steps:
             ptx = self._ptx_rows(step, experience.batch_size)
             actor = self.actor.train(experience, "policy", settings, ptx)
-            metrics.update({TRAINING_MISMATCH_METRICS.get(k, f"actor/{k}"): v for k, v in actor.items()})
+            metrics.update({k if k in ROLLOUT_METRICS else f"actor/{k}": v for k, v in actor.items()})
             self.actor_version += 1
         return metrics
 

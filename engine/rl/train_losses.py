@@ -49,7 +49,7 @@ def policy_loss_fn(settings: TrainSettings, *, aggregation: Aggregation, groups:
         # this one and the ratio is 1 by construction (its gradient is the log-prob's).
         old_log_probs = batch.get("old_log_probs")
         old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
-        importance, engine_metrics = _engine_mismatch(old_log_probs, batch, settings.vllm_is_cap)
+        importance, engine_metrics = rollout_mismatch(old_log_probs, batch, settings.vllm_is_cap)
         inputs = _policy_inputs(policy, batch, log_probs=log_probs, old_log_probs=old_log_probs, weights=weights,
                                 aggregation=aggregation, groups=groups, importance_weights=importance)
         loss_sum, policy_metrics = policy(inputs)
@@ -103,20 +103,27 @@ _WHY_MISSING = {"ref_log_probs": "a reference model: --init_kl_coef > 0",
                 "rollout_log_probs": "the engines' log-probs"}
 
 
-def _engine_mismatch(old_log_probs: torch.Tensor, batch: dict, cap: float | None):
-    """The importance weights of the policy loss and, when the batch carries the engines' log-probs
-    (the old-log-prob forward was skipped), the train-vs-engine metrics from this forward's own:
-    ``logprob_abs_diff`` and, with ``cap``, the truncated weights min(exp(logp - logp_vLLM), cap)."""
-    weights = batch.get("rollout_is_weights")
+# Metrics of the rollout (the engines' mismatch with the trainer), not of the actor: the loop
+# reports them under these names as they are (``rollout_mismatch`` makes them).
+ROLLOUT_METRICS = ("rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/max", "vllm_is/capped_frac")
+
+
+def rollout_mismatch(old_log_probs: torch.Tensor, batch: dict, cap: float | None):
+    """The one place the engines' mismatch with the trainer is measured: when the batch carries the
+    engines' log-probs of the sampled tokens, the mean |logp_old - logp_engine| and, with ``cap``
+    (--vllm_is_correction), the truncated importance weights min(exp(logp_old - logp_engine), cap)
+    the policy loss is weighted by, with their mean / max / capped share. ``old_log_probs``: the
+    scored old log-probs, or this forward's own when the rollout feeds one step (the same policy)."""
     rollout = batch.get("rollout_log_probs")
-    if rollout is None or "old_log_probs" in batch:  # scoring measured the mismatch (and made the weights)
-        return weights, {}
+    if rollout is None:
+        return None, {}
     mask = batch["action_mask"]
-    metrics = {"logprob_abs_diff_sum": ((old_log_probs - rollout).abs() * mask).sum()}
-    if weights is None and cap is not None:
+    metrics = {"rollout_logprob_abs_diff_sum": ((old_log_probs - rollout).abs() * mask).sum()}
+    weights = None
+    if cap is not None:
         weights, raw = truncated_importance_weights(old_log_probs, rollout, mask, cap=cap)
-        metrics.update(is_weight_sum=weights.sum(), is_capped_sum=((raw > cap).float() * mask).sum(),
-                       is_weight_max=weights.max() if weights.numel() else weights.new_zeros(()))
+        metrics.update({"vllm_is/mean_sum": weights.sum(), "vllm_is/capped_frac_sum": ((raw > cap).float() * mask).sum(),
+                        "vllm_is/max": weights.max() if weights.numel() else weights.new_zeros(())})
     return weights, metrics
 
 

@@ -24,8 +24,8 @@ class TrainSettings:
     ptx_coef: float = 0.0  # 0: no pretraining rows
     pad_token_id: int = 0
     packing_samples: bool = False  # each micro-batch's rows packed into one (no padding computed)
-    # --vllm_is_correction's cap, for weights computed in the training forward (batches with
-    # rollout_log_probs and no precomputed rollout_is_weights)
+    # --vllm_is_correction's cap of the truncated importance weights (the training forward computes
+    # them from the batch's rollout_log_probs: engine.rl.train_losses.rollout_mismatch)
     vllm_is_cap: float | None = None
     policy_loss_type: str = "ppo"  # --policy_loss_type: a name of engine.rl.policy_losses.registry
     loss_agg_mode: str = "token-mean"  # --loss_agg_mode (engine.rl.policy_losses.aggregation)

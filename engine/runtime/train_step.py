@@ -23,13 +23,13 @@ def reduce_metrics(per_microbatch: list[dict], *, normaliser_key: str | None = N
     """Sum metric tensors over micro-batches and DP ranks; broadcast them from the last stage.
 
     Keys ending in ``_sum`` are divided by the summed ``normaliser_key`` (e.g. a token count)
-    and reported without the suffix; keys ending in ``_max`` are the maximum over micro-batches
-    and ranks (of values >= 0); everything else is averaged over micro-batches.
+    and reported without the suffix; keys ending in ``_max`` or ``/max`` are the maximum over
+    micro-batches and ranks (of values >= 0); everything else is averaged over micro-batches.
     """
     keys = sorted(per_microbatch[0]) if per_microbatch else []
     names = _broadcast_keys_from_last_stage(keys)
     maxima = {name: _max_over_ranks([float(m[name]) for m in per_microbatch])
-              for name in names if name.endswith("_max")}
+              for name in names if name.endswith(("_max", "/max"))}
     names = [name for name in names if name not in maxima]
     values = torch.zeros(len(names) + 1, dtype=torch.float64)
     for metrics in per_microbatch:

@@ -47,7 +47,8 @@ def test_run_record_keeps_every_rollout_and_plots_the_reward(tmp_path):
         record.add({**h, "note": "x", "skipped": [1, 2]})
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["reward"] for line in lines] == [h["reward"] for h in history] and "skipped" not in lines[0]
-    image = Image.open(record.plot(history)).convert("RGB")
+    record.plot(history)
+    image = Image.open(tmp_path / "run" / "reward.png").convert("RGB")
     colours = {image.getpixel((x, y)) for x in range(0, 640, 2) for y in range(0, 400, 2)}
     assert (31, 119, 180) in colours and (255, 127, 14) in colours  # both series drawn
 

@@ -335,13 +335,15 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     eval_prompts = (PromptDataset.from_config(replace(job.data, dataset=job.eval.eval_dataset, dataset_probs=None),
                                               tokenizer) if job.eval.eval_dataset else None)
     pretrain_samples = load_pretrain_data(job, tokenizer)
+    # Every module the driver runs is imported before joining: under `ray job submit`, ray.init
+    # unpacks the job's working directory anew, and a module first imported after it is not found.
+    backend = rollout_backend(job.rollout.rollout_backend)
     join_cluster(log_to_driver=job.console.verbose)
     # After joining: a submitted job's working directory is unpacked anew by ray.init.
     record = RunRecord(job.console.resolved_run_dir())
     groups: dict = {}
     pool = None
     placements: dict = {}
-    backend = rollout_backend(job.rollout.rollout_backend)
     try:
         configs = role_configs(job, total_steps=_optimizer_steps(job, len(prompts)))
         placements = make_placements(job.placement, _ranks(configs), engine_workers=_engine_workers(job))

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.rl.plots import plot_rewards, plot_rollout_shape
 from parallel.options import option
 
 
@@ -80,8 +81,6 @@ class RunRecord:
 
     def plot(self, history: list[dict]) -> None:
         """``reward.png`` and ``rollout.png`` of the run directory."""
-        from engine.rl.plots import plot_rewards, plot_rollout_shape
-
         plot_rewards(history, self.run_dir / "reward.png")
         plot_rollout_shape(history, self.run_dir / "rollout.png")
 

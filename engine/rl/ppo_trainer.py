@@ -20,9 +20,12 @@ from engine.rl.advantages import (
     filter_all_equal_groups,
 )
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
+from engine.rl.console import RolloutProgress
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
+from engine.rl.ptx import PtxSampler, collate_ptx
+from engine.rl.rewards import combine_rewards, nonfinite_reward_error, nonfinite_rewards
 from engine.rl.rollout import RolloutEngines, SamplingConfig, rollout_loss_masks
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
 from engine.rl.train_losses import ROLLOUT_METRICS, TrainSettings
@@ -79,8 +82,6 @@ class PPOTrainer:
         self.reward_moments = RunningMoments()
         self.ptx = None  # the pretraining samples of --pretrain_data, drawn per rollout
         if pretrain_samples is not None and config.ptx_coef > 0:
-            from engine.rl.ptx import PtxSampler
-
             self.ptx = PtxSampler(pretrain_samples, seed=config.seed,
                                   stride=config.max_epochs * config.rollout_batch_size * config.n_samples_per_prompt)
         self.record = record  # engine.rl.console.RunRecord: metrics.jsonl and reward.png of the run directory
@@ -102,8 +103,6 @@ class PPOTrainer:
 
     # ----- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        from engine.rl.console import RolloutProgress
-
         start = self._resume()
         self._use_machine_cores()
         self.progress = RolloutProgress(self.num_steps, start)
@@ -266,8 +265,6 @@ class PPOTrainer:
     def _rewards(self, experience: Experience, meta: dict, n_samples_per_prompt: int) -> torch.Tensor:
         """Each sample's reward, the mean over the sources. A non-finite one is an error naming its source
         and sample (--nonfinite_reward_policy error), else NaN, for ``score`` to drop its group."""
-        from engine.rl.rewards import combine_rewards, nonfinite_reward_error, nonfinite_rewards
-
         micro, packed = self.config.micro_rollout_batch_size, self.config.packing_samples
         per_source = [(f"reward model {group.config.engine.pretrain} (--reward_pretrain)",
                        group.rewards(experience, micro, packed=packed).tolist()) for group in self.reward_models]
@@ -367,8 +364,6 @@ class PPOTrainer:
         ptx micro-batch with each actor micro-batch), padded; None without --pretrain_data."""
         if self.ptx is None:
             return None
-        from engine.rl.ptx import collate_ptx
-
         per_step = self.config.train_batch_size
         num = self.config.max_epochs * (num_rows // per_step) * per_step
         return collate_ptx(self.ptx.samples(step, num), pad_id=self._pad_id())

@@ -203,7 +203,7 @@ def test_value_head_and_policy_checkpoints_are_not_swapped(sources, tmp_path):
 
 
 # ----- vLLM engines of an RL run ----------------------------------------------------------------
-def test_vllm_engines_start_from_the_hf_config_and_wait_for_the_first_sync(sources, monkeypatch):
+def test_vllm_engines_start_from_the_hf_config_and_wait_for_the_first_sync(sources):
     """With a Megatron --pretrain the engines start from its hf/ config with dummy weights, and the
     RL loop's first generation is preceded by a weight sync (an HF --pretrain: no extra sync)."""
     from engine.ray import rollouts

@@ -56,8 +56,9 @@ class Pending(Protocol[T]):
 class EngineHealth:
     index: int
     name: str  # e.g. "vLLM engine 1"
-    alive: bool
-    reason: str = ""  # why it is not (its death cause, or a ping that timed out)
+    alive: bool  # answered the ping
+    dead: bool = False  # its actor is gone (an engine that only did not answer in time may be busy)
+    reason: str = ""  # why it is not alive (its death cause, or a ping that timed out)
 
 
 class EnginePool(Protocol):
@@ -209,9 +210,9 @@ class RayEnginePool:
                 ray.get(ref, timeout=0)
                 out.append(EngineHealth(i, self.engine_name(i), True))
             except ray.exceptions.GetTimeoutError:
-                out.append(EngineHealth(i, self.engine_name(i), False, f"no answer within {timeout_s:.0f} s"))
+                out.append(EngineHealth(i, self.engine_name(i), False, reason=f"no answer within {timeout_s:.0f} s"))
             except ray.exceptions.RayError as err:
-                out.append(EngineHealth(i, self.engine_name(i), False, _death_cause(err)))
+                out.append(EngineHealth(i, self.engine_name(i), False, dead=True, reason=_death_cause(err)))
         return out
 
     def node_ids(self) -> list[str]:
@@ -219,7 +220,7 @@ class RayEnginePool:
 
     def dead_engines(self, *, timeout_s: float = 10.0) -> list[EngineHealth]:
         """The engines whose actor died (a slow engine is not dead)."""
-        return [h for h in self.health(timeout_s=timeout_s) if not h.alive and "no answer" not in h.reason]
+        return [h for h in self.health(timeout_s=timeout_s) if h.dead]
 
     def explain(self, err: Exception, *, what: str) -> Exception:
         """``err`` with the pool's dead engines named: a failure in one place (a sender's closed

@@ -44,7 +44,7 @@ EXTRAS = {
         "ring-flash-attn==0.1.8",
     ],
     # ruff and import-linter run in .ci/run (scripts/lint.sh): style and the layering contract.
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff==0.17.6", "import-linter==2.17"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6,<4", "ruff==0.17.6", "import-linter==2.17"],
     # TRL baselines of tools/bench (bench_rl_step, bench_dpo). 1.16 is the release measured and
     # the one whose GRPOTrainer internals bench_rl_step times; it keeps transformers 5.19 / torch.
     "bench": ["trl==1.16.0"],

@@ -25,3 +25,21 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch, seed=i) for i, arch in enumerate(ARCHITECTURES)}
+
+
+# Modules that start Ray clusters of their own (`ray start`, ray.cluster_utils) or restart the
+# session one: a bare ray.init() joins whatever local cluster it finds, so every test that touches
+# Ray runs on one xdist worker, in collection order.
+RAY_MODULES = {"test_placement", "test_ray_job_submit", "test_slurm"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n N --dist loadgroup`` (scripts/test.sh): the Ray tests form one group, every other
+    module its own (its module fixtures are built once); the largest groups start first."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        uses_ray = "ray_cluster" in getattr(item, "fixturenames", ()) or module in RAY_MODULES
+        item.add_marker(pytest.mark.xdist_group("ray" if uses_ray else module))

@@ -13,7 +13,8 @@ def ray_cluster():
     """One local Ray cluster for the whole test session (2 CPUs, no dashboard)."""
     ray = pytest.importorskip("ray")
     # Actors import test and project modules by reference: put the repository on their path.
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    # address="local": a new instance even while a test's own `ray start` cluster runs beside it.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
 
@@ -27,16 +28,16 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {arch: build_tiny_model(arch, root / arch, seed=i) for i, arch in enumerate(ARCHITECTURES)}
 
 
-# Modules that start Ray clusters of their own (`ray start`, ray.cluster_utils) or restart the
-# session one: a bare ray.init() joins whatever local cluster it finds, so every test that touches
-# Ray runs on one xdist worker, in collection order.
-RAY_MODULES = {"test_placement", "test_ray_job_submit", "test_slurm"}
+# The tests on the session Ray cluster, and the module that stops and restarts it, run on one xdist
+# worker in collection order. The clusters other tests start (`ray start` under Slurm, `ray job
+# submit`) live under temp dirs of their own, which a bare ray.init() does not look in.
+RAY_MODULES = {"test_placement"}
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``-n N --dist loadgroup`` (scripts/test.sh): the Ray tests form one group, every other
-    module its own (its module fixtures are built once); the largest groups start first."""
+    """Under ``-n N --dist loadgroup`` (scripts/test.sh): the session-cluster tests form one group,
+    every other module its own (its module fixtures are built once); the largest start first."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:

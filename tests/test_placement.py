@@ -69,7 +69,7 @@ def two_gpu_nodes():
         ray.shutdown()
         cluster.shutdown()
         if session_cluster:
-            ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+            ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
 
 def _site_of_each_rank(ray, placement, num_ranks: int) -> list[tuple[str, int]]:

@@ -355,10 +355,13 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
                                          colocated=colocated_engines)
         if colocated_engines:
             pool = _start_engines(backend, engine_config, dealer, sleep=job.vllm.enable_sleep_mode)
+        # The roles boot side by side, and beside the engines unless those had to start first.
         for key, config in configs.items():
-            groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks))
+            groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks), wait=False)
         if pool is None:
             pool = _start_engines(backend, engine_config, dealer, sleep=False)
+        for group_ in groups.values():
+            group_.wait_ready()
         print(describe_placement(groups, pool), f"weight sync: {transport}", sep="\n", flush=True)
         trainers = (TrainerSleep(groups["actor"], groups.get("critic"))
                     if job.placement.trainers_sleep(engines_share_gpus=colocated_engines) else None)

@@ -70,7 +70,11 @@ class RoleError(RuntimeError):
 
 
 class RoleGroup:
-    def __init__(self, config: RoleConfig, placement: Placement | None = None, *, timeout_s: float = 1800.0):
+    def __init__(self, config: RoleConfig, placement: Placement | None = None, *, timeout_s: float = 1800.0,
+                 wait: bool = True):
+        """Start the role's ranks; ``wait=False``: return while they boot (import Megatron, build and
+        load the model), so the caller starts the other roles and the engines meanwhile and joins
+        them with ``wait_ready``."""
         self.config = config
         self.timeout_s = timeout_s
         placement = placement or Placement()
@@ -79,8 +83,17 @@ class RoleGroup:
         self.bundle_indices = ([placement.bundle_index(rank) for rank in range(config.num_ranks)]
                                if placement.placement_group is not None else None)
         self.workers = [self._start(rank, placement) for rank in range(config.num_ranks)]
-        master_addr, master_port = self._wait([self.workers[0].address.remote()], "rendezvous")[0]
-        self._wait([w.setup.remote(master_addr, master_port) for w in self.workers], "start-up")
+        # Ray hands rank 0's address to every rank's setup once rank 0 has answered.
+        rendezvous = self.workers[0].address.remote()
+        self._booting = [w.setup.remote(rendezvous) for w in self.workers]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every rank has built its model; a rank that failed is named."""
+        booting, self._booting = self._booting, []
+        if booting:
+            self._wait(booting, "start-up")
 
     def _start(self, rank: int, placement: Placement):
         options = rank_placement_options(placement, rank)

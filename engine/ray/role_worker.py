@@ -63,7 +63,8 @@ class MegatronRoleWorker:
         """Rank 0 offers the rendezvous address of the role's process group."""
         return ray.util.get_node_ip_address(), free_port("")
 
-    def setup(self, master_addr: str, master_port: int) -> bool:
+    def setup(self, rendezvous: tuple[str, int]) -> bool:
+        master_addr, master_port = rendezvous
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
             WORLD_SIZE=str(self.config.num_ranks), LOCAL_RANK=str(self._local_rank()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from engine.data.token_budget import TokenBudgetConfig
 from parallel.options import option
 
 LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -73,6 +74,7 @@ class PPOConfig:
     """The RL algorithm (OpenRLHF's flags)."""
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    token_budget: TokenBudgetConfig = field(default_factory=TokenBudgetConfig)  # scoring and training micro-batches
     rollout_batch_size: int = option(1024, help="prompts per rollout")
     n_samples_per_prompt: int = option(1, help="responses sampled per prompt")
     train_batch_size: int = option(128, help="samples per optimizer step")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.data.position import check_prompt_position, prompt_position, resumed_generation_batches
+from engine.data.token_budget import check_fits
 from engine.rl.advantages import AdvantageInputs, RunningMoments, compute_advantages
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.console import RolloutProgress
@@ -277,17 +278,19 @@ class PPOTrainer:
     def score(self, batch: RolloutBatch, meta: dict) -> tuple[Experience, torch.Tensor, dict]:
         """The rollout as an ``Experience`` with old / reference log-probs and values; its rewards."""
         micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
-        packed = self.config.packing_samples
+        layout = self._scoring_layout()
         experience = Experience.from_rollout(batch)
+        if self.config.token_budget.max_tokens is not None:
+            check_fits(experience.lengths, self.config.token_budget.max_tokens, what="rollout sample")
         rewards = meta.get("rewards")  # --dynamic_filtering scored them while it picked the groups
         old_log_probs = None
         if self.config.needs_old_log_probs(reference=self.reference is not None):
-            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, packed=packed)
+            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, **layout)
         experience = experience.with_fields(
             old_log_probs=old_log_probs,
-            ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature, packed=packed)
+            ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature, **layout)
                            if self.reference is not None else None),
-            values=self.critic.values(experience, micro, packed=packed) if self.critic is not None else None,
+            values=self.critic.values(experience, micro, **layout) if self.critic is not None else None,
         )
         if rewards is None:
             rewards = self._rewards(experience, meta, self.config.n_samples_per_prompt)
@@ -304,12 +307,16 @@ class PPOTrainer:
         metrics["reward"] = float(rewards.mean()) if len(rewards) else float("nan")
         return experience, rewards, metrics
 
+    def _scoring_layout(self) -> dict:
+        """How the roles lay out their scoring micro-batches: --packing_samples, --max_tokens_per_gpu."""
+        return {"packed": self.config.packing_samples, "max_tokens": self.config.token_budget.max_tokens}
+
     def _rewards(self, experience: Experience, meta: dict, n_samples_per_prompt: int) -> torch.Tensor:
         """Each sample's reward, the mean over the sources. A non-finite one is an error naming its source
         and sample (--nonfinite_reward_policy error), else NaN, for ``score`` to drop its group."""
-        micro, packed = self.config.micro_rollout_batch_size, self.config.packing_samples
+        micro, layout = self.config.micro_rollout_batch_size, self._scoring_layout()
         per_source = [(f"reward model {group.config.engine.pretrain} (--reward_pretrain)",
-                       group.rewards(experience, micro, packed=packed).tolist()) for group in self.reward_models]
+                       group.rewards(experience, micro, **layout).tolist()) for group in self.reward_models]
         per_source += [(getattr(src, "name", type(src).__name__),
                         src.score(meta["prompts"], meta["responses"], meta["labels"])) for src in self.reward_sources]
         if not per_source:
@@ -374,7 +381,7 @@ class PPOTrainer:
             dual_clip=config.dual_clip, value_clip=config.value_clip, temperature=self.sampling.temperature,
             kl_loss_coef=self.kl_controller.value if config.use_kl_loss else 0.0, kl_estimator=config.kl_estimator,
             ptx_coef=config.ptx_coef if self.ptx is not None else 0.0, pad_token_id=self._pad_id(),
-            packing_samples=config.packing_samples,
+            packing_samples=config.packing_samples, max_tokens_per_gpu=config.token_budget.max_tokens,
             vllm_is_cap=config.vllm_is_truncated_threshold if config.vllm_is_correction else None,
             policy_loss_type=config.policy_loss_type, loss_agg_mode=config.loss_agg_mode,
             max_response_len=self.sampling.max_new_tokens,

@@ -61,7 +61,6 @@ def _rollout():
 
 
 def _fixed_and_budget(rank, world, path, agg_mode):
-    import torch
 
     from engine.ray.role_worker import MegatronRoleWorker, RoleConfig
     from engine.rl.train_losses import TrainSettings

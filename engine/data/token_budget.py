@@ -24,12 +24,14 @@ from parallel.options import option
 class TokenBudgetConfig:
     """Micro-batches sized by tokens instead of samples."""
 
-    use_dynamic_batch_size: bool = option(False, help="size each micro-batch by --max_tokens_per_gpu tokens instead "
-                                                      "of a fixed number of samples, packed into one row, with the "
-                                                      "samples balanced over data-parallel ranks by tokens (the "
-                                                      "step's loss is unchanged)")
-    max_tokens_per_gpu: int | None = option(None, help="with --use_dynamic_batch_size, the most real tokens (prompt "
-                                                       "+ response) in one micro-batch; a longer sample is an error")
+    use_dynamic_batch_size: bool = option(
+        False, aliases=("use_dynamic_batch",),
+        help="size each micro-batch by --max_tokens_per_gpu tokens instead of a fixed number of samples, packed into "
+             "one row, with the samples balanced over data-parallel ranks by tokens (the step's loss is unchanged)")
+    max_tokens_per_gpu: int | None = option(
+        None, aliases=("train_max_tokens_per_gpu",),
+        help="with --use_dynamic_batch_size, the most real tokens (prompt + response) in one micro-batch; a longer "
+             "sample is an error")
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_gpu is not None and self.max_tokens_per_gpu < 1:

@@ -51,6 +51,7 @@ class KeptGroups:
     num_generated: int = 0  # groups generated over all rounds
     num_rounds: int = 0
     num_nonfinite: int = 0  # samples with a non-finite reward (their groups dropped)
+    reward_sum: float = 0.0  # of the finite rewards of every round (the policy's reward, before filtering)
 
     @property
     def num_kept(self) -> int:
@@ -64,7 +65,9 @@ class KeptGroups:
                              f"rewards, expected {len(rows) * n} (--n_samples_per_prompt {n})")
         self.num_rounds += 1
         self.num_generated += len(rows)
-        self.num_nonfinite += int((~torch.isfinite(rewards)).sum())
+        finite = torch.isfinite(rewards)
+        self.num_nonfinite += int((~finite).sum())
+        self.reward_sum += float(rewards[finite].double().sum())
         for group in keep.nonzero()[:, 0].tolist():
             new_index = len(self.rows)
             self.rows.append(rows[group])
@@ -83,4 +86,6 @@ class KeptGroups:
         return {"rollout/groups_generated": self.num_generated, "rollout/groups_kept": kept,
                 "rollout/groups_dropped": self.num_generated - kept, "rollout/groups_trained": min(kept, target),
                 "rollout/gen_rounds": self.num_rounds,
+                "rollout/generated_reward": self.reward_sum / max(self.num_generated * self.n_samples_per_prompt
+                                                                  - self.num_nonfinite, 1),
                 "filtered_ratio": 1.0 - kept / max(self.num_generated, 1)}

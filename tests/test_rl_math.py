@@ -14,7 +14,6 @@ from engine.rl.advantages import (
     compute_advantages,
     compute_gae,
     compute_token_rewards,
-    filter_all_equal_groups,
     group_baseline,
     moments_of,
     reinforce_returns,
@@ -290,21 +289,6 @@ def test_group_baseline_errors_name_the_flag(kind):
         group_baseline(torch.zeros(4, 2), 2, kind=kind)
     with pytest.raises(ValueError, match="--advantage_estimator"):
         group_baseline(torch.zeros(4), 2, kind="gae")
-
-
-def test_filter_all_equal_groups():
-    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5000001])
-    keep = filter_all_equal_groups(rewards, 4)
-    expected = []
-    for g in range(3):
-        group = rewards[g * 4:(g + 1) * 4].tolist()
-        expected += [len(set(group)) > 1] * 4
-    assert keep.tolist() == expected
-    assert filter_all_equal_groups(rewards, 4, atol=1e-3).tolist() == [True] * 8 + [False] * 4
-    with pytest.raises(ValueError, match="--n_samples_per_prompt > 1"):
-        filter_all_equal_groups(rewards, 1)
-    with pytest.raises(ValueError, match="not a multiple of --n_samples_per_prompt=5"):
-        filter_all_equal_groups(rewards, 5)
 
 
 # ----------------------------------------------------------------------------- whitening

@@ -21,7 +21,8 @@ def arithmetic_data(tmp_path_factory) -> str:
     return str(directory)
 
 
-def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None, packing=False, lr=1e-3, build=None):
+def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None, packing=False, lr=1e-3, build=None,
+           max_tokens=None):
     from transformers import AutoTokenizer
 
     from engine.data.config import DataConfig
@@ -49,13 +50,14 @@ def _train(rank, world_size, model_path, data_dir, layout, loop, checkpoint=None
         checkpoint=CheckpointConfig(**(checkpoint or {})),
     )
     trainer = SFTTrainer(config, train_set, eval_set, pad_token_id=tokenizer.pad_token_id,
-                         packing_samples=packing, max_len=32)
+                         packing_samples=packing, max_len=32, max_tokens=max_tokens)
     trainer.train_dataset = _Recording(train_set)  # the sample indices this rank trains, in order
     history = trainer.fit()
     final_eval = trainer._evaluate(trainer.last_step)
     return {"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
             "aux_loss": [h.get("aux_loss") for h in history], "eval_loss": final_eval.get("loss"),
-            "lr": [h["lr"] for h in history], "trained": trainer.train_dataset.taken}
+            "lr": [h["lr"] for h in history], "trained": trainer.train_dataset.taken,
+            "micro_tokens": [int(b["cu_seqlens"][-1]) for b in trainer.step_microbatches()] if max_tokens else None}
 
 
 class _Recording:
@@ -73,10 +75,11 @@ class _Recording:
 
 
 def _run(model_path, data_dir, layout, world_size, *, loop=None, checkpoint=None, packing=False, lr=1e-3,
-         build=None, all_ranks=False):
+         build=None, all_ranks=False, max_tokens=None):
     loop = loop or {"train_batch_size": 16, "micro_train_batch_size": 4, "max_steps": NUM_STEPS}
     results = run_distributed(
-        _train, world_size, args=(model_path, data_dir, layout, loop, checkpoint, packing, lr, build), timeout=300
+        _train, world_size, args=(model_path, data_dir, layout, loop, checkpoint, packing, lr, build, max_tokens),
+        timeout=300,
     )
     return results if all_ranks else results[0]
 
@@ -114,6 +117,15 @@ def test_packed_batches_give_the_same_losses_and_gradients(reference, tiny_model
     _assert_same_curve(packed["loss"], reference["loss"])
     for a, e in zip(packed["grad_norm"], reference["grad_norm"]):
         assert abs(a - e) <= 1e-3 * e
+
+
+def test_token_budget_batches_at_dp2_give_the_same_losses(reference, tiny_models, arithmetic_data):
+    """--use_dynamic_batch_size --max_tokens_per_gpu 32: micro-batches packed up to 32 tokens, balanced over
+    DP=2 by tokens, as many on each rank: the single-process fixed-micro-batch curve."""
+    budget = _run(tiny_models["llama"], arithmetic_data, {}, 2, max_tokens=32, all_ranks=True)
+    _assert_same_curve(budget[0]["loss"], reference["loss"])
+    counts = [len(r["micro_tokens"]) for r in budget]
+    assert counts[0] == counts[1] and max(t for r in budget for t in r["micro_tokens"]) <= 32
 
 
 def test_packing_under_context_parallel(reference, tiny_models, arithmetic_data):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from engine.cli import offline
 from engine.cli.options import group, run_cli
 from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
+from engine.data.token_budget import TokenBudgetConfig
 from engine.trainers.config import KDConfig, OfflineTrainerConfig
 
 
@@ -24,6 +25,7 @@ class KDJob(offline.OfflineJob):
     kd: KDConfig = group(title="distillation")
     trainer: OfflineTrainerConfig = offline.trainer_group(5e-6, job="kd")
     data: DataConfig = offline.data_group(offline.NOT_READ_BY_SFT)
+    budget: TokenBudgetConfig = group(title="token budget", factory=TokenBudgetConfig)
 
 
 def parse_args(argv=None) -> KDJob:
@@ -36,7 +38,8 @@ def train(job: KDJob) -> list[dict]:
 
     tokenizer, train_set, eval_set = offline.load_splits(SFTDataset, job)
     trainer = KDTrainer(job.trainer, train_set, eval_set, kd=job.kd, pad_token_id=offline.pad_token_id(tokenizer),
-                        packing_samples=job.data.packing_samples, max_len=job.data.max_len)
+                        packing_samples=job.data.packing_samples, max_len=job.data.max_len,
+                        max_tokens=job.budget.max_tokens)
     return trainer.fit()
 
 

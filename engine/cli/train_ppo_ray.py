@@ -146,6 +146,9 @@ def parse_args(argv=None) -> PPOJob:
                           "log-probs are of the untempered policy; use --temperature 1")
     if job.ppo.async_train:
         _check_async(job)
+    if job.ppo.token_budget.use_dynamic_batch_size and job.ptx.pretrain_data:
+        raise OptionError("--use_dynamic_batch_size with --pretrain_data is not supported: the ptx rows ride in the "
+                          "rollout's fixed micro-batches; drop one of the two")
     if not job.models.save_path:
         print_notices([NO_SAVE_PATH])
     return job

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.cli import offline
-from engine.cli.options import run_cli
+from engine.cli.options import group, run_cli
 from engine.data.config import OPENRLHF_INPUT_TEMPLATE, DataConfig
+from engine.data.token_budget import TokenBudgetConfig
 from engine.trainers.config import OfflineTrainerConfig
 
 
@@ -22,6 +23,7 @@ class SFTJob(offline.OfflineJob):
     launch: offline.LaunchOptions = offline.launch_group()
     trainer: OfflineTrainerConfig = offline.trainer_group(5e-6, job="sft", defaults={"loop.max_epochs": 2})
     data: DataConfig = offline.data_group(offline.NOT_READ_BY_SFT)
+    budget: TokenBudgetConfig = group(title="token budget", factory=TokenBudgetConfig)
 
 
 def parse_args(argv=None) -> SFTJob:
@@ -34,7 +36,8 @@ def train(job: SFTJob) -> list[dict]:
 
     tokenizer, train_set, eval_set = offline.load_splits(SFTDataset, job)
     trainer = SFTTrainer(job.trainer, train_set, eval_set, pad_token_id=offline.pad_token_id(tokenizer),
-                         packing_samples=job.data.packing_samples, max_len=job.data.max_len)
+                         packing_samples=job.data.packing_samples, max_len=job.data.max_len,
+                         max_tokens=job.budget.max_tokens)
     return trainer.fit()
 
 

@@ -80,10 +80,22 @@ class SchedulePlan:
         return asdict(self)
 
 
-def prompt_position(*, step: int, num_prompts: int, rollout_batch_size: int) -> dict:
-    """What an RL checkpoint stores of its prompts after rollout ``step``."""
+def prompt_position(*, step: int, num_prompts: int, rollout_batch_size: int, generation_batches: int | None = None
+                    ) -> dict:
+    """What an RL checkpoint stores of its prompts after rollout ``step``. ``generation_batches``: the
+    batches of ``rollout_batch_size`` prompts drawn so far (more than ``step`` when --dynamic_filtering
+    refilled rollouts with more prompts; default ``step``, one batch per rollout)."""
+    batches = step if generation_batches is None else generation_batches
     return {"num_prompts": num_prompts, "rollout_batch_size": rollout_batch_size,
-            "consumed": step * rollout_batch_size}
+            "consumed": batches * rollout_batch_size}
+
+
+def resumed_generation_batches(saved: dict | None, *, step: int) -> int:
+    """The batches of prompts a resumed RL run has drawn: the checkpoint's consumed prompts (a checkpoint
+    from before positions were stored drew one batch per rollout)."""
+    if saved is None:
+        return step
+    return saved["consumed"] // saved["rollout_batch_size"]
 
 
 def check_prompt_position(saved: dict | None, *, num_prompts: int, rollout_batch_size: int) -> None:

@@ -111,31 +111,35 @@ class RoleGroup:
         out = torch.zeros((batch_size, *filled[0].values.shape[1:])) if filled else torch.zeros(batch_size)
         covered = 0
         for shard in filled:
-            out[shard.start:shard.stop] = shard.values
-            covered += shard.stop - shard.start
+            rows = shard.row_indices()
+            out[rows] = shard.values
+            covered += len(rows)
         if covered != batch_size:
             raise RoleError(f"{self.config.name}: results cover {covered} of {batch_size} samples")
         return out
 
     # ``packed``: each micro-batch's rows packed into one (--packing_samples); the same results.
+    # ``max_tokens``: micro-batches of at most that many tokens, packed (--use_dynamic_batch_size).
     def log_probs(self, experience: Experience, micro_batch_size: int, *, temperature: float = 1.0,
-                  packed: bool = False) -> torch.Tensor:
+                  packed: bool = False, max_tokens: int | None = None) -> torch.Tensor:
         """``[B, L]`` log-probs of ``labels`` (read where ``action_mask`` is 1)."""
         ref = _SHARED.ref(experience)
-        return self._per_sample([w.compute_log_probs.remote(ref, micro_batch_size, temperature, packed)
+        return self._per_sample([w.compute_log_probs.remote(ref, micro_batch_size, temperature, packed, max_tokens)
                                  for w in self.workers], experience.batch_size, f"{self.config.name} log-probs")
 
-    def values(self, experience: Experience, micro_batch_size: int, *, packed: bool = False) -> torch.Tensor:
+    def values(self, experience: Experience, micro_batch_size: int, *, packed: bool = False,
+               max_tokens: int | None = None) -> torch.Tensor:
         """``[B, L]`` value-head outputs."""
         ref = _SHARED.ref(experience)
-        return self._per_sample([w.compute_values.remote(ref, micro_batch_size, packed) for w in self.workers],
-                                experience.batch_size, f"{self.config.name} values")
+        return self._per_sample([w.compute_values.remote(ref, micro_batch_size, packed, max_tokens)
+                                 for w in self.workers], experience.batch_size, f"{self.config.name} values")
 
-    def rewards(self, experience: Experience, micro_batch_size: int, *, packed: bool = False) -> torch.Tensor:
+    def rewards(self, experience: Experience, micro_batch_size: int, *, packed: bool = False,
+                max_tokens: int | None = None) -> torch.Tensor:
         """``[B]`` scores at each row's last real token."""
         ref = _SHARED.ref(experience)
-        return self._per_sample([w.compute_rewards.remote(ref, micro_batch_size, packed) for w in self.workers],
-                                experience.batch_size, f"{self.config.name} rewards")
+        return self._per_sample([w.compute_rewards.remote(ref, micro_batch_size, packed, max_tokens)
+                                 for w in self.workers], experience.batch_size, f"{self.config.name} rewards")
 
     # ----- training and weights ---------------------------------------------------------------
     def train(self, experience, loss: LossKind, settings: TrainSettings, ptx=None) -> dict:

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from engine.data.packing import pack_padded_rows, unpack_to_rows
+from engine.data.token_budget import balanced_microbatches
 from engine.ray.calls import split_evenly
 from engine.ray.devices import ray_device_index
 from engine.rl.experience import Experience
@@ -42,11 +43,16 @@ class RoleConfig:
 
 @dataclass
 class ShardResult:
-    """Per-sample outputs of one data-parallel share: rows ``start:stop`` of the batch."""
+    """Per-sample outputs of one data-parallel share: rows ``start:stop`` of the batch, or the rows
+    ``rows`` in that order (token-budget shares are balanced by tokens, not contiguous)."""
 
     start: int
     stop: int
     values: torch.Tensor | None  # None: the share was empty
+    rows: list[int] | None = None
+
+    def row_indices(self) -> list[int]:
+        return list(range(self.start, self.stop)) if self.rows is None else self.rows
 
 
 class MegatronRoleWorker:
@@ -125,47 +131,60 @@ class MegatronRoleWorker:
             return micro
         return [pack_padded_rows(batch, multiple=self.engine.sequence_multiple()) for batch in micro]
 
-    def _per_token(self, experience: Experience, micro_batch_size: int, compute, packed: bool = False
-                   ) -> ShardResult | None:
-        """``compute(output, micro_batch) -> [b, s_local]`` on this rank's share, rows padded to L."""
+    def _token_budget_share(self, experience: Experience, max_tokens: int, *, equal_counts: bool) -> list[list[int]]:
+        """This DP rank's micro-batches (row indices) under --max_tokens_per_gpu (``engine.data.token_budget``)."""
+        ctx = self.engine.ctx
+        return balanced_microbatches(experience.lengths, max_tokens=max_tokens, num_ranks=ctx.data_parallel_size,
+                                     equal_counts=equal_counts)[ctx.dp_rank]
+
+    def _per_token(self, experience: Experience, micro_batch_size: int, compute, packed: bool = False,
+                   max_tokens: int | None = None) -> ShardResult | None:
+        """``compute(output, micro_batch) -> [b, s_local]`` on this rank's share, rows padded to L.
+        ``max_tokens``: micro-batches of at most that many tokens, packed (--use_dynamic_batch_size)."""
         start, stop = self._share(experience.batch_size)
-        micro = self._layout(experience.microbatches(start, stop, micro_batch_size,
-                                                     multiple=self.engine.sequence_multiple()), packed)
+        multiple, rows = self.engine.sequence_multiple(), None
+        if max_tokens is not None:
+            plan = self._token_budget_share(experience, max_tokens, equal_counts=False)
+            rows, packed = [row for group in plan for row in group], True
+            micro = self._layout(experience.microbatches_of(plan, multiple=multiple), packed)
+        else:
+            micro = self._layout(experience.microbatches(start, stop, micro_batch_size, multiple=multiple), packed)
         if not micro:
-            return ShardResult(start, stop, None) if self._is_share_head() else None
+            return ShardResult(start, stop, None, rows) if self._is_share_head() else None
         outputs = self.engine.forward_outputs(micro, lambda out, mb: compute(out, mb).float(),
                                               gather_context_parallel=True)
         if not self._is_share_head():
             return None
         width = experience.input_ids.shape[1]
         if packed:
-            rows = [unpack_to_rows(out.cpu(), batch["cu_seqlens"], width) for out, batch in zip(outputs, micro)]
+            outputs = [unpack_to_rows(out.cpu(), batch["cu_seqlens"], width) for out, batch in zip(outputs, micro)]
         else:
-            rows = [torch.nn.functional.pad(out, (0, width - out.shape[1])) for out in outputs]
-        return ShardResult(start, stop, torch.cat(rows).cpu())
+            outputs = [torch.nn.functional.pad(out, (0, width - out.shape[1])) for out in outputs]
+        return ShardResult(start, stop, torch.cat(outputs).cpu(), rows)
 
     def compute_log_probs(self, experience: Experience, micro_batch_size: int,
-                          temperature: float = 1.0, packed: bool = False) -> ShardResult | None:
+                          temperature: float = 1.0, packed: bool = False, max_tokens: int | None = None
+                          ) -> ShardResult | None:
         """log p(labels) at every position (read them where ``action_mask`` is 1)."""
         from engine.runtime.vocab_parallel import token_log_probs
 
         return self._per_token(experience, micro_batch_size,
                                lambda logits, mb: token_log_probs(logits, mb["labels"], temperature=temperature),
-                               packed)
+                               packed, max_tokens)
 
-    def compute_values(self, experience: Experience, micro_batch_size: int, packed: bool = False
-                       ) -> ShardResult | None:
+    def compute_values(self, experience: Experience, micro_batch_size: int, packed: bool = False,
+                       max_tokens: int | None = None) -> ShardResult | None:
         """Critic values per position (``[b, s, 1]`` head output squeezed)."""
-        return self._per_token(experience, micro_batch_size, lambda values, mb: values[..., 0], packed)
+        return self._per_token(experience, micro_batch_size, lambda values, mb: values[..., 0], packed, max_tokens)
 
-    def compute_rewards(self, experience: Experience, micro_batch_size: int, packed: bool = False
-                        ) -> ShardResult | None:
+    def compute_rewards(self, experience: Experience, micro_batch_size: int, packed: bool = False,
+                        max_tokens: int | None = None) -> ShardResult | None:
         """Reward model score at each row's last real token."""
-        result = self.compute_values(experience, micro_batch_size, packed)
+        result = self.compute_values(experience, micro_batch_size, packed, max_tokens)
         if result is None or result.values is None:
             return result
-        last = experience.last_index[result.start:result.stop]
-        return ShardResult(result.start, result.stop, result.values.gather(1, last[:, None])[:, 0])
+        last = experience.last_index[result.row_indices()]
+        return ShardResult(result.start, result.stop, result.values.gather(1, last[:, None])[:, 0], result.rows)
 
     # ----- training -----------------------------------------------------------------------
     def train(self, experience: Experience, loss: LossKind, settings: TrainSettings,
@@ -182,15 +201,14 @@ class MegatronRoleWorker:
         engine, total, per_step = self.engine, experience.batch_size, settings.train_batch_size
         ctx = engine.ctx
         groups = LossGroups(tp_group=ctx.tp_group, cp_group=ctx.cp_group, dp_group=ctx.dp_group)
-        multiple = engine.sequence_multiple()
+        multiple = engine.sequence_multiple()  # (the ptx rows' layout)
         generator = torch.Generator().manual_seed(settings.seed)
         history = []
         for _ in range(settings.max_epochs):
             order = torch.randperm(total, generator=generator)
             for lo in range(0, total - per_step + 1, per_step):
                 start, stop = self._share(per_step)
-                micro = experience.select(order[lo:lo + per_step]).microbatches(
-                    start, stop, settings.micro_train_batch_size, multiple=multiple)
+                micro = self.step_microbatches(experience.select(order[lo:lo + per_step]), settings)
                 ptx_scale = 0.0
                 if ptx is not None:
                     # len(history) optimizer steps are done: this step's ptx rows, this rank's share of them
@@ -200,7 +218,8 @@ class MegatronRoleWorker:
                                        pad_id=settings.pad_token_id, multiple=multiple)
                     ptx_scale = engine.loss_scale(micro, key="loss_mask")
                 aggregation = self._aggregation(micro, loss, settings)
-                micro = self._layout(annotate_microbatches(micro, mode=aggregation.mode), settings.packing_samples)
+                packed = settings.packing_samples or settings.max_tokens_per_gpu is not None
+                micro = self._layout(annotate_microbatches(micro, mode=aggregation.mode), packed)
                 loss_fn = make_loss_fn(loss, settings, aggregation=aggregation, groups=groups, ptx_scale=ptx_scale)
                 result = engine.train_step(micro, loss_fn, normaliser_key="num_tokens")
                 history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
@@ -209,6 +228,20 @@ class MegatronRoleWorker:
         # skipped_steps is the engine's running count: its last value, not a mean.
         return {**{k: sum(h[k] for h in history) / len(history) for k in history[0]},
                 "skipped_steps": history[-1]["skipped_steps"]}
+
+    def step_microbatches(self, step: Experience, settings: TrainSettings) -> list[dict]:
+        """This DP rank's padded micro-batches of one optimizer step's rows: its contiguous share in
+        micro-batches of ``micro_train_batch_size`` rows, or (--use_dynamic_batch_size) its token-balanced
+        share in micro-batches of at most ``max_tokens_per_gpu`` tokens, as many on every rank."""
+        multiple = self.engine.sequence_multiple()
+        if settings.max_tokens_per_gpu is None:
+            start, stop = self._share(step.batch_size)
+            return step.microbatches(start, stop, settings.micro_train_batch_size, multiple=multiple)
+        if settings.ptx_coef > 0:
+            raise ValueError("--use_dynamic_batch_size with --pretrain_data is not supported: the ptx rows ride in "
+                             "the rollout's fixed micro-batches")
+        plan = self._token_budget_share(step, settings.max_tokens_per_gpu, equal_counts=True)
+        return step.microbatches_of(plan, multiple=multiple)
 
     def _aggregation(self, micro: list[dict], loss: LossKind, settings: TrainSettings):
         """This optimizer step's ``--loss_agg_mode`` normalisers, counted once over its padded

@@ -179,19 +179,6 @@ def group_baseline(
     return baselined.view(-1).to(torch.promote_types(rewards.dtype, torch.float32))
 
 
-def filter_all_equal_groups(rewards: torch.Tensor, n_samples_per_prompt: int, *, atol: float = 0.0) -> torch.Tensor:
-    """Keep-mask ``[num_prompts * n]`` (bool, per sample) that drops every group whose rewards
-    are all equal (within ``atol``): its group-relative advantages are all 0, so it only dilutes
-    the batch (DAPO's dynamic sampling)."""
-    _check_groups(rewards, n_samples_per_prompt)
-    if n_samples_per_prompt < 2:
-        raise ValueError("dynamic filtering compares the samples of a prompt: it needs --n_samples_per_prompt > 1, "
-                         f"got {n_samples_per_prompt}")
-    grouped = rewards.view(-1, n_samples_per_prompt)
-    spread = grouped.max(dim=1).values - grouped.min(dim=1).values
-    return (spread > atol).repeat_interleave(n_samples_per_prompt)
-
-
 # --------------------------------------------------------------------------------- whitening
 
 def whiten(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from engine.data.token_budget import TokenBudgetConfig
 from parallel.options import option
 
 LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -73,6 +74,7 @@ class PPOConfig:
     """The RL algorithm (OpenRLHF's flags)."""
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    token_budget: TokenBudgetConfig = field(default_factory=TokenBudgetConfig)  # scoring and training micro-batches
     rollout_batch_size: int = option(1024, help="prompts per rollout")
     n_samples_per_prompt: int = option(1, help="responses sampled per prompt")
     train_batch_size: int = option(128, help="samples per optimizer step")
@@ -97,7 +99,16 @@ class PPOConfig:
                                                 "saves them)")
     normalize_reward_running: bool = option(False, help="normalise the rollout's rewards by their running mean / "
                                                         "std over the rollouts so far")
-    dynamic_filtering: bool = option(False, help="drop GRPO groups whose rewards are all equal")
+    dynamic_filtering: bool = option(False, help="DAPO's dynamic sampling: drop prompt groups whose rewards are all "
+                                                 "equal (or whose mean leaves --dynamic_filtering_reward_range) and "
+                                                 "generate more prompts until the rollout holds --rollout_batch_size "
+                                                 "kept groups (at most --max_num_gen_batches rounds)")
+    dynamic_filtering_reward_range: tuple[float, float] | None = option(
+        None, help="with --dynamic_filtering, keep only groups whose mean reward is strictly inside LOW HIGH "
+                   "(OpenRLHF's; e.g. 0 1 for 0/1 rewards)")
+    max_num_gen_batches: int = option(10, help="with --dynamic_filtering, the most generation rounds (of "
+                                               "--rollout_batch_size prompts each) one rollout may take; then it "
+                                               "trains on the groups kept so far")
     nonfinite_reward_policy: Literal["error", "skip"] = option(
         "error", help="a NaN / inf reward from any source: error (naming the source and the sample) or skip "
                       "(drop that sample's prompt group from the rollout, counted as rollout/nonfinite_rewards)")
@@ -142,7 +153,21 @@ class PPOConfig:
         if self.vllm_is_truncated_threshold <= 0:
             raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {self.vllm_is_truncated_threshold}")
         check_loss_agg_mode(self.loss_agg_mode)
+        self._check_dynamic_filtering()
         self._check_policy_loss_inputs()
+
+    def _check_dynamic_filtering(self) -> None:
+        if self.max_num_gen_batches < 1:
+            raise ValueError(f"--max_num_gen_batches must be >= 1, got {self.max_num_gen_batches}")
+        if self.dynamic_filtering_reward_range is not None:
+            low, high = self.dynamic_filtering_reward_range
+            if not low < high:
+                raise ValueError(f"--dynamic_filtering_reward_range must be LOW HIGH with LOW < HIGH, got {low} {high}")
+            if not self.dynamic_filtering:
+                raise ValueError("--dynamic_filtering_reward_range applies with --dynamic_filtering: add it")
+        if self.dynamic_filtering and self.n_samples_per_prompt < 2:
+            raise ValueError("--dynamic_filtering compares the samples of a prompt: it needs --n_samples_per_prompt "
+                             f"> 1, got {self.n_samples_per_prompt}")
 
     def _check_policy_loss_inputs(self) -> None:
         """Refuse a --policy_loss_type that needs what this run does not compute."""

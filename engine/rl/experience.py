@@ -58,6 +58,17 @@ class Experience:
         return {**{name: t for name, t in self._tensors().items() if name != "last_index"},
                 "attention_mask": attention_mask}
 
+    @property
+    def lengths(self) -> list[int]:
+        """Each row's real tokens (prompt + response)."""
+        return (self.last_index + 1).tolist()
+
+    def microbatches_of(self, row_groups: list[list[int]], *, multiple: int = 1) -> list[dict]:
+        """One micro-batch per list of row indices (``engine.data.token_budget``), cut as ``microbatches``."""
+        return [trim_to_content(self.select(torch.tensor(rows, dtype=torch.long)).token_batch(), multiple=multiple,
+                                mask_key="attention_mask", label_aligned=False)
+                for rows in row_groups]
+
     def microbatches(self, start: int, stop: int, size: int, *, multiple: int = 1) -> list[dict]:
         """Rows ``[start, stop)`` in micro-batches of ``size`` rows, trailing padding columns cut
         to a multiple of ``multiple`` (sequence parallel x context parallel)."""

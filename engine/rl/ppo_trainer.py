@@ -12,15 +12,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine.data.position import check_prompt_position, prompt_position
-from engine.rl.advantages import (
-    AdvantageInputs,
-    RunningMoments,
-    compute_advantages,
-    filter_all_equal_groups,
-)
+from engine.data.position import check_prompt_position, prompt_position, resumed_generation_batches
+from engine.data.token_budget import check_fits
+from engine.rl.advantages import AdvantageInputs, RunningMoments, compute_advantages
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.console import RolloutProgress
+from engine.rl.dynamic_sampling import KeptGroups, kept_groups
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
@@ -36,10 +33,12 @@ class PrefetchedRollout:
     """One rollout's generation: submitted to the engines, then its batch once ``wait`` returns."""
 
     step: int
+    generation_batch: int  # which batch of --rollout_batch_size prompts of the prompt stream (_prompt_rows)
     rows: list[dict]
     pending: object  # engine.rl.rollout.PendingRollout
     weights_version: int  # actor optimizer updates the engines' weights held when it was submitted
-    batch: RolloutBatch | None = None
+    samples: list | None = None  # the engines' RolloutSamples, once collected
+    batch: RolloutBatch | None = None  # None after --dynamic_filtering kept no group
     meta: dict | None = None
 
 
@@ -94,6 +93,9 @@ class PPOTrainer:
         # Optimizer updates of the actor so far, and how many of them the engines' weights hold.
         self.actor_version = self.engines_version = 0
         self._next: PrefetchedRollout | None = None  # --async_train: the next rollout, generating or ready
+        # Batches of --rollout_batch_size prompts drawn from the prompt stream so far: one per rollout,
+        # more when --dynamic_filtering refills a rollout (the checkpoint's prompt position).
+        self.generation_batches = 0
         steps_per_episode = len(prompts) // config.rollout_batch_size
         if steps_per_episode == 0:
             raise ValueError(f"--prompt_data has {len(prompts)} prompts, fewer than --rollout_batch_size "
@@ -145,19 +147,22 @@ class PPOTrainer:
             self.rollouts.release_memory()
         if self.config.async_train and step + 1 < self.num_steps:
             self._next = self._submit(step + 1)  # runs on the engines while this rollout trains
-        with timer.phase("score"):
-            experience, rewards, metrics = self.score(rollout.batch, rollout.meta)
-        metrics["rollout/staleness"] = self.actor_version - rollout.weights_version
         adv_metrics = train_metrics = {}
-        if experience.batch_size >= self.config.train_batch_size:
+        if rollout.batch is None:  # --dynamic_filtering kept no group in its rounds
+            experience, metrics = None, dict(rollout.meta["refill"])
+        else:
+            with timer.phase("score"):
+                experience, rewards, metrics = self.score(rollout.batch, rollout.meta)
+        metrics["rollout/staleness"] = self.actor_version - rollout.weights_version
+        if experience is not None and experience.batch_size >= self.config.train_batch_size:
             with timer.phase("advantages"):
                 experience, adv_metrics = self.advantages(experience, rewards)
             with timer.phase("train"):
                 train_metrics = self.train(experience, step)
-        else:  # --nonfinite_reward_policy skip left less than one optimizer step of samples
-            print(f"warning: rollout {step + 1}: {experience.batch_size} samples left after dropping groups with "
-                  f"non-finite rewards, fewer than --train_batch_size {self.config.train_batch_size}: no training "
-                  "on this rollout", flush=True)
+        else:  # dropped groups (non-finite rewards, --dynamic_filtering) left less than one optimizer step
+            print(f"warning: rollout {step + 1}: {experience.batch_size if experience is not None else 0} samples "
+                  f"left after dropping groups, fewer than --train_batch_size {self.config.train_batch_size}: no "
+                  "training on this rollout", flush=True)
         if self._next is not None:
             with timer.phase("generate_wait"):  # the engines must be done before their weights change
                 self._collect(self._next)
@@ -168,12 +173,17 @@ class PPOTrainer:
         return {**metrics, **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
 
     def _submit(self, step: int) -> PrefetchedRollout:
-        rows = self._prompt_rows(step)
-        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(step))
-        return PrefetchedRollout(step=step, rows=rows, pending=pending, weights_version=self.engines_version)
+        """Start generating the next batch of the prompt stream for rollout ``step``."""
+        index = self.generation_batches
+        self.generation_batches += 1
+        rows = self._prompt_rows(index)
+        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(index))
+        return PrefetchedRollout(step=step, generation_batch=index, rows=rows, pending=pending,
+                                 weights_version=self.engines_version)
 
-    def _sampling(self, step: int) -> SamplingConfig:
-        return replace(self.sampling, seed=self.config.seed + step * 100003)  # a function of the step alone
+    def _sampling(self, generation_batch: int) -> SamplingConfig:
+        # A function of the prompt batch alone (the rollout's step, without --dynamic_filtering refills).
+        return replace(self.sampling, seed=self.config.seed + generation_batch * 100003)
 
     def _take_rollout(self, step: int) -> PrefetchedRollout:
         """This step's rollout: generated during the previous step (--async_train), else now."""
@@ -181,12 +191,42 @@ class PPOTrainer:
         if prefetched is None or prefetched.step != step:
             prefetched = self._submit(step)
         self._collect(prefetched)
+        if self.config.dynamic_filtering:
+            self._refill(prefetched)
         return prefetched
 
     def _collect(self, rollout: PrefetchedRollout) -> None:
         """Wait for ``rollout``'s samples (once) and batch them."""
-        if rollout.batch is None:
-            rollout.batch, rollout.meta = self.to_batch(rollout.rows, rollout.pending.result())
+        if rollout.samples is None:
+            rollout.samples = rollout.pending.result()
+            rollout.batch, rollout.meta = self.to_batch(rollout.rows, rollout.samples)
+
+    def _refill(self, rollout: PrefetchedRollout) -> None:
+        """--dynamic_filtering (DAPO's dynamic sampling): ``rollout`` becomes its first
+        --rollout_batch_size informative groups (``engine.rl.dynamic_sampling``), generating more
+        batches of the prompt stream until it has them or --max_num_gen_batches rounds are spent.
+        The rewards of the kept groups go with the batch, for ``score`` to use."""
+        config, target = self.config, self.config.rollout_batch_size
+        kept = KeptGroups(config.n_samples_per_prompt)
+        current = rollout
+        while True:
+            rewards = self._rewards(Experience.from_rollout(current.batch), current.meta, config.n_samples_per_prompt)
+            keep = kept_groups(rewards, config.n_samples_per_prompt, config.dynamic_filtering_reward_range)
+            kept.add_round(current.rows, current.samples, rewards, keep)
+            if kept.num_kept >= target or kept.num_rounds >= config.max_num_gen_batches:
+                break
+            current = self._submit(rollout.step)
+            self._collect(current)
+        rows, samples, rewards = kept.rollout(target)
+        refill = kept.metrics(target)
+        if config.nonfinite_reward_policy == "skip":
+            refill["rollout/nonfinite_rewards"] = kept.num_nonfinite
+        if kept.num_kept < target:
+            print(f"warning: rollout {rollout.step + 1}: {kept.num_kept} of --rollout_batch_size {target} prompt "
+                  f"groups kept after --max_num_gen_batches {config.max_num_gen_batches} rounds "
+                  f"({kept.num_generated} generated): training on the {kept.num_kept} kept", flush=True)
+        rollout.batch, rollout.meta = self.to_batch(rows, samples) if rows else (None, {})
+        rollout.meta.update(rewards=rewards, refill=refill)
 
     # ----- phases -------------------------------------------------------------------------
     def _prompt_rows(self, step: int) -> list[dict]:
@@ -238,18 +278,22 @@ class PPOTrainer:
     def score(self, batch: RolloutBatch, meta: dict) -> tuple[Experience, torch.Tensor, dict]:
         """The rollout as an ``Experience`` with old / reference log-probs and values; its rewards."""
         micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
-        packed = self.config.packing_samples
+        layout = self._scoring_layout()
         experience = Experience.from_rollout(batch)
+        if self.config.token_budget.max_tokens is not None:
+            check_fits(experience.lengths, self.config.token_budget.max_tokens, what="rollout sample")
+        rewards = meta.get("rewards")  # --dynamic_filtering scored them while it picked the groups
         old_log_probs = None
         if self.config.needs_old_log_probs(reference=self.reference is not None):
-            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, packed=packed)
+            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, **layout)
         experience = experience.with_fields(
             old_log_probs=old_log_probs,
-            ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature, packed=packed)
+            ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature, **layout)
                            if self.reference is not None else None),
-            values=self.critic.values(experience, micro, packed=packed) if self.critic is not None else None,
+            values=self.critic.values(experience, micro, **layout) if self.critic is not None else None,
         )
-        rewards = self._rewards(experience, meta, self.config.n_samples_per_prompt)
+        if rewards is None:
+            rewards = self._rewards(experience, meta, self.config.n_samples_per_prompt)
         metrics = {
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
@@ -259,15 +303,20 @@ class PPOTrainer:
         experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
         if self.config.nonfinite_reward_policy == "skip":
             experience, rewards, metrics["rollout/nonfinite_rewards"] = self._drop_nonfinite_groups(experience, rewards)
+        metrics.update(meta.get("refill", {}))
         metrics["reward"] = float(rewards.mean()) if len(rewards) else float("nan")
         return experience, rewards, metrics
+
+    def _scoring_layout(self) -> dict:
+        """How the roles lay out their scoring micro-batches: --packing_samples, --max_tokens_per_gpu."""
+        return {"packed": self.config.packing_samples, "max_tokens": self.config.token_budget.max_tokens}
 
     def _rewards(self, experience: Experience, meta: dict, n_samples_per_prompt: int) -> torch.Tensor:
         """Each sample's reward, the mean over the sources. A non-finite one is an error naming its source
         and sample (--nonfinite_reward_policy error), else NaN, for ``score`` to drop its group."""
-        micro, packed = self.config.micro_rollout_batch_size, self.config.packing_samples
+        micro, layout = self.config.micro_rollout_batch_size, self._scoring_layout()
         per_source = [(f"reward model {group.config.engine.pretrain} (--reward_pretrain)",
-                       group.rewards(experience, micro, packed=packed).tolist()) for group in self.reward_models]
+                       group.rewards(experience, micro, **layout).tolist()) for group in self.reward_models]
         per_source += [(getattr(src, "name", type(src).__name__),
                         src.score(meta["prompts"], meta["responses"], meta["labels"])) for src in self.reward_sources]
         if not per_source:
@@ -315,21 +364,13 @@ class PPOTrainer:
             self.kl_controller.update(metrics["kl"], experience.batch_size)
         metrics["kl_coef"] = self.kl_controller.value
         experience = experience.with_fields(advantages=advantages, returns=returns)
-        keep = torch.ones(experience.batch_size, dtype=torch.bool)
-        if config.dynamic_filtering:
-            keep = filter_all_equal_groups(raw_rewards, config.n_samples_per_prompt)
-            metrics["filtered_ratio"] = 1.0 - float(keep.float().mean())
-        if config.dynamic_filtering or experience.batch_size % config.train_batch_size:
-            # (groups dropped for non-finite rewards can leave a batch that is no multiple either)
-            experience = experience.select(self._rows_to_keep(keep))
+        if experience.batch_size % config.train_batch_size:
+            # Groups dropped (non-finite rewards, --dynamic_filtering short of groups) can leave a batch
+            # that is no multiple of --train_batch_size: train on the largest multiple.
+            experience = experience.select(slice(0, experience.batch_size // config.train_batch_size
+                                                 * config.train_batch_size))
         metrics["advantage_abs_mean"] = float((advantages.abs() * mask).sum() / mask.sum().clamp(min=1))
         return experience, metrics
-
-    def _rows_to_keep(self, keep: torch.Tensor) -> torch.Tensor:
-        """A multiple of --train_batch_size rows, preferring the informative ones."""
-        order = torch.argsort((~keep).to(torch.int8), stable=True)
-        num_keep = max(int(keep.sum()) // self.config.train_batch_size, 1) * self.config.train_batch_size
-        return order[:num_keep]
 
     def train_settings(self, step: int) -> TrainSettings:
         config = self.config
@@ -340,7 +381,7 @@ class PPOTrainer:
             dual_clip=config.dual_clip, value_clip=config.value_clip, temperature=self.sampling.temperature,
             kl_loss_coef=self.kl_controller.value if config.use_kl_loss else 0.0, kl_estimator=config.kl_estimator,
             ptx_coef=config.ptx_coef if self.ptx is not None else 0.0, pad_token_id=self._pad_id(),
-            packing_samples=config.packing_samples,
+            packing_samples=config.packing_samples, max_tokens_per_gpu=config.token_budget.max_tokens,
             vllm_is_cap=config.vllm_is_truncated_threshold if config.vllm_is_correction else None,
             policy_loss_type=config.policy_loss_type, loss_agg_mode=config.loss_agg_mode,
             max_response_len=self.sampling.max_new_tokens,
@@ -372,7 +413,8 @@ class PPOTrainer:
     def _report(self, step: int, metrics: dict) -> None:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
-                 "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness",
+                 "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness", "rollout/groups_trained",
+                 "rollout/gen_rounds",
                  "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
@@ -386,7 +428,13 @@ class PPOTrainer:
         return {"step": step, "kl_coef": self.kl_controller.value,
                 "reward_moments": self.reward_moments.state(),
                 "prompts": prompt_position(step=step, num_prompts=len(self.prompts),
-                                           rollout_batch_size=self.config.rollout_batch_size)}
+                                           rollout_batch_size=self.config.rollout_batch_size,
+                                           generation_batches=self._resume_generation_batch())}
+
+    def _resume_generation_batch(self) -> int:
+        """The first prompt batch the next rollout reads: a prefetched rollout's (--async_train; a resume
+        generates it anew), else the next one of the stream."""
+        return self._next.generation_batch if self._next is not None else self.generation_batches
 
     def _role_checkpoint(self, role: str):
         return replace(self.checkpoint, ckpt_path=f"{self.checkpoint.ckpt_path}/{role}")
@@ -417,6 +465,7 @@ class PPOTrainer:
                               rollout_batch_size=self.config.rollout_batch_size)
         if self.critic is not None:
             self.critic.resume(self._role_checkpoint("critic"))
+        self.generation_batches = resumed_generation_batches(state.get("prompts"), step=state["step"])
         self.kl_controller.value = state["kl_coef"]
         self.reward_moments.merge(*state["reward_moments"])
         self.rollouts.sync_weights()  # the engines still hold the initial weights

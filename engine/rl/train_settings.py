@@ -24,6 +24,9 @@ class TrainSettings:
     ptx_coef: float = 0.0  # 0: no pretraining rows
     pad_token_id: int = 0
     packing_samples: bool = False  # each micro-batch's rows packed into one (no padding computed)
+    # --use_dynamic_batch_size's --max_tokens_per_gpu: micro-batches of at most this many tokens, packed,
+    # balanced over DP ranks by tokens (engine.data.token_budget); None: micro_train_batch_size rows
+    max_tokens_per_gpu: int | None = None
     # --vllm_is_correction's cap of the truncated importance weights (the training forward computes
     # them from the batch's rollout_log_probs: engine.rl.train_losses.rollout_mismatch)
     vllm_is_cap: float | None = None

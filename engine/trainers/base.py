@@ -28,6 +28,7 @@ class OfflineTrainer:
     """Subclasses implement ``make_microbatches`` and ``make_loss_fn`` (and may set ``normaliser_key``)."""
 
     normaliser_key: str | None = None
+    max_tokens: int | None = None  # --use_dynamic_batch_size's --max_tokens_per_gpu (trainers that pack)
 
     def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None):
         self.config = config
@@ -69,6 +70,11 @@ class OfflineTrainer:
     # ----- data placement -----------------------------------------------------------------
     def _check_batch_sizes(self) -> None:
         loop, dp = self.config.loop, self.engine.data_parallel_size
+        if self.max_tokens is not None:  # micro-batches by tokens: every rank needs one sample at least
+            if loop.train_batch_size < dp:
+                raise ValueError(f"--train_batch_size ({loop.train_batch_size}) must be at least the data parallel "
+                                 f"size ({dp})")
+            return
         if loop.train_batch_size % (loop.micro_train_batch_size * dp):
             raise ValueError(
                 f"--train_batch_size ({loop.train_batch_size}) must be divisible by "
@@ -94,6 +100,10 @@ class OfflineTrainer:
         share = len(batch) // dp
         mine = batch[self.engine.data_parallel_rank * share : (self.engine.data_parallel_rank + 1) * share]
         return [self.train_dataset[i] for i in mine]
+
+    def step_microbatches(self) -> list[dict]:
+        """This rank's micro-batches of the next global batch."""
+        return self.make_microbatches(self.rank_samples())
 
     def split_microbatches(self, samples: list) -> list[list]:
         size = self.config.loop.micro_train_batch_size
@@ -163,7 +173,7 @@ class OfflineTrainer:
 
     def train_one_step(self, step: int) -> dict:
         started = time.perf_counter()
-        microbatches = self.make_microbatches(self.rank_samples())
+        microbatches = self.step_microbatches()
         result = self.engine.train_step(microbatches, self.make_loss_fn(microbatches), normaliser_key=self.normaliser_key)
         elapsed = time.perf_counter() - started
         tokens = torch.tensor(sum(int(b["input_ids"].numel()) for b in microbatches), dtype=torch.float64)

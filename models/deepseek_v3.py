@@ -20,9 +20,13 @@ mapped, exported and synced, never trained by the optimizer; updated only by
 group-limited top-k (``n_group`` / ``topk_group``), renormalised top-k weights times
 ``routed_scaling_factor``, and ``n_shared_experts`` always-on shared experts.
 
-MTP layers (``num_nextn_predict_layers``) are not part of the trained model; HF's model drops them too.
+MTP layers (``num_nextn_predict_layers``: HF tensors of layers ``num_hidden_layers`` + i) are not part of
+the trained model (HF's model drops them too): conversion and export carry them unchanged
+(``is_passthrough``), and no option trains them.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -32,7 +36,7 @@ from models.splits import ColumnSplit
 #: HF's DeepSeek latent norms (``q_a_layernorm``, ``kv_a_layernorm``) are built with this epsilon, not
 #: ``rms_norm_eps``; megatron-core gives them ``layernorm_epsilon``.
 _LATENT_NORM_EPS = 1e-6
-_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _interleave_rope_rows(block: int, rope: int):
@@ -97,6 +101,10 @@ class DeepseekV3Adapter(ModelAdapter):
                 f"{c.model_type}: group-limited routing with num_experts_per_tok // topk_group = "
                 f"{c.num_experts_per_tok // c.topk_group} is not supported: HF scores a group by its top 2 experts, "
                 "megatron-core by its top num_experts_per_tok // topk_group")
+
+    def is_passthrough(self, hf_name: str) -> bool:
+        match = _LAYER_INDEX.match(hf_name)
+        return match is not None and int(match.group(1)) >= self.hf_config.num_hidden_layers
 
     @property
     def _group_limited(self) -> bool:

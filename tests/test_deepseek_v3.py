@@ -117,3 +117,47 @@ def test_logits_equal_hf_in_every_layout(deepseek_models):
             for kind in ("padded", "packed"):
                 torch.testing.assert_close(merged[(layout[0], arch)][kind], expected[kind], atol=ATOL, rtol=0,
                                            msg=f"{arch} {layout[0]} {kind}")
+
+
+def _add_mtp_layer(path: str, num_layers: int) -> dict[str, torch.Tensor]:
+    """Tensors of one multi-token-prediction layer (layer ``num_layers``, named as DeepSeek-V3 ships them)
+    added to the checkpoint: HF's model ignores them, conversion must carry them."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(5)
+    p = f"model.layers.{num_layers}."
+    mtp = {p + "enorm.weight": torch.randn(48, generator=generator),
+           p + "hnorm.weight": torch.randn(48, generator=generator),
+           p + "eh_proj.weight": torch.randn(48, 96, generator=generator),
+           p + "self_attn.kv_a_layernorm.weight": torch.randn(20, generator=generator),
+           p + "shared_head.norm.weight": torch.randn(48, generator=generator)}
+    file = f"{path}/model.safetensors"
+    save_file({**load_file(file), **mtp}, file, metadata={"format": "pt"})
+    return mtp
+
+
+def test_conversion_round_trips_bit_exact_and_exports_load_in_hf(deepseek_models, tmp_path):
+    """HF -> Megatron (MoE model at PP=2 x EP=2 with an MTP layer; dense at TP=2, its rotary rows
+    permuted on load) -> HF at one rank: every tensor bit-exact, the MTP layer carried unchanged, the
+    router's e_score_correction_bias included; transformers loads the export with identical logits."""
+    import shutil
+
+    from tests.test_convert import _convert, _tensors
+
+    sources = {"moe": str(shutil.copytree(deepseek_models["moe"], tmp_path / "moe-src")),
+               "dense": deepseek_models["dense"]}
+    mtp = _add_mtp_layer(sources["moe"], num_layers=4)
+    layouts = {"moe": ["--pipeline_model_parallel_size", "2", "--expert_model_parallel_size", "2"],
+               "dense": ["--tensor_model_parallel_size", "2"]}
+    for arch, layout in layouts.items():
+        source, mcore, exported = sources[arch], tmp_path / f"{arch}-mcore", tmp_path / f"{arch}-hf"
+        _convert("tools.convert.hf_to_mcore", "--hf_path", source, "--save_path", str(mcore), *layout)
+        _convert("tools.convert.mcore_to_hf", "--load_path", str(mcore), "--save_path", str(exported))
+        original, roundtrip = _tensors(source), _tensors(str(exported))
+        assert sorted(roundtrip) == sorted(original), arch
+        for name, tensor in original.items():
+            assert torch.equal(roundtrip[name], tensor), f"{arch}: {name} differs"
+        logits, expected = _hf_logits(str(exported)), _hf_logits(source)
+        assert all(torch.equal(logits[kind], expected[kind]) for kind in expected), arch
+        if arch == "moe":
+            assert set(mtp) <= set(original) and any(n.endswith("e_score_correction_bias") for n in original)

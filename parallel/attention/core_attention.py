@@ -56,8 +56,8 @@ def packed_causal(q, k, v, cu_seqlens: torch.Tensor, *, scale: float, dropout_p:
     """Causal attention inside each sample of a packed ``[t, h, d]`` batch; nothing crosses samples."""
     kernel = packed_kernel(q, dropout_p)
     if kernel != "sdpa_per_sample" and v.shape[-1] != q.shape[-1]:
-        return kernels.trim_head_dim(packed_causal(*kernels.equal_head_dims(q, k, v), cu_seqlens, scale=scale, dropout_p=dropout_p),
-                             v.shape[-1])
+        out = packed_causal(*kernels.equal_head_dims(q, k, v), cu_seqlens, scale=scale, dropout_p=dropout_p)
+        return kernels.trim_head_dim(out, v.shape[-1])
     if kernel == "flash_attn_varlen":
         from flash_attn import flash_attn_varlen_func
 

@@ -161,3 +161,18 @@ def test_conversion_round_trips_bit_exact_and_exports_load_in_hf(deepseek_models
         assert all(torch.equal(logits[kind], expected[kind]) for kind in expected), arch
         if arch == "moe":
             assert set(mtp) <= set(original) and any(n.endswith("e_score_correction_bias") for n in original)
+
+
+def test_sft_at_expert_parallel_2_equals_one_process(deepseek_models, tmp_path):
+    """Three SFT steps of the MoE model (dense layer 0, MoE layers with the fixed router bias and the shared
+    expert): EP=2 (each rank its own experts and data) gives the single process's loss curve."""
+    from engine.tasks.arithmetic import make_rows, write_jsonl
+    from tests.test_sft import _assert_same_curve, _run
+
+    write_jsonl(make_rows(64, max_operand=9, seed=0), tmp_path / "train.jsonl")
+    write_jsonl(make_rows(8, max_operand=9, seed=1), tmp_path / "test.jsonl")
+    loop = {"train_batch_size": 8, "micro_train_batch_size": 2, "max_steps": 3}
+    single = _run(deepseek_models["moe"], str(tmp_path), {}, 1, loop=loop)
+    expert_parallel = _run(deepseek_models["moe"], str(tmp_path), {"expert_model_parallel_size": 2}, 2, loop=loop)
+    _assert_same_curve(expert_parallel["loss"], single["loss"])
+    assert single["loss"][-1] < single["loss"][0]

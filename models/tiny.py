@@ -164,7 +164,7 @@ def _randomise_router_bias(model, seed: int) -> None:
         bias = getattr(module, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             with torch.no_grad():
-                bias.copy_(torch.randn(bias.shape, generator=generator) * 0.03)
+                bias.copy_(torch.randn(bias.shape, generator=generator) * 0.1)
 
 
 def build_tiny_model(

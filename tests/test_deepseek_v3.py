@@ -29,9 +29,9 @@ def deepseek_models(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("deepseek")
     return {
-        "moe": build_tiny_model("deepseek_v3", root / "moe", seed=3),
-        "dense": build_tiny_model("deepseek_v3", root / "dense", seed=4, q_lora_rank=None, rope_interleave=False,
-                                  first_k_dense_replace=4,
+        "moe": build_tiny_model("deepseek_v3", root / "moe", seed=3, init_std=0.1),
+        "dense": build_tiny_model("deepseek_v3", root / "dense", seed=4, init_std=0.1, q_lora_rank=None,
+                                  rope_interleave=False, first_k_dense_replace=4,
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     }
 
@@ -176,3 +176,48 @@ def test_sft_at_expert_parallel_2_equals_one_process(deepseek_models, tmp_path):
     expert_parallel = _run(deepseek_models["moe"], str(tmp_path), {"expert_model_parallel_size": 2}, 2, loop=loop)
     _assert_same_curve(expert_parallel["loss"], single["loss"])
     assert single["loss"][-1] < single["loss"][0]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("norm_topk_prob", False, "norm_topk_prob=false is not supported with sigmoid routing"),
+    ("attention_bias", True, "attention_bias=true is not supported"),
+    ("rms_norm_eps", 1e-5, "rms_norm_eps=1e-05 is not supported"),
+    ("topk_group", 2, None),  # every group chosen: no group limit, accepted
+    ("n_group", 4, "num_experts_per_tok // topk_group = 2"),  # accepted: top-2 sums, as HF
+    ("num_experts_per_tok", 3, "num_experts_per_tok // topk_group = 3 is not supported"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 128,
+                         "mscale_all_dim": 1.0, "mscale": 0.0}, "mscale_all_dim but no mscale"),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, "'linear' is not supported"),
+])
+def test_unsupported_configs_are_refused_naming_the_field(field, value, message):
+    from models.registry import get_adapter
+    from models.tiny import tiny_config
+
+    config = tiny_config("deepseek_v3", 100, **{field: value})
+    if message is None or "= 2" in message:
+        adapter = get_adapter(config)  # accepted
+        assert adapter.num_experts == 8
+        return
+    with pytest.raises(ValueError, match=message):
+        get_adapter(config)
+
+
+def test_the_router_bias_and_rotary_layout_change_hf_logits(deepseek_models, tmp_path):
+    """The equalities above can fail: zeroing ``e_score_correction_bias`` (expert choice) or flipping
+    ``rope_interleave`` changes HF's logits by far more than the tolerance."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    base = _hf_logits(deepseek_models["moe"])["padded"]
+    unbiased = shutil.copytree(deepseek_models["moe"], tmp_path / "unbiased")
+    tensors = load_file(str(unbiased / "model.safetensors"))
+    save_file({n: torch.zeros_like(t) if n.endswith("e_score_correction_bias") else t for n, t in tensors.items()},
+              str(unbiased / "model.safetensors"), metadata={"format": "pt"})
+    assert (_hf_logits(str(unbiased))["padded"] - base).abs().max() > 20 * ATOL
+    flipped = shutil.copytree(deepseek_models["moe"], tmp_path / "flipped")
+    config = AutoConfig.from_pretrained(flipped)
+    config.rope_interleave = False
+    config.save_pretrained(flipped)
+    assert (_hf_logits(str(flipped))["padded"] - base).abs().max() > 20 * ATOL

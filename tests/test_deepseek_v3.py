@@ -221,3 +221,91 @@ def test_the_router_bias_and_rotary_layout_change_hf_logits(deepseek_models, tmp
     config.rope_interleave = False
     config.save_pretrained(flipped)
     assert (_hf_logits(str(flipped))["padded"] - base).abs().max() > 20 * ATOL
+
+
+RATE = 0.01
+
+
+def _train_step_with_bias_update(rank, world_size, path, save_dir):
+    """One SFT-style step at --moe_router_bias_update_rate RATE; the router biases before and after, the
+    HF export's e_score_correction_bias, and what a fresh engine loading the saved checkpoint holds."""
+    from megatron.core import tensor_parallel
+
+    from engine.runtime.engine import EngineConfig, TrainingEngine
+    from engine.runtime.optimizer import OptimConfig
+    from models.builder import ModelBuildConfig
+    from models.weights import iter_hf_weights
+
+    engine = TrainingEngine(EngineConfig(pretrain=path, build=ModelBuildConfig(moe_router_bias_update_rate=RATE),
+                                         optim=OptimConfig(lr_warmup_ratio=0.0)))
+
+    def biases(model):
+        return {name: t.clone() for name, t in iter_hf_weights(model, engine.adapter)
+                if name.endswith("e_score_correction_bias")}
+
+    before = biases(engine.model)
+    ids = _padded_ids(engine.vocab_size)
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "position_ids": torch.arange(ids.shape[1]).expand_as(ids),
+             "loss_mask": torch.ones(ids.shape)}
+    scale = engine.loss_scale([batch])
+
+    def loss_fn(logits, data):
+        loss_sum = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), data["labels"]).sum()
+        return loss_sum * scale, {"loss_sum": loss_sum.detach(), "num_tokens": torch.tensor(float(ids.numel()))}
+
+    engine.train_step([batch], loss_fn, normaliser_key="num_tokens")
+    after = biases(engine.model)
+    trainable = {name for name, p in engine.model.named_parameters() if p.requires_grad}
+    engine.save_hf(save_dir)
+    return before, after, trainable
+
+
+def _hf_expert_loads(path: str) -> dict[str, torch.Tensor]:
+    """Tokens per expert of each MoE layer of HF's model on the step's tokens (its routers' top-k)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    loads = {}
+    for name, module in model.named_modules():
+        if name.endswith("mlp.gate"):
+            def hook(module, args, output, name=name):
+                loads[name] = torch.bincount(output[2].flatten(), minlength=module.num_experts).float()
+            module.register_forward_hook(hook)
+    with torch.no_grad():
+        model(_padded_ids(model.config.vocab_size))
+    return {f"{name}.e_score_correction_bias": load for name, load in loads.items()}
+
+
+def test_router_bias_update_follows_megatrons_rule_and_is_exported(deepseek_models, tmp_path):
+    """--moe_router_bias_update_rate: after one step every layer's bias moved by RATE x sign(mean load -
+    the expert's load), the loads being HF's routing of the step's tokens; the bias is a buffer (no
+    optimizer state) and the HF export carries the moved bias."""
+    from tests.test_convert import _tensors
+
+    (before, after, trainable), = run_distributed(_train_step_with_bias_update, 1,
+                                                  args=(deepseek_models["moe"], str(tmp_path / "hf")), timeout=300)
+    loads = _hf_expert_loads(deepseek_models["moe"])
+    assert sorted(loads) == sorted(before) and len(loads) == 3
+    for name, load in loads.items():
+        expected = before[name] + RATE * torch.sign(load.mean() - load)
+        torch.testing.assert_close(after[name], expected, atol=1e-7, rtol=0, msg=name)
+        assert not torch.equal(after[name], before[name])
+    assert not any("expert_bias" in name for name in trainable)
+    exported = _tensors(str(tmp_path / "hf"))
+    for name, bias in after.items():
+        assert torch.equal(exported[name], bias)
+
+
+def test_router_flags_are_refused_where_they_cannot_act():
+    from models.builder import ModelBuildConfig, check_router_options
+    from models.registry import get_adapter
+    from models.tiny import tiny_config
+
+    deepseek, mixtral = get_adapter(tiny_config("deepseek_v3", 100)), get_adapter(tiny_config("mixtral", 100))
+    check_router_options(ModelBuildConfig(moe_router_bias_update_rate=0.01), deepseek)
+    with pytest.raises(ValueError, match=r"--moe_router_bias_update_rate 0.01: the model's router has no expert bias"):
+        check_router_options(ModelBuildConfig(moe_router_bias_update_rate=0.01), mixtral)
+    with pytest.raises(ValueError, match="--moe_router_bias_update_rate must be >= 0"):
+        check_router_options(ModelBuildConfig(moe_router_bias_update_rate=-1.0), deepseek)
+    with pytest.raises(ValueError, match=r"--aux_loss_coef 0.01: HF's deepseek_v3 defines no load-balancing loss"):
+        check_router_options(ModelBuildConfig(aux_loss_coef=0.01), deepseek)

@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral")
 #: Multi-head latent attention + sigmoid-routed MoE, odd sizes (``_deepseek_config``).
-DEEPSEEK_ARCHITECTURES = ("deepseek_v3",)
+DEEPSEEK_ARCHITECTURES = ("deepseek_v3", "deepseek_v2")
 
 _WORDS = (
     "the a an of to and in is it you that he was for on are with as his they be at one have this "
@@ -132,18 +132,19 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
             **{**common, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **overrides}
         )
     elif arch in DEEPSEEK_ARCHITECTURES:
-        config = _deepseek_config(common, overrides)
+        config = _deepseek_config(arch, common, overrides)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from "
                          f"{', '.join(ARCHITECTURES + DEEPSEEK_ARCHITECTURES)}")
     return config
 
 
-def _deepseek_config(common: dict, overrides: dict):
+def _deepseek_config(arch: str, common: dict, overrides: dict):
     """A tiny DeepSeek-V3: hidden 48, 4 heads of 12 plain + 8 rotary dims for q/k and 10 for v, a q LoRA
     rank (``q_lora_rank=None`` overrides it away), YaRN rope; layer 0 dense, the others MoE: top-2 of 8
-    experts within the best of 2 groups, one shared expert."""
-    from transformers import DeepseekV3Config
+    experts within the best of 2 groups, one shared expert. deepseek_v2: softmax routing, top-2 of 8 in
+    the best 2 of 4 groups (group_limited_greedy), two shared experts."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
 
     sizes = dict(hidden_size=48, intermediate_size=72, moe_intermediate_size=40, num_attention_heads=4,
                  num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
@@ -153,6 +154,12 @@ def _deepseek_config(common: dict, overrides: dict):
     rope = dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                  "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
                                  "mscale": 1.0, "mscale_all_dim": 1.0})
+    if arch == "deepseek_v2":
+        moe.update(n_group=4, topk_group=2, n_shared_experts=2, routed_scaling_factor=1.5,
+                   topk_method="group_limited_greedy")
+        for key in ("norm_topk_prob", "num_nextn_predict_layers"):
+            moe.pop(key)
+        return DeepseekV2Config(**{**common, **sizes, **moe, **rope, **overrides})
     return DeepseekV3Config(**{**common, **sizes, **moe, **rope, "rope_interleave": True, **overrides})
 
 

@@ -6,8 +6,9 @@ logits; SFT at EP=2 equals EP=1.
 Two tiny models from transformers' own ``DeepseekV3Config``, odd sizes (``models.tiny``): "moe" has a
 q LoRA rank, YaRN rope with mscale, HF's interleaved rotary layout, layer 0 dense and MoE layers with
 group-limited routing (2 groups), a random ``e_score_correction_bias`` and a shared expert; "dense" has
-no q LoRA rank (plain ``q_proj``), default rope in HF's halves layout and only dense layers. Both have v
-heads (10) narrower than the q/k heads (12 + 8 rotary).
+no q LoRA rank (plain ``q_proj``), default rope in HF's halves layout and only dense layers; "v2" is a
+DeepSeek-V2 (softmax routing, group_limited_greedy, two shared experts). All have v heads (10) narrower
+than the q/k heads (12 + 8 rotary).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def deepseek_models(tmp_path_factory) -> dict[str, str]:
         "dense": build_tiny_model("deepseek_v3", root / "dense", seed=4, init_std=0.1, q_lora_rank=None,
                                   rope_interleave=False, first_k_dense_replace=4,
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "v2": build_tiny_model("deepseek_v2", root / "v2", seed=5, init_std=0.1),
     }
 
 

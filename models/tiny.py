@@ -160,7 +160,9 @@ def _deepseek_config(arch: str, common: dict, overrides: dict):
         for key in ("norm_topk_prob", "num_nextn_predict_layers"):
             moe.pop(key)
         return DeepseekV2Config(**{**common, **sizes, **moe, **rope, **overrides})
-    return DeepseekV3Config(**{**common, **sizes, **moe, **rope, "rope_interleave": True, **overrides})
+    # Keys real DeepSeek-V3 checkpoints carry and transformers ignores; vLLM builds the router bias only with them.
+    vllm_keys = dict(topk_method="noaux_tc", scoring_func="sigmoid")
+    return DeepseekV3Config(**{**common, **sizes, **moe, **rope, **vllm_keys, "rope_interleave": True, **overrides})
 
 
 def _randomise_router_bias(model, seed: int) -> None:

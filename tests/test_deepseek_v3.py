@@ -1,7 +1,8 @@
 """DeepSeek-V3 (issue 30): multi-head latent attention and sigmoid-routed MoE give HF transformers'
-logits (fp32) under TP=2, PP=2, CP=2 (ring attention), EP=2 and EP=2 x TP=2, padded and packed; the
-HF <-> Megatron conversion round-trips bit-exact; the HF export loads in transformers with the same
-logits; SFT at EP=2 equals EP=1.
+logits (fp32) under TP=2, PP=2, CP=2 (ring attention), EP=2 and EP=2 x TP=2 with sequence parallelism,
+padded and packed; the HF <-> Megatron conversion round-trips bit-exact (MTP layers carried); the HF
+export loads in transformers with the same logits; SFT at EP=2 equals EP=1; the router-bias update
+follows Megatron's rule and reaches the export.
 
 Two tiny models from transformers' own ``DeepseekV3Config``, odd sizes (``models.tiny``): "moe" has a
 q LoRA rank, YaRN rope with mscale, HF's interleaved rotary layout, layer 0 dense and MoE layers with
@@ -19,9 +20,10 @@ from tests.dist_harness import run_distributed
 
 ATOL = 1e-4  # fp32; observed differences are ~1e-6
 PACKED_LENGTHS = (7, 12, 5)  # odd lengths: CP pads each sample to a multiple of 2 x CP
-#: (name, TP, PP, CP, EP) on 4 ranks; the remaining factor is data parallel.
+#: (name, TP, PP, CP, EP) on 4 ranks; the remaining factor is data parallel. "_sp": sequence parallel
+#: (MLA gathers and scatters its latents along the sequence).
 LAYOUTS = (("tp2", 2, 1, 1, 1), ("pp2", 1, 2, 1, 1), ("cp2", 1, 1, 2, 1), ("ep2", 1, 1, 1, 2),
-           ("ep2_tp2", 2, 1, 1, 2))
+           ("ep2_tp2_sp", 2, 1, 1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,8 @@ def _logits_in_layouts(rank, world_size, model_dirs, layouts):
     results = {}
     for name, tp, pp, cp, ep in layouts:
         config = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                context_parallel_size=cp, expert_model_parallel_size=ep)
+                                context_parallel_size=cp, expert_model_parallel_size=ep,
+                                sequence_parallel=name.endswith("_sp"))
         ctx = initialize_parallel(config)
         for arch, path in model_dirs.items():
             adapter = load_adapter(path)

@@ -238,7 +238,8 @@ def _train_step_with_bias_update(rank, world_size, path, save_dir):
 
     from engine.runtime.engine import EngineConfig, TrainingEngine
     from engine.runtime.optimizer import OptimConfig
-    from models.builder import ModelBuildConfig
+    from models.builder import ModelBuildConfig, build_model
+    from models.mcore_checkpoint import load_model, save_model
     from models.weights import iter_hf_weights
 
     engine = TrainingEngine(EngineConfig(pretrain=path, build=ModelBuildConfig(moe_router_bias_update_rate=RATE),
@@ -261,8 +262,12 @@ def _train_step_with_bias_update(rank, world_size, path, save_dir):
     engine.train_step([batch], loss_fn, normaliser_key="num_tokens")
     after = biases(engine.model)
     trainable = {name for name, p in engine.model.named_parameters() if p.requires_grad}
-    engine.save_hf(save_dir)
-    return before, after, trainable
+    engine.save_hf(f"{save_dir}/hf")
+    # The Megatron checkpoint (what a resume loads) holds the moved bias: a fresh model gets it back.
+    save_model(engine.model, f"{save_dir}/mcore", adapter=engine.adapter)
+    fresh = build_model(engine.adapter, engine.ctx.config)
+    load_model(fresh, f"{save_dir}/mcore")
+    return before, after, trainable, biases(fresh)
 
 
 def _hf_expert_loads(path: str) -> dict[str, torch.Tensor]:
@@ -284,11 +289,11 @@ def _hf_expert_loads(path: str) -> dict[str, torch.Tensor]:
 def test_router_bias_update_follows_megatrons_rule_and_is_exported(deepseek_models, tmp_path):
     """--moe_router_bias_update_rate: after one step every layer's bias moved by RATE x sign(mean load -
     the expert's load), the loads being HF's routing of the step's tokens; the bias is a buffer (no
-    optimizer state) and the HF export carries the moved bias."""
+    optimizer state); the HF export and the Megatron checkpoint carry the moved bias."""
     from tests.test_convert import _tensors
 
-    (before, after, trainable), = run_distributed(_train_step_with_bias_update, 1,
-                                                  args=(deepseek_models["moe"], str(tmp_path / "hf")), timeout=300)
+    (before, after, trainable, reloaded), = run_distributed(_train_step_with_bias_update, 1,
+                                                            args=(deepseek_models["moe"], str(tmp_path)), timeout=300)
     loads = _hf_expert_loads(deepseek_models["moe"])
     assert sorted(loads) == sorted(before) and len(loads) == 3
     for name, load in loads.items():
@@ -298,7 +303,7 @@ def test_router_bias_update_follows_megatrons_rule_and_is_exported(deepseek_mode
     assert not any("expert_bias" in name for name in trainable)
     exported = _tensors(str(tmp_path / "hf"))
     for name, bias in after.items():
-        assert torch.equal(exported[name], bias)
+        assert torch.equal(exported[name], bias) and torch.equal(reloaded[name], bias)
 
 
 def test_router_flags_are_refused_where_they_cannot_act():

@@ -319,3 +319,26 @@ def test_router_flags_are_refused_where_they_cannot_act():
         check_router_options(ModelBuildConfig(moe_router_bias_update_rate=-1.0), deepseek)
     with pytest.raises(ValueError, match=r"--aux_loss_coef 0.01: HF's deepseek_v3 defines no load-balancing loss"):
         check_router_options(ModelBuildConfig(aux_loss_coef=0.01), deepseek)
+
+
+MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def test_lora_on_latent_attention_equals_peft(deepseek_models, tmp_path):
+    """LoRA on every MLA projection at TP=2 (the down-projections split over TP too): the logits equal
+    HF PEFT's with the exported adapter, which does change them. Where Megatron permutes a projection's
+    rows (HF rotates halves), LoRA on it is refused naming the modules."""
+    from models.lora import LoraConfig
+    from models.lora.targets import resolve_targets
+    from models.registry import load_adapter
+    from tests.test_lora import _lora_logits, _peft_logits
+    from tests.test_lora import _hf_logits as hf_logits
+
+    models = {"moe": (deepseek_models["moe"], MLA_TARGETS)}
+    per_rank = run_distributed(_lora_logits, 2, args=({"tensor_model_parallel_size": 2}, models, str(tmp_path)),
+                               timeout=300)
+    expected = _peft_logits(deepseek_models["moe"], str(tmp_path / "moe"))
+    torch.testing.assert_close(per_rank[0]["moe"], expected, atol=ATOL, rtol=0)
+    assert (expected - hf_logits(deepseek_models["moe"])).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="--target_modules q_proj: LoRA on a projection whose rows Megatron permutes"):
+        resolve_targets(load_adapter(deepseek_models["dense"]), LoraConfig(target_modules=("q_proj",)).target_modules)

@@ -331,8 +331,8 @@ def test_lora_on_latent_attention_equals_peft(deepseek_models, tmp_path):
     from models.lora import LoraConfig
     from models.lora.targets import resolve_targets
     from models.registry import load_adapter
-    from tests.test_lora import _lora_logits, _peft_logits
     from tests.test_lora import _hf_logits as hf_logits
+    from tests.test_lora import _lora_logits, _peft_logits
 
     models = {"moe": (deepseek_models["moe"], MLA_TARGETS)}
     per_rank = run_distributed(_lora_logits, 2, args=({"tensor_model_parallel_size": 2}, models, str(tmp_path)),

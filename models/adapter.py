@@ -325,6 +325,10 @@ class ModelAdapter:
         ``shared_expert_weight_specs`` builds them from the HF names."""
         return []
 
+    def check_parallel(self, *, tensor_model_parallel_size: int) -> None:
+        """Refuse, naming the flag, a TP size that the architecture's own tensors do not split by
+        (the heads, layers and experts are ``ParallelConfig.validate_model``'s)."""
+
     def is_passthrough(self, hf_name: str) -> bool:
         """Whether an HF tensor is outside the Megatron model yet carried unchanged from the source
         checkpoint into Megatron checkpoints and HF exports (DeepSeek's multi-token-prediction layers)."""

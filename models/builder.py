@@ -153,6 +153,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_experts=adapter.num_experts,
         expert_ffn_size=adapter.expert_ffn_hidden_size,
     )
+    adapter.check_parallel(tensor_model_parallel_size=parallel.tensor_model_parallel_size)
     check_moe_options(build, parallel, moe=bool(adapter.num_experts))
     check_router_options(build, adapter)
     if "layernorm" in (build.recompute_modules or ()) and detect_layer_spec(build.transformer_impl).impl == "local":

@@ -102,6 +102,15 @@ class DeepseekV3Adapter(ModelAdapter):
                 f"{c.num_experts_per_tok // c.topk_group} is not supported: HF scores a group by its top 2 experts, "
                 "megatron-core by its top num_experts_per_tok // topk_group")
 
+    def check_parallel(self, *, tensor_model_parallel_size: int) -> None:
+        c, tp = self.hf_config, tensor_model_parallel_size
+        # megatron-core splits the latent down-projections over TP too (then gathers their outputs).
+        for field, rows in (("q_lora_rank", c.q_lora_rank), ("kv_lora_rank + qk_rope_head_dim",
+                                                              c.kv_lora_rank + c.qk_rope_head_dim)):
+            if rows and rows % tp:
+                raise ValueError(f"--tensor_model_parallel_size {tp} does not divide {c.model_type}'s {field} "
+                                 f"({rows}): megatron-core splits the latent down-projections over TP")
+
     def is_passthrough(self, hf_name: str) -> bool:
         match = _LAYER_INDEX.match(hf_name)
         return match is not None and int(match.group(1)) >= self.hf_config.num_hidden_layers

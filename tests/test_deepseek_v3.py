@@ -207,6 +207,18 @@ def test_unsupported_configs_are_refused_naming_the_field(field, value, message)
         get_adapter(config)
 
 
+def test_tensor_parallel_sizes_the_latents_do_not_split_by_are_refused():
+    from models.registry import get_adapter
+    from models.tiny import tiny_config
+
+    adapter = get_adapter(tiny_config("deepseek_v3", 100))  # q_lora_rank 24, kv_lora_rank + rope 28
+    adapter.check_parallel(tensor_model_parallel_size=4)
+    with pytest.raises(ValueError, match=r"--tensor_model_parallel_size 16 does not divide deepseek_v3.s q_lora_rank"):
+        adapter.check_parallel(tensor_model_parallel_size=16)
+    with pytest.raises(ValueError, match=r"kv_lora_rank \+ qk_rope_head_dim \(28\)"):
+        get_adapter(tiny_config("deepseek_v3", 100, q_lora_rank=None)).check_parallel(tensor_model_parallel_size=8)
+
+
 def test_the_router_bias_and_rotary_layout_change_hf_logits(deepseek_models, tmp_path):
     """The equalities above can fail: zeroing ``e_score_correction_bias`` (expert choice) or flipping
     ``rope_interleave`` changes HF's logits by far more than the tolerance."""

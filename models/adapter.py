@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from models.splits import Split
 
-__all__ = ["TE_FUSED_NORM_NAMES", "AttentionShape", "LayerSpecOptions", "ModelAdapter", "Split", "WeightSpec"]
+__all__ = ["TE_FUSED_NORM_NAMES", "AttentionShape", "LayerSpecOptions", "ModelAdapter", "Split", "WeightSpec",
+           "shared_expert_weight_specs"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class LayerSpecOptions:
     num_experts: int | None = None  # MoE layers' experts (None: dense model)
     qk_layernorm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, OLMo 2)
     moe_layers: tuple[bool, ...] | None = None  # per global layer: MoE (True) or dense; None: all alike
+    multi_latent_attention: bool = False  # DeepSeek's MLA (megatron-core's MLASelfAttention) instead of GQA
 
 
 #: Transformer Engine's layer spec fuses a layer's norms into the linear layer after them
@@ -56,10 +58,31 @@ TE_FUSED_NORM_NAMES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 
+#: The same under multi-head latent attention: TE fuses the q / kv latent norms into the up-projections.
+MLA_TE_FUSED_NORM_NAMES = {
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 # Transformer Engine's grouped experts (TEGroupedMLP, --moe_grouped_gemm): one weight per local expert.
 _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+
+
+def shared_expert_weight_specs(hf_prefix: str, gate: str | None = None) -> list[WeightSpec]:
+    """megatron-core's shared expert (``SharedExpertMLP``: a SwiGLU MLP split over TP like a dense one,
+    and, gated, a replicated ``[1, hidden]`` ``gate_weight``) from the HF module ``hf_prefix``
+    (``model.layers.{layer}.mlp.shared_expert.``) and the gate's HF tensor name, if any."""
+    specs = [
+        WeightSpec("mlp.shared_experts.linear_fc1.weight", (hf_prefix + "gate_proj.weight", hf_prefix + "up_proj.weight"),
+                   Split.GATE_UP),
+        WeightSpec("mlp.shared_experts.linear_fc2.weight", (hf_prefix + "down_proj.weight",), Split.ROW),
+    ]
+    if gate is not None:
+        specs.append(WeightSpec("mlp.shared_experts.gate_weight", (gate,), Split.REPLICATED))
+    return specs
 
 
 class ModelAdapter:
@@ -69,6 +92,9 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     #: ``architectures`` written into exported configs.
     hf_causal_lm_class: str = ""
+    #: megatron-core's config class (in ``megatron.core.transformer.transformer_config``) the builder
+    #: instantiates with ``transformer_config_kwargs``: MLATransformerConfig for latent attention.
+    transformer_config_class: str = "TransformerConfig"
 
     def __init__(self, hf_config):
         self.hf_config = hf_config
@@ -122,6 +148,38 @@ class ModelAdapter:
         return None
 
     @property
+    def expert_ffn_hidden_size(self) -> int | None:
+        """Hidden size of one routed expert (None: a dense model)."""
+        return self.hf_config.intermediate_size if self.num_experts else None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` routes to experts (False: a dense MLP, ``dense_mlp_specs``).
+        Default: every layer of a model with experts."""
+        return bool(self.num_experts)
+
+    @property
+    def moe_layer_pattern(self) -> tuple[bool, ...]:
+        """``is_moe_layer`` of every global layer (megatron-core's ``moe_layer_freq`` as a list)."""
+        return tuple(self.is_moe_layer(layer) for layer in range(self.num_layers))
+
+    @property
+    def shared_expert_intermediate_size(self) -> int | None:
+        """Hidden size of the MoE layers' always-on shared expert(s), all of them together (megatron-core's
+        ``moe_shared_expert_intermediate_size``); None: no shared expert."""
+        return None
+
+    @property
+    def shared_expert_gate(self) -> bool:
+        """Whether the shared expert's output is scaled by ``sigmoid(x . w)`` (Qwen2-MoE's
+        ``shared_expert_gate``; megatron-core's ``moe_shared_expert_gate``). DeepSeek's has no gate."""
+        return False
+
+    @property
+    def qk_layernorm(self) -> bool:
+        """Per-head RMSNorm on q and k before rotary (Qwen3, OLMo 2): ``qk_norm_specs`` names its weights."""
+        return False
+
+    @property
     def qkv_bias(self) -> bool:
         return False
 
@@ -133,7 +191,8 @@ class ModelAdapter:
         return None
 
     def layer_spec_options(self) -> LayerSpecOptions:
-        return LayerSpecOptions(num_experts=self.num_experts)
+        return LayerSpecOptions(num_experts=self.num_experts, qk_layernorm=self.qk_layernorm,
+                                moe_layers=self.moe_layer_pattern if self.num_experts else None)
 
     def transformer_config_kwargs(self) -> dict:
         """Architecture fields of Megatron's ``TransformerConfig`` (parallel sizes added by the builder)."""
@@ -154,7 +213,29 @@ class ModelAdapter:
             attention_dropout=0.0,
             hidden_dropout=0.0,
             init_method_std=getattr(c, "initializer_range", 0.02),
+            qk_layernorm=self.qk_layernorm,
+            **self.moe_config_kwargs(),
         )
+
+    def moe_config_kwargs(self) -> dict:
+        """The ``TransformerConfig`` fields every MoE architecture shares: experts, the per-layer pattern
+        (``moe_layer_freq`` as a list, from ``is_moe_layer``) and the shared expert; {} for a dense model.
+        Routing (softmax before or after top-k, scaling) is each architecture's own."""
+        if not self.num_experts:
+            return {}
+        kwargs = dict(
+            num_moe_experts=self.num_experts,
+            moe_router_topk=self.hf_config.num_experts_per_tok,
+            moe_ffn_hidden_size=self.expert_ffn_hidden_size,
+            moe_layer_freq=[int(moe) for moe in self.moe_layer_pattern],
+            # HF's load-balancing loss is added by models.moe_aux (--aux_loss_coef), not Megatron's.
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+        )
+        if self.shared_expert_intermediate_size:
+            kwargs.update(moe_shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                          moe_shared_expert_gate=self.shared_expert_gate)
+        return kwargs
 
     def gpt_model_kwargs(self) -> dict:
         """Keyword arguments of Megatron's ``GPTModel`` beyond config / spec / pre-post process."""
@@ -183,13 +264,26 @@ class ModelAdapter:
         p = "model.layers.{layer}."
         specs = [
             WeightSpec("input_layernorm.weight", (p + "input_layernorm.weight",), Split.REPLICATED),
+            WeightSpec("pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), Split.REPLICATED),
+            *self.attention_specs(),
+            *self.mlp_specs(),
+        ]
+        if self.num_experts:
+            specs += self.shared_expert_specs()
+            if not all(self.moe_layer_pattern):
+                specs += self.dense_mlp_specs()
+        return specs
+
+    def attention_specs(self) -> list[WeightSpec]:
+        """A layer's self-attention: fused q/k/v (with biases, q/k norms as configured) and ``o_proj``."""
+        p = "model.layers.{layer}."
+        specs = [
             WeightSpec(
                 "self_attention.linear_qkv.weight",
                 tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"),
                 Split.QKV,
             ),
             WeightSpec("self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), Split.ROW),
-            WeightSpec("pre_mlp_layernorm.weight", (p + "post_attention_layernorm.weight",), Split.REPLICATED),
         ]
         if self.qkv_bias:
             specs.append(
@@ -199,10 +293,24 @@ class ModelAdapter:
                     Split.QKV,
                 )
             )
-        specs += self.mlp_specs()
+        if self.qk_layernorm:
+            specs += self.qk_norm_specs()
         return specs
 
+    def qk_norm_specs(self) -> list[WeightSpec]:
+        """The per-head q / k norms (``head_dim`` wide, replicated): HF's ``self_attn.{q,k}_norm``."""
+        p = "model.layers.{layer}.self_attn."
+        return [WeightSpec("self_attention.q_layernorm.weight", (p + "q_norm.weight",), Split.REPLICATED),
+                WeightSpec("self_attention.k_layernorm.weight", (p + "k_norm.weight",), Split.REPLICATED)]
+
     def mlp_specs(self) -> list[WeightSpec]:
+        """A layer's MLP: the dense MLP of a dense model; an MoE model's router (its experts are
+        ``expert_specs``, its dense layers ``dense_mlp_specs``, its shared expert ``shared_expert_specs``)."""
+        return self.dense_mlp_specs()
+
+    def dense_mlp_specs(self) -> list[WeightSpec]:
+        """A dense SwiGLU MLP (every layer of a dense model; the layers of an MoE model that
+        ``is_moe_layer`` says are dense): HF ``mlp.gate_proj / up_proj / down_proj``."""
         p = "model.layers.{layer}.mlp."
         return [
             WeightSpec("mlp.linear_fc1.weight", (p + "gate_proj.weight", p + "up_proj.weight"), Split.GATE_UP),
@@ -211,6 +319,20 @@ class ModelAdapter:
 
     def expert_specs(self) -> list[WeightSpec]:
         return []
+
+    def shared_expert_specs(self) -> list[WeightSpec]:
+        """An MoE layer's shared expert (megatron-core's ``mlp.shared_experts``); [] when there is none.
+        ``shared_expert_weight_specs`` builds them from the HF names."""
+        return []
+
+    def check_parallel(self, *, tensor_model_parallel_size: int) -> None:
+        """Refuse, naming the flag, a TP size that the architecture's own tensors do not split by
+        (the heads, layers and experts are ``ParallelConfig.validate_model``'s)."""
+
+    def is_passthrough(self, hf_name: str) -> bool:
+        """Whether an HF tensor is outside the Megatron model yet carried unchanged from the source
+        checkpoint into Megatron checkpoints and HF exports (DeepSeek's multi-token-prediction layers)."""
+        return False
 
     # ----- name resolution ----------------------------------------------------------------
     def resolve(self, megatron_name: str, *, layer_offset: int, expert_offset: int) -> tuple[WeightSpec, dict]:
@@ -225,7 +347,8 @@ class ModelAdapter:
         elif (grouped := _GROUPED_EXPERT.match(rest)) is not None:
             local, name = int(grouped.group(2)), f"{grouped.group(1)}.weight"
         else:
-            return self._find(self.layer_specs(), TE_FUSED_NORM_NAMES.get(rest, rest)), {"layer": layer}
+            fused = MLA_TE_FUSED_NORM_NAMES if self.layer_spec_options().multi_latent_attention else TE_FUSED_NORM_NAMES
+            return self._find(self.layer_specs(), fused.get(rest, rest)), {"layer": layer}
         return self._find(self.expert_specs(), name), {"layer": layer, "expert": local + expert_offset}
 
     def _find(self, specs: list[WeightSpec], name: str) -> WeightSpec:

@@ -30,6 +30,11 @@ class ModelBuildConfig:
         None, help="selective recompute: Megatron modules among core_attn, layernorm, mlp (default: core_attn)")
     aux_loss_coef: float = option(0.0, help="MoE: loss = LM loss + this x HF Mixtral's load-balancing aux_loss "
                                             "(OpenRLHF's meaning); 0: off")
+    moe_router_bias_update_rate: float = option(
+        0.0, help="MoE with a router expert bias (DeepSeek-V3's e_score_correction_bias): after every step each "
+                  "expert's bias moves by this rate toward balance, +rate below the mean load and -rate above "
+                  "(Megatron's aux-loss-free balancing); 0: the bias stays as loaded. Off by default: in RL a "
+                  "moving router is one more difference between the trained and the rollout policy")
     router_z_loss_coef: float = option(0.0, help="MoE: Megatron's router z-loss coefficient (ST-MoE, per layer); 0: off")
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = option(
         "alltoall", help="MoE: how tokens reach their experts' ranks (Megatron); allgather needs "

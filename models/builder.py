@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer import transformer_config as megatron_configs
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -86,8 +87,10 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
     kwargs.update(recompute_kwargs(build))
     if build.router_z_loss_coef:
         kwargs["moe_z_loss_coeff"] = build.router_z_loss_coef
+    if build.moe_router_bias_update_rate:
+        kwargs["moe_router_bias_update_rate"] = build.moe_router_bias_update_rate
     kwargs.update(build.overrides)
-    return TransformerConfig(**kwargs)
+    return getattr(megatron_configs, adapter.transformer_config_class)(**kwargs)
 
 
 def resolve_grouped_gemm(build: ModelBuildConfig) -> bool:
@@ -98,6 +101,21 @@ def resolve_grouped_gemm(build: ModelBuildConfig) -> bool:
         raise ValueError("--moe_grouped_gemm needs the Transformer Engine layer spec (TEGroupedMLP): install "
                          "transformer-engine on a CUDA machine, or leave it off")
     return te if build.moe_grouped_gemm is None else build.moe_grouped_gemm
+
+
+def check_router_options(build: ModelBuildConfig, adapter: ModelAdapter) -> None:
+    """What a router without HF's load-balancing loss or without an expert bias cannot do."""
+    router = adapter.transformer_config_kwargs()
+    rate = build.moe_router_bias_update_rate
+    if rate < 0:
+        raise ValueError(f"--moe_router_bias_update_rate must be >= 0, got {rate}")
+    if rate and not router.get("moe_router_enable_expert_bias"):
+        raise ValueError(f"--moe_router_bias_update_rate {rate}: the model's router has no expert bias "
+                         "(DeepSeek-V3's e_score_correction_bias)")
+    if build.aux_loss_coef and router.get("moe_router_score_function") == "sigmoid":
+        raise ValueError(f"--aux_loss_coef {build.aux_loss_coef}: HF's {adapter.hf_config.model_type} defines no "
+                         "load-balancing loss (its sigmoid router balances through the expert bias: "
+                         "--moe_router_bias_update_rate)")
 
 
 def check_moe_options(build: ModelBuildConfig, parallel: ParallelConfig, *, moe: bool) -> None:
@@ -133,9 +151,11 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
         num_attention_heads=adapter.attention.num_heads,
         num_query_groups=adapter.attention.num_kv_heads,
         num_experts=adapter.num_experts,
-        expert_ffn_size=adapter.hf_config.intermediate_size if adapter.num_experts else None,
+        expert_ffn_size=adapter.expert_ffn_hidden_size,
     )
+    adapter.check_parallel(tensor_model_parallel_size=parallel.tensor_model_parallel_size)
     check_moe_options(build, parallel, moe=bool(adapter.num_experts))
+    check_router_options(build, adapter)
     if "layernorm" in (build.recompute_modules or ()) and detect_layer_spec(build.transformer_impl).impl == "local":
         # megatron-core 0.16.1's CheckpointWithoutOutput (layernorm recompute) calls TE-only names.
         raise ValueError("--recompute_modules layernorm needs the Transformer Engine layer spec; the local one "

@@ -27,6 +27,9 @@ SINGLE_NAME = "model.safetensors"
 # {hf_name: shape} of the HF checkpoint a Megatron checkpoint came from, kept in its hf/ directory:
 # what a weight sync into vLLM engines started without weights must carry.
 TENSOR_SHAPES_NAME = "tensor_shapes.json"
+# HF tensors the Megatron model does not hold but an export must give back unchanged (DeepSeek's MTP
+# layers, ``ModelAdapter.is_passthrough``), kept in a Megatron checkpoint's hf/ directory.
+PASSTHROUGH_NAME = "passthrough.safetensors"
 # Files copied next to exported weights so the directory is a complete HF model.
 _SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -180,6 +183,29 @@ def copy_side_files(source: str | os.PathLike, destination: str | os.PathLike) -
         src = Path(source) / name
         if src.exists():
             shutil.copy2(src, Path(destination) / name)
+
+
+def passthrough_tensors(source: str | os.PathLike, is_passthrough) -> dict[str, torch.Tensor]:
+    """The tensors of ``source`` an architecture carries unchanged (``is_passthrough(hf_name)``): from an
+    HF checkpoint's safetensors, or the ``passthrough.safetensors`` a Megatron checkpoint's hf/ keeps."""
+    source = Path(source)
+    if (source / PASSTHROUGH_NAME).exists():
+        with safe_open(str(source / PASSTHROUGH_NAME), "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    if not ((source / INDEX_NAME).exists() or (source / SINGLE_NAME).exists()):
+        return {}
+    reader = HFCheckpointReader(source)
+    try:
+        return {name: reader.read(name) for name in reader.keys() if is_passthrough(name)}
+    finally:
+        reader.close()
+
+
+def write_passthrough(source: str | os.PathLike, destination: str | os.PathLike, is_passthrough) -> None:
+    """Keep ``source``'s carried tensors in a Megatron checkpoint's hf/ directory ``destination``."""
+    tensors = passthrough_tensors(source, is_passthrough)
+    if tensors:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(Path(destination) / PASSTHROUGH_NAME))
 
 
 def hf_tensor_shapes(directory: str | os.PathLike) -> dict[str, list[int]] | None:

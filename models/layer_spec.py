@@ -102,13 +102,16 @@ def _core_attention(ring_head_stride: int | None) -> ModuleSpec:
 
 
 def _local_layer(options: LayerSpecOptions, *, moe: bool, normalization: str, ring_head_stride: int | None):
+    mla = options.multi_latent_attention
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=options.num_experts if moe else None, moe_grouped_gemm=False,
-        qk_layernorm=options.qk_layernorm, normalization=normalization,
+        qk_layernorm=options.qk_layernorm or mla, normalization=normalization, multi_latent_attention=mla,
     )
     layer, attention = spec.submodules, spec.submodules.self_attention.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = LocalNorm
-    if options.qk_layernorm:
+    if mla:  # the q and kv latents' RMSNorms (MLA always has the kv one; the q one with a q LoRA rank)
+        attention.q_layernorm = attention.kv_layernorm = LocalNorm
+    elif options.qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = LocalNorm
     attention.core_attention = _core_attention(ring_head_stride)
     if moe:
@@ -121,11 +124,19 @@ def _local_layer(options: LayerSpecOptions, *, moe: bool, normalization: str, ri
 
 
 def _te_layer(options: LayerSpecOptions, *, moe: bool, ring_head_stride: int | None, moe_grouped_gemm: bool):
+    mla = options.multi_latent_attention
     spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
         num_experts=options.num_experts if moe else None, moe_grouped_gemm=moe_grouped_gemm,
-        qk_layernorm=options.qk_layernorm,
+        qk_layernorm=options.qk_layernorm or mla, multi_latent_attention=mla,
     )
-    spec.submodules.self_attention.submodules.core_attention = _core_attention(ring_head_stride)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = _core_attention(ring_head_stride)
+    if mla:
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+        # TE's spec keeps the down-projections whole on every TP rank (TELinear, duplicated); split them
+        # over TP as the local spec does, so that one weight map (models.splits.Split.COLUMN) serves both.
+        attention.linear_q_down_proj = attention.linear_kv_down_proj = TEColumnParallelLinear
     return spec
 
 

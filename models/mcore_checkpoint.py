@@ -36,6 +36,7 @@ from models.hf_checkpoint import (
     copy_side_files,
     hf_tensor_shapes,
     staged_directory,
+    write_passthrough,
 )
 from models.manifest import verify_checkpoint_files, write_manifest
 
@@ -107,6 +108,7 @@ def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_siz
         shapes = hf_tensor_shapes(hf_source_dir)  # of an HF source, or carried on from a Megatron one's hf/
         if shapes is not None:
             (hf_dir / TENSOR_SHAPES_NAME).write_text(json.dumps(shapes))
+        write_passthrough(hf_source_dir, hf_dir, adapter.is_passthrough)
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": adapter.hf_config.model_type,

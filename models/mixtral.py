@@ -16,17 +16,10 @@ class MixtralAdapter(MistralAdapter):
         return self.hf_config.num_local_experts
 
     def transformer_config_kwargs(self) -> dict:
-        c = self.hf_config
         return {
             **super().transformer_config_kwargs(),
-            "num_moe_experts": c.num_local_experts,
-            "moe_router_topk": c.num_experts_per_tok,
-            "moe_ffn_hidden_size": c.intermediate_size,
             # Mixtral: softmax over all experts, top-k, renormalise == Megatron's top-k then softmax.
             "moe_router_pre_softmax": False,
-            # HF's load-balancing loss is added by models.moe_aux (--aux_loss_coef), not Megatron's.
-            "moe_router_load_balancing_type": "none",
-            "moe_aux_loss_coeff": 0.0,
         }
 
     def mlp_specs(self) -> list[WeightSpec]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 import os
 
 from models.adapter import ModelAdapter
+from models.deepseek_v2 import DeepseekV2Adapter
+from models.deepseek_v3 import DeepseekV3Adapter
 from models.llama import LlamaAdapter
 from models.mistral import MistralAdapter
 from models.mixtral import MixtralAdapter
 from models.qwen2 import Qwen2Adapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, MixtralAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, MixtralAdapter,
+                                            DeepseekV3Adapter, DeepseekV2Adapter)
 
 
 def supported_model_types() -> list[str]:

@@ -134,8 +134,33 @@ class GateUpSplit(Split):
         return list(merge_fused_shards(shards, dim=0, num_parts=2).chunk(2, dim=0))
 
 
+class ColumnSplit(Split):
+    """A column-parallel linear of its own (no fused parts: multi-head latent attention's projections):
+    contiguous dim-0 slices. ``row_order(num_rows)``, if given, is the permutation taking the HF rows
+    to Megatron's order (``megatron = hf[row_order]``), undone on export."""
+
+    name = "COLUMN"
+
+    def __init__(self, row_order=None, name: str = "COLUMN"):
+        self.row_order, self.name = row_order, name
+
+    def load(self, reader, names, local_shape, *, rank, size, adapter):
+        rows = reader.shape(names[0])[0]
+        start, stop = shard_range(rows, rank, size)
+        if self.row_order is None:
+            return _rows(reader, names[0], start, stop)
+        return reader.read(names[0])[self.row_order(rows)[start:stop]]
+
+    def export(self, shards, adapter):
+        full = torch.cat(shards, dim=0)
+        if self.row_order is not None:
+            full = full[torch.argsort(self.row_order(full.shape[0]))]
+        return [full]
+
+
 Split.REPLICATED = ReplicatedSplit()
 Split.ROW = RowSplit()
 Split.VOCAB = VocabSplit()
 Split.QKV = QKVSplit()
 Split.GATE_UP = GateUpSplit()
+Split.COLUMN = ColumnSplit()

@@ -30,6 +30,8 @@ CHAT_TEMPLATE = (
 )
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral")
+#: Multi-head latent attention + sigmoid-routed MoE, odd sizes (``_deepseek_config``).
+DEEPSEEK_ARCHITECTURES = ("deepseek_v3", "deepseek_v2")
 
 _WORDS = (
     "the a an of to and in is it you that he was for on are with as his they be at one have this "
@@ -129,9 +131,49 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         config = MixtralConfig(
             **{**common, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **overrides}
         )
+    elif arch in DEEPSEEK_ARCHITECTURES:
+        config = _deepseek_config(arch, common, overrides)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from "
+                         f"{', '.join(ARCHITECTURES + DEEPSEEK_ARCHITECTURES)}")
     return config
+
+
+def _deepseek_config(arch: str, common: dict, overrides: dict):
+    """A tiny DeepSeek-V3: hidden 48, 4 heads of 12 plain + 8 rotary dims for q/k and 10 for v, a q LoRA
+    rank (``q_lora_rank=None`` overrides it away), YaRN rope; layer 0 dense, the others MoE: top-2 of 8
+    experts within the best of 2 groups, one shared expert. deepseek_v2: softmax routing, top-2 of 8 in
+    the best 2 of 4 groups (group_limited_greedy), two shared experts."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    sizes = dict(hidden_size=48, intermediate_size=72, moe_intermediate_size=40, num_attention_heads=4,
+                 num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                 v_head_dim=10)
+    moe = dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+               first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=0)
+    rope = dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0})
+    if arch == "deepseek_v2":
+        moe.update(n_group=4, topk_group=2, n_shared_experts=2, routed_scaling_factor=1.5,
+                   topk_method="group_limited_greedy")
+        for key in ("norm_topk_prob", "num_nextn_predict_layers"):
+            moe.pop(key)
+        return DeepseekV2Config(**{**common, **sizes, **moe, **rope, **overrides})
+    # Keys real DeepSeek-V3 checkpoints carry and transformers ignores; vLLM builds the router bias only with them.
+    vllm_keys = dict(topk_method="noaux_tc", scoring_func="sigmoid")
+    return DeepseekV3Config(**{**common, **sizes, **moe, **rope, **vllm_keys, "rope_interleave": True, **overrides})
+
+
+def _randomise_router_bias(model, seed: int) -> None:
+    """HF initialises DeepSeek's ``e_score_correction_bias`` to zeros; a test model needs one that changes the
+    choice of experts (about the spread of the sigmoid scores)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            with torch.no_grad():
+                bias.copy_(torch.randn(bias.shape, generator=generator) * 0.1)
 
 
 def build_tiny_model(
@@ -158,6 +200,7 @@ def build_tiny_model(
     config.vocab_size = len(AutoTokenizer.from_pretrained(save_dir))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise_router_bias(model, seed)
     model.generation_config.pad_token_id = PAD_ID
     model.save_pretrained(save_dir)
     return str(save_dir)

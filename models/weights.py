@@ -25,6 +25,7 @@ from models.hf_checkpoint import (
     HFShardWriter,
     copy_side_files,
     finalize_hf_directory,
+    passthrough_tensors,
     staged_directory,
 )
 from models.lora.apply import is_lora_name
@@ -217,6 +218,9 @@ def save_hf_checkpoint(
             tensors = tqdm(tensors, desc="export HF weights", unit="tensor")
         for name, tensor in tensors:
             writer.add(name, tensor)
+        if rank == 0 and source_dir is not None:  # tensors the model does not hold (DeepSeek's MTP layers)
+            for name, tensor in passthrough_tensors(source_dir, adapter.is_passthrough).items():
+                writer.add(name, tensor)
         writer.flush()
         maps: list[dict] = [None] * dist.get_world_size()
         dist.all_gather_object(maps, writer.weight_map)

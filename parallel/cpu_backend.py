@@ -34,6 +34,8 @@ _MODULES_TO_ADAPT = (
     "megatron.core.parallel_state",
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+    "megatron.core.transformer.multi_latent_attention",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.tensor_parallel.layers",

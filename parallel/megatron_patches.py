@@ -96,6 +96,17 @@ def _define_te_general_gemm_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _latent_attention_without_te() -> None:
+    """megatron.core.transformer.multi_latent_attention (0.16.1): it sets ``HAVE_TE = True`` when importing
+    ``megatron.core.extensions.transformer_engine`` succeeds, which it does without TE (that module puts a
+    MagicMock in TE's place), so ``MLASelfAttention.__init__`` calls ``isinstance(linear_proj, TELinear)``
+    with a MagicMock and raises TypeError: no DeepSeek model builds without TE. Take its flag from the
+    extension module's own, which says whether TE imported."""
+    extension = importlib.import_module("megatron.core.extensions.transformer_engine")
+    mla = importlib.import_module("megatron.core.transformer.multi_latent_attention")
+    mla.HAVE_TE = mla.HAVE_TE and extension.HAVE_TE
+
+
 def _write_checkpoints_without_a_manager() -> None:
     """megatron.core.dist_checkpointing.strategies.filesystem_async (0.16.1): ``_get_write_results_queue``.
 
@@ -127,5 +138,6 @@ def apply() -> None:
         _skip_step_in_reshardable_load()
         _unshare_adam_steps_after_load()
         _define_te_general_gemm_without_te()
+        _latent_attention_without_te()
         _write_checkpoints_without_a_manager()
         _applied = True

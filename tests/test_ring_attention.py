@@ -34,14 +34,16 @@ ATOL = 1e-5
 # ------------------------------------------------------------------ helpers (single process)
 
 
-def _full_inputs(*, seq_len, batch, heads, kv_heads, head_dim, seed, packed):
-    """q, k, v, and output weights (for a non-trivial loss) in the global layout."""
+def _full_inputs(*, seq_len, batch, heads, kv_heads, head_dim, seed, packed, v_dim=None):
+    """q, k, v, and output weights (for a non-trivial loss) in the global layout (``v_dim``: v's own
+    head size, as multi-head latent attention has)."""
+    v_dim = v_dim or head_dim
     gen = torch.Generator().manual_seed(seed)
     lead = (seq_len,) if packed else (seq_len, batch)
     q = torch.randn(*lead, heads, head_dim, generator=gen)
     k = torch.randn(*lead, kv_heads, head_dim, generator=gen)
-    v = torch.randn(*lead, kv_heads, head_dim, generator=gen)
-    weights = torch.randn(*lead, heads, head_dim, generator=gen)
+    v = torch.randn(*lead, kv_heads, v_dim, generator=gen)
+    weights = torch.randn(*lead, heads, v_dim, generator=gen)
     return q, k, v, weights
 
 
@@ -92,7 +94,7 @@ def _check_case(case, cp_group):
         cu, seq_len = None, case["seq_len"]
     q, k, v, weights = _full_inputs(seq_len=seq_len, batch=case.get("batch", 1), heads=case["heads"],
                                     kv_heads=case["kv_heads"], head_dim=case["head_dim"], seed=case["seed"],
-                                    packed=packed)
+                                    packed=packed, v_dim=case.get("v_dim"))
     # Oracle on the UNPADDED sequence: padding each sample for CP must not change real tokens.
     expected = _reference(q, k, v, weights, scale=scale, cu_seqlens=cu)
 
@@ -162,6 +164,12 @@ _CASES = [
     dict(name="padded-gqa-cuda", seq_len=48, batch=2, heads=4, kv_heads=2, head_dim=8, seed=7, kernel="cuda_efficient"),
     dict(name="packed-odd-gqa-cuda", lengths=[5, 11, 7], heads=4, kv_heads=1, head_dim=8, seed=8,
          kernel="cuda_efficient"),
+    # Multi-head latent attention: v's head size is not q/k's.
+    dict(name="padded-mla-v", seq_len=48, batch=2, heads=4, kv_heads=4, head_dim=12, v_dim=6, seed=9),
+    dict(name="packed-mla-v-stride", lengths=[5, 11, 7], heads=4, kv_heads=4, head_dim=12, v_dim=6, seed=10,
+         head_stride=2),
+    dict(name="packed-mla-v-math", lengths=[5, 11, 7], heads=2, kv_heads=2, head_dim=6, v_dim=10, seed=11,
+         kernel="math"),
 ]
 
 

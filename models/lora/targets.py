@@ -23,6 +23,14 @@ _LINEARS = {
     "self_attention.linear_proj": ROW,
     "mlp.linear_fc1": COLUMN,
     "mlp.linear_fc2": ROW,
+    "mlp.shared_experts.linear_fc1": COLUMN,  # an MoE layer's shared expert (Qwen2-MoE, DeepSeek)
+    "mlp.shared_experts.linear_fc2": ROW,
+    # multi-head latent attention (DeepSeek): each projection its own column-parallel linear
+    "self_attention.linear_q_proj": COLUMN,
+    "self_attention.linear_q_down_proj": COLUMN,
+    "self_attention.linear_q_up_proj": COLUMN,
+    "self_attention.linear_kv_down_proj": COLUMN,
+    "self_attention.linear_kv_up_proj": COLUMN,
 }
 _EXPERT_LINEARS = {"linear_fc1": COLUMN, "linear_fc2": ROW}
 
@@ -74,6 +82,10 @@ def resolve_targets(adapter: ModelAdapter, target_modules: tuple[str, ...]) -> d
     for spec, parallel, is_expert in _linear_specs(adapter):
         modules = _module_templates(spec)
         targeted = tuple(m.rsplit(".", 1)[-1] in wanted for m in modules)
+        if any(targeted) and getattr(spec.split, "row_order", None) is not None:
+            # Megatron holds these rows permuted (DeepSeek's rotary rows with rope_interleave false).
+            raise ValueError(f"--target_modules {' '.join(m.rsplit('.', 1)[-1] for m in modules)}: LoRA on a "
+                             f"projection whose rows Megatron permutes ({spec.split!r}) is not supported")
         if any(targeted):
             name = spec.megatron.removesuffix(".weight")
             found[(name, is_expert)] = LinearTargets(name, parallel, spec.split, modules, targeted)

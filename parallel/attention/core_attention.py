@@ -2,10 +2,11 @@
 
 Megatron's ``SelfAttention`` computes q/k/v (with rotary applied) and hands them to this module:
 ``[s, b, heads, head_dim]`` for padded batches, ``[t, heads, head_dim]`` for packed (``thd``)
-batches described by ``PackedSeqParams.cu_seqlens_q``. The output is ``[s, b, heads*head_dim]``
-(packed: ``[t, heads*head_dim]``). Kernel choice, in order: ring attention when the context
-parallel group has more than one rank, flash-attn on CUDA for fp16/bf16 when it imports, else
-PyTorch's own kernels: SDPA for padded batches (flash / memory-efficient on CUDA, its fused kernel
+batches described by ``PackedSeqParams.cu_seqlens_q``. The output is ``[s, b, heads*v_head_dim]``
+(packed: ``[t, heads*v_head_dim]``); ``v_head_dim`` may differ from the q/k head size (multi-head
+latent attention: DeepSeek's q/k heads carry a rotary part that v lacks). Kernel choice, in order:
+ring attention when the context parallel group has more than one rank, flash-attn on CUDA for
+fp16/bf16 when it imports, else PyTorch's own kernels: SDPA for padded batches (flash / memory-efficient on CUDA, its fused kernel
 on CPU) and, for packed batches on CUDA, torch's FlashAttention-2 varlen kernel
 (``parallel.attention.kernels``); one SDPA call per sample elsewhere.
 """
@@ -38,7 +39,7 @@ def packed_kernel(q: torch.Tensor, dropout_p: float) -> str:
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float = 0.0):
-    """Causal attention on ``[b, s, h, d]`` tensors with grouped k/v heads; returns ``[b, s, h, d]``."""
+    """Causal attention on ``[b, s, h, d]`` tensors with grouped k/v heads; returns ``[b, s, h, d_v]``."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -54,6 +55,9 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
 def packed_causal(q, k, v, cu_seqlens: torch.Tensor, *, scale: float, dropout_p: float = 0.0):
     """Causal attention inside each sample of a packed ``[t, h, d]`` batch; nothing crosses samples."""
     kernel = packed_kernel(q, dropout_p)
+    if kernel != "sdpa_per_sample" and v.shape[-1] != q.shape[-1]:
+        out = packed_causal(*kernels.equal_head_dims(q, k, v), cu_seqlens, scale=scale, dropout_p=dropout_p)
+        return kernels.trim_head_dim(out, v.shape[-1])
     if kernel == "flash_attn_varlen":
         from flash_attn import flash_attn_varlen_func
 
@@ -64,7 +68,7 @@ def packed_causal(q, k, v, cu_seqlens: torch.Tensor, *, scale: float, dropout_p:
         )
     if kernel == "torch_flash_varlen":
         return kernels.torch_flash_varlen(q, k, v, cu_seqlens, scale=scale)
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
@@ -149,7 +153,9 @@ class CoreAttention(MegatronModule):
         if dense_kernel(q) == "flash_attn":
             from flash_attn import flash_attn_func
 
-            out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=self.softmax_scale, causal=True)
+            out = flash_attn_func(*kernels.equal_head_dims(q, k, v), dropout_p=dropout_p, softmax_scale=self.softmax_scale,
+                                  causal=True)
+            out = kernels.trim_head_dim(out, v.shape[-1])
         else:
             out = sdpa_causal(q, k, v, scale=self.softmax_scale, dropout_p=dropout_p)
         return out.transpose(0, 1).flatten(-2)

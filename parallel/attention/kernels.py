@@ -24,6 +24,18 @@ from parallel.optional_deps import probe
 
 HALF = (torch.float16, torch.bfloat16)
 
+def equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(q, k, v) zero-padded to one head size, for kernels that take only one (flash-attn, torch's CPU
+    flash kernel): zero columns of q and k add nothing to the scores (the scale is passed explicitly)
+    and zero columns of v give zero output columns, which :func:`trim_head_dim` drops."""
+    size = max(q.shape[-1], v.shape[-1])
+    return tuple(t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1])) for t in (q, k, v))
+
+
+def trim_head_dim(out: torch.Tensor, v_head_dim: int) -> torch.Tensor:
+    return out if out.shape[-1] == v_head_dim else out[..., :v_head_dim]
+
+
 # ----- the choices ----------------------------------------------------------------------------
 PACKED_KERNELS = ("flash_attn_varlen", "torch_flash_varlen", "sdpa_per_sample")
 RING_BLOCK_KERNELS = ("cpu_flash", "cuda_efficient", "math")

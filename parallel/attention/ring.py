@@ -47,16 +47,22 @@ def ring_attention(
     """Causal attention over the global sequence from this rank's zigzag shards of q, k, v.
 
     Padded batches: ``q`` is ``[s_local, b, heads, head_dim]``, ``k``/``v`` ``[s_local, b,
-    kv_heads, head_dim]``. Packed batches: ``[t_local, heads, head_dim]`` with ``cu_seqlens`` the
+    kv_heads, head_dim]`` (``v`` may have its own head size: multi-head latent attention). Packed
+    batches: ``[t_local, heads, head_dim]`` with ``cu_seqlens`` the
     LOCAL boundaries (each sample already zigzag-split, i.e. global padded ``cu_seqlens //
     cp_size``); tokens after ``cu_seqlens[-1]`` get a zero output. ``heads`` must be a multiple
     of ``kv_heads`` (GQA: query head ``i`` uses kv head ``i // (heads // kv_heads)``).
 
     ``head_stride`` (kv heads per ring pass, like OpenRLHF's ``--ring_head_stride``) runs the
     ring once per group of kv heads, so each K/V message and buffer is that much smaller.
-    Returns a tensor shaped like ``q``.
+    Returns a tensor shaped like ``q`` with ``v``'s head size.
     """
     _validate(q, k, v, cp_group=cp_group, cu_seqlens=cu_seqlens)
+    if v.shape[-1] != q.shape[-1]:
+        # The block kernels (CPU flash, ring-flash-attn) take one head size: pad, then trim.
+        out = ring_attention(*kernels.equal_head_dims(q, k, v), cp_group=cp_group, scale=scale,
+                             cu_seqlens=cu_seqlens, head_stride=head_stride)
+        return kernels.trim_head_dim(out, v.shape[-1])
     num_kv_heads = k.shape[-2]
     if head_stride is None or head_stride >= num_kv_heads:
         return _ring_attention_all_heads(q, k, v, cp_group=cp_group, scale=scale, cu_seqlens=cu_seqlens)
@@ -86,7 +92,7 @@ def _validate(q, k, v, *, cp_group, cu_seqlens) -> None:
             f"expected {expected_dim}-d q/k/v ({'[s, b, h, d]' if cu_seqlens is None else '[t, h, d]'}), "
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+    if k.shape[:-1] != v.shape[:-1] or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q/k/v shapes do not match: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of kv heads ({k.shape[-2]})")

@@ -35,13 +35,15 @@ class Shape:
     padded_vocab: int
     num_experts: int = 0
     top_k: int = 0
+    expert_ffn: int = 0  # one routed expert's hidden size
 
     @classmethod
     def of(cls, adapter: ModelAdapter, tp: int) -> "Shape":
         c, attn = adapter.hf_config, adapter.attention
         return cls(hidden=c.hidden_size, ffn=c.intermediate_size, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
                    head_dim=attn.head_dim, padded_vocab=adapter.padded_vocab_size(tp),
-                   num_experts=adapter.num_experts or 0, top_k=getattr(c, "num_experts_per_tok", 0) or 0)
+                   num_experts=adapter.num_experts or 0, top_k=getattr(c, "num_experts_per_tok", 0) or 0,
+                   expert_ffn=adapter.expert_ffn_hidden_size or 0)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def layer_floats_per_token(shape: Shape, grid: Grid, *, moe: bool, recompute_mod
     if "core_attn" in recompute_modules:
         lse = 0.0
     if moe:
-        experts_ffn = shape.ffn  # expert TP shards the expert's hidden size
+        experts_ffn = shape.expert_ffn or shape.ffn  # expert TP shards the expert's hidden size
         # Per routed copy of a token: the permuted input and the dispatcher's two reorderings, then
         # the expert's SwiGLU; plus the router's probabilities. Routing is assumed balanced.
         mlp = shape.top_k * (3 * h + 5 * experts_ffn / grid.etp) + shape.num_experts

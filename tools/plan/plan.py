@@ -128,7 +128,7 @@ def check_layout(adapter: ModelAdapter, layout: Layout, *, world_size: int, batc
         parallel = layout.parallel(moe)
         parallel.validate_model(num_layers=adapter.num_layers, num_attention_heads=adapter.attention.num_heads,
                                 num_query_groups=adapter.attention.num_kv_heads, num_experts=adapter.num_experts,
-                                expert_ffn_size=adapter.hf_config.intermediate_size if moe else None)
+                                expert_ffn_size=adapter.expert_ffn_hidden_size)
         dp = parallel.data_parallel_size(world_size)
     except ValueError as err:
         return [str(err)]

@@ -22,6 +22,7 @@ from engine.ray.config import ColocationConfig, VLLMEngineConfig, WeightSyncConf
 from engine.ray.rollout_backends import RolloutBackendConfig
 from engine.rl.config import PPOConfig
 from engine.rl.console import ConsoleConfig
+from engine.rl.doctor import DoctorConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.rollout import SamplingConfig
 from engine.runtime.config import CheckpointConfig, LoggingConfig, OptimConfig
@@ -119,6 +120,7 @@ class PPOJob:
     ptx: PtxData = group(title="ptx", factory=PtxData)
     eval: RLEvalConfig = group(title="evaluation", factory=RLEvalConfig)
     console: ConsoleConfig = group(title="console", factory=ConsoleConfig)
+    doctor: DoctorConfig = group(title="mismatch doctor", factory=DoctorConfig)
     optim: OptimConfig = group(title="optimizer", defaults={"learning_rate": 1e-6},
                                aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
     checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
@@ -319,6 +321,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.data.prompts import PromptDataset
     from engine.ray.cluster import join_cluster
     from engine.ray.colocation import NodeDealer, describe_placement, make_placements, release_placements
+    from engine.ray.doctor import RayDoctor
     from engine.ray.role_group import RoleGroup
     from engine.ray.rollout_backends import rollout_backend
     from engine.ray.rollouts import EngineRollouts, TrainerSleep
@@ -375,6 +378,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
             save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
             evaluation=job.eval, eval_prompts=eval_prompts, record=record,
+            doctor=(RayDoctor(job.doctor, actor=groups["actor"], engines=rollouts, run_dir=record.run_dir,
+                              max_tokens=engine_config.max_model_len - 1) if job.doctor.doctor_every else None),
         )
         return trainer.fit()
     finally:

@@ -21,6 +21,7 @@ from engine.rl.advantages import (
 )
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.console import RolloutProgress
+from engine.rl.doctor import MismatchDoctor
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
@@ -65,7 +66,7 @@ class PPOTrainer:
                  sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
                  logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
                  pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None,
-                 record=None):
+                 record=None, doctor: MismatchDoctor | None = None):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -85,6 +86,7 @@ class PPOTrainer:
             self.ptx = PtxSampler(pretrain_samples, seed=config.seed,
                                   stride=config.max_epochs * config.rollout_batch_size * config.n_samples_per_prompt)
         self.record = record  # engine.rl.console.RunRecord: metrics.jsonl and reward.png of the run directory
+        self.doctor = doctor  # --doctor_every: trainer vs engine, layer by layer, after the sync of its rollouts
         self.progress = None
         self.evaluation = evaluation or RLEvalConfig()
         self.eval_prompts = eval_prompts
@@ -164,8 +166,17 @@ class PPOTrainer:
         with timer.phase("sync"):
             sync_metrics = self.rollouts.sync_weights()
             self.engines_version = self.actor_version
+        if self.doctor is not None and self.doctor.due(step + 1):
+            with timer.phase("doctor"):  # both sides hold the same weights now
+                sync_metrics.update(self.doctor.run(step + 1, self._doctor_sequences(rollout.batch)))
         timer.seconds["time/step"] = time.perf_counter() - started
         return {**metrics, **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
+
+    def _doctor_sequences(self, batch: RolloutBatch) -> list[list[int]]:
+        """The first ``--doctor_samples`` rows of the rollout, prompt + response, without padding."""
+        count = min(self.doctor.config.doctor_samples, batch.batch_size)
+        last = batch.last_token_index()
+        return [batch.input_ids[i, :int(last[i]) + 1].tolist() for i in range(count)]
 
     def _submit(self, step: int) -> PrefetchedRollout:
         rows = self._prompt_rows(step)

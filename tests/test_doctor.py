@@ -1,0 +1,131 @@
+"""The mismatch doctor: the Megatron actor and a vLLM engine run the same tokens with the same
+synced weights; the doctor reports per layer where they part.
+
+A clean sync (fp32 on both sides) reports no jump, every layer within fp32 noise and identical
+routing; after one tensor of the engine is pushed again with a small delta, the doctor names that
+tensor's layer (and, for a router, the layer and the tokens whose experts differ). The tool
+(``python -m tools.doctor``) runs a Megatron checkpoint on a TP=2 actor.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_vllm_engine import VLLM_TINY, stream_checkpoint
+
+FP32_NOISE = 1e-5  # relative hidden-state difference; seen: ~3e-7 (embedding exact)
+LOGPROB_ATOL = 1e-4  # as tests/test_vllm_engine.py
+SEQUENCES = [[1, 17, 230, 45, 99, 12, 7, 300, 5], [1, 80, 81, 82, 3]]
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> str:
+    from models.tiny import build_tiny_model
+
+    return build_tiny_model("mixtral", tmp_path_factory.mktemp("doctor") / "mixtral", seed=0, **VLLM_TINY)
+
+
+@pytest.fixture(scope="module")
+def doctor(ray_cluster, mixtral):
+    """A TP=1 Mixtral actor, one vLLM engine synced from it, and the doctor over both."""
+    from engine.ray.doctor import RayDoctor
+    from engine.ray.role_group import RoleGroup
+    from engine.ray.role_worker import RoleConfig
+    from engine.ray.vllm_engine import VLLMEngineConfig, start_pool
+    from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
+    from engine.rl.doctor import DoctorConfig
+    from engine.runtime.engine import EngineConfig
+
+    actor = RoleGroup(RoleConfig(name="actor", engine=EngineConfig(pretrain=mixtral)), timeout_s=180)
+    pool = start_pool(VLLMEngineConfig(pretrain=mixtral, dtype="float32", enforce_eager=True, max_model_len=64,
+                                       seed=0))
+    try:
+        sync = ActorWeightSync(actor, pool, WeightSyncConfig(), backend="gloo", timeout_s=120)
+        sync.push()
+        yield RayDoctor(DoctorConfig(), actor=actor, engines=pool, run_dir=None), sync
+    finally:
+        pool.shutdown()
+        actor.shutdown()
+
+
+def _perturbed(path: str, name: str, delta: float):
+    """The checkpoint's tensors with ``delta`` x N(0, 1) (seeded) added to tensor ``name``."""
+    generator = torch.Generator().manual_seed(0)
+    for key, tensor in stream_checkpoint(path):
+        yield key, tensor + delta * torch.randn(tensor.shape, generator=generator) if key == name else tensor
+
+
+def _diagnose_perturbed(doctor, mixtral: str, name: str, delta: float) -> dict:
+    from engine.ray.weight_sync import sync_weights
+
+    diagnosis, sync = doctor
+    sync_weights(diagnosis.engines, _perturbed(mixtral, name, delta), backend="gloo", timeout_s=120)
+    try:
+        return diagnosis.diagnose(SEQUENCES)
+    finally:
+        sync.push()  # the actor's weights again, for the next test
+
+
+def test_clean_sync_reports_no_jump(doctor):
+    report = doctor[0].diagnose(SEQUENCES)
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["embedding", "layer.0", "layer.1", "layer.2", "layer.3", "final_norm"]
+    assert report["first_jump"] is None, report["first_jump"]
+    assert report["rows"][0]["max_abs_diff"] == 0.0  # an embedding lookup is exact
+    assert max(row["rel_diff"] for row in report["rows"]) < FP32_NOISE
+    assert report["log_probs"]["max_abs_diff"] < LOGPROB_ATOL
+    assert report["routing"]["num_moe_layers"] == 4 and report["routing"]["mismatched_tokens"] == 0
+    assert report["num_tokens"] == sum(map(len, SEQUENCES)) and report["unmatched_records"] == []
+
+
+def test_perturbed_layer_is_named(doctor, mixtral):
+    """Layer 2's attention output projection off by 1e-3 x N(0, 1) in the engine only."""
+    report = _diagnose_perturbed(doctor, mixtral, "model.layers.2.self_attn.o_proj.weight", 1e-3)
+    assert report["first_jump"]["name"] == "layer.2", report["first_jump"]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert max(rows[f"layer.{i}"]["rel_diff"] for i in (0, 1)) < FP32_NOISE
+    assert rows["layer.2"]["rel_diff"] > 100 * FP32_NOISE
+    assert report["log_probs"]["max_abs_diff"] > LOGPROB_ATOL
+
+
+def test_perturbed_router_shows_the_routing_difference(doctor, mixtral):
+    report = _diagnose_perturbed(doctor, mixtral, "model.layers.1.block_sparse_moe.gate.weight", 0.05)
+    first = report["routing"]["first_layer"]
+    assert first["layer"] == 1 and first["num_tokens"] == len(first["tokens"]) > 0
+    for token in first["tokens"]:
+        assert token["actor_experts"] != token["engine_experts"] and len(token["engine_experts"]) == 2
+        assert token["token_id"] == SEQUENCES[token["sequence"]][token["position"]]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["layer.0"]["mismatched_tokens"] == 0 and rows["layer.1"]["mismatched_tokens"] == first["num_tokens"]
+    assert rows["layer.0"]["router_logit_max_diff"] < 1e-5 < rows["layer.1"]["router_logit_max_diff"]
+    assert report["first_jump"]["name"] == "layer.1"
+
+
+def test_tool_on_a_megatron_checkpoint_at_tp2(ray_cluster, tmp_path):
+    """``python -m tools.doctor``: a Megatron checkpoint (hf_to_mcore) on a TP=2 actor with sequence
+    parallelism (each rank holds half of every hidden state: gathered): no jump, and the same report
+    in <run_dir>/doctor/step_0.json. (PP=2, each stage reporting its layers: tests/test_ppo_e2e.py.)"""
+    from models.tiny import build_tiny_model
+    from tests.test_convert import _convert
+    from tools import doctor
+
+    hf = build_tiny_model("llama", tmp_path / "hf", seed=3, **VLLM_TINY)
+    mcore = tmp_path / "mcore"
+    _convert("tools.convert.hf_to_mcore", "--hf_path", hf, "--save_path", str(mcore))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("3+4=", "the water near the house")))
+    report = doctor.main([
+        "--actor_ckpt", str(mcore), "--prompts", str(prompts), "--input_key", "prompt", "--generate_max_len", "4",
+        "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2", "--actor_sequence_parallel",
+        "--vllm_dtype", "float32", "--enforce_eager",
+        "--run_dir", str(tmp_path / "run"),
+    ])
+    assert [row["name"] for row in report["rows"]] == ["embedding", *(f"layer.{i}" for i in range(4)), "final_norm"]
+    assert report["num_sequences"] == 2 and report["first_jump"] is None
+    assert max(row["rel_diff"] for row in report["rows"]) < FP32_NOISE
+    assert report["log_probs"]["max_abs_diff"] < LOGPROB_ATOL
+    assert report["routing"]["num_moe_layers"] == 0
+    written = json.loads((tmp_path / "run" / "doctor" / "step_0.json").read_text())
+    assert written == {"step": 0, **json.loads(json.dumps(report))}

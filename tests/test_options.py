@@ -29,10 +29,10 @@ JOBS = {
     "engine.cli.train_ppo_ray": "PPOJob", "engine.cli.serve_rm": "ServeRMJob",
     "engine.cli.batch_inference": "BatchInferenceJob", "engine.cli.demo": "DemoJob",
     "tools.convert.hf_to_mcore": "ToMcoreJob", "tools.convert.mcore_to_hf": "ToHFJob",
-    "tools.convert.lora_combiner": "CombinerJob", "tools.plan.cli": "PlanJob",
+    "tools.convert.lora_combiner": "CombinerJob", "tools.plan.cli": "PlanJob", "tools.doctor": "DoctorJob",
 }
 REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore", "model_path": "base", "lora_path": "adapter",
-            "pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
+            "pretrain": "model", "dataset": "d.jsonl", "actor_ckpt": "ckpt", "prompts": "p.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps": "4",
@@ -120,7 +120,7 @@ def _excluded(job_cls) -> set[str]:
 
 def test_every_cli_has_a_job():
     clis = {".".join(p.with_suffix("").parts) for folder in ("engine/cli", "tools/convert", "tools/plan")
-            for p in Path(folder).glob("*.py") if "def main(" in p.read_text()}
+            for p in Path(folder).glob("*.py") if "def main(" in p.read_text()} | {"tools.doctor"}
     assert clis == set(JOBS)
 
 

@@ -22,7 +22,7 @@ from engine.cli.options import group, naming_flags, parse_job, run_cli
 from engine.cli.train_ppo_ray import RoleOptions, role_group
 from engine.data.config import DataConfig
 from engine.ray.config import VLLMEngineConfig, WeightSyncConfig
-from engine.rl.doctor import DoctorConfig
+from engine.rl.config import DoctorConfig
 from parallel.options import option
 
 

@@ -20,9 +20,8 @@ from engine.cli.options import OptionError, group, naming_flags, parse_job, prin
 from engine.data.config import DataConfig
 from engine.ray.config import ColocationConfig, VLLMEngineConfig, WeightSyncConfig
 from engine.ray.rollout_backends import RolloutBackendConfig
-from engine.rl.config import PPOConfig
+from engine.rl.config import DoctorConfig, PPOConfig
 from engine.rl.console import ConsoleConfig
-from engine.rl.doctor import DoctorConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.rollout import SamplingConfig
 from engine.runtime.config import CheckpointConfig, LoggingConfig, OptimConfig

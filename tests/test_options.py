@@ -32,7 +32,8 @@ JOBS = {
     "tools.convert.lora_combiner": "CombinerJob", "tools.plan.cli": "PlanJob", "tools.doctor": "DoctorJob",
 }
 REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore", "model_path": "base", "lora_path": "adapter",
-            "pretrain": "model", "dataset": "d.jsonl", "actor_ckpt": "ckpt", "prompts": "p.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
+            "pretrain": "model", "dataset": "d.jsonl", "actor_ckpt": "ckpt", "prompts": "p.jsonl",
+            "prompt_data": "p.jsonl", "teacher_model": "teacher",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps": "4",

@@ -20,6 +20,62 @@ LOGPROB_ATOL = 1e-4  # as tests/test_vllm_engine.py
 SEQUENCES = [[1, 17, 230, 45, 99, 12, 7, 300, 5], [1, 80, 81, 82, 3]]
 
 
+# ----- the diagnosis on made-up records (no engines) ------------------------------------------------
+def _records(rel_diffs: list[float], *, dtype: str = "float32") -> tuple[list[dict], list[dict]]:
+    """One 3-token sequence whose engine side differs from the actor's by ``rel_diffs[i]`` (relative
+    to the actor's scale 2.0) in row i (embedding, layer.0 ..., final_norm)."""
+    names = ["embedding", *(f"layer.{i}" for i in range(len(rel_diffs) - 2)), "final_norm"]
+    actor = {name: torch.full((3, 4), 2.0, dtype=torch.float64) for name in names}  # exact small deltas
+    engine = {name: actor[name].clone() for name in names}
+    for name, rel in zip(names, rel_diffs):
+        engine[name][1, 2] += 2.0 * rel
+    actor["log_probs"], engine["log_probs"] = torch.zeros(2), torch.tensor([0.0, -0.5])
+    return [{**actor, "dtype": dtype}], [{**engine, "dtype": dtype}]
+
+
+@pytest.mark.parametrize("rel_diffs,jump", [
+    ([0, 2e-7, 3e-7, 4e-7, 6e-7, 5e-7], None),  # fp32 rounding noise
+    ([0, 1e-7, 3e-7, 9e-7, 2.7e-6, 8e-6], None),  # noise growing 3x per layer: gradual, no jump
+    ([0, 2e-7, 3e-7, 2e-4, 3e-4, 3e-4], "layer.2"),  # a difference of its own at layer 2
+    ([0, 2e-5, 3e-5, 3e-5, 3e-5, 3e-5], "layer.0"),  # above 10x the noise floor at once
+    ([0, 2e-7, 3e-7, 3e-7, 4e-7, 1e-3], "final_norm"),
+])
+def test_first_jump_is_ten_times_every_row_before_it_and_the_noise_floor(rel_diffs, jump):
+    from engine.rl.doctor import diagnose, format_table
+
+    actor, engine = _records(rel_diffs)
+    report = diagnose(actor, engine, [[1, 2, 3]])
+    assert [row["rel_diff"] for row in report["rows"]] == pytest.approx(rel_diffs, rel=1e-3, abs=1e-12)
+    assert (report["first_jump"] or {}).get("name") == jump
+    assert report["noise_floor"] == 8 * 2.0 ** -23
+    assert report["log_probs"]["max_abs_diff"] == 0.5 and report["log_probs"]["worst_token"] == {
+        "sequence": 0, "position": 2, "token_id": 3}
+    assert all(row["worst_token"] == {"sequence": 0, "position": 1} for row in report["rows"][1:] if row["rel_diff"])
+    table = format_table(report)
+    assert ("<- first jump" in table) == (jump is not None) and ("no jump" in table) == (jump is None)
+
+
+def test_bf16_noise_floor_tolerates_bf16_rounding():
+    from engine.rl.doctor import diagnose
+
+    actor, engine = _records([0, 4e-3, 8e-3, 1e-2, 1.2e-2, 1e-2], dtype="bfloat16")
+    engine[0]["dtype"] = "float32"  # the coarser side sets the floor
+    assert diagnose(actor, engine, [[1, 2, 3]])["first_jump"] is None
+
+
+def test_doctor_every_needs_an_eager_engine():
+    from engine.cli import train_ppo_ray
+    from engine.cli.options import OptionError
+
+    base = ["--pretrain", "m", "--prompt_data", "p.jsonl", "--doctor_every", "2"]
+    with pytest.raises(OptionError, match="--doctor_every needs --enforce_eager"):
+        train_ppo_ray.parse_args(base)
+    with pytest.raises(OptionError, match="--doctor_every must be >= 0"):
+        train_ppo_ray.parse_args([*base[:-1], "-1", "--enforce_eager"])
+    assert train_ppo_ray.parse_args([*base, "--enforce_eager"]).doctor.due(4)
+
+
+# ----- the Megatron actor against a vLLM engine ---------------------------------------------------
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory) -> str:
     from models.tiny import build_tiny_model
@@ -119,7 +175,7 @@ def test_tool_on_a_megatron_checkpoint_at_tp2(ray_cluster, tmp_path):
     report = doctor.main([
         "--actor_ckpt", str(mcore), "--prompts", str(prompts), "--input_key", "prompt", "--generate_max_len", "4",
         "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2", "--actor_sequence_parallel",
-        "--vllm_dtype", "float32", "--enforce_eager",
+        "--vllm_dtype", "float32",
         "--run_dir", str(tmp_path / "run"),
     ])
     assert [row["name"] for row in report["rows"]] == ["embedding", *(f"layer.{i}" for i in range(4)), "final_norm"]

@@ -50,7 +50,8 @@ class DoctorJob:
     run: DoctorRun = group(title="doctor")
     doctor: DoctorConfig = group(title="doctor", exclude=("doctor_every",), factory=DoctorConfig)
     actor: RoleOptions = role_group("actor")
-    vllm: VLLMEngineConfig = group(title="vLLM engine", exclude=("num_engines", "enable_sleep_mode",
+    # Eager always: a compiled forward (torch.compile / CUDA graphs) runs no module hooks.
+    vllm: VLLMEngineConfig = group(title="vLLM engine", exclude=("num_engines", "enable_sleep_mode", "enforce_eager",
                                                                  "enable_prefix_caching", "max_num_seqs"),
                                    factory=VLLMEngineConfig)
     sync: WeightSyncConfig = group(title="vLLM engine", factory=WeightSyncConfig)
@@ -107,7 +108,7 @@ def diagnose(job: DoctorJob) -> dict:
     tokenizer = source.tokenizer()
     prompt_ids = _prompt_ids(job, tokenizer)
     join_cluster(log_to_driver=job.run.verbose)
-    engine_config = replace(job.vllm, weights_from_trainer=True,
+    engine_config = replace(job.vllm, weights_from_trainer=True, enforce_eager=True,
                             # + 1: the doctor's probe of a full-length answer samples one more token
                             max_model_len=max(map(len, prompt_ids)) + job.run.generate_max_len + 1)
     actor = pool = None

@@ -145,6 +145,10 @@ def parse_args(argv=None) -> PPOJob:
         # measure the temperature, not the engines' mismatch.
         raise OptionError(f"--vllm_is_correction with --temperature {job.sampling.temperature}: the engines' "
                           "log-probs are of the untempered policy; use --temperature 1")
+    if job.doctor.doctor_every and not job.vllm.enforce_eager:
+        # vLLM compiles the forward of engines that are not eager, and a compiled forward runs no module hooks.
+        raise OptionError("--doctor_every needs --enforce_eager: the doctor reads each layer of the engine's model "
+                          "through forward hooks, which a compiled (torch.compile / CUDA graph) forward skips")
     if job.ppo.async_train:
         _check_async(job)
     if not job.models.save_path:

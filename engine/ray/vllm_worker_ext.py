@@ -331,6 +331,10 @@ class WeightSyncExtension:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         taken = self._layer_probe.take(num_tokens)
+        if not any(name.startswith("layer.") for name in taken):
+            # A compiled forward (torch.compile / CUDA graphs) runs no module hooks.
+            raise RuntimeError("the mismatch doctor's hooks saw no decoder layer run: this engine runs a compiled "
+                               "forward; start it with --enforce_eager")
         if get_tensor_model_parallel_rank():
             return {}
         return {**taken, "dtype": str(self.vllm_config.model_config.dtype).removeprefix("torch.")}

@@ -87,16 +87,17 @@ def mixtral(tmp_path_factory) -> str:
 def doctor(ray_cluster, mixtral):
     """A TP=1 Mixtral actor, one vLLM engine synced from it, and the doctor over both."""
     from engine.ray.doctor import RayDoctor
-    from engine.ray.role_group import RoleGroup
     from engine.ray.role_worker import RoleConfig
     from engine.ray.vllm_engine import VLLMEngineConfig, start_pool
     from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
     from engine.rl.doctor import DoctorConfig
     from engine.runtime.engine import EngineConfig
+    from tools.doctor import start_actor_and_engine
 
-    actor = RoleGroup(RoleConfig(name="actor", engine=EngineConfig(pretrain=mixtral)), timeout_s=180)
-    pool = start_pool(VLLMEngineConfig(pretrain=mixtral, dtype="float32", enforce_eager=True, max_model_len=64,
-                                       seed=0))
+    actor, pool = start_actor_and_engine(
+        RoleConfig(name="actor", engine=EngineConfig(pretrain=mixtral)),
+        VLLMEngineConfig(pretrain=mixtral, dtype="float32", enforce_eager=True, max_model_len=64, seed=0),
+        start_engines=start_pool)
     try:
         sync = ActorWeightSync(actor, pool, WeightSyncConfig(), backend="gloo", timeout_s=120)
         sync.push()

@@ -95,11 +95,37 @@ def _prompt_ids(job: DoctorJob, tokenizer) -> list[list[int]]:
     return [list(prompts[i]["prompt_ids"]) for i in range(min(job.doctor.doctor_samples, len(prompts)))]
 
 
+def start_actor_and_engine(actor_config, engine_config, *, start_engines) -> tuple:
+    """The actor's ranks and the engine pool (``start_engines(engine_config)``), started side by side
+    (each spends its start-up importing and loading; neither needs the other); on a failure of
+    either, the other is shut down."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.ray.role_group import RoleGroup
+
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        starting = thread.submit(start_engines, engine_config)
+        actor = failure = None
+        try:
+            actor = RoleGroup(actor_config)
+        except BaseException as err:  # noqa: BLE001 - raised below, once the engines are stopped
+            failure = err
+        try:
+            pool = starting.result()
+        except BaseException:
+            if actor is not None:
+                actor.shutdown()
+            raise
+    if failure is not None:
+        pool.shutdown()
+        raise failure
+    return actor, pool
+
+
 def diagnose(job: DoctorJob) -> dict:
     """Start the actor and one engine, sync, answer, compare; everything is shut down after."""
     from engine.ray.cluster import join_cluster
     from engine.ray.doctor import RayDoctor
-    from engine.ray.role_group import RoleGroup
     from engine.ray.vllm_engine import engines_on_gpus, start_pool
     from engine.ray.weight_sync import ActorWeightSync, resolve_sync_backend
     from engine.rl.rollout import SamplingConfig
@@ -111,10 +137,8 @@ def diagnose(job: DoctorJob) -> dict:
     engine_config = replace(job.vllm, weights_from_trainer=True, enforce_eager=True,
                             # + 1: the doctor's probe of a full-length answer samples one more token
                             max_model_len=max(map(len, prompt_ids)) + job.run.generate_max_len + 1)
-    actor = pool = None
+    actor, pool = start_actor_and_engine(actor_config, engine_config, start_engines=start_pool)
     try:
-        actor = RoleGroup(actor_config)
-        pool = start_pool(engine_config)
         transport = resolve_sync_backend(job.sync.backend, cuda=engines_on_gpus(engine_config), colocated=False)
         ActorWeightSync(actor, pool, job.sync, backend=transport).push()
         stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
@@ -124,10 +148,8 @@ def diagnose(job: DoctorJob) -> dict:
         doctor = RayDoctor(job.doctor, actor=actor, engines=pool, run_dir=job.run.resolved_run_dir().resolve())
         return doctor.report(0, sequences)
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if actor is not None:
-            actor.shutdown()
+        pool.shutdown()
+        actor.shutdown()
 
 
 def main(argv=None) -> dict:

@@ -384,7 +384,8 @@ class PPOTrainer:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
                  "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness",
-                 "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "eval/reward",
+                 "doctor/max_rel_diff", "doctor/first_jump_layer", "doctor/first_routing_layer",
+                 "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "time/doctor", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         self.progress.write(f"rollout {step}/{self.num_steps} {line}")

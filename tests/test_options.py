@@ -29,10 +29,11 @@ JOBS = {
     "engine.cli.train_ppo_ray": "PPOJob", "engine.cli.serve_rm": "ServeRMJob",
     "engine.cli.batch_inference": "BatchInferenceJob", "engine.cli.demo": "DemoJob",
     "tools.convert.hf_to_mcore": "ToMcoreJob", "tools.convert.mcore_to_hf": "ToHFJob",
-    "tools.convert.lora_combiner": "CombinerJob", "tools.plan.cli": "PlanJob",
+    "tools.convert.lora_combiner": "CombinerJob", "tools.plan.cli": "PlanJob", "tools.doctor": "DoctorJob",
 }
 REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore", "model_path": "base", "lora_path": "adapter",
-            "pretrain": "model", "dataset": "d.jsonl", "prompt_data": "p.jsonl", "teacher_model": "teacher",
+            "pretrain": "model", "dataset": "d.jsonl", "actor_ckpt": "ckpt", "prompts": "p.jsonl",
+            "prompt_data": "p.jsonl", "teacher_model": "teacher",
             "placeholder_token": "k", "reward_pretrain": "rm", "output_path": "out.jsonl", "eval_task": "generate"}
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps": "4",
@@ -44,7 +45,7 @@ register_policy_loss("options_test_loss")(type("OptionsTestLoss", (PolicyLoss,),
 register_rollout_backend("options_test_backend", "tests.hf_rollout_backend:BACKEND")
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
          "load_checkpoint": ["--ckpt_path", "c"], "require_checkpoint": ["--load_checkpoint", "--ckpt_path", "c"],
-         "ema_beta": ["--enable_ema"],
+         "ema_beta": ["--enable_ema"], "doctor_every": ["--enforce_eager"],
          "sequence_parallel": ["--tensor_model_parallel_size", "2"], "load_in_4bit": ["--lora_rank", "4"],
          "recompute_num_layers": ["--recompute_granularity", "full"],
          "recompute_modules": ["--recompute_granularity", "selective"],
@@ -123,7 +124,7 @@ def _excluded(job_cls) -> set[str]:
 
 def test_every_cli_has_a_job():
     clis = {".".join(p.with_suffix("").parts) for folder in ("engine/cli", "tools/convert", "tools/plan")
-            for p in Path(folder).glob("*.py") if "def main(" in p.read_text()}
+            for p in Path(folder).glob("*.py") if "def main(" in p.read_text()} | {"tools.doctor"}
     assert clis == set(JOBS)
 
 

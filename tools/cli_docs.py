@@ -34,6 +34,7 @@ CLIS = (
     ("tools.convert.mcore_to_hf", "ToHFJob"),
     ("tools.convert.lora_combiner", "CombinerJob"),
     ("tools.plan.cli", "PlanJob"),
+    ("tools.doctor", "DoctorJob"),
 )
 
 HEADER = """# CLI reference

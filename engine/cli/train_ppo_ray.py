@@ -20,7 +20,7 @@ from engine.cli.options import OptionError, group, naming_flags, parse_job, prin
 from engine.data.config import DataConfig
 from engine.ray.config import ColocationConfig, VLLMEngineConfig, WeightSyncConfig
 from engine.ray.rollout_backends import RolloutBackendConfig
-from engine.rl.config import PPOConfig
+from engine.rl.config import DoctorConfig, PPOConfig
 from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.rollout import SamplingConfig
@@ -119,6 +119,7 @@ class PPOJob:
     ptx: PtxData = group(title="ptx", factory=PtxData)
     eval: RLEvalConfig = group(title="evaluation", factory=RLEvalConfig)
     console: ConsoleConfig = group(title="console", factory=ConsoleConfig)
+    doctor: DoctorConfig = group(title="mismatch doctor", factory=DoctorConfig)
     optim: OptimConfig = group(title="optimizer", defaults={"learning_rate": 1e-6},
                                aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
     checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
@@ -144,6 +145,10 @@ def parse_args(argv=None) -> PPOJob:
         # measure the temperature, not the engines' mismatch.
         raise OptionError(f"--vllm_is_correction with --temperature {job.sampling.temperature}: the engines' "
                           "log-probs are of the untempered policy; use --temperature 1")
+    if job.doctor.doctor_every and not job.vllm.enforce_eager:
+        # vLLM compiles the forward of engines that are not eager, and a compiled forward runs no module hooks.
+        raise OptionError("--doctor_every needs --enforce_eager: the doctor reads each layer of the engine's model "
+                          "through forward hooks, which a compiled (torch.compile / CUDA graph) forward skips")
     if job.ppo.async_train:
         _check_async(job)
     if job.ppo.token_budget.use_dynamic_batch_size and job.ptx.pretrain_data:
@@ -322,6 +327,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.data.prompts import PromptDataset
     from engine.ray.cluster import join_cluster
     from engine.ray.colocation import NodeDealer, describe_placement, make_placements, release_placements
+    from engine.ray.doctor import RayDoctor
     from engine.ray.role_group import RoleGroup
     from engine.ray.rollout_backends import rollout_backend
     from engine.ray.rollouts import EngineRollouts, TrainerSleep
@@ -381,6 +387,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
             save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
             evaluation=job.eval, eval_prompts=eval_prompts, record=record,
+            doctor=(RayDoctor(job.doctor, actor=groups["actor"], engines=rollouts, run_dir=record.run_dir,
+                              max_tokens=engine_config.max_model_len - 1) if job.doctor.doctor_every else None),
         )
         return trainer.fit()
     finally:

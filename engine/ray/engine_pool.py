@@ -20,6 +20,7 @@ Engine-actor methods (called as ``handle.method.remote(...)``)::
     receive_weights(group_ids) -> list[dict]     # one update; a report per worker
     close_weight_receiver(group_id)
     ready() -> object                            # returns once the engine is up (the health ping)
+    probe_layers(sequences) -> list[dict]        # optional: per-layer records (the mismatch doctor)
     node_id() -> str                             # the Ray node it runs on
     shutdown() -> placement group | None         # stop the engine's own processes
 """
@@ -90,6 +91,10 @@ class EnginePool(Protocol):
     def close_weight_receiver(self, group_id: str, *, timeout_s: float) -> None: ...
 
     def health(self, *, timeout_s: float = 10.0) -> list[EngineHealth]: ...
+
+    def probe_layers(self, sequences: list[list[int]], *, engine_index: int = 0) -> list[dict]:
+        """Per token sequence, one engine's per-layer hidden states, router logits and log-probs (the
+        mismatch doctor, ``engine.ray.doctor``); an engine that cannot raises ``EngineError``."""
 
     def node_ids(self) -> list[str]:
         """The Ray node (or host) of each engine."""
@@ -195,6 +200,15 @@ class RayEnginePool:
 
         refs = [h.close_weight_receiver.remote(group_id) for h in self.handles]
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+    # ----- the mismatch doctor -------------------------------------------------------------
+    def probe_layers(self, sequences: list[list[int]], *, engine_index: int = 0) -> list[dict]:
+        """Per sequence, one engine's per-layer records (``engine.ray.doctor``)."""
+        handle = self.handles[engine_index]
+        if not hasattr(handle, "probe_layers"):
+            raise EngineError(f"{self.engine_name(engine_index)} cannot report its layers (no probe_layers): "
+                              "the mismatch doctor (--doctor_every) needs vLLM engines")
+        return self._calls([handle.probe_layers.remote(sequences)], "layer probe", indices=[engine_index]).result()[0]
 
     # ----- health -------------------------------------------------------------------------
     def health(self, *, timeout_s: float = 10.0) -> list[EngineHealth]:

@@ -141,6 +141,14 @@ class RoleGroup:
         return self._per_sample([w.compute_rewards.remote(ref, micro_batch_size, packed, max_tokens)
                                  for w in self.workers], experience.batch_size, f"{self.config.name} rewards")
 
+    def probe_layers(self, sequences: list[list[int]]) -> list[dict]:
+        """Per sequence, the per-layer records of every pipeline stage joined (``MegatronRoleWorker.probe_layers``)."""
+        merged: list[dict] = [{} for _ in sequences]
+        for stage in self._wait([w.probe_layers.remote(sequences) for w in self.workers], f"{self.config.name} probe"):
+            for joined, records in zip(merged, stage or ()):
+                joined.update(records)
+        return merged
+
     # ----- training and weights ---------------------------------------------------------------
     def train(self, experience, loss: LossKind, settings: TrainSettings, ptx=None) -> dict:
         """PPO epochs over ``experience`` (with ``ptx`` rows when given); metrics of rank 0."""

@@ -186,6 +186,33 @@ class MegatronRoleWorker:
         last = experience.last_index[result.row_indices()]
         return ShardResult(result.start, result.stop, result.values.gather(1, last[:, None])[:, 0], result.rows)
 
+    def probe_layers(self, sequences: list[list[int]]) -> list[dict] | None:
+        """The mismatch doctor's forward (``engine.runtime.layer_probe``): every rank runs all of
+        ``sequences`` (one micro-batch); per sequence, this pipeline stage's per-layer records and,
+        on the last stage, ``log_probs`` ``[len - 1]`` of tokens 2... Returned by the head of each
+        stage (TP, CP and DP rank 0), None elsewhere."""
+        from engine.rl.sequences import build_rollout_batch
+        from engine.runtime.layer_probe import MegatronLayerProbe
+        from engine.runtime.vocab_parallel import token_log_probs
+
+        engine, ctx = self.engine, self.engine.ctx
+        batch = build_rollout_batch([s[:1] for s in sequences], [s[1:] for s in sequences], pad_id=0)
+        micro = Experience.from_rollout(batch).microbatches(0, len(sequences), len(sequences),
+                                                           multiple=engine.sequence_multiple())
+        with MegatronLayerProbe(engine.model, sequence_parallel=engine.config.parallel.sequence_parallel,
+                                tp_group=ctx.tp_group, cp_group=ctx.cp_group) as probe:
+            log_probs = engine.forward_outputs(micro, lambda logits, mb: token_log_probs(logits, mb["labels"]),
+                                               gather_context_parallel=True)
+        if ctx.tp_rank or ctx.cp_rank or ctx.dp_rank:
+            return None
+        records = probe.per_sequence([len(s) for s in sequences])
+        for record in records:
+            record["dtype"] = str(engine.config.build.params_dtype).removeprefix("torch.")
+        if log_probs:
+            for i, (record, sequence) in enumerate(zip(records, sequences)):
+                record["log_probs"] = log_probs[0][i, :len(sequence) - 1].cpu()
+        return records
+
     # ----- training -----------------------------------------------------------------------
     def train(self, experience: Experience, loss: LossKind, settings: TrainSettings,
               ptx: dict | None = None) -> dict:

@@ -90,6 +90,18 @@ class EngineRollouts:
         if self.trainers is not None:
             self.trainers.after_generate()
 
+    def probe_layers(self, sequences: list[list[int]]) -> list[dict]:
+        """The mismatch doctor's forward on engine 0, with the engines' memory handed over as for a
+        generation (woken, the trainers parked) and released after it."""
+        self._wake("weights")
+        if self.trainers is not None:
+            self.trainers.before_generate()
+        self._wake("kv_cache")
+        try:
+            return self.pool.probe_layers(sequences)
+        finally:
+            self.release_memory()
+
     def _wake(self, tag: str) -> None:
         if tag in self._asleep:
             self.pool.wake_up([tag])

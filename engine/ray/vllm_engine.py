@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+import torch
 
 from engine.ray.calls import get_each
 from engine.ray.colocation import node_affinity
@@ -162,6 +163,30 @@ class LLMEngineActor:
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return _to_samples(outputs, prompt_index_offset=prompt_index_offset)
+
+    def probe_layers(self, sequences: list[list[int]]) -> list[dict]:
+        """Each token sequence run through the model once (a prefill, ``engine.ray.vllm_probe``): per
+        sequence its per-layer hidden states / router logits and ``log_probs`` ``[len - 1]`` of its
+        tokens 2.. (raw log-probs, no temperature). For the mismatch doctor (``engine.ray.doctor``)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.stale_reason is not None:
+            raise EngineError(f"vLLM engine {self.engine_index} holds partially updated weights ({self.stale_reason})")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        self._rpc(WeightSyncExtension.start_layer_probe)
+        try:
+            out = []
+            for ids in sequences:
+                self.llm.reset_prefix_cache()  # a cached prefix would skip its tokens' forward
+                request = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False)[0]
+                captured = self._rpc(WeightSyncExtension.take_layer_probe, len(ids))[0]
+                captured["log_probs"] = torch.tensor(
+                    [step[token].logprob for step, token in zip(request.prompt_logprobs[1:], ids[1:])])
+                out.append(captured)
+            return out
+        finally:
+            self._rpc(WeightSyncExtension.stop_layer_probe)
 
     def sleep(self) -> None:
         """Release the weights (to host memory) and the KV cache until ``wake_up`` (--vllm_enable_sleep)."""

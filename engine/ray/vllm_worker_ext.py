@@ -317,6 +317,34 @@ class WeightSyncExtension:
         self._reset_derived_state()
         return {**self.weight_sync_rank_info(), **state.report()}
 
+    # ----- the mismatch doctor's probe (engine.ray.vllm_probe) ------------------------------------
+    def start_layer_probe(self) -> None:
+        """Record every layer's hidden states (and MoE router logits) of the forwards that follow."""
+        from engine.ray.vllm_probe import LayerProbe
+
+        self.stop_layer_probe()
+        self._layer_probe = LayerProbe(self.model_runner.get_model())
+
+    def take_layer_probe(self, num_tokens: int) -> dict:
+        """What the probe recorded since the last take (the first ``num_tokens`` tokens); TP rank 0
+        only (the other workers hold the same tensors and return ``{}``)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        taken = self._layer_probe.take(num_tokens)
+        if not any(name.startswith("layer.") for name in taken):
+            # A compiled forward (torch.compile / CUDA graphs) runs no module hooks.
+            raise RuntimeError("the mismatch doctor's hooks saw no decoder layer run: this engine runs a compiled "
+                               "forward; start it with --enforce_eager")
+        if get_tensor_model_parallel_rank():
+            return {}
+        return {**taken, "dtype": str(self.vllm_config.model_config.dtype).removeprefix("torch.")}
+
+    def stop_layer_probe(self) -> None:
+        probe = getattr(self, "_layer_probe", None)
+        if probe is not None:
+            probe.close()
+        self._layer_probe = None
+
     def _require_update(self) -> _UpdateState:
         if self._weight_update is None:
             raise RuntimeError("no weight update in progress: call begin_weight_sync first")

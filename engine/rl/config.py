@@ -207,3 +207,30 @@ class PPOConfig:
 
 # Estimators whose baseline comes from the other samples of the same prompt.
 GROUP_ESTIMATORS: tuple[str, ...] = ("reinforce_baseline", "rloo", "grpo", "dr_grpo")
+
+
+@dataclass(kw_only=True)
+class DoctorConfig:
+    """The mismatch doctor (docs/jobs.md): trainer vs engine, layer by layer, on the same tokens."""
+
+    doctor_every: int = option(0, help="every N rollouts (0: never), right after the weight sync, run the mismatch "
+                                       "doctor: the same tokens through the actor and vLLM engine 0; per-layer "
+                                       "hidden-state differences, the first layer whose difference jumps, MoE "
+                                       "routing differences, log-prob difference; a table on the console and "
+                                       "<run_dir>/doctor/step_N.json")
+    doctor_samples: int = option(2, help="sequences of the rollout the doctor runs (prompt + response)")
+    doctor_jump_factor: float = option(10.0, help="a layer 'jumps' when its relative hidden-state difference "
+                                                  "exceeds this times that of every layer before it (and the "
+                                                  "dtype's noise floor)")
+
+    def __post_init__(self) -> None:
+        if self.doctor_every < 0:
+            raise ValueError(f"--doctor_every must be >= 0, got {self.doctor_every}")
+        if self.doctor_samples < 1:
+            raise ValueError(f"--doctor_samples must be positive, got {self.doctor_samples}")
+        if not self.doctor_jump_factor > 1.0:
+            raise ValueError(f"--doctor_jump_factor must be > 1, got {self.doctor_jump_factor}")
+
+    def due(self, step: int) -> bool:
+        """Whether rollout ``step`` (1-based) is diagnosed."""
+        return self.doctor_every > 0 and step % self.doctor_every == 0

@@ -17,6 +17,7 @@ from engine.data.token_budget import check_fits
 from engine.rl.advantages import AdvantageInputs, RunningMoments, compute_advantages
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.console import RolloutProgress
+from engine.rl.doctor import MismatchDoctor
 from engine.rl.dynamic_sampling import KeptGroups, kept_groups
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
@@ -64,7 +65,7 @@ class PPOTrainer:
                  sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
                  logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
                  pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None,
-                 record=None):
+                 record=None, doctor: MismatchDoctor | None = None):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -84,6 +85,7 @@ class PPOTrainer:
             self.ptx = PtxSampler(pretrain_samples, seed=config.seed,
                                   stride=config.max_epochs * config.rollout_batch_size * config.n_samples_per_prompt)
         self.record = record  # engine.rl.console.RunRecord: metrics.jsonl and reward.png of the run directory
+        self.doctor = doctor  # --doctor_every: trainer vs engine, layer by layer, after the sync of its rollouts
         self.progress = None
         self.evaluation = evaluation or RLEvalConfig()
         self.eval_prompts = eval_prompts
@@ -169,8 +171,17 @@ class PPOTrainer:
         with timer.phase("sync"):
             sync_metrics = self.rollouts.sync_weights()
             self.engines_version = self.actor_version
+        if self.doctor is not None and self.doctor.due(step + 1) and rollout.batch is not None:
+            with timer.phase("doctor"):  # both sides hold the same weights now
+                sync_metrics.update(self.doctor.run(step + 1, self._doctor_sequences(rollout.batch)))
         timer.seconds["time/step"] = time.perf_counter() - started
         return {**metrics, **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
+
+    def _doctor_sequences(self, batch: RolloutBatch) -> list[list[int]]:
+        """The first ``--doctor_samples`` rows of the rollout, prompt + response, without padding."""
+        count = min(self.doctor.config.doctor_samples, batch.batch_size)
+        last = batch.last_token_index()
+        return [batch.input_ids[i, :int(last[i]) + 1].tolist() for i in range(count)]
 
     def _submit(self, step: int) -> PrefetchedRollout:
         """Start generating the next batch of the prompt stream for rollout ``step``."""
@@ -414,8 +425,9 @@ class PPOTrainer:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
                  "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness", "rollout/groups_trained",
-                 "rollout/gen_rounds",
-                 "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "eval/reward",
+                 "rollout/gen_rounds", "doctor/max_rel_diff", "doctor/first_jump_layer", "doctor/first_routing_layer",
+                 "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "time/doctor",
+                 "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         self.progress.write(f"rollout {step}/{self.num_steps} {line}")

@@ -108,9 +108,11 @@ class PPOConfig:
     nonfinite_reward_policy: Literal["error", "skip"] = option(
         "error", help="a NaN / inf reward from any source: error (naming the source and the sample) or skip "
                       "(drop that sample's prompt group from the rollout, counted as rollout/nonfinite_rewards)")
-    vllm_is_correction: bool = option(False, help="weight each token's policy gradient by min(exp(logp_actor - "
-                                                  "logp_vLLM), --vllm_is_truncated_threshold): truncated importance "
-                                                  "sampling of the engines' mismatch with the trainer")
+    vllm_is_correction: bool = option(False, aliases=("enable_vllm_is_correction",),
+                                      help="weight each token's policy gradient by importance weights of the "
+                                           "engines' mismatch with the trainer, exp(logp_actor - logp_vLLM), as "
+                                           "--vllm_is_correction_type says (default: truncated at "
+                                           "--vllm_is_truncated_threshold)")
     vllm_is_truncated_threshold: tuple[float, ...] = option(
         (2.0,), help="the --vllm_is_correction band: CAP (tis: weights min(w, CAP)) or LOW HIGH (OpenRLHF 0.11's; "
                      "tis clamps w to [LOW, HIGH], icepop and seq-mask-tis mask outside it)")

@@ -381,7 +381,8 @@ class PPOTrainer:
     def _report(self, step: int, metrics: dict) -> None:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
-                 "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness",
+                 "actor/entropy_loss", "rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/masked_frac",
+                 "overlong/penalty", "rollout/staleness",
                  "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)

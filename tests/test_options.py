@@ -44,7 +44,10 @@ register_policy_loss("options_test_loss")(type("OptionsTestLoss", (PolicyLoss,),
 register_rollout_backend("options_test_backend", "tests.hf_rollout_backend:BACKEND")
 NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--apply_chat_template"],
          "load_checkpoint": ["--ckpt_path", "c"], "require_checkpoint": ["--load_checkpoint", "--ckpt_path", "c"],
-         "ema_beta": ["--enable_ema"], "vllm_is_correction_type": ["--vllm_is_truncated_threshold", "0.5", "5.0"],
+         "ema_beta": ["--enable_ema"],
+         "vllm_is_correction_type": ["--vllm_is_correction", "--vllm_is_truncated_threshold", "0.5", "5.0"],
+         "cispo_eps_clip_low": ["--policy_loss_type", "cispo"], "cispo_eps_clip_high": ["--policy_loss_type", "cispo"],
+         "overlong_penalty_factor": ["--overlong_buffer_len", "4"],
          "sequence_parallel": ["--tensor_model_parallel_size", "2"], "load_in_4bit": ["--lora_rank", "4"],
          "recompute_num_layers": ["--recompute_granularity", "full"],
          "recompute_modules": ["--recompute_granularity", "selective"]}

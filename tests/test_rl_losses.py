@@ -183,7 +183,14 @@ def test_the_new_options_are_checked_and_dr_grpo_defaults_to_its_aggregation(cap
     assert PPOConfig(advantage=grpo, **small).aggregation_mode == "token-mean"
     with pytest.raises(ValueError, match="--vllm_is_correction_type icepop masks outside a band: pass "
                                          "--vllm_is_truncated_threshold LOW HIGH"):
-        PPOConfig(advantage=grpo, vllm_is_correction_type="icepop", **small)
+        PPOConfig(advantage=grpo, vllm_is_correction=True, vllm_is_correction_type="icepop", **small)
+    with pytest.raises(ValueError, match="--vllm_is_correction_type seq-mask-tis without --vllm_is_correction"):
+        PPOConfig(advantage=grpo, vllm_is_correction_type="seq-mask-tis", **small)
+    with pytest.raises(ValueError, match="--cispo_eps_clip_low / --cispo_eps_clip_high bound --policy_loss_type "
+                                         "cispo's weights; this run's loss is ppo"):
+        PPOConfig(advantage=grpo, cispo_eps_clip_high=5.0, **small)
+    with pytest.raises(ValueError, match="--overlong_penalty_factor scales the --overlong_buffer_len penalty"):
+        PPOConfig(advantage=grpo, overlong_penalty_factor=0.5, **small)
     assert PPOConfig(advantage=grpo, vllm_is_truncated_threshold=(0.5, 5.0), **small).is_correction_band == (0.5, 5.0)
     with pytest.raises(ValueError, match="--dual_clip bounds PPO's token surrogate; --policy_loss_type gspo"):
         PPOConfig(advantage=grpo, policy_loss_type="gspo", dual_clip=3.0, **small)

@@ -180,6 +180,9 @@ class PPOConfig:
         if len(band) not in (1, 2) or min(band) < 0 or band[-1] <= 0 or (len(band) == 2 and band[0] > band[1]):
             raise ValueError("--vllm_is_truncated_threshold takes CAP > 0 or LOW HIGH with 0 <= LOW <= HIGH, "
                              f"got {' '.join(map(str, band))}")
+        if self.vllm_is_correction_type != "tis" and not self.vllm_is_correction:
+            raise ValueError(f"--vllm_is_correction_type {self.vllm_is_correction_type} without --vllm_is_correction: "
+                             "no weights are applied; pass both")
         if self.vllm_is_correction_type != "tis" and len(band) != 2:
             raise ValueError(f"--vllm_is_correction_type {self.vllm_is_correction_type} masks outside a band: pass "
                              "--vllm_is_truncated_threshold LOW HIGH (OpenRLHF's default: 0.5 5.0)")
@@ -193,6 +196,12 @@ class PPOConfig:
         if self.dual_clip is not None and self.policy_loss_type != "ppo":
             raise ValueError(f"--dual_clip bounds PPO's token surrogate; --policy_loss_type {self.policy_loss_type} "
                              "has none")
+        if self.policy_loss_type != "cispo" and (self.cispo_eps_clip_low, self.cispo_eps_clip_high) != (1.0, 0.28):
+            raise ValueError("--cispo_eps_clip_low / --cispo_eps_clip_high bound --policy_loss_type cispo's weights; "
+                             f"this run's loss is {self.policy_loss_type} (its clip: --eps_clip / --eps_clip_low_high)")
+        if self.overlong_buffer_len is None and self.overlong_penalty_factor != 1.0:
+            raise ValueError("--overlong_penalty_factor scales the --overlong_buffer_len penalty: pass "
+                             "--overlong_buffer_len too")
         if self.overlong_buffer_len is not None and self.overlong_buffer_len < 1:
             raise ValueError(f"--overlong_buffer_len must be >= 1, got {self.overlong_buffer_len}")
         if self.overlong_penalty_factor < 0:

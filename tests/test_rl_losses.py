@@ -263,15 +263,13 @@ def _glue_cases() -> dict:
     return cases
 
 
-def _glue_body(rank, world):
+def _glue_results() -> dict:
+    """The actor's loss function on every glue case (parallel state initialised, one rank)."""
     from megatron.core import parallel_state as ps
 
     from engine.rl.policy_losses.aggregation import Aggregation, StepCounts, annotate_microbatches
     from engine.rl.train_losses import LossGroups, make_loss_fn
-    from parallel.config import ParallelConfig
-    from parallel.initialize import initialize_parallel
 
-    initialize_parallel(ParallelConfig())
     groups = LossGroups(tp_group=ps.get_tensor_model_parallel_group(), cp_group=ps.get_context_parallel_group())
     out = {}
     for key, (logits, batch, settings) in _glue_cases().items():
@@ -287,8 +285,8 @@ def _glue_body(rank, world):
     return out
 
 
-def test_the_actor_loss_with_entropy_bonus_kl_and_each_mismatch_correction_equals_float64():
-    results = run_distributed(_glue_body, 1, timeout=180)[0]
+def test_the_actor_loss_with_entropy_bonus_kl_and_each_mismatch_correction_equals_float64(tiny_models):
+    results = _reference(tiny_models["llama"])[1]  # computed by the single-process layout run (one spawn less)
     masked = {"icepop": 0.0, "seq-mask-tis": 0.0}
     for key, (logits, batch, _) in _glue_cases().items():
         leaf = logits.double().requires_grad_(True)
@@ -351,11 +349,12 @@ def _layout_body(rank, world, path, grid, layouts):
             metrics = actor.train(experience, "policy", settings)
             grads = dict(iter_hf_weights(actor.engine.model, actor.engine.adapter, tensor_of=lambda p: p.main_grad))
             out[loss, mode, packed] = (metrics.get("policy_loss"), grads, list(GSPOProbe.seen))
-    return out
+    return out, _glue_results() if world == 1 else None
 
 
 def _merged(results):
     """Per case: the losses reported, the full gradients (each rank's owned tensors), rank 0's probes."""
+    results = [cases for cases, _ in results]
     merged = {}
     for key in results[0]:
         grads = {}
@@ -370,8 +369,10 @@ _REFERENCE: dict = {}
 
 
 def _reference(path):
+    """(the single-process layout run merged, the glue results)"""
     if path not in _REFERENCE:
-        _REFERENCE[path] = _merged(run_distributed(_layout_body, 1, args=(path, {}, (False,)), timeout=400))
+        results = run_distributed(_layout_body, 1, args=(path, {}, (False,)), timeout=400)
+        _REFERENCE[path] = (_merged(results), results[0][1])
     return _REFERENCE[path]
 
 
@@ -387,7 +388,7 @@ def test_every_loss_and_mode_gives_the_single_process_loss_and_gradients(tiny_mo
     the step's loss and full gradients are the single-process ones; GSPO's sequence ratios at CP=2
     (each sequence split over the two ranks) are CP=1's."""
     path = tiny_models["llama"]
-    reference = _reference(path)
+    reference = _reference(path)[0]
     results = _merged(run_distributed(_layout_body, world, args=(path, grid, layouts), timeout=500))
     for (loss, mode, packed), (losses, grads, seen) in results.items():
         what = (loss, mode, packed, grid)

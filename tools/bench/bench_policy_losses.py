@@ -8,7 +8,9 @@ responses of ragged length, one optimizer step of micro-batches of 4) with ``--p
 ppo, gspo and cispo, and ppo with ``--entropy_coef``; the runs take turns step by step (the box's
 load moves them alike) and the table shows the median seconds per step and the ratio to PPO's.
 The losses differ only in per-token arithmetic (GSPO adds one per-sequence sum), so the goal is
-a ratio within noise of 1.
+a ratio within noise of 1. The loss function alone (forward + backward from one micro-batch's
+logits, 20 interleaved repeats) is timed too: its extra milliseconds over PPO's, as a share of
+PPO's step, is the cost the step ratio hides in the box's noise.
 """
 from __future__ import annotations
 
@@ -63,7 +65,36 @@ def _worker(path, num_samples, max_len, steps, warmup, result_file):
             actor.train(experience, "policy", settings)
             if step >= warmup:
                 seconds[name].append(time.perf_counter() - start)
-    torch.save({name: statistics.median(values) for name, values in seconds.items()}, result_file)
+    step = {name: statistics.median(values) for name, values in seconds.items()}
+    torch.save({"step": step, "loss": _loss_only(actor, experience, max_len)}, result_file)
+
+
+def _loss_only(actor, experience, max_len: int, repeats: int = 20) -> dict[str, float]:
+    """Median seconds of the loss function alone (forward and backward from the logits of one
+    micro-batch of 4): what each loss adds, without the model's noise."""
+    from engine.rl.policy_losses.aggregation import Aggregation, StepCounts, annotate_microbatches
+    from engine.rl.train_losses import LossGroups, make_loss_fn
+    from engine.rl.train_settings import TrainSettings
+
+    ctx = actor.engine.ctx
+    groups = LossGroups(tp_group=ctx.tp_group, cp_group=ctx.cp_group, dp_group=ctx.dp_group)
+    micro = experience.microbatches(0, 4, 4)[0]
+    vocab = actor.engine.adapter.vocab_size
+    logits = torch.randn(*micro["labels"].shape, vocab, generator=torch.Generator().manual_seed(2))
+    seconds = {name: [] for name in RUNS}
+    for _ in range(repeats):
+        for name, extra in RUNS.items():
+            settings = TrainSettings(train_batch_size=4, micro_train_batch_size=4, max_epochs=1, seed=0,
+                                     policy_loss_type=name.split()[0], max_response_len=max_len, **extra)
+            [batch] = annotate_microbatches([micro], mode=settings.loss_agg_mode)
+            counts = StepCounts(num_tokens=int(batch["action_mask"].sum()), num_sequences=4)
+            aggregation = Aggregation.for_step(settings.loss_agg_mode, counts, num_microbatches=1, data_parallel_size=1)
+            leaf = logits.clone().requires_grad_(True)
+            start = time.perf_counter()
+            loss, _ = make_loss_fn("policy", settings, aggregation=aggregation, groups=groups)(leaf, batch)
+            loss.backward()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def main(argv=None) -> None:
@@ -78,10 +109,11 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = reference_model(tmp, quick=args.quick)
         medians = run_on_local_ranks(_worker, 1, path, 16, args.generate_max_len, args.steps, args.warmup)
-    baseline = medians["ppo"]
-    rows = [(f"--policy_loss_type {name}", seconds, seconds / baseline) for name, seconds in medians.items()]
-    print_table("actor training step, one rollout (16 samples), median seconds (lower is better)",
-                ["run", "s/step", "ratio vs ppo"], rows)
+    step, loss = medians["step"], medians["loss"]
+    rows = [(f"--policy_loss_type {name}", step[name], step[name] / step["ppo"], loss[name] * 1e3,
+             loss[name] / loss["ppo"], (loss[name] - loss["ppo"]) / step["ppo"]) for name in RUNS]
+    print_table("actor training step, one rollout (16 samples), medians (lower is better)",
+                ["run", "s/step", "ratio vs ppo", "loss fn ms", "loss fn ratio", "extra loss time / ppo step"], rows)
 
 
 if __name__ == "__main__":

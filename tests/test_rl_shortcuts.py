@@ -116,13 +116,14 @@ def test_importance_weights_equal_a_direct_computation():
 
     import torch
 
-    from engine.rl.train_losses import rollout_mismatch
+    from engine.rl.train_losses import TrainSettings, rollout_mismatch
 
     g = torch.Generator().manual_seed(0)
     old = -torch.rand(4, 10, generator=g) * 3
     rollout = old + (torch.rand(4, 10, generator=g) - 0.5) * 2
     mask = (torch.rand(4, 10, generator=g) > 0.3).float()
-    weights, sums = rollout_mismatch(old, {"rollout_log_probs": rollout, "action_mask": mask}, 1.5)
+    settings = TrainSettings(train_batch_size=4, micro_train_batch_size=4, max_epochs=1, seed=0, vllm_is_cap=1.5)
+    weights, sums = rollout_mismatch(old, {"rollout_log_probs": rollout, "action_mask": mask}, settings)
     metrics = {"vllm_is/mean": float(sums["vllm_is/mean_sum"] / mask.sum()), "vllm_is/max": float(sums["vllm_is/max"]),
                "vllm_is/capped_frac": float(sums["vllm_is/capped_frac_sum"] / mask.sum())}
     direct = [[min(math.exp(o - r), 1.5) * m for o, r, m in zip(*rows)]

@@ -20,7 +20,7 @@ from engine.cli.options import OptionError, group, naming_flags, parse_job, prin
 from engine.data.config import DataConfig
 from engine.ray.config import ColocationConfig, VLLMEngineConfig, WeightSyncConfig
 from engine.ray.rollout_backends import RolloutBackendConfig
-from engine.rl.config import DoctorConfig, PPOConfig
+from engine.rl.config import DoctorConfig, PPOConfig, check_overlong_buffer
 from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.rollout import SamplingConfig
@@ -154,9 +154,23 @@ def parse_args(argv=None) -> PPOJob:
     if job.ppo.token_budget.use_dynamic_batch_size and job.ptx.pretrain_data:
         raise OptionError("--use_dynamic_batch_size with --pretrain_data is not supported: the ptx rows ride in the "
                           "rollout's fixed micro-batches; drop one of the two")
+    _check_loss_defaults(job)
     if not job.models.save_path:
         print_notices([NO_SAVE_PATH])
     return job
+
+
+def _check_loss_defaults(job: PPOJob) -> None:
+    """The overlong buffer against --generate_max_len; the dr_grpo default aggregation, said."""
+    ppo = job.ppo
+    if ppo.overlong_buffer_len is not None:
+        try:
+            check_overlong_buffer(ppo.overlong_buffer_len, job.sampling.max_new_tokens)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
+    if ppo.loss_agg_mode is None and ppo.aggregation_mode != "token-mean":
+        print_notices([f"--advantage_estimator {ppo.advantage.estimator}: --loss_agg_mode {ppo.aggregation_mode} "
+                       "(Dr. GRPO's: token sums over --generate_max_len; pass --loss_agg_mode to choose another)"])
 
 
 def _check_async(job: PPOJob) -> None:

@@ -19,6 +19,11 @@ def check_loss_agg_mode(mode: str) -> None:
         raise ValueError(f"--loss_agg_mode {mode!r} is not one of {', '.join(LOSS_AGG_MODES)}")
 
 
+def check_overlong_buffer(buffer_len: int, max_len: int) -> None:
+    if not 1 <= buffer_len < max_len:
+        raise ValueError(f"--overlong_buffer_len ({buffer_len}) must be in [1, --generate_max_len) = [1, {max_len})")
+
+
 ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo")
 
 
@@ -92,8 +97,10 @@ class PPOConfig:
     kl_target: float | None = option(None, help="adaptive KL controller target (default: a fixed coefficient)")
     kl_horizon: int = option(10000, help="adaptive KL controller horizon")
     use_kl_loss: bool = option(False, help="KL as a loss term (GRPO) instead of a reward penalty")
-    kl_estimator: Literal["k1", "k2", "k3"] = option("k1", value_aliases={"use_kl_estimator_k3": "k3"},
-                                                     help="KL estimator")
+    kl_estimator: Literal["k1", "k2", "k3", "low_var_kl"] = option(
+        "k1", value_aliases={"use_kl_estimator_k3": "k3"},
+        help="KL estimator of the reward penalty and of --use_kl_loss: k1, k2, k3, low_var_kl (veRL's k3 with the "
+             "log-ratio clamped to [-20, 20] first)")
     normalize_reward: bool = option(False, help="reward models' rewards and the critic's values as (x - mean) / std "
                                                 "with the mean / std in their config.json (OpenRLHF's; train_rm "
                                                 "saves them)")
@@ -112,10 +119,18 @@ class PPOConfig:
     nonfinite_reward_policy: Literal["error", "skip"] = option(
         "error", help="a NaN / inf reward from any source: error (naming the source and the sample) or skip "
                       "(drop that sample's prompt group from the rollout, counted as rollout/nonfinite_rewards)")
-    vllm_is_correction: bool = option(False, help="weight each token's policy gradient by min(exp(logp_actor - "
-                                                  "logp_vLLM), --vllm_is_truncated_threshold): truncated importance "
-                                                  "sampling of the engines' mismatch with the trainer")
-    vllm_is_truncated_threshold: float = option(2.0, help="cap of the --vllm_is_correction weights")
+    vllm_is_correction: bool = option(False, aliases=("enable_vllm_is_correction",),
+                                      help="weight each token's policy gradient by importance weights of the "
+                                           "engines' mismatch with the trainer, exp(logp_actor - logp_vLLM), as "
+                                           "--vllm_is_correction_type says (default: truncated at "
+                                           "--vllm_is_truncated_threshold)")
+    vllm_is_truncated_threshold: tuple[float, ...] = option(
+        (2.0,), help="the --vllm_is_correction band: CAP (tis: weights min(w, CAP)) or LOW HIGH (OpenRLHF 0.11's; "
+                     "tis clamps w to [LOW, HIGH], icepop and seq-mask-tis mask outside it)")
+    vllm_is_correction_type: Literal["tis", "icepop", "seq-mask-tis"] = option(
+        "tis", help="--vllm_is_correction's weights, w = exp(logp_actor - logp_vLLM) per token: tis (truncated: "
+                    "clamped to the band), icepop (w, zero outside the band), seq-mask-tis (w, zero on every token "
+                    "of a sequence whose geometric-mean w leaves the band); the masked fraction is logged")
     packing_samples: bool = option(False, help="pack each scoring / training micro-batch's prompt + response "
                                                "sequences into one row instead of padding them to the longest "
                                                "(the same losses; no compute on padding)")
@@ -124,11 +139,26 @@ class PPOConfig:
                                            "weights from before this step's update); the weight sync waits for it")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     policy_loss_type: str = option("ppo", help="the actor's policy loss, by name (engine/rl/policy_losses/registry.py; "
-                                               "shipped: ppo, the clipped surrogate)")
-    loss_agg_mode: LossAggMode = option("token-mean", help="how the policy and KL losses reduce their token losses "
-                                                          "over the optimizer step (veRL's): token-mean, "
-                                                          "seq-mean-token-sum, seq-mean-token-mean, "
-                                                          "seq-mean-token-sum-norm (divisor --generate_max_len)")
+                                               "shipped: ppo, the clipped surrogate; gspo, its sequence-level "
+                                               "ratio (geometric mean over the response, clipped per sequence by "
+                                               "--eps_clip / --eps_clip_low_high); cispo, the clipped, "
+                                               "stop-gradient importance weight times the log-prob)")
+    cispo_eps_clip_low: float = option(1.0, help="--policy_loss_type cispo: the weight's lower bound is 1 - this "
+                                                 "(1.0: none, as MiniMax-M1)")
+    cispo_eps_clip_high: float = option(0.28, help="--policy_loss_type cispo: the weight's upper bound is 1 + this")
+    loss_agg_mode: LossAggMode | None = option(
+        None, help="how the policy, KL and entropy losses reduce their token losses over the optimizer step "
+                   "(veRL's): token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm (divisor "
+                   "--generate_max_len) (default: token-mean; seq-mean-token-sum-norm, Dr. GRPO's, with "
+                   "--advantage_estimator dr_grpo)")
+    entropy_coef: float = option(0.0, aliases=("entropy_loss_coef",),
+                                 help="entropy bonus: the actor loss minus this times the full-vocabulary token "
+                                      "entropy, aggregated by --loss_agg_mode")
+    overlong_buffer_len: int | None = option(None, help="DAPO's soft overlong penalty: a response longer than "
+                                                        "--generate_max_len minus this many tokens loses "
+                                                        "--overlong_penalty_factor x (its excess / this) reward")
+    overlong_penalty_factor: float = option(1.0, help="the largest --overlong_buffer_len penalty (at "
+                                                      "--generate_max_len tokens)")
     mask_truncated_completions: bool = option(False, help="leave responses that hit --generate_max_len out of the "
                                                           "actor's and critic's losses (and their normalisers)")
     ptx_coef: float = option(0.05, help="weight of the pretraining NLL in the actor loss (with --pretrain_data)")
@@ -150,9 +180,10 @@ class PPOConfig:
             raise ValueError(f"--eps_clip_low_high must be two values >= 0, got {self.eps_clip_low_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"--dual_clip must be > 1.0, got {self.dual_clip}")
-        if self.vllm_is_truncated_threshold <= 0:
-            raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {self.vllm_is_truncated_threshold}")
-        check_loss_agg_mode(self.loss_agg_mode)
+        self._check_is_correction()
+        if self.loss_agg_mode is not None:
+            check_loss_agg_mode(self.loss_agg_mode)
+        self._check_loss_options()
         self._check_dynamic_filtering()
         self._check_policy_loss_inputs()
 
@@ -168,6 +199,52 @@ class PPOConfig:
         if self.dynamic_filtering and self.n_samples_per_prompt < 2:
             raise ValueError("--dynamic_filtering compares the samples of a prompt: it needs --n_samples_per_prompt "
                              f"> 1, got {self.n_samples_per_prompt}")
+
+    def _check_is_correction(self) -> None:
+        band = self.vllm_is_truncated_threshold
+        if len(band) not in (1, 2) or min(band) < 0 or band[-1] <= 0 or (len(band) == 2 and band[0] > band[1]):
+            raise ValueError("--vllm_is_truncated_threshold takes CAP > 0 or LOW HIGH with 0 <= LOW <= HIGH, "
+                             f"got {' '.join(map(str, band))}")
+        if self.vllm_is_correction_type != "tis" and not self.vllm_is_correction:
+            raise ValueError(f"--vllm_is_correction_type {self.vllm_is_correction_type} without --vllm_is_correction: "
+                             "no weights are applied; pass both")
+        if self.vllm_is_correction_type != "tis" and len(band) != 2:
+            raise ValueError(f"--vllm_is_correction_type {self.vllm_is_correction_type} masks outside a band: pass "
+                             "--vllm_is_truncated_threshold LOW HIGH (OpenRLHF's default: 0.5 5.0)")
+
+    def _check_loss_options(self) -> None:
+        if self.entropy_coef < 0:
+            raise ValueError(f"--entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.cispo_eps_clip_low < 0 or self.cispo_eps_clip_high < 0:
+            raise ValueError("--cispo_eps_clip_low and --cispo_eps_clip_high must be >= 0, got "
+                             f"{self.cispo_eps_clip_low} and {self.cispo_eps_clip_high}")
+        if self.dual_clip is not None and self.policy_loss_type != "ppo":
+            raise ValueError(f"--dual_clip bounds PPO's token surrogate; --policy_loss_type {self.policy_loss_type} "
+                             "has none")
+        if self.policy_loss_type != "cispo" and (self.cispo_eps_clip_low, self.cispo_eps_clip_high) != (1.0, 0.28):
+            raise ValueError("--cispo_eps_clip_low / --cispo_eps_clip_high bound --policy_loss_type cispo's weights; "
+                             f"this run's loss is {self.policy_loss_type} (its clip: --eps_clip / --eps_clip_low_high)")
+        if self.overlong_buffer_len is None and self.overlong_penalty_factor != 1.0:
+            raise ValueError("--overlong_penalty_factor scales the --overlong_buffer_len penalty: pass "
+                             "--overlong_buffer_len too")
+        if self.overlong_buffer_len is not None and self.overlong_buffer_len < 1:
+            raise ValueError(f"--overlong_buffer_len must be >= 1, got {self.overlong_buffer_len}")
+        if self.overlong_penalty_factor < 0:
+            raise ValueError(f"--overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}")
+
+    @property
+    def aggregation_mode(self) -> str:
+        """--loss_agg_mode, or its default: Dr. GRPO's seq-mean-token-sum-norm under --advantage_estimator
+        dr_grpo (its unbiased loss needs the constant divisor, not only the baseline), else token-mean."""
+        if self.loss_agg_mode is not None:
+            return self.loss_agg_mode
+        return "seq-mean-token-sum-norm" if self.advantage.estimator == "dr_grpo" else "token-mean"
+
+    @property
+    def is_correction_band(self) -> tuple[float, float]:
+        """(low, high) of the --vllm_is_correction weights (one value: (0, CAP))."""
+        band = self.vllm_is_truncated_threshold
+        return (0.0, band[0]) if len(band) == 1 else (band[0], band[1])
 
     def _check_policy_loss_inputs(self) -> None:
         """Refuse a --policy_loss_type that needs what this run does not compute."""

@@ -10,12 +10,15 @@ from typing import Literal
 
 import torch
 
-KLEstimator = Literal["k1", "k2", "k3"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+KLEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "low_var_kl")
 
 # OpenRLHF clamps every per-token estimate: one token whose log-ratio explodes (a token the
 # reference finds almost impossible) must not dominate the reward or the loss of a whole batch.
 KL_CLAMP = 10.0
+# low_var_kl (veRL's) also clamps the log-ratio before exp(): a clamped k3 of a log-ratio far
+# below -20 overflows exp() to inf, and the clamp's zero gradient times inf is NaN.
+LOW_VAR_KL_LOG_RATIO_CLAMP = 20.0
 
 
 def kl_estimate(
@@ -29,8 +32,10 @@ def kl_estimate(
 
     With ``log r = log_probs - ref_log_probs`` (Schulman, http://joschu.net/blog/kl-approx.html):
     ``k1 = log r`` (unbiased, can be negative), ``k2 = (log r)^2 / 2``,
-    ``k3 = exp(-log r) - 1 + log r`` (unbiased and non-negative). Computed in float32 and
-    clamped to [-10, 10] like OpenRLHF's ``compute_approx_kl``; zero where ``action_mask`` is 0.
+    ``k3 = exp(-log r) - 1 + log r`` (unbiased and non-negative); ``low_var_kl`` is veRL's k3, with
+    ``log r`` clamped to [-20, 20] first (finite values and gradients for any log-probs). Computed
+    in float32 and clamped to [-10, 10] like OpenRLHF's ``compute_approx_kl``; zero where
+    ``action_mask`` is 0.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"--kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
@@ -42,6 +47,9 @@ def kl_estimate(
         kl = log_ratio
     elif estimator == "k2":
         kl = log_ratio.square() / 2.0
+    elif estimator == "low_var_kl":
+        clamped = log_ratio.clamp(min=-LOW_VAR_KL_LOG_RATIO_CLAMP, max=LOW_VAR_KL_LOG_RATIO_CLAMP)
+        kl = torch.expm1(-clamped) + clamped
     else:
         kl = torch.expm1(-log_ratio) + log_ratio  # expm1 keeps precision near log r = 0, where k3 ~ (log r)^2 / 2
     kl = kl.clamp(min=-KL_CLAMP, max=KL_CLAMP)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.rl.kl import KLEstimator, kl_estimate
+from engine.runtime.per_sequence import per_token, sequence_means
 from engine.runtime.reductions import aggregate_loss, masked_mean
 
 # The log-ratio is clamped before exp() like OpenRLHF: a stale token with a huge log-ratio
@@ -69,13 +70,38 @@ def policy_loss(
 
 
 def truncated_importance_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
-                                 action_mask: torch.Tensor, *, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(min(exp(logp_actor_old - logp_vllm), cap) * action_mask, exp(...) uncapped)``, no gradient."""
+                                 action_mask: torch.Tensor, *, cap: float, low: float | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(exp(logp_actor_old - logp_vllm), cap) * action_mask, exp(...) uncapped)``, no gradient;
+    with ``low`` also at least ``low`` (OpenRLHF 0.11's tis with a LOW HIGH band)."""
     if cap <= 0:
         raise ValueError(f"--vllm_is_truncated_threshold must be > 0, got {cap}")
+    raw = _engine_ratio(old_log_probs, rollout_log_probs)
+    return raw.clamp(min=low, max=cap) * action_mask, raw
+
+
+def band_masked_importance_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
+                                   action_mask: torch.Tensor, *, low: float, high: float, sequence: bool,
+                                   batch: dict | None = None, cp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w * kept * action_mask, kept)`` with ``w = exp(logp_actor_old - logp_vllm)``, no gradient.
+
+    icepop (``sequence=False``): ``kept`` is 1 where ``low <= w <= high`` per token. seq-mask-tis
+    (``sequence=True``, OpenRLHF 0.11's): 1 on every token of a sequence whose geometric-mean ``w``
+    over its trained tokens (whole sequence: summed over ``cp_group``, packed sequences told apart
+    by ``batch``'s ``sequence_index``) is in the band, and the tokens keep their own ``w``."""
+    raw = _engine_ratio(old_log_probs, rollout_log_probs)
+    if sequence:
+        means, _ = sequence_means(raw.log(), action_mask, batch, cp_group=cp_group)
+        ratio = per_token(means, batch, raw).exp()
+    else:
+        ratio = raw
+    kept = ((ratio >= low) & (ratio <= high)).to(raw.dtype)
+    return raw * kept * action_mask, kept
+
+
+def _engine_ratio(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor) -> torch.Tensor:
     log_ratio = (old_log_probs - rollout_log_probs).detach().clamp(min=-LOG_RATIO_CLAMP, max=LOG_RATIO_CLAMP)
-    raw = log_ratio.exp()
-    return raw.clamp(max=cap) * action_mask, raw
+    return log_ratio.exp()
 
 
 def value_loss(

@@ -23,6 +23,7 @@ from engine.rl.evaluation import RLEvalConfig, eval_metrics
 from engine.rl.experience import Experience
 from engine.rl.kl import kl_estimate, make_kl_controller
 from engine.rl.ptx import PtxSampler, collate_ptx
+from engine.rl.reward_shaping import overlong_penalty
 from engine.rl.rewards import combine_rewards, nonfinite_reward_error, nonfinite_rewards
 from engine.rl.rollout import RolloutEngines, SamplingConfig, rollout_loss_masks
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
@@ -309,6 +310,12 @@ class PPOTrainer:
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
         }
+        if self.config.overlong_buffer_len is not None:
+            penalty = overlong_penalty(batch.response_lengths, max_len=self.sampling.max_new_tokens,
+                                       buffer_len=self.config.overlong_buffer_len,
+                                       factor=self.config.overlong_penalty_factor)
+            rewards = rewards + penalty
+            metrics.update({"overlong/penalty": float(penalty.mean()), "overlong/frac": float((penalty < 0).float().mean())})
         # The engines' log-probs go to the training forward, which measures the train-vs-engine
         # mismatch and makes --vllm_is_correction's weights (engine.rl.train_losses.rollout_mismatch).
         experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
@@ -393,9 +400,11 @@ class PPOTrainer:
             kl_loss_coef=self.kl_controller.value if config.use_kl_loss else 0.0, kl_estimator=config.kl_estimator,
             ptx_coef=config.ptx_coef if self.ptx is not None else 0.0, pad_token_id=self._pad_id(),
             packing_samples=config.packing_samples, max_tokens_per_gpu=config.token_budget.max_tokens,
-            vllm_is_cap=config.vllm_is_truncated_threshold if config.vllm_is_correction else None,
-            policy_loss_type=config.policy_loss_type, loss_agg_mode=config.loss_agg_mode,
-            max_response_len=self.sampling.max_new_tokens,
+            vllm_is_cap=config.is_correction_band[1] if config.vllm_is_correction else None,
+            vllm_is_low=config.is_correction_band[0], vllm_is_correction_type=config.vllm_is_correction_type,
+            policy_loss_type=config.policy_loss_type, loss_agg_mode=config.aggregation_mode,
+            max_response_len=self.sampling.max_new_tokens, entropy_coef=config.entropy_coef,
+            cispo_eps_clip_low=config.cispo_eps_clip_low, cispo_eps_clip_high=config.cispo_eps_clip_high,
         )
 
     def train(self, experience: Experience, step: int) -> dict:
@@ -424,8 +433,9 @@ class PPOTrainer:
     def _report(self, step: int, metrics: dict) -> None:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
-                 "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness", "rollout/groups_trained",
-                 "rollout/gen_rounds", "doctor/max_rel_diff", "doctor/first_jump_layer", "doctor/first_routing_layer",
+                 "actor/entropy_loss", "rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/masked_frac",
+                 "overlong/penalty", "rollout/staleness", "rollout/groups_trained", "rollout/gen_rounds",
+                 "doctor/max_rel_diff", "doctor/first_jump_layer", "doctor/first_routing_layer",
                  "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "time/doctor",
                  "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")

@@ -13,7 +13,13 @@ from typing import Any, Literal
 
 import torch
 
-from engine.rl.losses import kl_loss, sft_loss, truncated_importance_weights, value_loss
+from engine.rl.losses import (
+    band_masked_importance_weights,
+    kl_loss,
+    sft_loss,
+    truncated_importance_weights,
+    value_loss,
+)
 from engine.rl.policy_losses.aggregation import Aggregation
 from engine.rl.policy_losses.registry import PolicyLoss, PolicyLossInputs, policy_loss_class
 from engine.rl.train_settings import TrainSettings
@@ -49,7 +55,7 @@ def policy_loss_fn(settings: TrainSettings, *, aggregation: Aggregation, groups:
         # this one and the ratio is 1 by construction (its gradient is the log-prob's).
         old_log_probs = batch.get("old_log_probs")
         old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs
-        importance, engine_metrics = rollout_mismatch(old_log_probs, batch, settings.vllm_is_cap)
+        importance, engine_metrics = rollout_mismatch(old_log_probs, batch, settings, cp_group=groups.cp_group)
         inputs = _policy_inputs(policy, batch, log_probs=log_probs, old_log_probs=old_log_probs, weights=weights,
                                 aggregation=aggregation, groups=groups, importance_weights=importance)
         loss_sum, policy_metrics = policy(inputs)
@@ -60,8 +66,13 @@ def policy_loss_fn(settings: TrainSettings, *, aggregation: Aggregation, groups:
             kl_sum = kl_loss(log_probs, batch["ref_log_probs"], weights, settings.kl_estimator, normaliser=1.0)
             total = total + kl_coef * kl_sum
             metrics.update(aggregation.metric("kl_loss", kl_sum))
-        entropy = token_entropy(logits, groups.tp_group, temperature=temperature)
-        metrics["entropy_sum"] = (entropy * mask).sum()
+        entropy = token_entropy(logits, groups.tp_group, temperature=temperature,
+                                differentiable=settings.entropy_coef > 0)
+        if settings.entropy_coef > 0:  # the bonus: aggregated like the policy loss, and subtracted
+            entropy_sum = aggregation.sum(entropy, weights)
+            total = total - settings.entropy_coef * entropy_sum
+            metrics.update(aggregation.metric("entropy_loss", entropy_sum))
+        metrics["entropy_sum"] = (entropy.detach() * mask).sum()
         loss = total * scale
         if ptx_coef > 0 and "loss_mask" in batch:
             ptx_sum = _ptx_nll_sum(logits, batch, log_probs, temperature)
@@ -105,25 +116,36 @@ _WHY_MISSING = {"ref_log_probs": "a reference model: --init_kl_coef > 0",
 
 # Metrics of the rollout (the engines' mismatch with the trainer), not of the actor: the loop
 # reports them under these names as they are (``rollout_mismatch`` makes them).
-ROLLOUT_METRICS = ("rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/max", "vllm_is/capped_frac")
+ROLLOUT_METRICS = ("rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/max", "vllm_is/capped_frac",
+                   "vllm_is/masked_frac")
 
 
-def rollout_mismatch(old_log_probs: torch.Tensor, batch: dict, cap: float | None):
+def rollout_mismatch(old_log_probs: torch.Tensor, batch: dict, settings: TrainSettings, *, cp_group=None):
     """The one place the engines' mismatch with the trainer is measured: when the batch carries the
-    engines' log-probs of the sampled tokens, the mean |logp_old - logp_engine| and, with ``cap``
-    (--vllm_is_correction), the truncated importance weights min(exp(logp_old - logp_engine), cap)
-    the policy loss is weighted by, with their mean / max / capped share. ``old_log_probs``: the
-    scored old log-probs, or this forward's own when the rollout feeds one step (the same policy)."""
+    engines' log-probs of the sampled tokens, the mean |logp_old - logp_engine| and, with
+    --vllm_is_correction (``settings.vllm_is_cap``), the weights the policy loss is multiplied by
+    (``importance_weights``, by --vllm_is_correction_type), with their mean / max and the share of
+    tokens capped (tis) or masked (icepop, seq-mask-tis). ``old_log_probs``: the scored old
+    log-probs, or this forward's own when the rollout feeds one step (the same policy)."""
     rollout = batch.get("rollout_log_probs")
     if rollout is None:
         return None, {}
     mask = batch["action_mask"]
     metrics = {"rollout_logprob_abs_diff_sum": ((old_log_probs - rollout).abs() * mask).sum()}
-    weights = None
-    if cap is not None:
-        weights, raw = truncated_importance_weights(old_log_probs, rollout, mask, cap=cap)
-        metrics.update({"vllm_is/mean_sum": weights.sum(), "vllm_is/capped_frac_sum": ((raw > cap).float() * mask).sum(),
-                        "vllm_is/max": weights.max() if weights.numel() else weights.new_zeros(())})
+    cap = settings.vllm_is_cap
+    if cap is None:
+        return None, metrics
+    kind, low = settings.vllm_is_correction_type, settings.vllm_is_low
+    if kind == "tis":
+        weights, raw = truncated_importance_weights(old_log_probs, rollout, mask, cap=cap,
+                                                    low=low if low > 0 else None)
+        metrics["vllm_is/capped_frac_sum"] = (((raw > cap) | (raw < low)).float() * mask).sum()
+    else:
+        weights, kept = band_masked_importance_weights(old_log_probs, rollout, mask, low=low, high=cap,
+                                                       sequence=kind == "seq-mask-tis", batch=batch, cp_group=cp_group)
+        metrics["vllm_is/masked_frac_sum"] = ((1.0 - kept) * mask).sum()
+    metrics.update({"vllm_is/mean_sum": weights.sum(),
+                    "vllm_is/max": weights.max() if weights.numel() else weights.new_zeros(())})
     return weights, metrics
 
 

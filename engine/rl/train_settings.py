@@ -30,7 +30,12 @@ class TrainSettings:
     # --vllm_is_correction's cap of the truncated importance weights (the training forward computes
     # them from the batch's rollout_log_probs: engine.rl.train_losses.rollout_mismatch)
     vllm_is_cap: float | None = None
+    vllm_is_low: float = 0.0  # the band's low end (LOW of --vllm_is_truncated_threshold LOW HIGH)
+    vllm_is_correction_type: str = "tis"  # tis | icepop | seq-mask-tis
     policy_loss_type: str = "ppo"  # --policy_loss_type: a name of engine.rl.policy_losses.registry
     loss_agg_mode: str = "token-mean"  # --loss_agg_mode (engine.rl.policy_losses.aggregation)
     # seq-mean-token-sum-norm's constant per-sequence divisor (Dr. GRPO): --generate_max_len
     max_response_len: int = 1
+    entropy_coef: float = 0.0  # --entropy_coef: the entropy bonus, aggregated like the policy loss
+    cispo_eps_clip_low: float = 1.0  # --policy_loss_type cispo's weight bounds: [1 - low, 1 + high]
+    cispo_eps_clip_high: float = 0.28

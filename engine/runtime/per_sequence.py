@@ -36,3 +36,24 @@ def local_sequence_sums(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
 def sequence_sums(per_token: torch.Tensor, batch: dict, *, cp_group) -> torch.Tensor:
     """Per-sequence sums over the whole sequence on every CP rank, keeping their gradient."""
     return all_reduce_sum(local_sequence_sums(per_token, batch), group=cp_group)
+
+
+def per_token(per_sequence: torch.Tensor, batch: dict, like: torch.Tensor) -> torch.Tensor:
+    """Each token's value of its sequence (``per_sequence``: ``[num_sequences]`` as ``sequence_sums``
+    gives), shaped like the per-token ``like``; padding tokens get some sequence's value (mask them)."""
+    if "sequence_index" not in batch:
+        return per_sequence[:, None].expand_as(like)
+    index = batch["sequence_index"].to(per_sequence.device).clamp(max=max(int(batch["num_sequences"]) - 1, 0))
+    return per_sequence[index.reshape(-1)].reshape(like.shape)
+
+
+def sequence_means(per_token_values: torch.Tensor, mask: torch.Tensor, batch: dict, *, cp_group
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(means, counts)``, ``[num_sequences]`` each: the mean of ``per_token_values`` over each whole
+    sequence's ``mask``ed tokens (all CP ranks' shares; 0 for a sequence without any) and their
+    number; no gradient. ``per_token`` spreads the means back over the tokens."""
+    with torch.no_grad():
+        stacked = torch.stack([per_token_values * mask, mask.to(per_token_values.dtype)])
+        local = local_sequence_sums(stacked, batch)
+        sums = local if cp_group is None else all_reduce_sum(local, group=cp_group)
+        return sums[0] / sums[1].clamp(min=1), sums[1]

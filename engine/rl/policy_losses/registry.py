@@ -26,6 +26,8 @@ LOSS_INPUTS: tuple[str, ...] = get_args(LossInput)
 # name -> the module that registers it. Adding a shipped loss: its module, plus one line here.
 _SHIPPED: dict[str, str] = {
     "ppo": "engine.rl.policy_losses.ppo",
+    "gspo": "engine.rl.policy_losses.gspo",
+    "cispo": "engine.rl.policy_losses.cispo",
 }
 _REGISTERED: dict[str, type[PolicyLoss]] = {}
 

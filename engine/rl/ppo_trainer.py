@@ -19,6 +19,7 @@ from engine.rl.advantages import (
     compute_advantages,
     filter_all_equal_groups,
 )
+from engine.rl.agents.executor import agent_metrics
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.console import RolloutProgress
 from engine.rl.evaluation import RLEvalConfig, eval_metrics
@@ -169,7 +170,7 @@ class PPOTrainer:
 
     def _submit(self, step: int) -> PrefetchedRollout:
         rows = self._prompt_rows(step)
-        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(step))
+        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(step), rows=rows)
         return PrefetchedRollout(step=step, rows=rows, pending=pending, weights_version=self.engines_version)
 
     def _sampling(self, step: int) -> SamplingConfig:
@@ -213,7 +214,7 @@ class PPOTrainer:
 
     def generate(self, rows: list[dict], sampling: SamplingConfig) -> tuple[RolloutBatch, dict]:
         """``rows`` generated now (evaluation; the rollouts go through ``_take_rollout``)."""
-        return self.to_batch(rows, self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling))
+        return self.to_batch(rows, self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling, rows=rows))
 
     def to_batch(self, rows: list[dict], samples: list) -> tuple[RolloutBatch, dict]:
         """The engines' samples of ``rows`` as a padded batch, and the texts the reward sources read."""
@@ -229,6 +230,9 @@ class PPOTrainer:
             "labels": [rows[s.prompt_index]["label"] for s in samples],
             "truncated": sum(s.truncated for s in samples),
         }
+        if any(s.reward is not None for s in samples):  # multi-turn rollouts: the environment's rewards
+            meta["environment_rewards"] = [s.reward for s in samples]
+            meta["agent"] = agent_metrics(samples)
         return batch, meta
 
     def _pad_id(self) -> int:
@@ -253,6 +257,7 @@ class PPOTrainer:
         metrics = {
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
+            **meta.get("agent", {}),
         }
         # The engines' log-probs go to the training forward, which measures the train-vs-engine
         # mismatch and makes --vllm_is_correction's weights (engine.rl.train_losses.rollout_mismatch).
@@ -270,6 +275,8 @@ class PPOTrainer:
                        group.rewards(experience, micro, packed=packed).tolist()) for group in self.reward_models]
         per_source += [(getattr(src, "name", type(src).__name__),
                         src.score(meta["prompts"], meta["responses"], meta["labels"])) for src in self.reward_sources]
+        if "environment_rewards" in meta:
+            per_source.append(("the environment (--agent_func_path / --agent_task)", meta["environment_rewards"]))
         if not per_source:
             raise ValueError("no reward source: pass --reward_pretrain and/or --remote_rm_url")
         found = nonfinite_rewards(per_source)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.tasks.environment import ENVIRONMENTS
 from parallel.options import option
 
 DEFAULT_MAX_TURNS = 8
@@ -27,6 +28,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.agent_func_path and self.agent_task:
             raise ValueError("--agent_func_path and --agent_task both name an environment: pass one")
+        if self.agent_task is not None and self.agent_task not in ENVIRONMENTS:
+            raise ValueError(f"--agent_task {self.agent_task!r} is not known; known: " + ", ".join(sorted(ENVIRONMENTS)))
         if not self.enabled:
             given = [flag for flag, value in (("--max_turns", self.max_turns),
                                               ("--agent_step_timeout", self.agent_step_timeout),

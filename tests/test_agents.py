@@ -23,8 +23,8 @@ EOS = 2
 
 class LossyTokenizer:
     """Decode and encode that do not round-trip: decoding maps every id to a letter, encoding maps
-    every character to an id >= 1000 (no engine output is ever one). A model token that went
-    through text would come back as a different id."""
+    every character to an id in [400, 490) (no engine output here is ever one; inside the tiny
+    models' vocabulary). A model token that went through text would come back as a different id."""
 
     eos_token_id = EOS
     chat_template = None
@@ -33,7 +33,7 @@ class LossyTokenizer:
         return "".join(chr(97 + i % 26) for i in ids if not (skip_special_tokens and i == EOS))
 
     def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [1000 + ord(c) for c in text]}
+        return {"input_ids": [400 + ord(c) % 90 for c in text]}
 
 
 class Scripted:
@@ -350,3 +350,76 @@ def test_environment_messages_render_with_the_chat_template():
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="no chat template"):
         render_messages(LossyTokenizer(), [{"role": "tool", "content": "56"}])
+
+
+# ------------------------------------------------------------------ the loss sees the model's tokens only
+
+def _three_turn_experiences():
+    """Four 3-turn trajectories as the trainer's rows, three ways: advantages on every response
+    token (environment tokens included) with the executor's masks; the same with other advantages
+    on the environment tokens; and every response token trained (no masks). Also the mask built
+    directly from the generator's record of what it emitted."""
+    from engine.rl.experience import Experience
+    from engine.rl.rollout import rollout_loss_masks
+    from engine.rl.sequences import build_rollout_batch
+
+    requests = [AgentRequest(prompt_ids=list(range(60 + 20 * i, 60 + 20 * i + k)), prompt="p", label=None)
+                for i, k in enumerate((2, 3, 5, 4))]  # no prompt is a prefix of another
+    generator = Scripted()
+    samples = _run(_executor(Turns), requests, generator=generator)
+    prompts = [r.prompt_ids for r in requests]
+    responses = [s.response_token_ids for s in samples]
+    batch = build_rollout_batch(prompts, responses, pad_id=0, response_loss_masks=rollout_loss_masks(samples))
+    direct = torch.zeros_like(batch.action_mask)  # label position t holds token t + 1
+    for given in generator.inputs:  # each turn's input is prompt + response so far: its output follows
+        row = next(i for i, (p, r) in enumerate(zip(prompts, responses)) if (p + r)[:len(given)] == given)
+        direct[row, len(given) - 1:len(given) + 2] = 1.0  # the turn's 3 tokens
+    g = torch.Generator().manual_seed(0)
+    response = build_rollout_batch(prompts, responses, pad_id=0).action_mask
+    advantages = torch.randn(response.shape, generator=g) * response
+    other = torch.where(batch.action_mask.bool(), advantages, torch.randn(response.shape, generator=g) * response)
+    masked = Experience.from_rollout(batch).with_fields(advantages=advantages)
+    return {"masked": masked, "other_env_advantages": masked.with_fields(advantages=other),
+            "unmasked": masked.with_fields(action_mask=response)}, direct
+
+
+def _multi_turn_mask_body(rank, world, path, grid, experiences):
+    from tests.test_policy_losses import _frozen_worker, _gradient, _settings
+
+    actor = _frozen_worker(rank, world, path, grid)
+    out = {}
+    for packed in (False, True):
+        settings = _settings(train_batch_size=4, micro_train_batch_size=2, packing_samples=packed,
+                             loss_agg_mode="token-mean")
+        for name, experience in experiences.items():
+            metrics = actor.train(experience, "policy", settings)
+            out[name, packed] = (metrics["policy_loss"], metrics["num_tokens"], _gradient(actor))
+    return out
+
+
+def test_three_turn_loss_touches_exactly_the_model_tokens_at_tp2_and_packed(tiny_models):
+    """The executor's masks are exactly the model's tokens (equal to the mask built from what the
+    generator emitted); trained at TP=2, padded and packed: the policy loss is the direct token-mean
+    of -A over those tokens, the gradient does not change when the environment tokens' advantages
+    do, and training every response token gives another gradient."""
+    from tests.dist_harness import run_distributed
+    from tests.test_policy_losses import _assert_same_gradient, _direct_policy_loss
+
+    experiences, direct = _three_turn_experiences()
+    masked = experiences["masked"]
+    assert torch.equal(masked.action_mask, direct)
+    assert 0 < masked.action_mask.sum() < experiences["unmasked"].action_mask.sum()
+    expected_loss = _direct_policy_loss(masked.with_fields(action_mask=direct), "token-mean")
+    results = run_distributed(_multi_turn_mask_body, 2, args=(tiny_models["llama"],
+                                                              {"tensor_model_parallel_size": 2}, experiences),
+                              timeout=400)
+    for result in results:
+        reference = result["masked", False][2]
+        for packed in (False, True):
+            loss, num_tokens, gradient = result["masked", packed]
+            assert loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-7), packed
+            assert num_tokens == int(direct.sum())
+            _assert_same_gradient(gradient, reference, ("packed", packed))
+            _assert_same_gradient(result["other_env_advantages", packed][2], gradient, ("env advantages", packed))
+            unmasked = result["unmasked", packed][2]
+            assert max(float((a - b).abs().max()) for a, b in zip(gradient, unmasked)) > 1e-4

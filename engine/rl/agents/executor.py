@@ -127,13 +127,17 @@ class AgentExecutor:
             budget = self.max_len - trajectory.length()
             if budget <= 0:
                 return "length"
-            turn_sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, budget))
+            tokens = min(sampling.max_new_tokens, budget)
+            turn_sampling = replace(sampling, max_new_tokens=tokens, min_new_tokens=min(sampling.min_new_tokens, tokens))
             output = await generator.generate(trajectory.prompt_ids + trajectory.response, turn_sampling)
             trajectory.add_model(list(output.response_token_ids), output.logprobs)
             action = self.tokenizer.decode(output.response_token_ids, skip_special_tokens=True)  # for reading only
             if hasattr(environment, "bind_sampling"):  # OpenRLHF agents see the turn's sampling settings
                 environment.bind_sampling(turn_sampling)
             step = await self._call(environment.step(action), f"{where}: step of turn {turn + 1}")
+            if not isinstance(step, Step):
+                raise TypeError(f"{type(environment).__name__}.step returned a {type(step).__name__}, not a "
+                                "engine.tasks.environment.Step")
             trajectory.reward += float(step.reward)
             trajectory.info.update({k: float(v) for k, v in step.info.items()})
             if step.done:

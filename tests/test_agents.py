@@ -232,7 +232,7 @@ class AgentExecutor(AgentExecutorBase):
     async def execute(self, prompt, label, sampling_params):
         return await super().execute(prompt, label, sampling_params)
 '''
-# The test's additions: the n-th trajectory of every 64 raises at its first step, the (n+2)-th hangs.
+# The test's additions: the n-th trajectory of every PER_ROLLOUT raises at its first step, the (n+2)-th hangs.
 FAILURES = '''
 import asyncio
 import itertools
@@ -243,7 +243,7 @@ _COUNT = itertools.count()
 class AgentInstance(ExampleAgent):
     async def __init__(self, *args, **kwargs):
         await super().__init__(*args, **kwargs)
-        self.index = next(_COUNT) % 64
+        self.index = next(_COUNT) % PER_ROLLOUT
 
     async def step(self, states, **kwargs):
         if self.index == FAIL_AT:
@@ -254,8 +254,9 @@ class AgentInstance(ExampleAgent):
 '''
 
 
-def write_agent_file(path, *, fail_at: int | None = None) -> str:
-    text = OPENRLHF_EXAMPLE + (FAILURES.replace("FAIL_AT", str(fail_at)) if fail_at is not None
+def write_agent_file(path, *, fail_at: int | None = None, per_rollout: int = 64) -> str:
+    failures = FAILURES.replace("FAIL_AT", str(fail_at)).replace("PER_ROLLOUT", str(per_rollout))
+    text = OPENRLHF_EXAMPLE + (failures if fail_at is not None
                                else "\nAgentInstance = ExampleAgent\n")
     path.write_text(textwrap.dedent(text))
     return str(path)

@@ -149,9 +149,9 @@ def test_openrlhf_agent_file_runs_multi_turn_grpo_on_the_engine(rl_setup, ray_cl
     from engine.cli import train_ppo_ray
     from tests.test_agents import write_agent_file
 
-    agent = write_agent_file(rl_setup["root"] / "agent_func.py", fail_at=3)
+    agent = write_agent_file(rl_setup["root"] / "agent_func.py", fail_at=3, per_rollout=32)
     args = _ppo_args(rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "2",
-                     "--rollout_batch_size", "8", "--train_batch_size", "32", "--agent_func_path", agent,
+                     "--rollout_batch_size", "4", "--train_batch_size", "32", "--agent_func_path", agent,
                      "--max_turns", "3", "--max_len", "160", "--agent_step_timeout", "2")
     reward_flag = args.index("--remote_rm_url")
     del args[reward_flag:reward_flag + 2]  # the environment's rewards only

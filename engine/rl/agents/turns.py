@@ -26,7 +26,7 @@ class PoolTurns:
     """``engine.rl.agents.executor.TurnGenerator`` over a pool (``EnginePool.submit_generate``).
 
     ``seed``: batch ``k`` samples with ``seed + k * 7919`` (reproducible given the same order of
-    turns; greedy sampling is reproducible regardless)."""
+    turns; greedy sampling is reproducible regardless); None: unseeded, whatever the turns' sampling says."""
 
     def __init__(self, pool: SubmitsGeneration, *, seed: int | None = None):
         self.pool = pool
@@ -61,9 +61,8 @@ class PoolTurns:
             by_sampling.setdefault(astuple(item[1]), []).append(item)
         calls = []
         for items in by_sampling.values():
-            sampling = items[0][1]
-            if self.seed is not None:
-                sampling = replace(sampling, seed=self.seed + len(self.batches) * 7919)
+            seed = None if self.seed is None else self.seed + len(self.batches) * 7919
+            sampling = replace(items[0][1], seed=seed)
             calls.append(self.pool.submit_generate([ids for ids, _, _ in items], sampling))
             self.batches.append(len(items))
         results = await asyncio.gather(*(asyncio.to_thread(call.result) for call in calls))

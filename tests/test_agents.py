@@ -424,3 +424,41 @@ def test_three_turn_loss_touches_exactly_the_model_tokens_at_tp2_and_packed(tiny
             _assert_same_gradient(result["other_env_advantages", packed][2], gradient, ("env advantages", packed))
             unmasked = result["unmasked", packed][2]
             assert max(float((a - b).abs().max()) for a, b in zip(gradient, unmasked)) > 1e-4
+
+
+def test_tool_calls_in_the_hermes_format_run_and_answer_as_tool_messages():
+    from engine.tasks.tool_environment import ToolEnvironment, parse_tool_calls, tool_schemas
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    async def lookup(key: str):
+        await asyncio.sleep(0)
+        return {"key": key, "value": 3}
+
+    class Tools(ToolEnvironment):
+        tools = {"multiply": multiply, "lookup": lookup}
+
+        async def finish(self, answer):
+            return Step(reward=float(answer.strip() == self.label), done=True)
+
+    async def play(actions):
+        env = Tools()
+        await env.reset("p", "56")
+        return [await env.step(a) for a in actions]
+
+    calls = ('<tool_call>{"name": "multiply", "arguments": {"a": 7, "b": 8}}</tool_call>'
+             '<tool_call>{"name": "lookup", "arguments": {"key": "x"}}</tool_call>')
+    first, second, last = asyncio.run(play([calls, "<tool_call>{oops}</tool_call><tool_call>{\"name\": \"nope\"}"
+                                                   "</tool_call>", "56"]))
+    assert first.messages == [{"role": "tool", "content": "56"},
+                              {"role": "tool", "content": '{"key": "x", "value": 3}'}]
+    assert second.messages[0]["content"].startswith("malformed tool call")
+    assert second.messages[1]["content"] == "unknown tool 'nope'; tools: lookup, multiply"
+    assert last.done and last.reward == 1.0
+    assert parse_tool_calls("no call") == []
+    assert tool_schemas({"multiply": multiply})[0]["function"] == {
+        "name": "multiply", "description": "Multiply two integers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                       "required": ["a", "b"]}}

@@ -77,7 +77,7 @@ def main() -> None:
     tokenizer = build_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         path = reference_model(tmp, quick=args.quick)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         pool = start_pool(VLLMEngineConfig(pretrain=path, dtype="float32", enforce_eager=True, max_model_len=1024))
         try:
             executor = AgentExecutor(make_environment=_environment(args.turns, args.tool_latency_ms / 1000),

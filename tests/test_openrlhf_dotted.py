@@ -99,7 +99,7 @@ NOT_HERE = {
         ds.deepcompile ds.experts_implementation data.dataloader_num_workers ds.tensor_parallel_size
         train.dynamic_batch_enable rollout.max_tokens_per_gpu train.max_tokens_per_gpu rollout.vllm_generate_batch_size
         actor.entropy_coef reward.overlong_buffer_len reward.overlong_penalty_factor
-        reward.stop_properly_penalty_coef ref.offload reward.offload train.agent_func_path eval.split
+        reward.stop_properly_penalty_coef ref.offload reward.offload eval.split
         algo.dynamic_filtering_range data.image_key data.max_images_per_prompt actor.freeze_visual_encoder
         actor.optim actor.muon.lr actor.muon.momentum actor.muon.ns_steps actor.muon.nesterov actor.muon.no_nesterov
         actor.adam.eps critic.optim critic.muon.lr critic.muon.momentum critic.muon.ns_steps critic.muon.nesterov

@@ -38,7 +38,8 @@ REQUIRED = {"hf_path": "hf", "save_path": "out", "load_path": "mcore", "model_pa
 # Values that a generic rule would make invalid, and flags that only make sense with another.
 SPECIAL = {"recompute_modules": "mlp", "target_modules": "q_proj", "eval_steps": "4",
            "input_template": "Q: {}", "ema_beta": "0.5", "dataset_probs": "1.0", "prompt_data_probs": "1.0", "top_k": "5",
-           "train_batch_size": "4", "policy_loss_type": "options_test_loss", "rollout_backend": "options_test_backend"}
+           "train_batch_size": "4", "policy_loss_type": "options_test_loss", "rollout_backend": "options_test_backend",
+           "agent_task": "calculator_tool"}
 # --policy_loss_type's other valid value: a loss registered here (only "ppo" is shipped)
 register_policy_loss("options_test_loss")(type("OptionsTestLoss", (PolicyLoss,), {}))
 # --rollout_backend's: a backend registered by name only (never started by these tests)
@@ -54,7 +55,8 @@ NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--
          "recompute_modules": ["--recompute_granularity", "selective"],
          "dynamic_filtering": ["--n_samples_per_prompt", "2"],
          "use_dynamic_batch_size": ["--max_tokens_per_gpu", "64"], "max_tokens_per_gpu": ["--use_dynamic_batch_size"],
-         "dynamic_filtering_reward_range": ["--dynamic_filtering", "--n_samples_per_prompt", "2"]}
+         "dynamic_filtering_reward_range": ["--dynamic_filtering", "--n_samples_per_prompt", "2"],
+         **{flag: ["--agent_task", "guess_number"] for flag in ("max_turns", "agent_step_timeout", "agent_fail_fast")}}
 
 
 def _job(module: str):

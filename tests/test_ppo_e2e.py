@@ -140,6 +140,32 @@ def test_grpo_runs_on_another_rollout_backend(rl_setup, ray_cluster):
         train_ppo_ray.parse_args(_ppo_args(rl_setup, "--rollout_backend", "sglang"))
 
 
+def test_openrlhf_agent_file_runs_multi_turn_grpo_on_the_engine(rl_setup, ray_cluster):
+    """OpenRLHF's example agent (tests/test_agents.py: its import line changed) through
+    --agent_func_path on the vLLM engine: trajectories of several turns whose environment tokens
+    are masked, the engine's log-probs of the model's tokens equal to the actor's after each sync
+    (fp32), and in each rollout one step that raises and one that passes --agent_step_timeout
+    failing their own trajectories only (reward 0, counted) while the rollout completes."""
+    from engine.cli import train_ppo_ray
+    from tests.test_agents import write_agent_file
+
+    agent = write_agent_file(rl_setup["root"] / "agent_func.py", fail_at=3, per_rollout=32)
+    args = _ppo_args(rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "2",
+                     "--rollout_batch_size", "4", "--train_batch_size", "32", "--agent_func_path", agent,
+                     "--max_turns", "3", "--max_len", "160", "--agent_step_timeout", "2")
+    reward_flag = args.index("--remote_rm_url")
+    del args[reward_flag:reward_flag + 2]  # the environment's rewards only
+    history = train_ppo_ray.main(args)
+    assert len(history) == 2
+    for h in history:
+        assert h["agent/failed"] == 2 and h["agent/timed_out"] == 1
+        assert 1 < h["agent/turns"] <= 3  # the example ends after 1-3 steps (more turns than one)
+        assert h["rollout_logprob_abs_diff"] < 1e-4  # only the model's tokens are compared, and they agree
+        assert h["actor/policy_loss"] == h["actor/policy_loss"]
+    # Environment tokens (the feedback text) make the rows longer than the model's turns alone.
+    assert history[0]["response_length"] > 3 * history[0]["agent/turns"]
+
+
 def test_grpo_with_a_lora_actor(rl_setup, ray_cluster):
     """A TP=2 LoRA actor: before every rollout the engine gets W + scale B A merged shard by shard
     (its log-probs equal the adapted actor's), the reward rises, and --save_path is a PEFT adapter."""

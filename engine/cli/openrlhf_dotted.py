@@ -15,7 +15,7 @@ that take a value where 2025 had a switch (``--ds.param_dtype bf16``: ``--bf16``
 
 Not here (so unrecognized, as any flag OpenRLHF added after March 2025 that has no option here):
 concepts without a counterpart in this engine (``--train.dynamic_batch_enable``,
-``--train.agent_func_path``, ``--optim`` / ``--*.muon.*``, ``--adam.eps``,
+``--optim`` / ``--*.muon.*``, ``--adam.eps``,
 ``--ds.experts_implementation``, ...), and 0.10's per-role optimizer settings of the critic
 (``--critic.adam.betas``, ...): here the actor's (``--actor.adam.betas``, the 2025 ``--adam_betas``)
 set both roles, as the 2025 flags did; only the learning rate is the critic's own.
@@ -88,6 +88,7 @@ RENAMED: dict[str, str] = {
     "train.micro_batch_size": "micro_train_batch_size",
     "train.max_epochs": "max_epochs",
     "train.seed": "seed",
+    "train.agent_func_path": "agent_func_path",
     "train.full_determinism_enable": "full_determinism",
     # ----- data -------------------------------------------------------------------------------------
     "data.dataset": "dataset",

@@ -20,6 +20,7 @@ from engine.cli.options import OptionError, group, naming_flags, parse_job, prin
 from engine.data.config import DataConfig
 from engine.ray.config import ColocationConfig, VLLMEngineConfig, WeightSyncConfig
 from engine.ray.rollout_backends import RolloutBackendConfig
+from engine.rl.agents.config import AgentConfig
 from engine.rl.config import DoctorConfig, PPOConfig, check_overlong_buffer
 from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
@@ -114,6 +115,7 @@ class PPOJob:
     # A repetition penalty would sample from another distribution than the policy the trainer scores.
     sampling: SamplingConfig = group(title="vLLM rollouts", exclude=("n_samples_per_prompt", "repetition_penalty"),
                                      factory=SamplingConfig)
+    agent: AgentConfig = group(title="multi-turn agents", factory=AgentConfig)
     ppo: PPOConfig = group(title="algorithm", defaults={"advantage.reward_clip_range": (-10.0, 10.0)},
                            factory=PPOConfig)
     ptx: PtxData = group(title="ptx", factory=PtxData)
@@ -230,6 +232,7 @@ def check_job(job: PPOJob) -> None:
     configs = role_configs(job, total_steps=1)
     colocated_sets(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
     pretrain_data_config(job)
+    make_environment(job)  # an agent file that does not load is a flag error
     for key, config in configs.items():
         with naming_flags(PPOJob, _flag_group(key)):
             source = ModelSource.open(config.engine.pretrain, flag=config.engine.pretrain_flag)
@@ -391,6 +394,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         rollouts = EngineRollouts(pool, ActorWeightSync(groups["actor"], pool, job.sync, backend=transport),
                                   sleep=job.vllm.enable_sleep_mode, synced=backend.loads_own_weights(engine_config),
                                   asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers)
+        if job.agent.enabled:
+            rollouts = agent_rollouts(job, rollouts, tokenizer)
         stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
         trainer = PPOTrainer(
             job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],
@@ -415,6 +420,35 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         release_placements(placements)
 
 
+def make_environment(job: PPOJob):
+    """The factory of one trajectory's environment (--agent_func_path / --agent_task); None without."""
+    if job.agent.agent_func_path:
+        from engine.rl.agents.openrlhf import environment_factory
+
+        return environment_factory(job.agent.agent_func_path)
+    if job.agent.agent_task:
+        from engine.tasks.environment import environment_factory
+
+        return environment_factory(job.agent.agent_task)
+    return None
+
+
+def trajectory_len(job: PPOJob) -> int:
+    """Tokens per multi-turn trajectory (--max_len, the ptx samples' cut too: tokens per sample)."""
+    return job.data.max_len
+
+
+def agent_rollouts(job: PPOJob, rollouts, tokenizer):
+    """``rollouts`` driven by the multi-turn agent executor."""
+    from engine.rl.agents.executor import AgentExecutor
+    from engine.rl.agents.rollouts import AgentRollouts
+
+    executor = AgentExecutor(make_environment=make_environment(job), tokenizer=tokenizer, max_turns=job.agent.turns,
+                             max_len=trajectory_len(job), step_timeout_s=job.agent.step_timeout_s,
+                             fail_fast=job.agent.agent_fail_fast)
+    return AgentRollouts(rollouts, executor)
+
+
 def engines_first(placements: dict) -> bool:
     """Under --colocate_all_models on GPU (the engines share the roles' placement group) the engines
     start before the roles: vLLM sizes its KV cache from the GPU memory free at start-up and
@@ -426,7 +460,8 @@ def _engine_config(job, source, shared):
     """The engines' config; ``weights_from_trainer``: the actor's weights reach the engines before
     the first rollout, so a Megatron --pretrain starts them without weights of their own."""
     return replace(
-        job.vllm, max_model_len=min(job.data.prompt_max_len + job.sampling.max_new_tokens, _max_positions(source)),
+        job.vllm, max_model_len=min(max(job.data.prompt_max_len + job.sampling.max_new_tokens,
+                                        trajectory_len(job) if job.agent.enabled else 0), _max_positions(source)),
         shared_placement_group=shared.placement_group if shared else None,
         shared_bundle_order=shared.bundle_order if shared else (),
         gpu_fraction=shared.gpu_per_rank if shared else 1.0, weights_from_trainer=True)

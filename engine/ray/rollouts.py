@@ -71,17 +71,25 @@ class EngineRollouts:
         self._asleep = set(ENGINE_MEMORY) if asleep else set()
         self._synced = synced
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
-        return self.generate_async(prompt_token_ids, sampling).result()
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                 rows: list[dict] | None = None) -> list[RolloutSample]:
+        return self.generate_async(prompt_token_ids, sampling, rows=rows).result()
 
-    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig):
+    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                       rows: list[dict] | None = None):
+        """``rows`` (the prompts' text and labels) are for rollouts that read them (agents); unused here."""
+        self.prepare_generate()
+        return self.pool.submit_generate(prompt_token_ids, sampling)
+
+    def prepare_generate(self) -> None:
+        """Ready the engines to generate (weights synced, memory awake, trainers parked); then
+        ``pool.submit_generate`` as often as needed (the turns of multi-turn rollouts)."""
         if not self._synced:
             self.sync_weights()
         self._wake("weights")  # asleep since start-up, with weights of their own
         if self.trainers is not None:
             self.trainers.before_generate()
         self._wake("kv_cache")
-        return self.pool.submit_generate(prompt_token_ids, sampling)
 
     def release_memory(self) -> None:
         if self.sleep:

@@ -15,6 +15,7 @@ import torch
 from engine.data.position import check_prompt_position, prompt_position, resumed_generation_batches
 from engine.data.token_budget import check_fits
 from engine.rl.advantages import AdvantageInputs, RunningMoments, compute_advantages
+from engine.rl.agents.executor import agent_metrics
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.console import RolloutProgress
 from engine.rl.doctor import MismatchDoctor
@@ -189,7 +190,8 @@ class PPOTrainer:
         index = self.generation_batches
         self.generation_batches += 1
         rows = self._prompt_rows(index)
-        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(index))
+        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(index),
+                                               rows=rows)
         return PrefetchedRollout(step=step, generation_batch=index, rows=rows, pending=pending,
                                  weights_version=self.engines_version)
 
@@ -265,7 +267,7 @@ class PPOTrainer:
 
     def generate(self, rows: list[dict], sampling: SamplingConfig) -> tuple[RolloutBatch, dict]:
         """``rows`` generated now (evaluation; the rollouts go through ``_take_rollout``)."""
-        return self.to_batch(rows, self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling))
+        return self.to_batch(rows, self.rollouts.generate([list(r["prompt_ids"]) for r in rows], sampling, rows=rows))
 
     def to_batch(self, rows: list[dict], samples: list) -> tuple[RolloutBatch, dict]:
         """The engines' samples of ``rows`` as a padded batch, and the texts the reward sources read."""
@@ -281,6 +283,9 @@ class PPOTrainer:
             "labels": [rows[s.prompt_index]["label"] for s in samples],
             "truncated": sum(s.truncated for s in samples),
         }
+        if any(s.reward is not None for s in samples):  # multi-turn rollouts: the environment's rewards
+            meta["environment_rewards"] = [s.reward for s in samples]
+            meta["agent"] = agent_metrics(samples)
         return batch, meta
 
     def _pad_id(self) -> int:
@@ -309,6 +314,7 @@ class PPOTrainer:
         metrics = {
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
+            **meta.get("agent", {}),
         }
         if self.config.overlong_buffer_len is not None:
             penalty = overlong_penalty(batch.response_lengths, max_len=self.sampling.max_new_tokens,
@@ -337,6 +343,8 @@ class PPOTrainer:
                        group.rewards(experience, micro, **layout).tolist()) for group in self.reward_models]
         per_source += [(getattr(src, "name", type(src).__name__),
                         src.score(meta["prompts"], meta["responses"], meta["labels"])) for src in self.reward_sources]
+        if "environment_rewards" in meta:
+            per_source.append(("the environment (--agent_func_path / --agent_task)", meta["environment_rewards"]))
         if not per_source:
             raise ValueError("no reward source: pass --reward_pretrain and/or --remote_rm_url")
         found = nonfinite_rewards(per_source)

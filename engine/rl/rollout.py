@@ -57,9 +57,14 @@ class RolloutSample:
     sample_index: int  # 0 .. n_samples_per_prompt - 1
     response_token_ids: list[int]
     logprobs: list[float] | None  # log-prob of each response token, before temperature / top-p
-    finish_reason: str  # "stop" (EOS / stop token) or "length" (hit --generate_max_len)
+    # "stop" (EOS / stop token) or "length" (hit --generate_max_len); multi-turn: also "max_turns", "error"
+    finish_reason: str
     loss_mask: tuple[int, ...] | None = None
     segments: tuple[tuple[int, int], ...] | None = None
+    # Multi-turn rollouts (engine.rl.agents): the environment's reward of the whole trajectory, and
+    # numbers about it logged as agent/<name> (turns, failures, the environment's own logs).
+    reward: float | None = None
+    info: dict[str, float] | None = None
 
     def __post_init__(self):
         length = len(self.response_token_ids)
@@ -106,10 +111,13 @@ class PendingRollout(Protocol):
 class RolloutEngines(Protocol):
     """The generation side of the loop."""
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
-        """Every sample of every prompt, ordered by (prompt, sample)."""
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                 rows: list[dict] | None = None) -> list[RolloutSample]:
+        """Every sample of every prompt, ordered by (prompt, sample). ``rows``: each prompt's row
+        (``prompt`` text, ``label``), for rollouts that read them (multi-turn agents)."""
 
-    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> PendingRollout:
+    def generate_async(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
+                       rows: list[dict] | None = None) -> PendingRollout:
         """Start generating with the weights the engines hold now; returns at once."""
 
     def release_memory(self) -> None:

@@ -24,7 +24,7 @@ from engine.rl.config import PPOConfig
 from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.rollout import SamplingConfig
-from engine.runtime.config import CheckpointConfig, LoggingConfig, OptimConfig
+from engine.runtime.config import CheckpointConfig, LoggingConfig, OptimConfig, PreemptionConfig
 from models.build_config import ModelBuildConfig
 from models.lora.config import LoraConfig
 from parallel.config import ParallelConfig
@@ -123,6 +123,7 @@ class PPOJob:
                                aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
     checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
                                          factory=CheckpointConfig)
+    preemption: PreemptionConfig = group(title="checkpoints", factory=PreemptionConfig)
     logging: LoggingConfig = group(title="logging", factory=LoggingConfig)
     data: DataConfig = group(title="prompts", rename={"dataset": "prompt_data", "dataset_probs": "prompt_data_probs"},
                              aliases={"train_split": ("prompt_split",)},
@@ -328,6 +329,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.rl.rewards import make_reward_sources
     from engine.runtime.logging import MetricsLogger
     from models.sources import ModelSource
+    from parallel.preemption import PreemptionWatch
 
     source = ModelSource.open(job.models.pretrain)
     tokenizer = source.tokenizer()
@@ -339,8 +341,14 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     # unpacks the job's working directory anew, and a module first imported after it is not found.
     backend = rollout_backend(job.rollout.rollout_backend)
     join_cluster(log_to_driver=job.console.verbose)
+    # After joining (ray.init sets a SIGTERM handler of its own): from here a signal stops the run
+    # at its next safe point, with a checkpoint, and everything started below is shut down.
+    saves = job.preemption.saves(job.checkpoint)
+    watch = PreemptionWatch(grace_s=job.preemption.preempt_grace_s,
+                            what="stopping after the current phase" + (", then a checkpoint" if saves else ""))
     # After joining: a submitted job's working directory is unpacked anew by ray.init.
     record = RunRecord(job.console.resolved_run_dir())
+    watch.install()
     groups: dict = {}
     pool = None
     placements: dict = {}
@@ -374,7 +382,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             reward_sources=make_reward_sources(job.models.remote_rm_url),
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
             save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
-            evaluation=job.eval, eval_prompts=eval_prompts, record=record,
+            evaluation=job.eval, eval_prompts=eval_prompts, record=record, preemption=watch, save_on_preempt=saves,
         )
         return trainer.fit()
     finally:
@@ -385,6 +393,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         for group_ in groups.values():
             group_.shutdown()
         release_placements(placements)
+        watch.uninstall()
 
 
 def engines_first(placements: dict) -> bool:
@@ -418,7 +427,7 @@ def _start_engines(backend, engine_config, dealer, *, sleep: bool):
 def job_paths(job: PPOJob) -> dict[str, str | None]:
     """The output paths this run writes, by flag: the driver locks each for the run's life."""
     save = job.models.save_path
-    return {"--ckpt_path": job.checkpoint.used_path, "--save_path": save,
+    return {"--ckpt_path": job.preemption.used_path(job.checkpoint), "--save_path": save,
             "--save_value_network": f"{save}_critic" if save and job.models.save_value_network else None}
 
 

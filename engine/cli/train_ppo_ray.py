@@ -47,6 +47,9 @@ class RLModels:
     critic_learning_rate: float = option(9e-6, help="the critic's peak learning rate (the actor's: --learning_rate)")
     save_path: str | None = option(None, help="final HF export of the actor")
     save_value_network: bool = option(False, help="also export the critic, to <save_path>_critic")
+    save_hf_ckpt: bool = option(False, help="with each checkpoint also export the actor's HF weights, to "
+                                            "<ckpt_path>/actor/global_step<N>_hf (the critic's too with "
+                                            "--save_value_network)")
     enable_ema: bool = option(False, help="keep an exponential moving average of the actor's weights; --save_path "
                                           "exports it instead of the last weights (the rollouts use the actor)")
     ema_beta: float | None = option(None, help="EMA decay per actor optimizer step (--enable_ema; default 0.992)")
@@ -381,7 +384,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             reward_models=[groups[k] for k in configs if k.startswith("reward")],
             reward_sources=make_reward_sources(job.models.remote_rm_url),
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
-            save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
+            save_value_network=job.models.save_value_network, save_hf_ckpt=job.models.save_hf_ckpt,
+            pretrain_samples=pretrain_samples,
             evaluation=job.eval, eval_prompts=eval_prompts, record=record, preemption=watch, save_on_preempt=saves,
         )
         return trainer.fit()

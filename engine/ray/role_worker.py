@@ -248,8 +248,8 @@ class MegatronRoleWorker:
         return self.engine.restore_training_state()
 
     # ----- persistence --------------------------------------------------------------------
-    def save_checkpoint(self, ckpt_config, step: int, state: dict) -> str:
-        return str(self.engine.save_checkpoint(ckpt_config, step, state))
+    def save_checkpoint(self, ckpt_config, step: int, state: dict, wait: bool = False) -> str:
+        return str(self.engine.save_checkpoint(ckpt_config, step, state, wait=wait))
 
     def resume(self, ckpt_config) -> dict | None:
         return self.engine.resume(ckpt_config)

@@ -68,6 +68,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, prompts, tokenizer, rollouts: RolloutEngines, actor,
                  sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
                  logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
+                 save_hf_ckpt: bool = False,
                  pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None,
                  record=None, preemption=None, save_on_preempt: bool = False):
         self.config = config
@@ -81,6 +82,7 @@ class PPOTrainer:
         self.checkpoint = checkpoint
         self.save_path = save_path
         self.save_value_network = save_value_network
+        self.save_hf_ckpt = save_hf_ckpt  # an HF export beside each checkpoint
         self.kl_controller = make_kl_controller(init_kl_coef=config.init_kl_coef, kl_target=config.kl_target,
                                                 kl_horizon=config.kl_horizon)
         self.reward_moments = RunningMoments()
@@ -411,13 +413,18 @@ class PPOTrainer:
             return
         if step % ckpt.save_steps and step != self.num_steps:
             return
-        self._save_checkpoint(step)
+        self._save_checkpoint(step, wait=step == self.num_steps)
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, *, wait: bool) -> None:
+        """``wait``: complete on return (--async_save writes the others in the background)."""
         state = self._state(step)
-        self.actor.save_checkpoint(self._role_checkpoint("actor"), step, state)
+        self.actor.save_checkpoint(self._role_checkpoint("actor"), step, state, wait=wait)
         if self.critic is not None:
-            self.critic.save_checkpoint(self._role_checkpoint("critic"), step, state)
+            self.critic.save_checkpoint(self._role_checkpoint("critic"), step, state, wait=wait)
+        if self.save_hf_ckpt:
+            self.actor.save_hf(f"{self._role_checkpoint('actor').ckpt_path}/global_step{step}_hf")
+            if self.critic is not None and self.save_value_network:
+                self.critic.save_hf(f"{self._role_checkpoint('critic').ckpt_path}/global_step{step}_hf")
         self._saved_step = step
 
     # ----- preemption ---------------------------------------------------------------------
@@ -436,7 +443,7 @@ class PPOTrainer:
         if done == self._saved_step:
             detail = (f"rollout {done} is checkpointed in {path}" if done else "no rollout trained yet: no checkpoint")
         elif self.save_on_preempt:
-            self._save_checkpoint(done)
+            self._save_checkpoint(done, wait=True)
             detail = f"checkpoint of rollout {done} written to {path}/global_step{done}"
         else:
             detail = (f"no checkpoint written ({done} rollouts trained; --save_on_preempt is off, or --ckpt_path "

@@ -57,6 +57,10 @@ class CheckpointConfig:
     load_checkpoint: bool = option(False, help="resume from the newest valid checkpoint under --ckpt_path")
     require_checkpoint: bool = option(False, help="with --load_checkpoint: fail when --ckpt_path holds no usable "
                                                   "checkpoint (default: say so and start fresh)")
+    async_save: bool = option(False, help="write checkpoints in the background: training goes on after a snapshot "
+                                          "of the state (a host copy: memory for one more copy of each rank's "
+                                          "state); the checkpoint appears once complete (a crash before leaves the "
+                                          "previous one the newest)")
 
     def __post_init__(self) -> None:
         if self.max_ckpt_num < 1:

@@ -4,6 +4,8 @@ invisible until complete; a writer that fails mid-save leaves the previous check
 and that one loads."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from tests.dist_harness import run_distributed
@@ -71,6 +73,15 @@ def _run(rank, world_size, path, out_dir):
     return out
 
 
+def _index(path):
+    import pickle
+
+    index = pickle.loads(path.read_bytes())
+    assert index.storage_meta.checkpoint_id.startswith(str(path.parent) + ".partial-")
+    index.storage_meta = None
+    return index
+
+
 def test_async_checkpoint_is_the_sync_one_and_a_failed_write_keeps_the_previous(tiny_models, tmp_path):
     results = run_distributed(_run, 2, args=(tiny_models["llama"], str(tmp_path)), timeout=300)
     for out in results:
@@ -86,6 +97,17 @@ def test_async_checkpoint_is_the_sync_one_and_a_failed_write_keeps_the_previous(
     assert files == sorted(str(p.relative_to(background)) for p in background.rglob("*") if p.is_file())
     assert len(files) > 5
     for name in files:
+        if name in (".metadata", "manifest.json"):
+            continue
         assert (sync / name).read_bytes() == (background / name).read_bytes(), name
+    # torch.distributed.checkpoint's index differs only in its storage_meta: the staging path it was
+    # written to and a random save id (two synchronous saves differ there too).
+    sync_index, background_index = (_index(d / ".metadata") for d in (sync, background))
+    assert sync_index == background_index
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (sync, background)]
+    for manifest in manifests:  # every file but the index, by size and checksum
+        manifest["files"].pop(".metadata")
+        manifest["checksums"].pop(".metadata")
+    assert manifests[0] == manifests[1]
     # The failed save stayed in its staging directory, which no resume picks.
     assert [p.name for p in (tmp_path / "async").iterdir() if p.name.startswith("global_step3.partial")]

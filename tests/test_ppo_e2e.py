@@ -102,13 +102,23 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
 def test_async_grpo_is_one_step_off_policy_and_corrected(rl_setup, ray_cluster):
     """--async_train: rollout k+1 is generated while the actor trains on rollout k, so from the second
     rollout on the engine's samples come from the weights before the last update (staleness 1, a
-    real train-vs-engine log-prob gap that the truncated importance weights correct)."""
+    real train-vs-engine log-prob gap that the truncated importance weights correct). Checkpoints every
+    4 rollouts are written in the background (--async_save), each with an HF export (--save_hf_ckpt)."""
     from engine.cli import train_ppo_ray
 
+    ckpt = rl_setup["root"] / "ckpt_async"
     history = train_ppo_ray.main(_ppo_args(
         rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
         "--async_train", "--vllm_is_correction", "--vllm_is_truncated_threshold", "1.5",
+        "--ckpt_path", str(ckpt), "--save_steps", "4", "--max_ckpt_num", "2", "--async_save", "--save_hf_ckpt",
     ))
+    # Published by a later train step once the writers are done (the writer's time logged there), the
+    # last one before the run returned; rotation ran after each publication.
+    assert sorted(p.name for p in (ckpt / "actor").iterdir()) == [
+        "global_step12", "global_step12_hf", "global_step4_hf", "global_step8", "global_step8_hf"]
+    assert all((ckpt / "actor" / f"global_step{n}_hf" / "config.json").exists() for n in (4, 8, 12))
+    published = [h["step"] for h in history if "actor/checkpoint/write_s" in h]
+    assert published and all(5 <= step <= 12 for step in published), published
     assert [h["rollout/staleness"] for h in history] == [0] + [1] * 11
     assert history[0]["rollout_logprob_abs_diff"] < 1e-4  # the first rollout: the actor's own weights
     assert min(h["rollout_logprob_abs_diff"] for h in history[1:]) > 1e-4  # then one update behind

@@ -205,9 +205,11 @@ class MegatronRoleWorker:
                 history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
         if not history:
             return {}
-        # skipped_steps is the engine's running count: its last value, not a mean.
-        return {**{k: sum(h[k] for h in history) / len(history) for k in history[0]},
-                "skipped_steps": history[-1]["skipped_steps"]}
+        # skipped_steps is the engine's running count: its last value, not a mean. checkpoint/*: the
+        # background checkpoint a step published (--async_save), on that step only.
+        published = {k: v for h in history for k, v in h.items() if k.startswith("checkpoint/")}
+        return {**{k: sum(h[k] for h in history) / len(history) for k in history[0] if k not in published},
+                "skipped_steps": history[-1]["skipped_steps"], **published}
 
     def _aggregation(self, micro: list[dict], loss: LossKind, settings: TrainSettings):
         """This optimizer step's ``--loss_agg_mode`` normalisers, counted once over its padded

@@ -156,6 +156,10 @@ class RoleGroup:
         self._wait([w.save_checkpoint.remote(ckpt_config, step, state, wait) for w in self.workers],
                    f"{self.config.name} checkpoint")
 
+    def finish_checkpoint(self) -> None:
+        """A background checkpoint (--async_save) in flight written and published."""
+        self._wait([w.finish_checkpoint.remote() for w in self.workers], f"{self.config.name} checkpoint")
+
     def resume(self, ckpt_config) -> dict | None:
         return self._wait([w.resume.remote(ckpt_config) for w in self.workers], f"{self.config.name} resume")[0]
 

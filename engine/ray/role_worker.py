@@ -253,6 +253,9 @@ class MegatronRoleWorker:
     def save_checkpoint(self, ckpt_config, step: int, state: dict, wait: bool = False) -> str:
         return str(self.engine.save_checkpoint(ckpt_config, step, state, wait=wait))
 
+    def finish_checkpoint(self) -> None:
+        self.engine.checkpoint_writer.wait()
+
     def resume(self, ckpt_config) -> dict | None:
         return self.engine.resume(ckpt_config)
 

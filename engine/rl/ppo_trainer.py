@@ -441,6 +441,10 @@ class PPOTrainer:
         already), then the exception that ends the run."""
         path = f"{self.checkpoint.ckpt_path}/actor" if self.checkpoint is not None else None
         if done == self._saved_step:
+            if done and self.checkpoint.async_save:  # that checkpoint may still be in the writer's hands
+                for role in (self.actor, self.critic):
+                    if role is not None:
+                        role.finish_checkpoint()
             detail = (f"rollout {done} is checkpointed in {path}" if done else "no rollout trained yet: no checkpoint")
         elif self.save_on_preempt:
             self._save_checkpoint(done, wait=True)

@@ -49,6 +49,13 @@ def staged_directory(directory: str | os.PathLike, *, durable: bool = True) -> I
     place (replacing an older ``directory``). A crash or an error leaves the staging directory,
     never a half-written ``directory``. ``durable``: every file and directory is fsynced before
     the rename and the parent after it, so a power loss cannot publish files without their data."""
+    staging = open_staging(directory)
+    yield staging
+    publish_staging(staging, directory, durable=durable)
+
+
+def open_staging(directory: str | os.PathLike) -> Path:
+    """Collective: the staging directory of ``directory`` (created empty, a dead job's removed)."""
     directory = Path(directory)
     rank = dist.get_rank()
     identity = [ProcessIdentity.current() if rank == 0 else None]
@@ -58,9 +65,14 @@ def staged_directory(directory: str | os.PathLike, *, durable: bool = True) -> I
         remove_stale_staging(directory, identity[0])
         staging.mkdir(parents=True)
     dist.barrier()
-    yield staging
+    return staging
+
+
+def publish_staging(staging: Path, directory: str | os.PathLike, *, durable: bool = True) -> None:
+    """Collective, once every rank has written its files: rank 0 renames ``staging`` to ``directory``."""
+    directory = Path(directory)
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         if durable:
             fsync_tree(staging)
         if directory.exists():

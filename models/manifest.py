@@ -41,14 +41,19 @@ def _gather(value, group) -> list:
     return out
 
 
-def write_manifest(directory: str | os.PathLike, *, checksums: bool = True, group=None) -> None:
+def write_manifest(directory: str | os.PathLike, *, checksums: bool = True, group=None,
+                   known: dict[str, str] | None = None) -> None:
     """Record every file of ``directory`` (size, and with ``checksums`` its CRC-32 after an fsync
-    of it); the group's first rank writes and fsyncs ``manifest.json``."""
+    of it); the group's first rank writes and fsyncs ``manifest.json``. ``known``: checksums this
+    rank already took of files it wrote and fsynced (a background writer's); every rank passes it
+    or none does."""
     directory = Path(directory)
     files = _files(directory)
     mine = {}
+    if known is not None:
+        mine = {name: value for part in _gather(known, group) for name, value in part.items()}
     if checksums:
-        for name in _share(files, group):
+        for name in _share([f for f in files if f not in mine], group):
             fsync_file(directory / name)
             mine[name] = file_checksum(directory / name)
     if group is not None and dist.get_rank(group) != 0:

@@ -83,18 +83,24 @@ def save_sharded(
     ``rank_state`` (e.g. RNG states) to ``rank_state/<rank>.pt`` for every rank. ``durable``
     (off only to measure its cost): files fsynced and checksummed before the rename.
     """
-    rank = dist.get_rank()
     with staged_directory(directory, durable=durable) as staging:
         dist_checkpointing.save(sharded_state_dict, str(staging), sharded_strategy=_save_strategy())
-        if rank_state is not None:
-            (staging / RANK_STATE_DIR).mkdir(exist_ok=True)
-            torch.save(rank_state, staging / RANK_STATE_DIR / f"{rank}.pt")
-        dist.barrier()
-        if rank == 0:
-            _write_side_files(staging, adapter, hf_source_dir=hf_source_dir, padded_vocab_size=padded_vocab_size,
-                              extra_meta=extra_meta, common_state=common_state)
+        write_small_files(staging, adapter=adapter, hf_source_dir=hf_source_dir, padded_vocab_size=padded_vocab_size,
+                          extra_meta=extra_meta, common_state=common_state, rank_state=rank_state)
         dist.barrier()
         write_manifest(staging, checksums=durable, group=dist.group.WORLD)
+
+
+def write_small_files(staging: Path, *, adapter, hf_source_dir, padded_vocab_size: int, extra_meta: dict | None = None,
+                      common_state: dict | None = None, rank_state: dict | None = None) -> None:
+    """Every rank's ``rank_state``; rank 0's meta.json, common state and ``hf/`` side files."""
+    rank = dist.get_rank()
+    if rank_state is not None:
+        (staging / RANK_STATE_DIR).mkdir(exist_ok=True)
+        torch.save(rank_state, staging / RANK_STATE_DIR / f"{rank}.pt")
+    if rank == 0:
+        _write_side_files(staging, adapter, hf_source_dir=hf_source_dir, padded_vocab_size=padded_vocab_size,
+                          extra_meta=extra_meta, common_state=common_state)
 
 
 def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_size: int, extra_meta: dict | None,

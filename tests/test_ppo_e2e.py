@@ -102,13 +102,23 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
 def test_async_grpo_is_one_step_off_policy_and_corrected(rl_setup, ray_cluster):
     """--async_train: rollout k+1 is generated while the actor trains on rollout k, so from the second
     rollout on the engine's samples come from the weights before the last update (staleness 1, a
-    real train-vs-engine log-prob gap that the truncated importance weights correct)."""
+    real train-vs-engine log-prob gap that the truncated importance weights correct). Checkpoints every
+    4 rollouts are written in the background (--async_save), each with an HF export (--save_hf_ckpt)."""
     from engine.cli import train_ppo_ray
 
+    ckpt = rl_setup["root"] / "ckpt_async"
     history = train_ppo_ray.main(_ppo_args(
         rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
         "--async_train", "--vllm_is_correction", "--vllm_is_truncated_threshold", "1.5",
+        "--ckpt_path", str(ckpt), "--save_steps", "4", "--max_ckpt_num", "2", "--async_save", "--save_hf_ckpt",
     ))
+    # Published by a later train step once the writers are done (the writer's time logged there), the
+    # last one before the run returned; rotation ran after each publication.
+    assert sorted(p.name for p in (ckpt / "actor").iterdir()) == [
+        "global_step12", "global_step12_hf", "global_step4_hf", "global_step8", "global_step8_hf"]
+    assert all((ckpt / "actor" / f"global_step{n}_hf" / "config.json").exists() for n in (4, 8, 12))
+    published = [h["step"] for h in history if "actor/checkpoint/write_s" in h]
+    assert published and all(5 <= step <= 12 for step in published), published
     assert [h["rollout/staleness"] for h in history] == [0] + [1] * 11
     assert history[0]["rollout_logprob_abs_diff"] < 1e-4  # the first rollout: the actor's own weights
     assert min(h["rollout_logprob_abs_diff"] for h in history[1:]) > 1e-4  # then one update behind
@@ -212,40 +222,103 @@ def test_gae_with_lora_actor_and_critic_under_pp2(rl_setup, ray_cluster):
     assert sum(values[-3:]) < sum(values[:3]), values
 
 
-def test_resume_continues_from_the_saved_rollout(rl_setup, ray_cluster):
+PREEMPT_GRACE_S = 90  # --preempt_grace_s of the preempted run: the stated bound of its stop
+
+
+def _start_driver(args: list[str], log):
+    """train_ppo_ray as its own process, in a session of its own, on a Ray instance it starts itself
+    (so every process of the run descends from it)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen([sys.executable, "-m", "engine.cli.train_ppo_ray", *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _logged_steps(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _alive_in(tree: dict[int, int], pgid: int) -> dict[int, str]:
+    """The processes of ``tree`` ({pid: start time}) or of process group ``pgid`` still alive."""
+    import os
+    from pathlib import Path
+
+    from tests.test_process_lifetime import _alive, _cmdline, _stat
+
+    alive = {pid: _cmdline(pid) for pid, start in tree.items() if _alive(pid, start)}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid and (_stat(int(entry.name)) or "Z")[1] != "Z":
+                alive[int(entry.name)] = _cmdline(int(entry.name))
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def test_sigterm_checkpoints_stops_everything_and_the_resume_continues(rl_setup, ray_cluster):
+    """SIGTERM to the driver during rollout 6: within --preempt_grace_s it has written the checkpoint of
+    the rollouts it trained, every process it started (Ray, roles, engines) is gone, and it exited 143;
+    the resumed run continues the uninterrupted run exactly (same rewards and losses) and logs every
+    rollout once (a torn last metrics line, as a kill -9 leaves, is dropped)."""
     import json
-    import shutil
+    import os
+    import signal
+    import time
 
     from engine.cli import train_ppo_ray
+    from models.mcore_checkpoint import verify_checkpoint
+    from tests.test_process_lifetime import _descendants, _kill_leftovers, _stat
 
     reference = rl_setup.get("tp2_history")
     if reference is None:
         pytest.skip("needs the uninterrupted run of test_grpo_reward_rises_with_tp2_actor")
-    # The uninterrupted run saved every second rollout. Pretend it
-    # was killed during rollout 5: only the checkpoint of rollout 4 remains.
-    ckpt = rl_setup["root"] / "ckpt_resume"
-    shutil.copytree(rl_setup["root"] / "ckpt_tp2", ckpt)
-    for step in range(6, 17, 2):
-        shutil.rmtree(ckpt / "actor" / f"global_step{step}")
-    # Its run directory logged rollout 5 and half a line of rollout 6 before the kill.
-    run_dir = rl_setup["root"] / "run_resume"
-    run_dir.mkdir()
-    logged = (rl_setup["root"] / "run_tp2" / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (run_dir / "metrics.jsonl").write_text("".join(logged[:5]) + logged[5][:20])
-    # Four more rollouts are enough to show the same trajectory (constant LR: the shorter run's
-    # schedule is the same).
-    history = train_ppo_ray.main(_ppo_args(
-        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "8",
-        "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
-        "--ckpt_path", str(ckpt), "--load_checkpoint", "--run_dir", str(run_dir),
-    ))
-    assert [h["step"] for h in history] == list(range(5, 9))
-    # The resumed run's record holds every rollout once: 1-4 from before, 5-8 of this run.
+    ckpt, run_dir = rl_setup["root"] / "ckpt_preempt", rl_setup["root"] / "run_preempt"
+    grpo = ("--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "8",
+            "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
+            "--ckpt_path", str(ckpt), "--run_dir", str(run_dir))
+    with open(rl_setup["root"] / "preempt.log", "wb") as log:
+        driver = _start_driver(_ppo_args(rl_setup, *grpo, "--save_on_preempt",
+                                         "--preempt_grace_s", str(PREEMPT_GRACE_S)), log)
+    tree: dict[int, int] = {}
+    try:
+        while _logged_steps(run_dir / "metrics.jsonl") < 5:
+            assert driver.poll() is None, (rl_setup["root"] / "preempt.log").read_text()[-4000:]
+            time.sleep(0.2)
+        tree = {driver.pid: _stat(driver.pid)[2], **_descendants(driver.pid)}
+        signalled = time.monotonic()
+        os.kill(driver.pid, signal.SIGTERM)
+        driver.wait(timeout=PREEMPT_GRACE_S)
+        while (alive := _alive_in(tree, driver.pid)) and time.monotonic() - signalled < PREEMPT_GRACE_S:
+            time.sleep(0.5)
+        assert not alive, f"alive {PREEMPT_GRACE_S} s after SIGTERM: {alive}"
+    finally:
+        _kill_leftovers(tree)
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    output = (rl_setup["root"] / "preempt.log").read_text()
+    assert driver.returncode == 128 + signal.SIGTERM, output[-4000:]
+    saved = [p.name for p in (ckpt / "actor").iterdir() if p.name.startswith("global_step")]
+    assert len(saved) == 1, saved  # no --save_steps: the preemption's checkpoint only
+    done = int(saved[0].removeprefix("global_step"))
+    assert done in (5, 6), output[-4000:]  # rollout 6 abandoned before training, or finished
+    verify_checkpoint(ckpt / "actor" / saved[0])
+    assert f"checkpoint of rollout {done} written" in output
+    # A torn line after the checkpoint's rollouts, as a kill -9 mid-write leaves.
+    with open(run_dir / "metrics.jsonl", "a") as record:
+        record.write('{"step": 99, "rew')
+    history = train_ppo_ray.main(_ppo_args(rl_setup, *grpo, "--load_checkpoint"))
+    assert [h["step"] for h in history] == list(range(done + 1, 9))
     record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in record] == list(range(1, 9))
-    assert [line["reward"] for line in record[4:]] == [h["reward"] for h in history]
-    assert [h["reward"] for h in history] == [h["reward"] for h in reference[4:8]]
-    assert [h["actor/policy_loss"] for h in history] == [h["actor/policy_loss"] for h in reference[4:8]]
+    assert [line["reward"] for line in record] == [h["reward"] for h in reference[:8]]
+    assert [h["actor/policy_loss"] for h in history] == [h["actor/policy_loss"] for h in reference[done:8]]
 
 
 def test_gae_with_critic_and_reference_under_pp2(rl_setup, ray_cluster):

@@ -118,8 +118,6 @@ TABLE: tuple[Foreign, ...] = (
     # ----- algorithms and data -------------------------------------------------------------------
     Foreign("loss", ("train_rm",), "the pairwise loss is -logsigmoid(r_chosen - r_rejected [- margin with "
             "--margin_loss]), which is OpenRLHF's 'sigmoid' and, without margins, also its 'logexp' loss", type=str),
-    Foreign("save_hf_ckpt", RL, "train_ppo_ray exports HF weights at the end (--save_path, "
-            "--save_value_network); resumable checkpoints go to --ckpt_path", refused=True),
     Foreign("perf", RL, "per-phase times are always logged (time/generate, time/train, ...)"),
     Foreign("vllm_sync_with_ray", RL, "weights travel over --vllm_sync_backend groups (gloo / nccl / cuda_ipc); "
             "Ray's collective library is not used"),

@@ -478,8 +478,12 @@ def run_cli(main, argv=None):
     """A CLI's ``__main__``: flag errors end the process with one line naming the flag, not a traceback."""
     from engine.runtime.path_lock import PathLockError
     from parallel.errors import LaunchError
+    from parallel.preemption import Preempted
 
     try:
         return main(argv)
     except (OptionError, LaunchError, PathLockError) as err:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")
+    except Preempted as err:  # a signal stopped the run after its checkpoint: not a crash, no traceback
+        print(f"{os.path.basename(sys.argv[0])}: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)

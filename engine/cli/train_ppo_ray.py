@@ -25,7 +25,7 @@ from engine.rl.config import DoctorConfig, PPOConfig, check_overlong_buffer
 from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.rollout import SamplingConfig
-from engine.runtime.config import CheckpointConfig, LoggingConfig, OptimConfig
+from engine.runtime.config import CheckpointConfig, LoggingConfig, OptimConfig, PreemptionConfig
 from models.build_config import ModelBuildConfig
 from models.lora.config import LoraConfig
 from parallel.config import ParallelConfig
@@ -48,6 +48,9 @@ class RLModels:
     critic_learning_rate: float = option(9e-6, help="the critic's peak learning rate (the actor's: --learning_rate)")
     save_path: str | None = option(None, help="final HF export of the actor")
     save_value_network: bool = option(False, help="also export the critic, to <save_path>_critic")
+    save_hf_ckpt: bool = option(False, help="with each checkpoint also export the actor's HF weights, to "
+                                            "<ckpt_path>/actor/global_step<N>_hf (the critic's too with "
+                                            "--save_value_network)")
     enable_ema: bool = option(False, help="keep an exponential moving average of the actor's weights; --save_path "
                                           "exports it instead of the last weights (the rollouts use the actor)")
     ema_beta: float | None = option(None, help="EMA decay per actor optimizer step (--enable_ema; default 0.992)")
@@ -126,6 +129,7 @@ class PPOJob:
                                aliases={"learning_rate": ("actor_learning_rate",)}, factory=OptimConfig)
     checkpoint: CheckpointConfig = group(title="checkpoints", defaults={"ckpt_path": "./ckpt/checkpoints_ppo_ray"},
                                          factory=CheckpointConfig)
+    preemption: PreemptionConfig = group(title="checkpoints", factory=PreemptionConfig)
     logging: LoggingConfig = group(title="logging", factory=LoggingConfig)
     data: DataConfig = group(title="prompts", rename={"dataset": "prompt_data", "dataset_probs": "prompt_data_probs"},
                              aliases={"train_split": ("prompt_split",)},
@@ -354,6 +358,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     from engine.rl.rewards import make_reward_sources
     from engine.runtime.logging import MetricsLogger
     from models.sources import ModelSource
+    from parallel.preemption import PreemptionWatch
 
     source = ModelSource.open(job.models.pretrain)
     tokenizer = source.tokenizer()
@@ -365,8 +370,14 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     # unpacks the job's working directory anew, and a module first imported after it is not found.
     backend = rollout_backend(job.rollout.rollout_backend)
     join_cluster(log_to_driver=job.console.verbose)
+    # After joining (ray.init sets a SIGTERM handler of its own): from here a signal stops the run
+    # at its next safe point, with a checkpoint, and everything started below is shut down.
+    saves = job.preemption.saves(job.checkpoint)
+    watch = PreemptionWatch(grace_s=job.preemption.preempt_grace_s,
+                            what="stopping after the current phase" + (", then a checkpoint" if saves else ""))
     # After joining: a submitted job's working directory is unpacked anew by ray.init.
     record = RunRecord(job.console.resolved_run_dir())
+    watch.install()
     groups: dict = {}
     pool = None
     placements: dict = {}
@@ -404,8 +415,9 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
             reward_models=[groups[k] for k in configs if k.startswith("reward")],
             reward_sources=make_reward_sources(job.models.remote_rm_url),
             logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
-            save_value_network=job.models.save_value_network, pretrain_samples=pretrain_samples,
-            evaluation=job.eval, eval_prompts=eval_prompts, record=record,
+            save_value_network=job.models.save_value_network, save_hf_ckpt=job.models.save_hf_ckpt,
+            pretrain_samples=pretrain_samples,
+            evaluation=job.eval, eval_prompts=eval_prompts, record=record, preemption=watch, save_on_preempt=saves,
             doctor=(RayDoctor(job.doctor, actor=groups["actor"], engines=rollouts, run_dir=record.run_dir,
                               max_tokens=engine_config.max_model_len - 1) if job.doctor.doctor_every else None),
         )
@@ -418,6 +430,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
         for group_ in groups.values():
             group_.shutdown()
         release_placements(placements)
+        watch.uninstall()
 
 
 def make_environment(job: PPOJob):
@@ -481,7 +494,7 @@ def _start_engines(backend, engine_config, dealer, *, sleep: bool):
 def job_paths(job: PPOJob) -> dict[str, str | None]:
     """The output paths this run writes, by flag: the driver locks each for the run's life."""
     save = job.models.save_path
-    return {"--ckpt_path": job.checkpoint.used_path, "--save_path": save,
+    return {"--ckpt_path": job.preemption.used_path(job.checkpoint), "--save_path": save,
             "--save_value_network": f"{save}_critic" if save and job.models.save_value_network else None}
 
 

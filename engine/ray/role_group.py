@@ -176,9 +176,14 @@ class RoleGroup:
         return _summed(self._wait([w.restore_training_state.remote() for w in self.workers], "restore state"))
 
     # ----- persistence --------------------------------------------------------------------------
-    def save_checkpoint(self, ckpt_config, step: int, state: dict) -> None:
-        self._wait([w.save_checkpoint.remote(ckpt_config, step, state) for w in self.workers],
+    def save_checkpoint(self, ckpt_config, step: int, state: dict, *, wait: bool = False) -> None:
+        """``wait``: complete on return also under --async_save (the run's last checkpoint, a preemption's)."""
+        self._wait([w.save_checkpoint.remote(ckpt_config, step, state, wait) for w in self.workers],
                    f"{self.config.name} checkpoint")
+
+    def finish_checkpoint(self) -> None:
+        """A background checkpoint (--async_save) in flight written and published."""
+        self._wait([w.finish_checkpoint.remote() for w in self.workers], f"{self.config.name} checkpoint")
 
     def resume(self, ckpt_config) -> dict | None:
         return self._wait([w.resume.remote(ckpt_config) for w in self.workers], f"{self.config.name} resume")[0]

@@ -252,9 +252,11 @@ class MegatronRoleWorker:
                 history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
         if not history:
             return {}
-        # skipped_steps is the engine's running count: its last value, not a mean.
-        return {**{k: sum(h[k] for h in history) / len(history) for k in history[0]},
-                "skipped_steps": history[-1]["skipped_steps"]}
+        # skipped_steps is the engine's running count: its last value, not a mean. checkpoint/*: the
+        # background checkpoint a step published (--async_save), on that step only.
+        published = {k: v for h in history for k, v in h.items() if k.startswith("checkpoint/")}
+        return {**{k: sum(h[k] for h in history) / len(history) for k in history[0] if k not in published},
+                "skipped_steps": history[-1]["skipped_steps"], **published}
 
     def step_microbatches(self, step: Experience, settings: TrainSettings) -> list[dict]:
         """This DP rank's padded micro-batches of one optimizer step's rows: its contiguous share in
@@ -309,8 +311,11 @@ class MegatronRoleWorker:
         return self.engine.restore_training_state()
 
     # ----- persistence --------------------------------------------------------------------
-    def save_checkpoint(self, ckpt_config, step: int, state: dict) -> str:
-        return str(self.engine.save_checkpoint(ckpt_config, step, state))
+    def save_checkpoint(self, ckpt_config, step: int, state: dict, wait: bool = False) -> str:
+        return str(self.engine.save_checkpoint(ckpt_config, step, state, wait=wait))
+
+    def finish_checkpoint(self) -> None:
+        self.engine.checkpoint_writer.wait()
 
     def resume(self, ckpt_config) -> dict | None:
         return self.engine.resume(ckpt_config)

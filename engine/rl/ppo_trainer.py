@@ -56,6 +56,10 @@ class Timer:
         self.seconds[f"time/{name}"] = time.perf_counter() - start
 
 
+class RolloutAbandoned(Exception):
+    """A stop was requested before this rollout trained anything: it is dropped, nothing changed."""
+
+
 class PPOTrainer:
     """Owns the loop; the roles, rollout engines and reward sources are built by the CLI and passed in.
 
@@ -66,8 +70,10 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, *, prompts, tokenizer, rollouts: RolloutEngines, actor,
                  sampling: SamplingConfig, critic=None, reference=None, reward_models=(), reward_sources=(),
                  logger=None, checkpoint=None, save_path: str | None = None, save_value_network: bool = False,
+                 save_hf_ckpt: bool = False,
                  pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None,
-                 record=None, doctor: MismatchDoctor | None = None):
+                 record=None, doctor: MismatchDoctor | None = None, preemption=None,
+                 save_on_preempt: bool = False):
         self.config = config
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -79,6 +85,7 @@ class PPOTrainer:
         self.checkpoint = checkpoint
         self.save_path = save_path
         self.save_value_network = save_value_network
+        self.save_hf_ckpt = save_hf_ckpt  # an HF export beside each checkpoint
         self.kl_controller = make_kl_controller(init_kl_coef=config.init_kl_coef, kl_target=config.kl_target,
                                                 kl_horizon=config.kl_horizon)
         self.reward_moments = RunningMoments()
@@ -94,6 +101,9 @@ class PPOTrainer:
         if self.evaluation.eval_dataset and not eval_prompts:
             raise ValueError(f"--eval_dataset {self.evaluation.eval_dataset} has no prompts")
         self.history: list[dict] = []
+        # parallel.preemption.PreemptionWatch: a signal asks the loop to stop at its next safe point.
+        self.preemption, self.save_on_preempt = preemption, save_on_preempt
+        self._saved_step = 0  # the newest rollout a checkpoint holds (0: none)
         # Optimizer updates of the actor so far, and how many of them the engines' weights hold.
         self.actor_version = self.engines_version = 0
         self._next: PrefetchedRollout | None = None  # --async_train: the next rollout, generating or ready
@@ -109,13 +119,18 @@ class PPOTrainer:
 
     # ----- the loop -----------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        start = self._resume()
+        start = self._saved_step = self._resume()
         self._use_machine_cores()
         self.progress = RolloutProgress(self.num_steps, start)
         try:
             for step in range(start, self.num_steps):
-                metrics = self.train_one_rollout(step)
-                if self.evaluation.due(step + 1, self.num_steps):
+                if self._stop_requested():
+                    self._stop(step)
+                try:
+                    metrics = self.train_one_rollout(step)
+                except RolloutAbandoned:
+                    self._stop(step)
+                if self.evaluation.due(step + 1, self.num_steps) and not self._stop_requested():
                     metrics.update(self.evaluate(step + 1))
                 self.history.append({"step": step + 1, **metrics})
                 self._report(step + 1, metrics)
@@ -149,6 +164,7 @@ class PPOTrainer:
         with timer.phase("generate"):
             rollout = self._take_rollout(step)
             self.rollouts.release_memory()
+        self._abandon_if_stopping()
         if self.config.async_train and step + 1 < self.num_steps:
             self._next = self._submit(step + 1)  # runs on the engines while this rollout trains
         adv_metrics = train_metrics = {}
@@ -157,6 +173,7 @@ class PPOTrainer:
         else:
             with timer.phase("score"):
                 experience, rewards, metrics = self.score(rollout.batch, rollout.meta)
+        self._abandon_if_stopping()  # the phases from here on change the run's state: they finish
         metrics["rollout/staleness"] = self.actor_version - rollout.weights_version
         if experience is not None and experience.batch_size >= self.config.train_batch_size:
             with timer.phase("advantages"):
@@ -475,10 +492,46 @@ class PPOTrainer:
             return
         if step % ckpt.save_steps and step != self.num_steps:
             return
+        self._save_checkpoint(step, wait=step == self.num_steps)
+
+    def _save_checkpoint(self, step: int, *, wait: bool) -> None:
+        """``wait``: complete on return (--async_save writes the others in the background)."""
         state = self._state(step)
-        self.actor.save_checkpoint(self._role_checkpoint("actor"), step, state)
+        self.actor.save_checkpoint(self._role_checkpoint("actor"), step, state, wait=wait)
         if self.critic is not None:
-            self.critic.save_checkpoint(self._role_checkpoint("critic"), step, state)
+            self.critic.save_checkpoint(self._role_checkpoint("critic"), step, state, wait=wait)
+        if self.save_hf_ckpt:
+            self.actor.save_hf(f"{self._role_checkpoint('actor').ckpt_path}/global_step{step}_hf")
+            if self.critic is not None and self.save_value_network:
+                self.critic.save_hf(f"{self._role_checkpoint('critic').ckpt_path}/global_step{step}_hf")
+        self._saved_step = step
+
+    # ----- preemption ---------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        return self.preemption is not None and self.preemption.requested
+
+    def _abandon_if_stopping(self) -> None:
+        """Between the phases that change nothing (generate, score): a requested stop drops the rollout."""
+        if self._stop_requested():
+            raise RolloutAbandoned
+
+    def _stop(self, done: int) -> None:
+        """After a signal, with ``done`` rollouts trained: their checkpoint (unless one holds them
+        already), then the exception that ends the run."""
+        path = f"{self.checkpoint.ckpt_path}/actor" if self.checkpoint is not None else None
+        if done == self._saved_step:
+            if done and self.checkpoint.async_save:  # that checkpoint may still be in the writer's hands
+                for role in (self.actor, self.critic):
+                    if role is not None:
+                        role.finish_checkpoint()
+            detail = (f"rollout {done} is checkpointed in {path}" if done else "no rollout trained yet: no checkpoint")
+        elif self.save_on_preempt:
+            self._save_checkpoint(done, wait=True)
+            detail = f"checkpoint of rollout {done} written to {path}/global_step{done}"
+        else:
+            detail = (f"no checkpoint written ({done} rollouts trained; --save_on_preempt is off, or --ckpt_path "
+                      "unused: pass --save_steps / --save_on_preempt)")
+        raise self.preemption.stopped(f"{detail}; resume with --load_checkpoint")
 
     def _resume(self) -> int:
         ckpt = self.checkpoint

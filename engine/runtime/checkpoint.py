@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.runtime.async_checkpoint import BackgroundWriter
 from engine.runtime.config import CheckpointConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from models.heads import is_value_model
 from models.hf_checkpoint import CheckpointError
 from models.lora import has_lora
+from models.mcore_async_save import begin_save_sharded
 from models.mcore_checkpoint import (
     load_common_state,
     load_rank_state,
@@ -128,15 +130,18 @@ def save_training_checkpoint(
     adapter,
     hf_source_dir,
     extra_models: dict | None = None,
+    writer: BackgroundWriter | None = None,
 ) -> Path:
     """Collectively save everything needed to resume after ``step``; rotate old checkpoints.
-    ``extra_models``: more models of the same grid saved alongside (an EMA), under their names."""
+    ``extra_models``: more models of the same grid saved alongside (an EMA), under their names.
+    With ``--async_save`` and a ``writer``, the state is snapshotted and written in the background:
+    the directory appears (and the rotation runs) once the writer is done (``engine.runtime.async_checkpoint``)."""
     directory = Path(config.ckpt_path) / f"global_step{step}"
     model_sd = _trained_part(model)
     extra = {name: other.sharded_state_dict(prefix=f"{name}.") for name, other in (extra_models or {}).items()}
-    save_sharded(
-        {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_FORMAT), **extra},
-        directory,
+    state_dict = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_FORMAT),
+                  **extra}
+    small_files = dict(
         adapter=adapter,
         hf_source_dir=hf_source_dir,
         padded_vocab_size=model.vocab_size,
@@ -145,11 +150,21 @@ def save_training_checkpoint(
         common_state={"scheduler": scheduler.state_dict(), "trainer": trainer_state},
         rank_state={"rng": _rng_state()},
     )
+    if config.async_save and writer is not None:
+        writer.wait()  # one checkpoint in flight
+        writer.start(begin_save_sharded(state_dict, directory, **small_files), published=lambda: _rotate(config))
+        return directory
+    save_sharded(state_dict, directory, **small_files)
+    _rotate(config)
+    return directory
+
+
+def _rotate(config: CheckpointConfig) -> None:
+    """Collective: the newest ``--max_ckpt_num`` checkpoints are kept."""
     if dist.get_rank() == 0:
         for _, old in step_directories(config.ckpt_path)[: -config.max_ckpt_num]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return directory
 
 
 def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:

@@ -57,6 +57,10 @@ class CheckpointConfig:
     load_checkpoint: bool = option(False, help="resume from the newest valid checkpoint under --ckpt_path")
     require_checkpoint: bool = option(False, help="with --load_checkpoint: fail when --ckpt_path holds no usable "
                                                   "checkpoint (default: say so and start fresh)")
+    async_save: bool = option(False, help="write checkpoints in the background: training goes on after a snapshot "
+                                          "of the state (a host copy: memory for one more copy of each rank's "
+                                          "state); the checkpoint appears once complete (a crash before leaves the "
+                                          "previous one the newest)")
 
     def __post_init__(self) -> None:
         if self.max_ckpt_num < 1:
@@ -70,6 +74,33 @@ class CheckpointConfig:
     def used_path(self) -> str | None:
         """--ckpt_path when this job reads or writes it (the job then locks it), else None."""
         return self.ckpt_path if self.load_checkpoint or self.save_steps > 0 else None
+
+
+@dataclass(kw_only=True)
+class PreemptionConfig:
+    """What SIGTERM / SIGINT (Slurm's preemption and time-limit signal, Ctrl-C) do to a run."""
+
+    save_on_preempt: bool | None = option(
+        None, value_aliases={"no_save_on_preempt": False},
+        help="on SIGTERM / SIGINT finish or abandon the current phase, write a checkpoint to --ckpt_path and "
+             "stop (default: on when the job uses --ckpt_path: --save_steps or --load_checkpoint)")
+    preempt_grace_s: float = option(240.0, help="after SIGTERM / SIGINT the run exits (code 128 + signal) within "
+                                                "this many seconds, checkpoint written or not; a second signal "
+                                                "exits at once")
+
+    def __post_init__(self) -> None:
+        if self.preempt_grace_s <= 0:
+            raise ValueError(f"--preempt_grace_s must be > 0, got {self.preempt_grace_s}")
+
+    def saves(self, checkpoint: CheckpointConfig) -> bool:
+        """Whether a signal writes a checkpoint: --save_on_preempt, by default when --ckpt_path is used."""
+        if self.save_on_preempt is None:
+            return checkpoint.used_path is not None
+        return self.save_on_preempt and bool(checkpoint.ckpt_path)
+
+    def used_path(self, checkpoint: CheckpointConfig) -> str | None:
+        """--ckpt_path when this job reads or writes it, preemption checkpoints included."""
+        return checkpoint.used_path or (checkpoint.ckpt_path if self.saves(checkpoint) else None)
 
 
 @dataclass(kw_only=True)

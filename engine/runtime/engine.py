@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from engine.runtime.async_checkpoint import BackgroundWriter
 from engine.runtime.checkpoint import (
     CheckpointConfig,
     load_training_checkpoint,
@@ -70,6 +71,7 @@ class TrainingEngine:
             self.quantized = self._quantize_base(load_weights)
         self.ddp_model = self.optimizer = self.scheduler = self.parking = None
         self.skipped_steps = SkippedSteps(config.optim.max_skipped_steps)
+        self.checkpoint_writer = BackgroundWriter()  # --async_save: the checkpoint in flight
         if trainable:
             self.ddp_model = wrap_ddp(self.model, config.optim)
             self.optimizer = build_optimizer(self.ddp_model, config.optim, bf16=config.build.params_dtype == torch.bfloat16)
@@ -182,6 +184,7 @@ class TrainingEngine:
 
     def train_step(self, microbatches: list[dict], loss_fn: LossFn, *, normaliser_key: str | None = None) -> StepResult:
         self.restore_training_state()
+        self.checkpoint_writer.poll()  # a background checkpoint whose writes are done is published
         self.ddp_model.train()
         seq_length = max(b["input_ids"].shape[1] for b in microbatches)
         result = train_step(
@@ -190,6 +193,7 @@ class TrainingEngine:
         )
         self._count_skip(result.skip_cause)
         result.metrics["skipped_steps"] = float(self.skipped_steps.total)
+        result.metrics.update(self.checkpoint_writer.drain_metrics())
         if self.ema is not None and result.skip_cause is None:
             self.ema.update()
         if self.adapter.num_experts:
@@ -243,15 +247,20 @@ class TrainingEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     # ----- persistence --------------------------------------------------------------------
-    def save_checkpoint(self, config: CheckpointConfig, step: int, trainer_state: dict) -> Path:
+    def save_checkpoint(self, config: CheckpointConfig, step: int, trainer_state: dict, *, wait: bool = False) -> Path:
+        """The checkpoint of ``step`` (with --async_save written in the background; ``wait``: this one
+        and any before it complete on return, as the run's last and a preemption's must be)."""
         self.restore_training_state(("weights", "optimizer"))
         check_finite_weights({"": self.model, **{f"{k}.": m for k, m in self._extra_models().items()}},
                              what=f"the checkpoint of step {step} under {config.ckpt_path}")
-        return save_training_checkpoint(
+        directory = save_training_checkpoint(
             config, step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             trainer_state=trainer_state, adapter=self.adapter, hf_source_dir=self.source.hf_dir,
-            extra_models=self._extra_models(),
+            extra_models=self._extra_models(), writer=self.checkpoint_writer,
         )
+        if wait:
+            self.checkpoint_writer.wait()
+        return directory
 
     def resume(self, config: CheckpointConfig) -> dict | None:
         """Restore the newest valid checkpoint under ``--ckpt_path``; None if there is none."""

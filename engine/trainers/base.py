@@ -220,6 +220,6 @@ class OfflineTrainer:
         if not ckpt.ckpt_path or ckpt.save_steps <= 0 or (step % ckpt.save_steps and step != self.last_step):
             return
         state = {"step": step, "data": self.position.state_dict(), "schedule": self.plan.state_dict()}
-        directory = self.engine.save_checkpoint(ckpt, step, state)
+        directory = self.engine.save_checkpoint(ckpt, step, state, wait=step == self.last_step)
         if self.config.loop.save_hf_ckpt:
             self.engine.save_hf(directory.parent / f"{directory.name}_hf")

@@ -8,7 +8,10 @@ file fsynced and checksummed, the manifest and the directories fsynced around th
 the same save with ``durable=False`` (sizes only, no fsync: what it cost before), (c) copying the
 checkpoint's files with ``shutil.copyfile`` (the floor: the same bytes written, no framework),
 (d) that copy with an fsync of every file and the directory (the floor of a durable write), and
-(e) verifying a checkpoint on resume with and without checksums. Durable and plain saves
+(e) verifying a checkpoint on resume with and without checksums, and (f) the training step time
+with a resumable checkpoint (model + Adam state) after every step, synchronous or ``--async_save``
+(the background writer's own time beside it), against steps without checkpoints (the three
+alternate step by step). Durable and plain saves
 alternate, each figure is the median of ``--repeats``, and the durable / plain time ratio is also
 taken pair by pair (robust to a machine whose speed drifts). ``--dir`` picks the file system
 (default: a temporary directory under the current one, so the disk checkpoints would use).
@@ -96,15 +99,61 @@ def _worker(hf_path: str, workdir: str, repeats: int, result_file: str) -> None:
                 **{key: statistics.median(values) for key, values in seconds.items()}}, result_file)
 
 
+def _microbatches(vocab_size: int, *, seq: int = 128) -> list[dict]:
+    import torch
+
+    ids = torch.randint(5, vocab_size, (2, 4, seq + 1), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": b[:, :-1], "labels": b[:, 1:], "loss_mask": torch.ones(4, seq),
+             "position_ids": torch.arange(seq).expand(4, seq)} for b in ids]
+
+
+def _step_worker(hf_path: str, workdir: str, steps: int, result_file: str) -> None:
+    """Median step time (train step + the checkpoint call) with no / synchronous / background
+    checkpoints after every step, the modes alternating step by step."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    from engine.runtime.config import CheckpointConfig, EngineConfig
+    from engine.runtime.engine import TrainingEngine
+
+    engine = TrainingEngine(EngineConfig(pretrain=hf_path), total_steps=3 * steps + 1)
+    batches = _microbatches(engine.vocab_size)
+    scale = engine.loss_scale(batches)
+
+    def loss_fn(logits, batch):
+        loss_sum = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch["labels"]).sum()
+        return loss_sum * scale, {"loss_sum": loss_sum.detach(), "num_tokens": batch["loss_mask"].sum()}
+
+    configs = {"none": None, "sync": CheckpointConfig(ckpt_path=f"{workdir}/sync", max_ckpt_num=1),
+               "async": CheckpointConfig(ckpt_path=f"{workdir}/async", max_ckpt_num=1, async_save=True)}
+    seconds: dict[str, list[float]] = {mode: [] for mode in configs}
+    write_s, number = [], 0
+    engine.train_step(batches, loss_fn, normaliser_key="num_tokens")  # warm-up
+    for _ in range(steps):
+        for mode, config in configs.items():
+            number += 1
+            start = time.perf_counter()
+            metrics = engine.train_step(batches, loss_fn, normaliser_key="num_tokens").metrics
+            if config is not None:
+                engine.save_checkpoint(config, number, {"step": number})
+            seconds[mode].append(time.perf_counter() - start)
+            write_s += [metrics["checkpoint/write_s"]] if "checkpoint/write_s" in metrics else []
+    engine.checkpoint_writer.wait()
+    torch.save({**{mode: statistics.median(values) for mode, values in seconds.items()},
+                "write_s": statistics.median(write_s) if write_s else float("nan")}, result_file)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small model instead of W")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=".", help="file system to write on (a temporary directory under it)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per checkpoint mode")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_checkpoint_") as tmp:
         hf = reference_model(tmp, quick=args.quick)
         result = run_on_local_ranks(_worker, 1, hf, tmp, args.repeats)
+        steps = run_on_local_ranks(_step_worker, 1, hf, tmp, args.steps)
     mb = result["nbytes"] / 1e6
     copy = result["copy"]
     rows = [
@@ -122,6 +171,15 @@ def main(argv=None) -> None:
         ("sizes (before)", mb / result["verify_size"], result["verify_size"]),
         ("sizes + CRC-32 of every byte (now)", mb / result["verify_crc"], result["verify_crc"]),
     ])
+    base = steps["none"]
+    print_table(f"training step with a resumable checkpoint after every step, median of {args.steps}",
+                ["checkpoint", "step s", "vs no checkpoint"], [
+        ("none", base, 1.0),
+        ("synchronous", steps["sync"], steps["sync"] / base),
+        ("--async_save", steps["async"], steps["async"] / base),
+    ])
+    print(f"--async_save: the background writer took {steps['write_s']:.3f} s per checkpoint (median), "
+          f"the training thread {steps['async'] - base:.3f} s more per step than without checkpoints")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,13 @@ class ScriptedRollouts:
     def __init__(self):
         self.requests: list[list[int]] = []
 
-    def generate(self, prompt_token_ids, sampling):
+    def generate(self, prompt_token_ids, sampling, rows=None):
         self.requests.append([ids[1] for ids in prompt_token_ids])
         return [RolloutSample(prompt_index=p, sample_index=j, finish_reason="stop", logprobs=[-1.0],
                               response_token_ids=[7 if ids[1] % 2 == 0 else 7 + j % 2])
                 for p, ids in enumerate(prompt_token_ids) for j in range(sampling.n_samples_per_prompt)]
 
-    def generate_async(self, prompt_token_ids, sampling):
+    def generate_async(self, prompt_token_ids, sampling, rows=None):
         samples = self.generate(prompt_token_ids, sampling)
         return type("Done", (), {"result": lambda self: samples})()
 

@@ -193,8 +193,7 @@ def test_entries_given_dotted_name_the_dotted_flag(capsys):
                                                                                            "--ds.zero_stage"]
     with pytest.raises(OptionError, match=r"^--train\.full_determinism_enable: not supported: deterministic"):
         train_sft.parse_args(base + ["--train.full_determinism_enable"])
-    with pytest.raises(OptionError, match=r"^--ckpt\.save_hf: not supported: train_ppo_ray exports"):
-        train_ppo_ray.parse_args(REQUIRED["train_ppo_ray"] + ["--ckpt.save_hf"])
+    assert train_ppo_ray.parse_args(REQUIRED["train_ppo_ray"] + ["--ckpt.save_hf"]).models.save_hf_ckpt
     # --ds.ring_attn_size is 2025's --ring_attn_size: every RL role's context-parallel size.
     job = train_ppo_ray.parse_args(REQUIRED["train_ppo_ray"] + ["--ds.ring_attn_size", "2"])
     assert {getattr(job, role).parallel.context_parallel_size for role in ("actor", "critic", "ref", "reward")} == {2}
@@ -412,8 +411,8 @@ SCRIPTS = {
 CLI = {"ppo": "train_ppo_ray", "reinforce": "train_ppo_ray"}
 
 # Paths and sizes scaled down (one node, one GPU per role, one engine); None: the line dropped, because
-# its concept has no flag here (unrecognized: NOT_HERE) or is refused here (--ckpt.save_hf of train_ppo_ray).
-_ROLES_SCALED = {"vllm.num_engines": "1", "vllm.tensor_parallel_size": "1", "ckpt.save_hf": None,
+# its concept has no flag here (unrecognized: NOT_HERE) or is refused here.
+_ROLES_SCALED = {"vllm.num_engines": "1", "vllm.tensor_parallel_size": "1",
                  "train.dynamic_batch_enable": None, "train.max_tokens_per_gpu": None}
 SCALED = {
     "train_sft": {"model.model_name_or_path": "model", "data.dataset": "orca.jsonl", "ckpt.output_dir": "out",
@@ -447,7 +446,7 @@ FLAT_2025 = {
         --actor_learning_rate 5e-7 --critic_learning_rate 9e-6 --init_kl_coef 0.01 --prompt_data prompts.jsonl
         --input_key context_messages --apply_chat_template --normalize_reward --gradient_checkpointing
         --packing_samples --vllm_sync_backend nccl --enforce_eager --vllm_enable_sleep --deepspeed_enable_sleep
-        --vllm_is_correction
+        --vllm_is_correction --save_hf_ckpt
     """,
     "reinforce": """
         --pretrain model --load_checkpoint --save_path out --ckpt_path out/ckpt --max_ckpt_num 3 --save_steps 10
@@ -459,7 +458,7 @@ FLAT_2025 = {
         --deepspeed_enable_sleep --vllm_sync_backend nccl --enforce_eager --zero_stage 3 --gradient_checkpointing
         --ring_attn_size 2 --ring_head_stride 2 --bf16 --advantage_estimator reinforce_baseline --actor_learning_rate 5e-7
         --init_kl_coef 1e-5 --use_kl_loss --kl_estimator k2 --vllm_is_correction --use_tensorboard out/runs
-        --logging_steps 1 --eval_steps -1
+        --logging_steps 1 --eval_steps -1 --save_hf_ckpt
     """,
 }
 NOTICES = {"train_sft": ["--ds.attn_implementation", "--ds.zero_stage"],

@@ -9,6 +9,7 @@ rank 0) returns the results for it.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -33,11 +34,14 @@ class RoleConfig:
     offload: bool = False  # --ref_reward_offload: frozen weights in host memory between forwards
     total_steps: int = 1  # optimizer steps of the whole run (LR schedule)
     ema_beta: float | None = None  # --enable_ema (actor): keep an EMA of the weights, exported by save_hf
+    router_replay: bool = False  # --router_replay (actor, MoE): route rollout tokens as the engines did
 
     def __post_init__(self) -> None:
         self.engine.parallel.data_parallel_size(self.num_ranks)  # raises naming the flags
         if self.offload and self.trainable:
             raise ValueError(f"--ref_reward_offload applies to frozen roles, not the trainable {self.name}")
+        if self.router_replay and not self.trainable:
+            raise ValueError(f"--router_replay applies to the actor, not the frozen {self.name}")
 
 
 @dataclass
@@ -47,6 +51,12 @@ class ShardResult:
     start: int
     stop: int
     values: torch.Tensor | None  # None: the share was empty
+    metrics: dict | None = None  # whole-batch metrics of the call (every share head holds the same)
+
+
+def routing_mismatch(counts: dict) -> float:
+    """rollout/routing_mismatch: the share of recorded tokens routed otherwise than the engines did."""
+    return counts["routing_mismatch_tokens"] / max(counts["routing_recorded_tokens"], 1.0)
 
 
 class MegatronRoleWorker:
@@ -71,7 +81,17 @@ class MegatronRoleWorker:
         self.engine = TrainingEngine(self.config.engine, total_steps=self.config.total_steps,
                                      trainable=self.config.trainable, offload=self.config.offload,
                                      ema_beta=self.config.ema_beta)
+        if self.config.router_replay:
+            replay = self._routing_replay()
+            if replay is None:
+                raise ValueError(f"--router_replay: {self.config.engine.pretrain} is a dense model (no MoE routers)")
+            replay.replay = True
         return True
+
+    def _routing_replay(self):
+        from models.router_replay import routing_replay_of
+
+        return routing_replay_of(self.engine.model)
 
     def _local_rank(self) -> int:
         index = ray_device_index(gpu_ids=ray.get_gpu_ids(), env=dict(os.environ),
@@ -124,33 +144,54 @@ class MegatronRoleWorker:
             return micro
         return [pack_padded_rows(batch, multiple=self.engine.sequence_multiple()) for batch in micro]
 
-    def _per_token(self, experience: Experience, micro_batch_size: int, compute, packed: bool = False
-                   ) -> ShardResult | None:
-        """``compute(output, micro_batch) -> [b, s_local]`` on this rank's share, rows padded to L."""
+    def _per_token(self, experience: Experience, micro_batch_size: int, compute, packed: bool = False,
+                   measure_routing: bool = False) -> ShardResult | None:
+        """``compute(output, micro_batch) -> [b, s_local]`` on this rank's share, rows padded to L.
+        ``measure_routing``: also count the tokens whose routing differs from the engines' record."""
         start, stop = self._share(experience.batch_size)
         micro = self._layout(experience.microbatches(start, stop, micro_batch_size,
                                                      multiple=self.engine.sequence_multiple()), packed)
-        if not micro:
-            return ShardResult(start, stop, None) if self._is_share_head() else None
-        outputs = self.engine.forward_outputs(micro, lambda out, mb: compute(out, mb).float(),
-                                              gather_context_parallel=True)
+        with self._measuring_routing(measure_routing and experience.routed_experts is not None) as routing:
+            outputs = (self.engine.forward_outputs(micro, lambda out, mb: compute(out, mb).float(),
+                                                   gather_context_parallel=True) if micro else None)
         if not self._is_share_head():
             return None
+        if outputs is None:
+            return ShardResult(start, stop, None, routing)
         width = experience.input_ids.shape[1]
         if packed:
             rows = [unpack_to_rows(out.cpu(), batch["cu_seqlens"], width) for out, batch in zip(outputs, micro)]
         else:
             rows = [torch.nn.functional.pad(out, (0, width - out.shape[1])) for out in outputs]
-        return ShardResult(start, stop, torch.cat(rows).cpu())
+        return ShardResult(start, stop, torch.cat(rows).cpu(), routing)
+
+    @contextmanager
+    def _measuring_routing(self, on: bool):
+        """Inside: the routers count their disagreements with the record; after: the counts of the
+        whole batch (collective over the role: every rank enters, also with an empty share)."""
+        replay = self._routing_replay() if on else None
+        counts: dict = {}
+        if replay is None:
+            yield counts
+            return
+        replay.clear()
+        replay.measure = True
+        try:
+            yield counts
+        finally:
+            replay.measure = False
+        counts.update(replay.drain_counts(dp_group=self.engine.ctx.dp_group))
 
     def compute_log_probs(self, experience: Experience, micro_batch_size: int,
-                          temperature: float = 1.0, packed: bool = False) -> ShardResult | None:
-        """log p(labels) at every position (read them where ``action_mask`` is 1)."""
+                          temperature: float = 1.0, packed: bool = False, measure_routing: bool = False
+                          ) -> ShardResult | None:
+        """log p(labels) at every position (read them where ``action_mask`` is 1); ``measure_routing``
+        (MoE, a batch with the engines' routing): the routing mismatch counts in ``metrics``."""
         from engine.runtime.vocab_parallel import token_log_probs
 
         return self._per_token(experience, micro_batch_size,
                                lambda logits, mb: token_log_probs(logits, mb["labels"], temperature=temperature),
-                               packed)
+                               packed, measure_routing)
 
     def compute_values(self, experience: Experience, micro_batch_size: int, packed: bool = False
                        ) -> ShardResult | None:
@@ -174,6 +215,21 @@ class MegatronRoleWorker:
 
         ``ptx`` (actor only): padded pretraining rows, ``train_batch_size`` per optimizer step in
         step order; each step's rows join its rollout micro-batches (``engine.rl.ptx``)."""
+        generator = torch.Generator().manual_seed(settings.seed)
+        history = []
+        with self._measuring_routing(settings.measure_routing and experience.routed_experts is not None) as routing:
+            self._train_epochs(experience, loss, settings, ptx, generator, history)
+        if not history:
+            return {}
+        # skipped_steps is the engine's running count: its last value, not a mean.
+        metrics = {**{k: sum(h[k] for h in history) / len(history) for k in history[0]},
+                   "skipped_steps": history[-1]["skipped_steps"]}
+        if routing:
+            metrics["rollout/routing_mismatch"] = routing_mismatch(routing)
+        return metrics
+
+    def _train_epochs(self, experience: Experience, loss: LossKind, settings: TrainSettings, ptx, generator,
+                      history: list) -> None:
         from engine.rl.policy_losses.aggregation import annotate_microbatches
         from engine.rl.ptx import attach_ptx, finish_ptx_metrics
         from engine.rl.train_losses import LossGroups, make_loss_fn
@@ -182,8 +238,6 @@ class MegatronRoleWorker:
         ctx = engine.ctx
         groups = LossGroups(tp_group=ctx.tp_group, cp_group=ctx.cp_group, dp_group=ctx.dp_group)
         multiple = engine.sequence_multiple()
-        generator = torch.Generator().manual_seed(settings.seed)
-        history = []
         for _ in range(settings.max_epochs):
             order = torch.randperm(total, generator=generator)
             for lo in range(0, total - per_step + 1, per_step):
@@ -203,11 +257,6 @@ class MegatronRoleWorker:
                 loss_fn = make_loss_fn(loss, settings, aggregation=aggregation, groups=groups, ptx_scale=ptx_scale)
                 result = engine.train_step(micro, loss_fn, normaliser_key="num_tokens")
                 history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
-        if not history:
-            return {}
-        # skipped_steps is the engine's running count: its last value, not a mean.
-        return {**{k: sum(h[k] for h in history) / len(history) for k in history[0]},
-                "skipped_steps": history[-1]["skipped_steps"]}
 
     def _aggregation(self, micro: list[dict], loss: LossKind, settings: TrainSettings):
         """This optimizer step's ``--loss_agg_mode`` normalisers, counted once over its padded

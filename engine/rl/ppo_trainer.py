@@ -222,6 +222,8 @@ class PPOTrainer:
             prompt_ids, [s.response_token_ids for s in samples], pad_id=self._pad_id(),
             response_log_probs=[s.logprobs or [0.0] * len(s.response_token_ids) for s in samples],
             response_loss_masks=rollout_loss_masks(samples, mask_truncated=self.config.mask_truncated_completions),
+            routed_experts=([s.routed_experts for s in samples]
+                            if any(s.routed_experts is not None for s in samples) else None),
         )
         meta = {
             "prompts": [rows[s.prompt_index]["prompt"] for s in samples],
@@ -241,8 +243,15 @@ class PPOTrainer:
         packed = self.config.packing_samples
         experience = Experience.from_rollout(batch)
         old_log_probs = None
+        metrics = {}
         if self.config.needs_old_log_probs(reference=self.reference is not None):
-            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, packed=packed)
+            if experience.routed_experts is not None:  # an MoE actor: routed as the engines did? (measured here)
+                old_log_probs, mismatch = self.actor.log_probs_and_routing(experience, micro, temperature=temperature,
+                                                                           packed=packed)
+                if mismatch is not None:
+                    metrics["rollout/routing_mismatch"] = mismatch
+            else:
+                old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, packed=packed)
         experience = experience.with_fields(
             old_log_probs=old_log_probs,
             ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature, packed=packed)
@@ -250,10 +259,10 @@ class PPOTrainer:
             values=self.critic.values(experience, micro, packed=packed) if self.critic is not None else None,
         )
         rewards = self._rewards(experience, meta, self.config.n_samples_per_prompt)
-        metrics = {
+        metrics.update({
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
-        }
+        })
         # The engines' log-probs go to the training forward, which measures the train-vs-engine
         # mismatch and makes --vllm_is_correction's weights (engine.rl.train_losses.rollout_mismatch).
         experience = experience.with_fields(rollout_log_probs=batch.rollout_log_probs)
@@ -344,13 +353,15 @@ class PPOTrainer:
             vllm_is_cap=config.vllm_is_truncated_threshold if config.vllm_is_correction else None,
             policy_loss_type=config.policy_loss_type, loss_agg_mode=config.loss_agg_mode,
             max_response_len=self.sampling.max_new_tokens,
+            # no old-log-prob forward: the training forward measures rollout/routing_mismatch
+            measure_routing=not config.needs_old_log_probs(reference=self.reference is not None),
         )
 
     def train(self, experience: Experience, step: int) -> dict:
         settings = self.train_settings(step)
         metrics = {}
         if self.critic is not None:
-            critic = self.critic.train(experience, "value", settings)
+            critic = self.critic.train(experience, "value", replace(settings, measure_routing=False))
             metrics.update({f"critic/{k}": v for k, v in critic.items()})
         if step >= self.config.freezing_actor_steps:
             ptx = self._ptx_rows(step, experience.batch_size)
@@ -372,7 +383,7 @@ class PPOTrainer:
     def _report(self, step: int, metrics: dict) -> None:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
-                 "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness",
+                 "rollout_logprob_abs_diff", "vllm_is/mean", "rollout/staleness", "rollout/routing_mismatch",
                  "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)

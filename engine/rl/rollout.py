@@ -60,6 +60,10 @@ class RolloutSample:
     finish_reason: str  # "stop" (EOS / stop token) or "length" (hit --generate_max_len)
     loss_mask: tuple[int, ...] | None = None
     segments: tuple[tuple[int, int], ...] | None = None
+    # The experts the engine routed each token of prompt + response to, for MoE models: an int array
+    # [tokens, decoder layers, top_k] (numpy), row t = the token at position t of prompt + response,
+    # -1 where not recorded. Covers the tokens the engine ran forward (all but the last).
+    routed_experts: object | None = None
 
     def __post_init__(self):
         length = len(self.response_token_ids)

@@ -31,3 +31,6 @@ class TrainSettings:
     loss_agg_mode: str = "token-mean"  # --loss_agg_mode (engine.rl.policy_losses.aggregation)
     # seq-mean-token-sum-norm's constant per-sequence divisor (Dr. GRPO): --generate_max_len
     max_response_len: int = 1
+    # Count the tokens whose routing differs from the engines' (MoE actor; the training forward is the
+    # first of the rollout: no old-log-prob forward) as rollout/routing_mismatch
+    measure_routing: bool = False

@@ -173,11 +173,17 @@ def test_replay_gives_the_engines_routing_and_log_probs(rollout, ep1_scores):
           f"max |log-prob - engine's| {plain_gap:.2e} without replay, {replay_gap:.2e} with")
 
 
-def test_replay_under_expert_parallel_packing_equals_ep1(near_tied, rollout, ep1_scores):
+@pytest.mark.parametrize("layout,packed", [
+    ({"expert_model_parallel_size": 2}, True),  # two data-parallel shares, each rank half the experts
+    ({"pipeline_model_parallel_size": 2}, False),  # a layer per stage: the record's layers by global index
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, True),  # each TP rank routes half the tokens
+    ({"context_parallel_size": 2}, False),  # each CP rank its zigzag half of the sequence
+], ids=["ep2_packed", "pp2", "tp2_sp_packed", "cp2"])
+def test_replay_under_each_layout_equals_ep1(layout, packed, near_tied, rollout, ep1_scores):
     experience, ran = rollout
-    shares = [r[0] for r in run_distributed(_score, 2, args=(near_tied, experience, {"expert_model_parallel_size": 2},
-                                                          True, (True,)), timeout=300)]  # two data-parallel shares
+    shares = [r[0] for r in run_distributed(_score, 2, args=(near_tied, experience, layout, packed, (True,)),
+                                            timeout=300) if r[0] is not None]  # the share heads' results
     log_probs = torch.cat([share.values for share in sorted(shares, key=lambda share: share.start)])
-    assert all(share.metrics["routing_recorded_tokens"] == ran for share in shares)  # counted over both ranks
+    assert all(share.metrics["routing_recorded_tokens"] == ran for share in shares)  # counted once over the ranks
     mask = experience.action_mask.bool()
     torch.testing.assert_close(log_probs[mask], ep1_scores[1].values[mask], atol=1e-5, rtol=0)

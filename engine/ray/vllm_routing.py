@@ -103,7 +103,10 @@ class RoutingRecorder:
 
     def _add(self, req_id: str, start: int, tokens, routing: torch.Tensor) -> None:
         request = self._requests.setdefault(req_id, _Request())
-        if start > request.next_position:  # a prefix-cache hit: those positions never ran here
+        if start < request.next_position:  # preempted and run again from ``start``: the new routing counts
+            request.tokens = [[t for chunk in request.tokens for t in chunk][:start]]
+            request.routing = [torch.cat(request.routing)[:start]]
+        elif start > request.next_position:  # a prefix-cache hit: those positions never ran here
             gap = start - request.next_position
             request.tokens.append([None] * gap)  # unknown token ids: matched as wildcards
             request.routing.append(torch.full((gap, self.num_layers, self.top_k), -1, dtype=torch.int16))

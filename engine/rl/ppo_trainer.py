@@ -242,6 +242,9 @@ class PPOTrainer:
         micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
         packed = self.config.packing_samples
         experience = Experience.from_rollout(batch)
+        if self.config.router_replay and experience.routed_experts is None:
+            raise ValueError("--router_replay: the rollout engines returned no routing for this rollout (the "
+                             "--rollout_backend's engines must record the experts of each token)")
         old_log_probs = None
         metrics = {}
         if self.config.needs_old_log_probs(reference=self.reference is not None):

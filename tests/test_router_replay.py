@@ -133,13 +133,14 @@ def rollout(ray_cluster, near_tied):
 def _score(rank, world_size, path, experience, layout, packed, replays):
     """The actor worker's old-log-prob forward (with the routing counts), once per replay setting."""
     from engine.ray.role_worker import MegatronRoleWorker, RoleConfig
-    from engine.runtime.engine import EngineConfig
+    from engine.runtime.engine import EngineConfig, TrainingEngine
     from parallel.config import ParallelConfig
 
-    worker = MegatronRoleWorker(RoleConfig(name="actor", num_ranks=world_size, trainable=True, router_replay=True,
-                                           engine=EngineConfig(pretrain=path, parallel=ParallelConfig(**layout))),
-                                rank)
-    worker.setup(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    config = RoleConfig(name="actor", num_ranks=world_size, trainable=True, router_replay=True,
+                        engine=EngineConfig(pretrain=path, parallel=ParallelConfig(**layout)))
+    worker = MegatronRoleWorker(config, rank)
+    worker.engine = TrainingEngine(config.engine)  # what setup() builds, without its Ray lookups
+    worker.start_router_replay()
     results = []
     for replay in replays:
         worker._routing_replay().replay = replay
@@ -187,3 +188,18 @@ def test_replay_under_each_layout_equals_ep1(layout, packed, near_tied, rollout,
     assert all(share.metrics["routing_recorded_tokens"] == ran for share in shares)  # counted once over the ranks
     mask = experience.action_mask.bool()
     torch.testing.assert_close(log_probs[mask], ep1_scores[1].values[mask], atol=1e-5, rtol=0)
+
+
+def test_router_replay_is_refused_where_it_cannot_act(tiny_models, tmp_path):
+    from engine.cli import train_ppo_ray
+    from engine.cli.options import OptionError
+
+    def job(model: str, *extra: str):
+        return train_ppo_ray.parse_args(["--pretrain", model, "--prompt_data", str(tmp_path / "p.jsonl"),
+                                         "--remote_rm_url", "r.py", "--router_replay", *extra])
+
+    with pytest.raises(OptionError, match="--router_replay: --pretrain .* is a dense model"):
+        train_ppo_ray.check_job(job(tiny_models["llama"]))
+    with pytest.raises(OptionError, match="--router_replay with --gradient_checkpointing"):
+        train_ppo_ray.check_job(job(tiny_models["mixtral"], "--gradient_checkpointing"))
+    train_ppo_ray.check_job(job(tiny_models["mixtral"]))  # an MoE actor: accepted

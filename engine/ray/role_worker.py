@@ -82,11 +82,15 @@ class MegatronRoleWorker:
                                      trainable=self.config.trainable, offload=self.config.offload,
                                      ema_beta=self.config.ema_beta)
         if self.config.router_replay:
-            replay = self._routing_replay()
-            if replay is None:
-                raise ValueError(f"--router_replay: {self.config.engine.pretrain} is a dense model (no MoE routers)")
-            replay.replay = True
+            self.start_router_replay()
         return True
+
+    def start_router_replay(self) -> None:
+        """--router_replay: from now on the forwards route the recorded tokens as the engines did."""
+        replay = self._routing_replay()
+        if replay is None:
+            raise ValueError(f"--router_replay: {self.config.engine.pretrain} is a dense model (no MoE routers)")
+        replay.replay = True
 
     def _routing_replay(self):
         from models.router_replay import routing_replay_of

@@ -25,6 +25,7 @@ from models.heads import ValueHead
 from models.layer_spec import TransformerImpl, block_spec, detect_layer_spec
 from models.lora import apply_lora
 from models.moe_aux import install_router_stats
+from models.router_replay import install_routing_replay
 from parallel.config import ParallelConfig
 
 
@@ -83,6 +84,8 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
             moe_expert_capacity_factor=build.moe_expert_capacity_factor,
             moe_token_drop_policy=build.moe_token_drop_policy,
             moe_pad_expert_input_to_capacity=build.moe_pad_expert_input_to_capacity,
+            # Every router gets a replay hook (models.router_replay): inert until a role turns it on.
+            moe_enable_routing_replay=True,
         )
     kwargs.update(recompute_kwargs(build))
     if build.router_z_loss_coef:
@@ -188,6 +191,7 @@ def build_model(adapter: ModelAdapter, parallel: ParallelConfig, build: ModelBui
     model.router_stats = install_router_stats(  # HF's aux loss and the routing metrics (MoE only)
         model, aux_loss_coef=build.aux_loss_coef, sequence_parallel=parallel.sequence_parallel,
         num_moe_layers=sum(moe_layers) if moe_layers is not None else adapter.num_layers)
+    model.routing_replay = install_routing_replay(model, sequence_parallel=parallel.sequence_parallel)
     if model.post_process:
         if build.value_head:
             model.output_layer = ValueHead(config, normalisation=build.value_normalisation)

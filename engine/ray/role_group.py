@@ -19,7 +19,7 @@ import torch
 from engine.ray.calls import get_each
 from engine.ray.colocation import Placement, node_affinity
 from engine.ray.cpu_threads import ranks_per_machine
-from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, ShardResult
+from engine.ray.role_worker import RemoteRoleWorker, RoleConfig, ShardResult, routing_mismatch
 from engine.rl.experience import Experience
 from engine.rl.train_losses import LossKind, TrainSettings
 from parallel.weight_transfer import SyncStats
@@ -106,6 +106,9 @@ class RoleGroup:
 
     # ----- per-sample outputs, assembled from the data-parallel share heads --------------------
     def _per_sample(self, refs: list, batch_size: int, what: str) -> torch.Tensor:
+        return self._per_sample_and_metrics(refs, batch_size, what)[0]
+
+    def _per_sample_and_metrics(self, refs: list, batch_size: int, what: str) -> tuple[torch.Tensor, dict]:
         shards: list[ShardResult] = [r for r in self._wait(refs, what) if r is not None]
         filled = [s for s in shards if s.values is not None]
         out = torch.zeros((batch_size, *filled[0].values.shape[1:])) if filled else torch.zeros(batch_size)
@@ -116,7 +119,7 @@ class RoleGroup:
             covered += len(rows)
         if covered != batch_size:
             raise RoleError(f"{self.config.name}: results cover {covered} of {batch_size} samples")
-        return out
+        return out, (shards[0].metrics or {}) if shards else {}
 
     # ``packed``: each micro-batch's rows packed into one (--packing_samples); the same results.
     # ``max_tokens``: micro-batches of at most that many tokens, packed (--use_dynamic_batch_size).
@@ -126,6 +129,16 @@ class RoleGroup:
         ref = _SHARED.ref(experience)
         return self._per_sample([w.compute_log_probs.remote(ref, micro_batch_size, temperature, packed, max_tokens)
                                  for w in self.workers], experience.batch_size, f"{self.config.name} log-probs")
+
+    def log_probs_and_routing(self, experience: Experience, micro_batch_size: int, *, temperature: float = 1.0,
+                              packed: bool = False, max_tokens: int | None = None) -> tuple[torch.Tensor, float | None]:
+        """``log_probs``, and the share of the tokens the engines routed (``experience.routed_experts``)
+        that this MoE model routes otherwise (None: nothing recorded)."""
+        ref = _SHARED.ref(experience)
+        log_probs, counts = self._per_sample_and_metrics(
+            [w.compute_log_probs.remote(ref, micro_batch_size, temperature, packed, max_tokens, True)
+             for w in self.workers], experience.batch_size, f"{self.config.name} log-probs")
+        return log_probs, routing_mismatch(counts) if counts else None
 
     def values(self, experience: Experience, micro_batch_size: int, *, packed: bool = False,
                max_tokens: int | None = None) -> torch.Tensor:

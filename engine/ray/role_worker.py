@@ -9,6 +9,7 @@ rank 0) returns the results for it.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -34,11 +35,14 @@ class RoleConfig:
     offload: bool = False  # --ref_reward_offload: frozen weights in host memory between forwards
     total_steps: int = 1  # optimizer steps of the whole run (LR schedule)
     ema_beta: float | None = None  # --enable_ema (actor): keep an EMA of the weights, exported by save_hf
+    router_replay: bool = False  # --router_replay (actor, MoE): route rollout tokens as the engines did
 
     def __post_init__(self) -> None:
         self.engine.parallel.data_parallel_size(self.num_ranks)  # raises naming the flags
         if self.offload and self.trainable:
             raise ValueError(f"--ref_reward_offload applies to frozen roles, not the trainable {self.name}")
+        if self.router_replay and not self.trainable:
+            raise ValueError(f"--router_replay applies to the actor, not the frozen {self.name}")
 
 
 @dataclass
@@ -49,10 +53,16 @@ class ShardResult:
     start: int
     stop: int
     values: torch.Tensor | None  # None: the share was empty
-    rows: list[int] | None = None
+    rows: list[int] | None = None  # the rows of values, when not start..stop (--use_dynamic_batch_size)
+    metrics: dict | None = None  # whole-batch metrics of the call (every share head holds the same)
 
     def row_indices(self) -> list[int]:
         return list(range(self.start, self.stop)) if self.rows is None else self.rows
+
+
+def routing_mismatch(counts: dict) -> float:
+    """rollout/routing_mismatch: the share of recorded tokens routed otherwise than the engines did."""
+    return counts["routing_mismatch_tokens"] / max(counts["routing_recorded_tokens"], 1.0)
 
 
 class MegatronRoleWorker:
@@ -78,7 +88,21 @@ class MegatronRoleWorker:
         self.engine = TrainingEngine(self.config.engine, total_steps=self.config.total_steps,
                                      trainable=self.config.trainable, offload=self.config.offload,
                                      ema_beta=self.config.ema_beta)
+        if self.config.router_replay:
+            self.start_router_replay()
         return True
+
+    def start_router_replay(self) -> None:
+        """--router_replay: from now on the forwards route the recorded tokens as the engines did."""
+        replay = self._routing_replay()
+        if replay is None:
+            raise ValueError(f"--router_replay: {self.config.engine.pretrain} is a dense model (no MoE routers)")
+        replay.replay = True
+
+    def _routing_replay(self):
+        from models.router_replay import routing_replay_of
+
+        return routing_replay_of(self.engine.model)
 
     def _local_rank(self) -> int:
         index = ray_device_index(gpu_ids=ray.get_gpu_ids(), env=dict(os.environ),
@@ -138,9 +162,10 @@ class MegatronRoleWorker:
                                      equal_counts=equal_counts)[ctx.dp_rank]
 
     def _per_token(self, experience: Experience, micro_batch_size: int, compute, packed: bool = False,
-                   max_tokens: int | None = None) -> ShardResult | None:
+                   max_tokens: int | None = None, measure_routing: bool = False) -> ShardResult | None:
         """``compute(output, micro_batch) -> [b, s_local]`` on this rank's share, rows padded to L.
-        ``max_tokens``: micro-batches of at most that many tokens, packed (--use_dynamic_batch_size)."""
+        ``max_tokens``: micro-batches of at most that many tokens, packed (--use_dynamic_batch_size);
+        ``measure_routing``: also count the tokens whose routing differs from the engines' record."""
         start, stop = self._share(experience.batch_size)
         multiple, rows = self.engine.sequence_multiple(), None
         if max_tokens is not None:
@@ -149,28 +174,47 @@ class MegatronRoleWorker:
             micro = self._layout(experience.microbatches_of(plan, multiple=multiple), packed)
         else:
             micro = self._layout(experience.microbatches(start, stop, micro_batch_size, multiple=multiple), packed)
-        if not micro:
-            return ShardResult(start, stop, None, rows) if self._is_share_head() else None
-        outputs = self.engine.forward_outputs(micro, lambda out, mb: compute(out, mb).float(),
-                                              gather_context_parallel=True)
+        with self._measuring_routing(measure_routing and experience.routed_experts is not None) as routing:
+            outputs = (self.engine.forward_outputs(micro, lambda out, mb: compute(out, mb).float(),
+                                                   gather_context_parallel=True) if micro else None)
         if not self._is_share_head():
             return None
+        if outputs is None:
+            return ShardResult(start, stop, None, rows, routing)
         width = experience.input_ids.shape[1]
         if packed:
             outputs = [unpack_to_rows(out.cpu(), batch["cu_seqlens"], width) for out, batch in zip(outputs, micro)]
         else:
             outputs = [torch.nn.functional.pad(out, (0, width - out.shape[1])) for out in outputs]
-        return ShardResult(start, stop, torch.cat(outputs).cpu(), rows)
+        return ShardResult(start, stop, torch.cat(outputs).cpu(), rows, routing)
+
+    @contextmanager
+    def _measuring_routing(self, on: bool):
+        """Inside: the routers count their disagreements with the record; after: the counts of the
+        whole batch (collective over the role: every rank enters, also with an empty share)."""
+        replay = self._routing_replay() if on else None
+        counts: dict = {}
+        if replay is None:
+            yield counts
+            return
+        replay.clear()
+        replay.measure = True
+        try:
+            yield counts
+        finally:
+            replay.measure = False
+        counts.update(replay.drain_counts(dp_group=self.engine.ctx.dp_group))
 
     def compute_log_probs(self, experience: Experience, micro_batch_size: int,
-                          temperature: float = 1.0, packed: bool = False, max_tokens: int | None = None
-                          ) -> ShardResult | None:
-        """log p(labels) at every position (read them where ``action_mask`` is 1)."""
+                          temperature: float = 1.0, packed: bool = False, max_tokens: int | None = None,
+                          measure_routing: bool = False) -> ShardResult | None:
+        """log p(labels) at every position (read them where ``action_mask`` is 1); ``measure_routing``
+        (MoE, a batch with the engines' routing): the routing mismatch counts in ``metrics``."""
         from engine.runtime.vocab_parallel import token_log_probs
 
         return self._per_token(experience, micro_batch_size,
                                lambda logits, mb: token_log_probs(logits, mb["labels"], temperature=temperature),
-                               packed, max_tokens)
+                               packed, max_tokens, measure_routing)
 
     def compute_values(self, experience: Experience, micro_batch_size: int, packed: bool = False,
                        max_tokens: int | None = None) -> ShardResult | None:
@@ -221,6 +265,23 @@ class MegatronRoleWorker:
 
         ``ptx`` (actor only): padded pretraining rows, ``train_batch_size`` per optimizer step in
         step order; each step's rows join its rollout micro-batches (``engine.rl.ptx``)."""
+        generator = torch.Generator().manual_seed(settings.seed)
+        history = []
+        with self._measuring_routing(settings.measure_routing and experience.routed_experts is not None) as routing:
+            self._train_epochs(experience, loss, settings, ptx, generator, history)
+        if not history:
+            return {}
+        # skipped_steps is the engine's running count: its last value, not a mean. checkpoint/*: the
+        # background checkpoint a step published (--async_save), on that step only.
+        published = {k: v for h in history for k, v in h.items() if k.startswith("checkpoint/")}
+        metrics = {**{k: sum(h[k] for h in history) / len(history) for k in history[0] if k not in published},
+                   "skipped_steps": history[-1]["skipped_steps"], **published}
+        if routing:
+            metrics["rollout/routing_mismatch"] = routing_mismatch(routing)
+        return metrics
+
+    def _train_epochs(self, experience: Experience, loss: LossKind, settings: TrainSettings, ptx, generator,
+                      history: list) -> None:
         from engine.rl.policy_losses.aggregation import annotate_microbatches
         from engine.rl.ptx import attach_ptx, finish_ptx_metrics
         from engine.rl.train_losses import LossGroups, make_loss_fn
@@ -229,8 +290,6 @@ class MegatronRoleWorker:
         ctx = engine.ctx
         groups = LossGroups(tp_group=ctx.tp_group, cp_group=ctx.cp_group, dp_group=ctx.dp_group)
         multiple = engine.sequence_multiple()  # (the ptx rows' layout)
-        generator = torch.Generator().manual_seed(settings.seed)
-        history = []
         for _ in range(settings.max_epochs):
             order = torch.randperm(total, generator=generator)
             for lo in range(0, total - per_step + 1, per_step):
@@ -250,13 +309,6 @@ class MegatronRoleWorker:
                 loss_fn = make_loss_fn(loss, settings, aggregation=aggregation, groups=groups, ptx_scale=ptx_scale)
                 result = engine.train_step(micro, loss_fn, normaliser_key="num_tokens")
                 history.append({**finish_ptx_metrics(result.metrics), "grad_norm": result.grad_norm})
-        if not history:
-            return {}
-        # skipped_steps is the engine's running count: its last value, not a mean. checkpoint/*: the
-        # background checkpoint a step published (--async_save), on that step only.
-        published = {k: v for h in history for k, v in h.items() if k.startswith("checkpoint/")}
-        return {**{k: sum(h[k] for h in history) / len(history) for k in history[0] if k not in published},
-                "skipped_steps": history[-1]["skipped_steps"], **published}
 
     def step_microbatches(self, step: Experience, settings: TrainSettings) -> list[dict]:
         """This DP rank's padded micro-batches of one optimizer step's rows: its contiguous share in

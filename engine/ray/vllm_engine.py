@@ -30,6 +30,7 @@ from engine.ray.colocation import node_affinity
 from engine.ray.config import VLLMEngineConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.ray.engine_pool import EngineError, EngineStartupError, RayEnginePool
 from engine.ray.rollout_backends import RolloutBackend
+from engine.ray.vllm_routing import completion_routing, engine_routing_mode, match_records
 from engine.ray.vllm_worker_ext import WeightSyncExtension, check_vllm_cpu_head_size, vllm_cpu_env
 from engine.ray.weight_sync import report_problems
 from engine.rl.rollout import RolloutSample, SamplingConfig
@@ -62,18 +63,32 @@ def _sampling_params(sampling: SamplingConfig, *, seed: int | None):
     )
 
 
-def _to_samples(outputs: list, *, prompt_index_offset: int) -> list[RolloutSample]:
+def _to_samples(outputs: list, *, prompt_index_offset: int, routing: list | None = None) -> list[RolloutSample]:
+    """``routing``: per completion, in order, its routing record (``engine.ray.vllm_routing``)."""
     samples = []
-    for i, request in enumerate(outputs):
-        for completion in request.outputs:
-            tokens = list(completion.token_ids)
-            logprobs = None
-            if completion.logprobs is not None:
-                logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
-            samples.append(RolloutSample(prompt_index=prompt_index_offset + i, sample_index=completion.index,
-                                         response_token_ids=tokens, logprobs=logprobs,
-                                         finish_reason=str(completion.finish_reason)))
+    completions = [(i, completion) for i, request in enumerate(outputs) for completion in request.outputs]
+    for k, (i, completion) in enumerate(completions):
+        tokens = list(completion.token_ids)
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+        samples.append(RolloutSample(prompt_index=prompt_index_offset + i, sample_index=completion.index,
+                                     response_token_ids=tokens, logprobs=logprobs,
+                                     finish_reason=str(completion.finish_reason),
+                                     routed_experts=routing[k] if routing is not None else None))
     return samples
+
+
+def _completion_routing(outputs: list, mode: str | None, records: list | None) -> list | None:
+    """Each completion's routing record, in ``_to_samples`` order (None: not asked for)."""
+    if mode is None:
+        return None
+    sequences = [list(request.prompt_token_ids) + list(completion.token_ids)
+                 for request in outputs for completion in request.outputs]
+    if mode == "hook":
+        return match_records(sequences, records)
+    return [completion_routing(completion.routed_experts, len(sequence))
+            for sequence, completion in zip(sequences, (c for r in outputs for c in r.outputs))]
 
 
 @ray.remote
@@ -87,6 +102,7 @@ class LLMEngineActor:
         self.placement_group = placement_group  # handed back by shutdown() for the driver to release
         self.stale_reason: str | None = None
         use_ray_workers = device == "cuda" and config.tensor_parallel_size > 1
+        self.routing_mode = engine_routing_mode(device) if config.return_routed_experts else None
         self.llm = LLM(
             model=config.pretrain, load_format=config.load_format,
             tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
@@ -95,10 +111,13 @@ class LLMEngineActor:
             gpu_memory_utilization=config.gpu_memory_utilization, logprobs_mode=config.logprobs_mode,
             worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=config.enable_sleep_mode,
             **({"max_num_seqs": config.max_num_seqs} if config.max_num_seqs is not None else {}),
+            **({"enable_return_routed_experts": True} if self.routing_mode == "vllm" else {}),
             # On GPU, TP workers are Ray actors in this actor's placement group (see _start_engine).
             distributed_executor_backend="ray" if use_ray_workers else None,
         )
         self.rank_info = self._rpc(WeightSyncExtension.prepare_weight_sync)
+        if self.routing_mode == "hook":
+            self._rpc(WeightSyncExtension.start_routing_capture)
 
     def _rpc(self, method: Callable, *args) -> list:
         """``method`` of ``WeightSyncExtension`` on every worker (named by reference, not by string)."""
@@ -162,7 +181,10 @@ class LLMEngineActor:
                       for i in range(len(prompt_token_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return _to_samples(outputs, prompt_index_offset=prompt_index_offset)
+        # The hook's records: of TP worker 0 (every TP worker routes every token alike).
+        records = self._rpc(WeightSyncExtension.take_routed_experts)[0] if self.routing_mode == "hook" else None
+        return _to_samples(outputs, prompt_index_offset=prompt_index_offset,
+                           routing=_completion_routing(outputs, self.routing_mode, records))
 
     def probe_layers(self, sequences: list[list[int]]) -> list[dict]:
         """Each token sequence run through the model once (a prefill, ``engine.ray.vllm_probe``): per
@@ -290,6 +312,9 @@ def _actor_env(config: VLLMEngineConfig, device: str) -> dict:
     # 2-core box 57 s -> 25 s, generation no slower (vLLM 0.32) -- and collective_rpc reaches the
     # workers the same way. Setting VLLM_ENABLE_V1_MULTIPROCESSING=1 in the driver restores vLLM's default.
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if device == "cuda" and config.return_routed_experts:
+        # vLLM 0.32's enable_return_routed_experts runs on the V2 model runner only (engine.ray.vllm_routing).
+        env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
     if device == "cpu":
         env.update(vllm_cpu_env(kvcache_space_gib=config.cpu_kvcache_space_gib,
                                 omp_threads_bind=config.cpu_omp_threads_bind))

@@ -345,6 +345,32 @@ class WeightSyncExtension:
             probe.close()
         self._layer_probe = None
 
+    # ----- the experts each token was routed to (MoE; engine.ray.vllm_routing's hook path) -------
+    def start_routing_capture(self) -> int:
+        """Record every MoE router's choices from now on; returns the number of MoE layers hooked."""
+        from engine.ray.vllm_routing import RoutingRecorder
+
+        model_config = self.vllm_config.model_config
+        recorder = RoutingRecorder(num_layers=model_config.get_total_num_hidden_layers(),
+                                   top_k=model_config.get_num_experts_per_tok())
+        bound = recorder.bind(self.model_runner.get_model())
+        runner = self.model_runner
+        execute_model = runner.execute_model
+
+        def execute_and_record(scheduler_output, *args, **kwargs):
+            result = execute_model(scheduler_output, *args, **kwargs)
+            recorder.finish_step(scheduler_output, runner.input_batch)
+            return result
+
+        # An instance attribute: this worker's runner only (vLLM 0.32's Worker.execute_model calls it).
+        runner.execute_model = execute_and_record
+        self._routing_recorder = recorder
+        return bound
+
+    def take_routed_experts(self) -> list:
+        """``(token ids, [tokens, layers, k] expert ids)`` of every request since the last call."""
+        return self._routing_recorder.take()
+
     def _require_update(self) -> _UpdateState:
         if self._weight_update is None:
             raise RuntimeError("no weight update in progress: call begin_weight_sync first")

@@ -137,6 +137,9 @@ class PPOConfig:
     async_train: bool = option(False, help="generate the next rollout on the engines while the actor scores and "
                                            "trains on this one (one step off-policy: the engines hold the "
                                            "weights from before this step's update); the weight sync waits for it")
+    router_replay: bool = option(False, help="MoE actor: its scoring and training forwards route every rollout token "
+                                             "to the experts the vLLM engine routed it to (Megatron's routing "
+                                             "replay), so the trainer's log-probs are of the network that sampled")
     freezing_actor_steps: int = option(0, help="train only the critic for the first N rollouts")
     policy_loss_type: str = option("ppo", help="the actor's policy loss, by name (engine/rl/policy_losses/registry.py; "
                                                "shipped: ppo, the clipped surrogate; gspo, its sequence-level "

@@ -30,11 +30,15 @@ class Experience:
     # [B, L] the engines' log-probs of their samples, when the training forward compares them with
     # its own (no old-log-prob forward: engine.rl.train_losses)
     rollout_log_probs: torch.Tensor | None = None
+    # [B, L, layers, top_k] the engines' routing of each token (MoE; models.router_replay's encoding):
+    # replayed by the actor under --router_replay, compared with its own for rollout/routing_mismatch
+    routed_experts: torch.Tensor | None = None
 
     @classmethod
     def from_rollout(cls, batch: RolloutBatch) -> Experience:
         return cls(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
-                   action_mask=batch.action_mask, last_index=batch.last_token_index())
+                   action_mask=batch.action_mask, last_index=batch.last_token_index(),
+                   routed_experts=batch.routed_experts)
 
     @property
     def batch_size(self) -> int:

@@ -293,6 +293,8 @@ class PPOTrainer:
             prompt_ids, [s.response_token_ids for s in samples], pad_id=self._pad_id(),
             response_log_probs=[s.logprobs or [0.0] * len(s.response_token_ids) for s in samples],
             response_loss_masks=rollout_loss_masks(samples, mask_truncated=self.config.mask_truncated_completions),
+            routed_experts=([s.routed_experts for s in samples]
+                            if any(s.routed_experts is not None for s in samples) else None),
         )
         meta = {
             "prompts": [rows[s.prompt_index]["prompt"] for s in samples],
@@ -316,10 +318,20 @@ class PPOTrainer:
         experience = Experience.from_rollout(batch)
         if self.config.token_budget.max_tokens is not None:
             check_fits(experience.lengths, self.config.token_budget.max_tokens, what="rollout sample")
+        if self.config.router_replay and experience.routed_experts is None:
+            raise ValueError("--router_replay: the rollout engines returned no routing for this rollout (the "
+                             "--rollout_backend's engines must record the experts of each token)")
         rewards = meta.get("rewards")  # --dynamic_filtering scored them while it picked the groups
         old_log_probs = None
+        metrics = {}
         if self.config.needs_old_log_probs(reference=self.reference is not None):
-            old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, **layout)
+            if experience.routed_experts is not None:  # an MoE actor: routed as the engines did? (measured here)
+                old_log_probs, mismatch = self.actor.log_probs_and_routing(experience, micro, temperature=temperature,
+                                                                           **layout)
+                if mismatch is not None:
+                    metrics["rollout/routing_mismatch"] = mismatch
+            else:
+                old_log_probs = self.actor.log_probs(experience, micro, temperature=temperature, **layout)
         experience = experience.with_fields(
             old_log_probs=old_log_probs,
             ref_log_probs=(self.reference.log_probs(experience, micro, temperature=temperature, **layout)
@@ -328,11 +340,11 @@ class PPOTrainer:
         )
         if rewards is None:
             rewards = self._rewards(experience, meta, self.config.n_samples_per_prompt)
-        metrics = {
+        metrics.update({
             "response_length": float(batch.response_lengths.float().mean()),
             "truncated_ratio": meta["truncated"] / batch.batch_size,
             **meta.get("agent", {}),
-        }
+        })
         if self.config.overlong_buffer_len is not None:
             penalty = overlong_penalty(batch.response_lengths, max_len=self.sampling.max_new_tokens,
                                        buffer_len=self.config.overlong_buffer_len,
@@ -430,13 +442,15 @@ class PPOTrainer:
             policy_loss_type=config.policy_loss_type, loss_agg_mode=config.aggregation_mode,
             max_response_len=self.sampling.max_new_tokens, entropy_coef=config.entropy_coef,
             cispo_eps_clip_low=config.cispo_eps_clip_low, cispo_eps_clip_high=config.cispo_eps_clip_high,
+            # no old-log-prob forward: the training forward measures rollout/routing_mismatch
+            measure_routing=not config.needs_old_log_probs(reference=self.reference is not None),
         )
 
     def train(self, experience: Experience, step: int) -> dict:
         settings = self.train_settings(step)
         metrics = {}
         if self.critic is not None:
-            critic = self.critic.train(experience, "value", settings)
+            critic = self.critic.train(experience, "value", replace(settings, measure_routing=False))
             metrics.update({f"critic/{k}": v for k, v in critic.items()})
         if step >= self.config.freezing_actor_steps:
             ptx = self._ptx_rows(step, experience.batch_size)
@@ -460,9 +474,9 @@ class PPOTrainer:
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
                  "actor/entropy_loss", "rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/masked_frac",
                  "overlong/penalty", "rollout/staleness", "rollout/groups_trained", "rollout/gen_rounds",
-                 "doctor/max_rel_diff", "doctor/first_jump_layer", "doctor/first_routing_layer",
-                 "time/generate", "time/score", "time/train", "time/generate_wait", "time/sync", "time/doctor",
-                 "eval/reward",
+                 "rollout/routing_mismatch", "doctor/max_rel_diff", "doctor/first_jump_layer",
+                 "doctor/first_routing_layer", "time/generate", "time/score", "time/train", "time/generate_wait",
+                 "time/sync", "time/doctor", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
         line = " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
         self.progress.write(f"rollout {step}/{self.num_steps} {line}")

@@ -93,9 +93,10 @@ def combine_rows(rollout: dict, ptx: dict, *, pad_id: int) -> dict:
         for part, rows in ((rollout, rows_r), (ptx, rows_p)):
             like = rollout.get(key, ptx.get(key))
             tensor = part.get(key)
-            if tensor is None:
-                tensor = torch.zeros((rows, width), dtype=like.dtype)
-            parts.append(torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=fill))
+            if tensor is None:  # (a per-token record of more dims, routed_experts: zero is "none")
+                tensor = torch.zeros((rows, width, *like.shape[2:]), dtype=like.dtype)
+            pad = tensor.new_full((rows, width - tensor.shape[1], *tensor.shape[2:]), fill)
+            parts.append(torch.cat([tensor, pad], dim=1))
         combined[key] = torch.cat(parts)
     combined["position_ids"] = torch.arange(width).expand(rows_r + rows_p, width).contiguous()
     return combined

@@ -2,7 +2,7 @@
 rollout engines it is given (``engine.ray.rollouts.VLLMRollouts`` on a Ray cluster)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from parallel.options import option
@@ -65,6 +65,10 @@ class RolloutSample:
     # numbers about it logged as agent/<name> (turns, failures, the environment's own logs).
     reward: float | None = None
     info: dict[str, float] | None = None
+    # The experts the engine routed each token of prompt + response to, for MoE models: an int array
+    # [tokens, decoder layers, top_k] (numpy), row t = the token at position t of prompt + response,
+    # -1 where not recorded. Covers the tokens the engine ran forward (all but the last).
+    routed_experts: object | None = field(default=None, compare=False)
 
     def __post_init__(self):
         length = len(self.response_token_ids)

@@ -23,6 +23,9 @@ class RolloutBatch:
     prompt_lengths: torch.Tensor  # [B] long
     response_lengths: torch.Tensor  # [B] long
     rollout_log_probs: torch.Tensor | None = None  # [B, L] vLLM's log-probs of the sampled tokens
+    # [B, L, layers, top_k] int16: the engines' routing of each token, expert id + 1 (0: not recorded;
+    # models.router_replay), aligned with input_ids
+    routed_experts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -40,6 +43,7 @@ def build_rollout_batch(
     pad_id: int,
     response_log_probs: list[list[float]] | None = None,
     response_loss_masks: list[list[float] | None] | None = None,
+    routed_experts: list | None = None,
     pad_to_multiple_of: int = 1,
 ) -> RolloutBatch:
     """Pack rollouts (one prompt per response; repeat prompts for n samples) into a RolloutBatch.
@@ -79,7 +83,27 @@ def build_rollout_batch(
         prompt_lengths=torch.tensor([len(p) for p in prompt_ids]),
         response_lengths=torch.tensor([len(r) for r in response_ids]),
         rollout_log_probs=rollout_log_probs,
+        routed_experts=_routing_rows(routed_experts, lengths, width) if routed_experts is not None else None,
     )
+
+
+def _routing_rows(records: list, lengths: list[int], width: int) -> torch.Tensor | None:
+    """Per-sample engine routing (``[tokens, layers, k]`` expert ids, -1: none) as ``[B, width, layers, k]``
+    record entries (expert id + 1, 0: none), row ``t`` the token at ``input_ids[:, t]``."""
+    present = [r for r in records if r is not None]
+    if not present:
+        return None
+    shape = torch.as_tensor(present[0]).shape[1:]
+    out = torch.zeros((len(records), width, *shape), dtype=torch.int16)
+    for i, (record, length) in enumerate(zip(records, lengths)):
+        if record is None:
+            continue
+        record = torch.as_tensor(record)
+        if record.shape[1:] != shape or record.shape[0] > length:
+            raise ValueError(f"sample {i}: a routing record of shape {tuple(record.shape)} for {length} tokens "
+                             f"(expected at most [{length}, {', '.join(map(str, shape))}])")
+        out[i, :record.shape[0]] = record.to(torch.int16) + 1
+    return out
 
 
 def trim_to_content(batch: dict, *, multiple: int = 1, mask_key: str = "action_mask", label_aligned: bool = True) -> dict:
@@ -91,7 +115,7 @@ def trim_to_content(batch: dict, *, multiple: int = 1, mask_key: str = "action_m
     used = int(nonzero[:, 1].max()) + after if len(nonzero) else 1
     used = min(batch["input_ids"].shape[1], used)
     width = -(-used // multiple) * multiple  # may be wider than the rows: padded with zeros then
-    out = {k: _fit_columns(v, width) if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
+    out = {k: _fit_columns(v, width) if torch.is_tensor(v) and v.dim() >= 2 else v for k, v in batch.items()}
     if "position_ids" in out:
         out["position_ids"] = torch.arange(width).expand(out["input_ids"].shape[0], width).contiguous()
     return out
@@ -100,4 +124,5 @@ def trim_to_content(batch: dict, *, multiple: int = 1, mask_key: str = "action_m
 def _fit_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
     if tensor.shape[1] >= width:
         return tensor[:, :width]
-    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+    pad = tensor.new_zeros((tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:]))
+    return torch.cat([tensor, pad], dim=1)

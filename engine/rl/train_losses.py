@@ -117,7 +117,7 @@ _WHY_MISSING = {"ref_log_probs": "a reference model: --init_kl_coef > 0",
 # Metrics of the rollout (the engines' mismatch with the trainer), not of the actor: the loop
 # reports them under these names as they are (``rollout_mismatch`` makes them).
 ROLLOUT_METRICS = ("rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/max", "vllm_is/capped_frac",
-                   "vllm_is/masked_frac")
+                   "vllm_is/masked_frac", "rollout/routing_mismatch")
 
 
 def rollout_mismatch(old_log_probs: torch.Tensor, batch: dict, settings: TrainSettings, *, cp_group=None):

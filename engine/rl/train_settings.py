@@ -39,3 +39,6 @@ class TrainSettings:
     entropy_coef: float = 0.0  # --entropy_coef: the entropy bonus, aggregated like the policy loss
     cispo_eps_clip_low: float = 1.0  # --policy_loss_type cispo's weight bounds: [1 - low, 1 + high]
     cispo_eps_clip_high: float = 0.28
+    # Count the tokens whose routing differs from the engines' (MoE actor; the training forward is the
+    # first of the rollout: no old-log-prob forward) as rollout/routing_mismatch
+    measure_routing: bool = False

@@ -14,7 +14,7 @@ from parallel.context_parallel import pad_packed_for_cp, zigzag_split, zigzag_sp
 PER_TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "position_ids", "action_mask", "old_log_probs",
                   "advantages", "returns", "values", "ref_log_probs", "teacher_log_probs", "attention_mask",
                   "sequence_index", "last_token",
-                  "rollout_log_probs", "aggregation_weights")
+                  "rollout_log_probs", "aggregation_weights", "routed_experts")
 
 
 def split_for_context_parallel(batch: dict, *, cp_rank: int, cp_size: int) -> dict:

@@ -16,6 +16,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from engine.runtime.cp_batch import split_for_context_parallel
 from models.moe_aux import router_stats_of
+from models.router_replay import ROUTING_KEY, routing_replay_of
 
 # loss_fn(output, batch) -> (loss_for_backward, metrics dict)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
@@ -54,6 +55,9 @@ def model_forward(model, batch: dict) -> torch.Tensor:
     stats = router_stats_of(model)
     if stats is not None:
         stats.begin_microbatch(batch.get("attention_mask"))  # MoE: padding is not routed load
+    replay = routing_replay_of(model)
+    if replay is not None:
+        replay.begin_microbatch(batch.get(ROUTING_KEY))  # the engine's routing (--router_replay, the metric)
     return model(
         batch["input_ids"],
         batch["position_ids"],

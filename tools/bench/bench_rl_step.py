@@ -21,6 +21,10 @@ PPO epoch, one optimizer step per rollout, fp32 training, learning rate 1e-6.
   step, ``num_generations=4``); its phases are timed around its own methods. It runs with
   ``--trl_threads`` torch threads (1: each of our processes runs one thread too).
 
+``--router_replay``: instead, the cost of carrying the routing: one GRPO run of workload W's shape
+as a Mixtral (4 experts, top-2), ours only, with and without ``--router_replay`` (the engine returns
+every token's experts in both: ``rollout/routing_mismatch`` is measured either way).
+
 Steps after ``--warmup_steps`` are measured; the table shows medians and the ratio TRL seconds
 per step / ours. Both run in this process, one after the other: on a shared box the numbers move
 with the load (printed).
@@ -50,6 +54,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per side")
     parser.add_argument("--skip_bf16", action="store_true", help="only the fp32 engine")
+    parser.add_argument("--router_replay", action="store_true",
+                        help="an MoE model, ours with and without --router_replay (no TRL run)")
     parser.add_argument("--trl_threads", type=int, default=1,
                         help="torch threads of the TRL run (ours: one per process, as Ray and vLLM-CPU set)")
     parser.add_argument("--skewed", action="store_true",
@@ -173,12 +179,34 @@ def _row(name: str, result: dict, trl_step: float) -> tuple:
     return (name, result["step"], *cells, int(result["tokens"]), trl_step / result["step"])
 
 
+def run_router_replay(args, workdir: Path, prompts: Path) -> None:
+    """Workload W's shape as a Mixtral: a GRPO step without and with --router_replay (fp32 engine)."""
+    import ray
+
+    model = reference_model(str(workdir), quick=args.quick, arch="mixtral")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    runs = {name: run_ours(model, prompts, args, vllm_dtype="float32", extra=extra)
+            for name, extra in (("Mixtral, no replay", ()), ("Mixtral --router_replay", ("--router_replay",)))}
+    ray.shutdown()
+    base = runs["Mixtral, no replay"]["step"]
+    print_table("one GRPO step of an MoE actor (median seconds; the engine records the routing in both runs)",
+                ["run", "step s", *(f"{p} s" for p in PHASES), "new tokens", "no replay s / this"],
+                [_row(name, result, base) for name, result in runs.items()])
+    print(f"load average after: {os.getloadavg()}")
+
+
 def main() -> None:
     import ray
 
     args = _parse_args()
     print(f"load average before: {os.getloadavg()}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_rl_step_"))
+    if args.router_replay:
+        prompts = _write_prompts(workdir, args.warmup_steps + args.steps)
+        torch.set_num_threads(args.trl_threads)
+        run_router_replay(args, workdir, prompts)
+        return
     model = reference_model(str(workdir), quick=args.quick)
     if args.skewed:
         from tools.bench.skewed_rl_step import run_skewed

@@ -166,35 +166,3 @@ def test_one_round_trains_on_fewer_and_says_so(tmp_path, capsys):
     step = kept.index(min(kept)) + 1
     assert (f"rollout {step}: {min(kept)} of --rollout_batch_size {ROLLOUT} prompt groups kept after "
             f"--max_num_gen_batches 1 rounds ({ROLLOUT} generated)") in out
-
-
-PARITY_REWARD = '''
-def reward_func(prompts, responses, labels):
-    return [float(len(r) % 2) if int(l) % 2 else 0.0 for r, l in zip(responses, labels)]
-'''
-
-
-def test_refill_and_token_budget_on_ray(tmp_path, ray_cluster):
-    """The loop on Ray (a Megatron actor, a vLLM engine), with --async_train: prompts with an even answer
-    score 0 on every sample (dropped), the others by the parity of the response's length. Every rollout
-    trains --rollout_batch_size groups; the actor scores and trains (two optimizer steps) in micro-batches
-    of at most 24 tokens, its results put back in row order (DP=2 balancing: tests/test_token_budget.py)."""
-    from engine.cli import demo, train_ppo_ray
-
-    model, data = demo.prepare(tmp_path)
-    reward = tmp_path / "parity.py"
-    reward.write_text(PARITY_REWARD)
-    history = train_ppo_ray.main([
-        "--run_dir", str(tmp_path / "run"), "--pretrain", model, "--prompt_data", f"json@{data}",
-        "--input_key", "prompt", "--label_key", "label", "--remote_rm_url", str(reward),
-        "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--n_samples_per_prompt", str(N),
-        "--rollout_batch_size", str(ROLLOUT), "--train_batch_size", "8", "--generate_max_len", "4",
-        "--dynamic_filtering", "--async_train",
-        "--use_dynamic_batch_size", "--max_tokens_per_gpu", "24", "--max_steps", "2",
-        "--learning_rate", "1e-3", "--enforce_eager", "--vllm_dtype", "float32", "--seed", "3",
-    ])
-    assert [h["rollout/groups_trained"] for h in history] == [ROLLOUT, ROLLOUT]
-    for h in history:
-        assert h["rollout/groups_generated"] == h["rollout/groups_kept"] + h["rollout/groups_dropped"]
-        assert h["rollout/groups_dropped"] > 0 and h["actor/skipped_steps"] == 0
-        assert h["actor/num_tokens"] > 0

@@ -192,6 +192,29 @@ def test_grpo_with_a_lora_actor(rl_setup, ray_cluster):
     assert (save_path / "adapter_model.safetensors").exists() and not (save_path / "model.safetensors").exists()
 
 
+def test_dapo_recipe_with_gspo_refill_and_token_budgets_learns(rl_setup, ray_cluster):
+    """The 2026 recipe end to end: GSPO's sequence ratio aggregated seq-mean-token-mean, an entropy bonus,
+    DAPO's refill (all-equal groups dropped, more prompts generated until --rollout_batch_size groups are
+    kept) and overlong shaping, one step off-policy (--async_train), scored and trained in token-budget
+    micro-batches. The trained groups are mixed by construction, so learning shows in the reward of
+    everything generated."""
+    from engine.cli import train_ppo_ray
+
+    history = train_ppo_ray.main(_ppo_args(
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
+        "--policy_loss_type", "gspo", "--loss_agg_mode", "seq-mean-token-mean", "--entropy_coef", "0.001",
+        "--dynamic_filtering", "--overlong_buffer_len", "4", "--async_train",
+        "--use_dynamic_batch_size", "--max_tokens_per_gpu", "96",
+    ))
+    assert [h["rollout/groups_trained"] for h in history] == [16] * 12
+    for h in history:
+        assert h["rollout/groups_generated"] == h["rollout/groups_kept"] + h["rollout/groups_dropped"]
+        assert "overlong/penalty" in h and "actor/entropy_loss" in h
+    assert sum(h["rollout/groups_dropped"] for h in history) > 0
+    generated = [h["rollout/generated_reward"] for h in history]
+    assert sum(generated[-3:]) / 3 - sum(generated[:3]) / 3 >= MARGIN, generated
+
+
 def test_gae_with_lora_actor_and_critic_under_pp2(rl_setup, ray_cluster):
     """LoRA on both trained roles: a PP=2 actor syncs merged weights from both stages, the critic trains
     its adapters and value head, and both park their (adapter-only) optimizer state while the engine generates.

@@ -144,7 +144,7 @@ def _score(rank, world_size, path, experience, layout, packed, replays):
     results = []
     for replay in replays:
         worker._routing_replay().replay = replay
-        results.append(worker.compute_log_probs(experience, 4, 1.0, packed, True))
+        results.append(worker.compute_log_probs(experience, 4, 1.0, packed, measure_routing=True))
     return results
 
 

@@ -8,8 +8,12 @@ from models.llama import LlamaAdapter
 from models.mistral import MistralAdapter
 from models.mixtral import MixtralAdapter
 from models.qwen2 import Qwen2Adapter
+from models.qwen2_moe import Qwen2MoeAdapter
+from models.qwen3 import Qwen3Adapter
+from models.qwen3_moe import Qwen3MoeAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, MixtralAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, MixtralAdapter, Qwen3Adapter,
+                                            Qwen3MoeAdapter, Qwen2MoeAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -138,3 +138,31 @@ def test_convert_round_trip_is_bit_exact(arch, qwen_models, tmp_path):
     assert sorted(roundtrip) == sorted(original)
     for name, tensor in original.items():
         assert roundtrip[name].dtype == tensor.dtype and torch.equal(roundtrip[name], tensor), f"{arch}: {name}"
+
+
+def _aux_every_arch(rank, world_size, paths, layout, coef):
+    from tests.test_moe_aux_loss import _ours
+
+    return {arch: _ours(rank, world_size, path, layout, coef) for arch, path in paths.items()}
+
+
+@pytest.mark.parametrize("layout", ["ep1", "ep2"])
+def test_aux_loss_coef_is_hfs_aux_loss_and_gradient(layout, qwen_models, tmp_path):
+    """``--aux_loss_coef`` on Qwen3-MoE (a dense layer among the MoE ones: HF pools only the routers)
+    and Qwen2-MoE (a gated shared expert): the logged aux loss is HF's ``aux_loss``, every gradient
+    that of HF's token-mean CE + coef x aux_loss (``tests/test_moe_aux_loss.py``'s oracle)."""
+    from tests.test_moe_aux_loss import COEF, GRAD_ATOL, LAYOUTS, _hf_reference
+
+    paths = {arch: qwen_models[arch] for arch in ("qwen3_moe", "qwen2_moe")}
+    results = run_distributed(_aux_every_arch, LAYOUTS[layout][0], args=(paths, layout, COEF), timeout=300)
+    for arch, path in paths.items():
+        hf_aux, hf_grads = _hf_reference(path, layout, COEF, tmp_path / arch)
+        for rank_results in results:
+            assert rank_results[arch][0]["aux_loss"] == pytest.approx(hf_aux, rel=1e-5), arch
+        grads = {name: grad for rank_results in results for name, grad in rank_results[arch][1].items()}
+        assert sorted(grads) == sorted(hf_grads)
+        for name, expected in hf_grads.items():
+            torch.testing.assert_close(grads[name], expected, atol=GRAD_ATOL, rtol=1e-4, msg=f"{arch} {name}")
+        routers = [n for n in hf_grads if n.endswith("mlp.gate.weight")]
+        assert len(routers) == 3 if arch == "qwen3_moe" else 2  # MoE layers only
+        assert all(hf_grads[n].abs().sum() > 0 for n in routers)

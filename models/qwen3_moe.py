@@ -32,6 +32,11 @@ class QwenMoeLayout:
         return (layer not in (c.mlp_only_layers or ())) and bool(self.num_experts) and (
             (layer + 1) % c.decoder_sparse_step == 0)
 
+    @property
+    def lora_expert_names_mean_experts_only(self) -> bool:
+        # PEFT 0.21 maps qwen2_moe / qwen3_moe's gate_proj / up_proj / down_proj onto the fused experts only.
+        return bool(self.num_experts)
+
     def moe_routing_kwargs(self) -> dict:
         return {"moe_router_pre_softmax": not self.hf_config.norm_topk_prob} if self.num_experts else {}
 

@@ -166,3 +166,51 @@ def test_aux_loss_coef_is_hfs_aux_loss_and_gradient(layout, qwen_models, tmp_pat
         routers = [n for n in hf_grads if n.endswith("mlp.gate.weight")]
         assert len(routers) == 3 if arch == "qwen3_moe" else 2  # MoE layers only
         assert all(hf_grads[n].abs().sum() > 0 for n in routers)
+
+
+LORA_LAYOUTS = {  # name: (ParallelConfig kwargs, {arch: --target_modules})
+    "tp2": (dict(tensor_model_parallel_size=2), {"qwen3": ("all-linear",)}),
+    "ep2": (dict(expert_model_parallel_size=2, expert_tensor_parallel_size=1),
+            {"qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+             "qwen2_moe": ("all-linear",)}),
+}
+
+
+def _lora_every_layout(rank, world_size, models, out_root):
+    from tests.test_lora import _lora_logits
+
+    return {layout: _lora_logits(rank, world_size, kwargs, {arch: (models[arch], t) for arch, t in targets.items()},
+                                 f"{out_root}/{layout}")
+            for layout, (kwargs, targets) in LORA_LAYOUTS.items()}
+
+
+def _peft_converts_qwen2_moe():
+    """PEFT 0.21.2 declares how qwen2_moe's per-expert LoRA maps onto transformers 5's fused experts
+    (``_MOE_TARGET_MODULE_MAPPING["qwen2_moe"]``) but never applies it: its model-type table lists
+    qwen3_moe (and deepseek_v3...) under the "qwen2_moe" pattern, not qwen2_moe itself (it adds that
+    entry for mixtral only). The reference adds it, so PEFT loads the experts' adapters as it does Qwen3-MoE's."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    conversion._MODEL_TO_CONVERSION_PATTERN.setdefault("qwen2_moe", "qwen2_moe")
+
+
+def test_lora_targets_map_and_the_peft_export_gives_our_logits(qwen_models, tmp_path):
+    from models.lora.targets import available_targets, resolve_targets
+    from models.registry import load_adapter
+    from tests.test_lora import ATOL, _hf_logits, _peft_logits
+
+    qwen2_moe = load_adapter(qwen_models["qwen2_moe"])
+    assert available_targets(qwen2_moe) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # As PEFT means them on these architectures: the MLP names adapt the routed experts only.
+    assert sorted(resolve_targets(qwen2_moe, ("all-linear",))) == [
+        ("linear_fc1", True), ("linear_fc2", True), ("self_attention.linear_proj", False),
+        ("self_attention.linear_qkv", False)]
+    assert sorted(resolve_targets(load_adapter(qwen_models["qwen3"]), ("gate_proj",))) == [("mlp.linear_fc1", False)]
+    _peft_converts_qwen2_moe()
+    results = run_distributed(_lora_every_layout, 2, args=(qwen_models, str(tmp_path)), timeout=300)
+    for layout, (_, targets) in LORA_LAYOUTS.items():
+        merged = {arch: logits for result in results for arch, logits in result[layout].items()}
+        for arch in targets:
+            expected = _peft_logits(qwen_models[arch], str(tmp_path / layout / arch))
+            torch.testing.assert_close(merged[arch], expected, atol=ATOL, rtol=0, msg=f"{arch} {layout}")
+            assert (expected - _hf_logits(qwen_models[arch])).abs().max() > 1e-3  # the adapters change the output

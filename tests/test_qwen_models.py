@@ -40,6 +40,8 @@ def _batches(vocab: int) -> list[dict]:
 
 
 def _wanted(layout: str, arch: str) -> bool:
+    if arch == "qwen3_moe_unnormed":  # the routing itself: once, with the experts split over ranks
+        return layout == "ep2"
     moe = arch != "qwen3"
     return not ((layout in MOE_ONLY and not moe) or (layout in DENSE_ONLY and moe))
 

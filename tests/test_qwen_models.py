@@ -4,6 +4,8 @@ batch equal HF's at TP=2, PP=2, CP=2, EP=2 and EP=2 x TP=2 (dense Qwen3: TP=2 x 
 checkpoint each layout exports is bit-exact with the source and loads in transformers; the
 hf_to_mcore / mcore_to_hf CLIs round-trip bit-exactly through a sharded layout.
 
+Also: the q/k norms' gradients at TP=2 equal HF's (summed over the TP ranks' heads).
+
 One spawn per world size runs every layout and architecture (parallel state is re-initialised
 between layouts): the suite's time grows by seconds, not by one spawn per case.
 """
@@ -216,3 +218,45 @@ def test_lora_targets_map_and_the_peft_export_gives_our_logits(qwen_models, tmp_
             expected = _peft_logits(qwen_models[arch], str(tmp_path / layout / arch))
             torch.testing.assert_close(merged[arch], expected, atol=ATOL, rtol=0, msg=f"{arch} {layout}")
             assert (expected - _hf_logits(qwen_models[arch])).abs().max() > 1e-3  # the adapters change the output
+
+
+def _tp2_grads(rank, world_size, path):
+    """``tests/test_moe_aux_loss._ours`` (coefficient 0) at TP=2 without sequence parallelism: each TP rank's
+    q/k norm gradient covers its heads only and must be summed over TP (megatron-core does it for
+    ``config.qk_layernorm``, which the Qwen3 adapters set)."""
+    import tests.test_moe_aux_loss as aux
+
+    aux.LAYOUTS.setdefault("tp2", (2, dict(tensor_model_parallel_size=2)))
+    return aux._ours(rank, world_size, path, "tp2", 0.0)
+
+
+def _hf_lm_grads(path: str, tmp_path) -> dict[str, torch.Tensor]:
+    """HF's gradients of the token-mean CE on ``tests/test_moe_aux_loss._rows(vocab, 0)``, on-disk names."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_moe_aux_loss import _rows
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = _rows(model.config.vocab_size, 0)
+    logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+    mask = rows["loss_mask"].bool()
+    torch.nn.functional.cross_entropy(logits[mask], rows["labels"][mask]).backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.grad)
+    model.save_pretrained(tmp_path / "grads")
+    return load_file(str(tmp_path / "grads" / "model.safetensors"))
+
+
+def test_qk_norm_gradients_under_tensor_parallelism_equal_hf(qwen_models, tmp_path):
+    from tests.test_moe_aux_loss import GRAD_ATOL
+
+    path = qwen_models["qwen3"]
+    results = run_distributed(_tp2_grads, 2, args=(path,), timeout=300)
+    hf_grads = _hf_lm_grads(path, tmp_path)
+    grads = {name: grad for _, rank_grads in results for name, grad in rank_grads.items()}
+    assert sorted(grads) == sorted(hf_grads)
+    for name, expected in hf_grads.items():
+        torch.testing.assert_close(grads[name], expected, atol=GRAD_ATOL, rtol=1e-4, msg=name)
+    assert all(hf_grads[n].abs().sum() > 0 for n in hf_grads if n.endswith(("q_norm.weight", "k_norm.weight")))

@@ -260,3 +260,26 @@ def test_qk_norm_gradients_under_tensor_parallelism_equal_hf(qwen_models, tmp_pa
     for name, expected in hf_grads.items():
         torch.testing.assert_close(grads[name], expected, atol=GRAD_ATOL, rtol=1e-4, msg=name)
     assert all(hf_grads[n].abs().sum() > 0 for n in hf_grads if n.endswith(("q_norm.weight", "k_norm.weight")))
+
+
+def test_layer_pattern_routing_and_refusals():
+    """The per-layer pattern as HF builds it (``mlp_only_layers``, ``decoder_sparse_step``), the routing
+    and shared-expert fields given to megatron-core, and what the adapters refuse, naming the field."""
+    from models.registry import get_adapter
+    from models.tiny import tiny_config
+
+    qwen3_moe, qwen2_moe = get_adapter(tiny_config("qwen3_moe", 500)), get_adapter(tiny_config("qwen2_moe", 500))
+    assert qwen3_moe.moe_layer_pattern == (True, False, True, True)  # mlp_only_layers [1]
+    assert qwen2_moe.moe_layer_pattern == (False, True, False, True)  # decoder_sparse_step 2
+    q3, q2 = qwen3_moe.transformer_config_kwargs(), qwen2_moe.transformer_config_kwargs()
+    assert q3["moe_layer_freq"] == [1, 0, 1, 1] and q2["moe_layer_freq"] == [0, 1, 0, 1]
+    assert (q3["moe_ffn_hidden_size"], q3["ffn_hidden_size"], q3["kv_channels"]) == (40, 72, 20)
+    assert q3["moe_router_pre_softmax"] is False and q2["moe_router_pre_softmax"] is True  # norm_topk_prob on / off
+    assert q3["qk_layernorm"] and not q2["qk_layernorm"] and q2["add_qkv_bias"]
+    assert (q2["moe_shared_expert_intermediate_size"], q2["moe_shared_expert_gate"]) == (56, True)
+    assert "moe_shared_expert_intermediate_size" not in q3
+    assert get_adapter(tiny_config("mixtral", 500)).transformer_config_kwargs()["moe_layer_freq"] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="attention_bias"):
+        get_adapter(tiny_config("qwen3", 500, attention_bias=True))
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        get_adapter(tiny_config("qwen3_moe", 500, use_sliding_window=True))

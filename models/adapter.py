@@ -175,6 +175,13 @@ class ModelAdapter:
         return False
 
     @property
+    def lora_expert_names_mean_experts_only(self) -> bool:
+        """LoRA ``--target_modules`` names shared by the experts and a dense / shared-expert MLP
+        (``gate_proj``...) adapt the routed experts only, as PEFT means them for this architecture
+        (``models.lora.targets``)."""
+        return False
+
+    @property
     def qk_layernorm(self) -> bool:
         """Per-head RMSNorm on q and k before rotary (Qwen3, OLMo 2): ``qk_norm_specs`` names its weights."""
         return False

@@ -10,9 +10,12 @@ from models.llama import LlamaAdapter
 from models.mistral import MistralAdapter
 from models.mixtral import MixtralAdapter
 from models.qwen2 import Qwen2Adapter
+from models.qwen2_moe import Qwen2MoeAdapter
+from models.qwen3 import Qwen3Adapter
+from models.qwen3_moe import Qwen3MoeAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, MixtralAdapter,
-                                            DeepseekV3Adapter, DeepseekV2Adapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, MixtralAdapter, Qwen3Adapter,
+                                            Qwen3MoeAdapter, Qwen2MoeAdapter, DeepseekV3Adapter, DeepseekV2Adapter)
 
 
 def supported_model_types() -> list[str]:

@@ -29,7 +29,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "mixtral")  # the shared ``tiny_models`` fixture builds these
+#: The 2026 families, built from transformers' own config classes with odd sizes (hidden 48, head_dim
+#: 20 != 48 / 4, experts of 40, dense layers between MoE layers) so a wrong split or stride shows.
+QWEN_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2_moe")
+_ODD = dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
 #: Multi-head latent attention + sigmoid-routed MoE, odd sizes (``_deepseek_config``).
 DEEPSEEK_ARCHITECTURES = ("deepseek_v3", "deepseek_v2")
 
@@ -133,10 +137,27 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         )
     elif arch in DEEPSEEK_ARCHITECTURES:
         config = _deepseek_config(arch, common, overrides)
+    elif arch in QWEN_ARCHITECTURES:
+        config = _qwen_config(arch, {**common, **_ODD}, overrides)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from "
-                         f"{', '.join(ARCHITECTURES + DEEPSEEK_ARCHITECTURES)}")
+                         f"{', '.join(ARCHITECTURES + DEEPSEEK_ARCHITECTURES + QWEN_ARCHITECTURES)}")
     return config
+
+
+def _qwen_config(arch: str, common: dict, overrides: dict):
+    from transformers import Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, intermediate_size=72)
+    if arch == "qwen3":  # small Qwen3s tie the embeddings
+        return Qwen3Config(**{**common, "head_dim": 20, "intermediate_size": 80, "tie_word_embeddings": True,
+                              "rope_theta": 1000000.0, **overrides})
+    if arch == "qwen3_moe":  # layer 1 dense (mlp_only_layers), the others MoE; renormalised top-k
+        return Qwen3MoeConfig(**{**common, **moe, "head_dim": 20, "norm_topk_prob": True, "mlp_only_layers": [1],
+                                 "decoder_sparse_step": 1, "rope_theta": 1000000.0, **overrides})
+    # qwen2_moe: MoE every second layer (decoder_sparse_step 2: layers 1 and 3), a gated shared expert
+    return Qwen2MoeConfig(**{**common, **moe, "shared_expert_intermediate_size": 56, "norm_topk_prob": False,
+                             "decoder_sparse_step": 2, "qkv_bias": True, "rope_theta": 1000000.0, **overrides})
 
 
 def _deepseek_config(arch: str, common: dict, overrides: dict):

@@ -36,6 +36,19 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {arch: build_tiny_model(arch, root / arch, seed=i) for i, arch in enumerate(ARCHITECTURES)}
 
 
+@pytest.fixture(scope="session")
+def qwen_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny Qwen3, Qwen3-MoE (renormalised top-k, one dense layer) and Qwen2-MoE (dense layers between
+    MoE layers, gated shared expert), plus a Qwen3-MoE with ``norm_topk_prob`` off: {name: path}."""
+    from models.tiny import QWEN_ARCHITECTURES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("qwen_models")
+    models = {arch: build_tiny_model(arch, root / arch, seed=10 + i) for i, arch in enumerate(QWEN_ARCHITECTURES)}
+    models["qwen3_moe_unnormed"] = build_tiny_model("qwen3_moe", root / "qwen3_moe_unnormed", seed=20,
+                                                    norm_topk_prob=False)
+    return models
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``-n N --dist loadgroup`` (scripts/test.sh) a module runs on one worker, so its module

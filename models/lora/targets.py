@@ -57,9 +57,16 @@ def _linear_specs(adapter: ModelAdapter) -> list[tuple[WeightSpec, str, bool]]:
     found = [(spec, _LINEARS[spec.megatron.removesuffix(".weight")], False)
              for spec in adapter.layer_specs() if spec.megatron.removesuffix(".weight") in _LINEARS
              and spec.megatron.endswith(".weight")]
-    found += [(spec, _EXPERT_LINEARS[spec.megatron.removesuffix(".weight")], True)
-              for spec in adapter.expert_specs() if spec.megatron.removesuffix(".weight") in _EXPERT_LINEARS]
-    return found
+    experts = [(spec, _EXPERT_LINEARS[spec.megatron.removesuffix(".weight")], True)
+               for spec in adapter.expert_specs() if spec.megatron.removesuffix(".weight") in _EXPERT_LINEARS]
+    if adapter.lora_expert_names_mean_experts_only:
+        # PEFT (0.21, on transformers 5's fused experts) turns these names into the experts' target_parameters
+        # and drops them from target_modules: a dense or shared-expert MLP of the same names is not adapted.
+        # The same meaning here, so that the exported adapter loads into PEFT and gives our logits.
+        expert_leaves = {t.rsplit(".", 1)[-1] for spec, _, _ in experts for t in _module_templates(spec)}
+        found = [(spec, kind, e) for spec, kind, e in found
+                 if not expert_leaves & {t.rsplit(".", 1)[-1] for t in _module_templates(spec)}]
+    return found + experts
 
 
 def available_targets(adapter: ModelAdapter) -> list[str]:

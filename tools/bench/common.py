@@ -13,11 +13,19 @@ QUICK_MODEL = dict(
 )
 
 
+#: W's shape in the Qwen families: head_dim hidden / heads (the tiny builders' odd defaults are for
+#: tests), Qwen3-MoE's 4 experts of half W's MLP width in every layer (top-2, as the Mixtral bench).
+QWEN_SHAPE = {"qwen3": dict(head_dim=64), "qwen3_moe": dict(head_dim=64, moe_intermediate_size=704, mlp_only_layers=[])}
+QWEN_QUICK_SHAPE = {"qwen3": dict(head_dim=32), "qwen3_moe": dict(head_dim=32, moe_intermediate_size=128,
+                                                                  mlp_only_layers=[])}
+
+
 def reference_model(directory: str, *, quick: bool = False, arch: str = "llama") -> str:
     """Build workload W's model (or a small one with ``quick``) under ``directory``."""
     from models.tiny import build_tiny_model
 
-    return build_tiny_model(arch, f"{directory}/{arch}", **(QUICK_MODEL if quick else REFERENCE_MODEL))
+    shape = (QUICK_MODEL if quick else REFERENCE_MODEL) | (QWEN_QUICK_SHAPE if quick else QWEN_SHAPE).get(arch, {})
+    return build_tiny_model(arch, f"{directory}/{arch}", **shape)
 
 
 def print_table(title: str, header: list[str], rows: list[tuple]) -> None:

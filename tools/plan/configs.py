@@ -12,6 +12,11 @@ _LLAMA3 = dict(model_type="llama", vocab_size=128256, rms_norm_eps=1e-5, rope_th
 _MIXTRAL = dict(model_type="mixtral", rms_norm_eps=1e-5, rope_theta=1e6, num_experts_per_tok=2,
                 num_local_experts=8, tie_word_embeddings=False, torch_dtype="bfloat16")
 
+_QWEN3 = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
+              tie_word_embeddings=False, torch_dtype="bfloat16")
+_QWEN3_MOE = dict(_QWEN3, model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                  decoder_sparse_step=1, mlp_only_layers=[])
+
 BUILTIN: dict[str, dict] = {
     "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8),
@@ -31,6 +36,20 @@ BUILTIN: dict[str, dict] = {
     "mixtral-8x22b": dict(_MIXTRAL, vocab_size=32768, hidden_size=6144, intermediate_size=16384,
                           num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
                           max_position_embeddings=65536),
+    "qwen3-8b": dict(_QWEN3, model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8),
+    "qwen3-32b": dict(_QWEN3, model_type="qwen3", hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, num_key_value_heads=8),
+    "qwen3-30b-a3b": dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4),
+    "qwen3-235b-a22b": dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                            num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4),
+    "qwen2-57b-a14b": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=3584, intermediate_size=18944,
+                           moe_intermediate_size=2560, shared_expert_intermediate_size=20480, num_hidden_layers=28,
+                           num_attention_heads=28, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+                           norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
+                           rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                           tie_word_embeddings=False, torch_dtype="bfloat16"),
 }
 
 

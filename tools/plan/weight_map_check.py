@@ -45,28 +45,30 @@ def hf_shapes(hf_config) -> dict[str, torch.Size]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
+    adapter = get_adapter(hf_config)
     shapes = {}
     for name, tensor in model.state_dict().items():
-        shapes.update(_on_disk(name, tensor.shape))
+        shapes.update(_on_disk(adapter, name, tensor.shape))
     return shapes
 
 
-def _on_disk(name: str, shape: torch.Size) -> dict[str, torch.Size]:
+def _on_disk(adapter, name: str, shape: torch.Size) -> dict[str, torch.Size]:
     """transformers 5 fuses a MoE layer's experts in memory (``mlp.experts.gate_up_proj``) and converts
-    on load / save; checkpoints (and the weight map) keep one tensor per expert, as listed here."""
+    on load / save; checkpoints (and the weight map) keep one tensor per expert, named as the adapter's
+    router and expert specs say (Mixtral's ``block_sparse_moe.experts.{e}.w1``, Qwen's ``mlp.experts.{e}.gate_proj``)."""
     prefix, _, tail = name.partition(".mlp.")
-    if tail == "gate.weight" and "block_sparse_moe" not in name:
-        return {f"{prefix}.block_sparse_moe.gate.weight": shape}
+    if not adapter.num_experts or tail not in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):
+        return {name: shape}
+    layer = int(prefix.rsplit(".", 1)[-1])
+    experts = {spec.megatron: spec.hf for spec in adapter.expert_specs()}
+    if tail == "gate.weight":
+        router = next(spec.hf[0] for spec in adapter.mlp_specs() if spec.megatron == "mlp.router.weight")
+        return {router.format(layer=layer): shape}
     if tail == "experts.gate_up_proj":
-        experts, rows, cols = shape
-        out = {}
-        for e in range(experts):
-            out[f"{prefix}.block_sparse_moe.experts.{e}.w1.weight"] = torch.Size((rows // 2, cols))
-            out[f"{prefix}.block_sparse_moe.experts.{e}.w3.weight"] = torch.Size((rows // 2, cols))
-        return out
-    if tail == "experts.down_proj":
-        return {f"{prefix}.block_sparse_moe.experts.{e}.w2.weight": torch.Size(shape[1:]) for e in range(shape[0])}
-    return {name: shape}
+        num, rows, cols = shape
+        return {t.format(layer=layer, expert=e): torch.Size((rows // 2, cols))
+                for e in range(num) for t in experts["linear_fc1.weight"]}
+    return {experts["linear_fc2.weight"][0].format(layer=layer, expert=e): torch.Size(shape[1:]) for e in range(shape[0])}
 
 
 def check_weight_map(model: str, *, tp: int, pp: int, ep: int = 1) -> dict:

@@ -31,7 +31,7 @@ def _train_with_ema(rank, world_size, path, experience, out_dir):
     def worker():
         role = MegatronRoleWorker(RoleConfig(name="actor", engine=engine, num_ranks=world_size, trainable=True,
                                              ema_beta=BETA, total_steps=2 * STEPS), rank)
-        role.setup(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        role.setup((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
         return role
 
     def weights(role):

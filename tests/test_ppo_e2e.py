@@ -415,7 +415,7 @@ def _actor_train_with_ptx(rank, world_size, tp, path, experience, ptx):
     engine = EngineConfig(pretrain=path, parallel=ParallelConfig(tensor_model_parallel_size=tp),
                           optim=OptimConfig(learning_rate=1e-4, lr_warmup_ratio=0.0, lr_scheduler="constant"))
     worker = MegatronRoleWorker(RoleConfig(name="actor", engine=engine, num_ranks=world_size, trainable=True), rank)
-    worker.setup(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    worker.setup((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
     return worker.train(experience, "policy", _ptx_settings(), ptx=ptx)
 
 

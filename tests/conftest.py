@@ -47,15 +47,3 @@ def qwen_models(tmp_path_factory) -> dict[str, str]:
     models["qwen3_moe_unnormed"] = build_tiny_model("qwen3_moe", root / "qwen3_moe_unnormed", seed=20,
                                                     norm_topk_prob=False)
     return models
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under ``-n N --dist loadgroup`` (scripts/test.sh) a module runs on one worker, so its module
-    fixtures are built once; the modules with most tests start first. Each worker has its own
-    session Ray cluster (``ray.init(address="local")``); the clusters tests start themselves
-    (`ray start` under Slurm, ``ray job submit``) live under temp dirs of their own."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(item.module.__name__))

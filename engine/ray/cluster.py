@@ -73,6 +73,17 @@ def join_cluster(*, log_to_driver: bool = True) -> None:
     address = os.environ.get("RAY_ADDRESS")
     check_address(address)
     ray.init(address=address, include_dashboard=False, runtime_env=driver_runtime_env(), log_to_driver=log_to_driver)
+    _reenter_working_directory()
+
+
+def _reenter_working_directory() -> None:
+    """Ray 2.x: under ``ray job submit``, ray.init may unpack the job's working_dir anew at the same
+    path, leaving this process in a deleted directory (``os.getcwd()`` raises): enter the new one."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        pwd = os.environ.get("PWD", "")
+        os.chdir(pwd if os.path.isdir(pwd) else os.path.expanduser("~"))
 
 
 def session_log_dir() -> str | None:

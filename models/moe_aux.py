@@ -126,14 +126,7 @@ class RouterStats:
 
     # ----- which tokens this rank routes ------------------------------------------------------
     def _pooling_group(self):
-        """The ranks holding other tokens of the same micro-batch: TP under sequence parallelism, CP."""
-        tp = ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1
-        cp = ps.get_context_parallel_world_size()
-        if tp > 1 and cp > 1:
-            return ps.get_tensor_and_context_parallel_group()
-        if tp > 1:
-            return ps.get_tensor_model_parallel_group()
-        return ps.get_context_parallel_group() if cp > 1 else None
+        return token_group(self.sequence_parallel)
 
     def _local_token_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """1.0 for this rank's routed tokens that are not padding, in the router's [s, b] order."""
@@ -190,3 +183,14 @@ def router_stats_of(model) -> RouterStats | None:
     while not hasattr(model, "router_stats") and hasattr(model, "module"):
         model = model.module
     return getattr(model, "router_stats", None)
+
+
+def token_group(sequence_parallel: bool):
+    """The ranks holding the other tokens of a micro-batch: TP under sequence parallelism, CP (None: alone)."""
+    tp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    cp = ps.get_context_parallel_world_size()
+    if tp > 1 and cp > 1:
+        return ps.get_tensor_and_context_parallel_group()
+    if tp > 1:
+        return ps.get_tensor_model_parallel_group()
+    return ps.get_context_parallel_group() if cp > 1 else None

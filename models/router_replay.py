@@ -31,6 +31,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router_replay import RouterReplay
 
+from models.moe_aux import token_group
+
 ROUTING_KEY = "routed_experts"  # the batch / Experience field
 
 
@@ -154,14 +156,7 @@ class RoutingReplay:
         return {"routing_mismatch_tokens": float(counts[0]), "routing_recorded_tokens": float(counts[1])}
 
     def _token_group(self):
-        """The ranks holding the other tokens of a micro-batch: TP under sequence parallelism, CP."""
-        tp = ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1
-        cp = ps.get_context_parallel_world_size()
-        if tp > 1 and cp > 1:
-            return ps.get_tensor_and_context_parallel_group()
-        if tp > 1:
-            return ps.get_tensor_model_parallel_group()
-        return ps.get_context_parallel_group() if cp > 1 else None
+        return token_group(self.sequence_parallel)
 
 
 def install_routing_replay(model, *, sequence_parallel: bool) -> RoutingReplay | None:

@@ -36,11 +36,6 @@ from models.moe_aux import token_group
 ROUTING_KEY = "routed_experts"  # the batch / Experience field
 
 
-def encode_routing(expert_ids: torch.Tensor) -> torch.Tensor:
-    """Expert ids (``>= 0``) as record entries (0 stays free for "not recorded")."""
-    return expert_ids.to(torch.int16) + 1
-
-
 class TokenReplay(RouterReplay):
     """One router's replay: ``targets`` ``[tokens, k]`` expert ids (-1 rows: the router chooses)."""
 

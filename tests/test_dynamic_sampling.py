@@ -166,3 +166,33 @@ def test_one_round_trains_on_fewer_and_says_so(tmp_path, capsys):
     step = kept.index(min(kept)) + 1
     assert (f"rollout {step}: {min(kept)} of --rollout_batch_size {ROLLOUT} prompt groups kept after "
             f"--max_num_gen_batches 1 rounds ({ROLLOUT} generated)") in out
+
+
+@pytest.mark.parametrize("async_train", [False, True])
+def test_a_rollout_abandoned_for_a_signal_gives_its_prompts_back(tmp_path, async_train):
+    """SIGTERM while rollout 3 generates: the run stops after 2 rollouts and the position it would
+    checkpoint is the one after rollout 2 (its refills included), not past rollout 3's batches, so a
+    resume generates rollout 3 from the same prompts (a CI run once resumed one batch late)."""
+    import signal
+    import time
+
+    from parallel.preemption import Preempted, PreemptionWatch
+
+    straight = _trainer(tmp_path, async_train=async_train)
+    for step in range(2):
+        straight.train_one_rollout(step)
+    consumed_after_two = straight._state(2)["prompts"]["consumed"]
+    trainer = _trainer(tmp_path, async_train=async_train)
+    watch = trainer.preemption = PreemptionWatch(grace_s=60, what="test")
+    generate = trainer.rollouts.generate
+
+    def signalled_during_rollout_3(prompt_token_ids, sampling, rows=None):
+        if len(trainer.history) == 2:
+            watch.signum, watch.signalled_at = signal.SIGTERM, time.monotonic()
+        return generate(prompt_token_ids, sampling, rows)
+
+    trainer.rollouts.generate = signalled_during_rollout_3
+    with pytest.raises(Preempted, match="2 rollouts trained"):
+        trainer.fit()
+    assert len(trainer.trained) == 2 and trainer._next is None
+    assert trainer._state(2)["prompts"]["consumed"] == consumed_after_two

@@ -57,7 +57,12 @@ class Timer:
 
 
 class RolloutAbandoned(Exception):
-    """A stop was requested before this rollout trained anything: it is dropped, nothing changed."""
+    """A stop was requested before this rollout trained anything: it is dropped, nothing changed.
+    ``first_batch``: its first prompt batch, where the run continues (a resume generates it anew)."""
+
+    def __init__(self, first_batch: int):
+        super().__init__(first_batch)
+        self.first_batch = first_batch
 
 
 class PPOTrainer:
@@ -128,7 +133,9 @@ class PPOTrainer:
                     self._stop(step)
                 try:
                     metrics = self.train_one_rollout(step)
-                except RolloutAbandoned:
+                except RolloutAbandoned as abandoned:
+                    # Its prompt batches (and a prefetched next rollout's) go back to the stream.
+                    self.generation_batches, self._next = abandoned.first_batch, None
                     self._stop(step)
                 if self.evaluation.due(step + 1, self.num_steps) and not self._stop_requested():
                     metrics.update(self.evaluate(step + 1))
@@ -164,7 +171,7 @@ class PPOTrainer:
         with timer.phase("generate"):
             rollout = self._take_rollout(step)
             self.rollouts.release_memory()
-        self._abandon_if_stopping()
+        self._abandon_if_stopping(rollout)
         if self.config.async_train and step + 1 < self.num_steps:
             self._next = self._submit(step + 1)  # runs on the engines while this rollout trains
         adv_metrics = train_metrics = {}
@@ -173,7 +180,7 @@ class PPOTrainer:
         else:
             with timer.phase("score"):
                 experience, rewards, metrics = self.score(rollout.batch, rollout.meta)
-        self._abandon_if_stopping()  # the phases from here on change the run's state: they finish
+        self._abandon_if_stopping(rollout)  # the phases from here on change the run's state: they finish
         metrics["rollout/staleness"] = self.actor_version - rollout.weights_version
         if experience is not None and experience.batch_size >= self.config.train_batch_size:
             with timer.phase("advantages"):
@@ -524,10 +531,10 @@ class PPOTrainer:
     def _stop_requested(self) -> bool:
         return self.preemption is not None and self.preemption.requested
 
-    def _abandon_if_stopping(self) -> None:
+    def _abandon_if_stopping(self, rollout: PrefetchedRollout) -> None:
         """Between the phases that change nothing (generate, score): a requested stop drops the rollout."""
         if self._stop_requested():
-            raise RolloutAbandoned
+            raise RolloutAbandoned(rollout.generation_batch)
 
     def _stop(self, done: int) -> None:
         """After a signal, with ``done`` rollouts trained: their checkpoint (unless one holds them

@@ -95,12 +95,11 @@ NOT_HERE = {
     "train_rm": _NEW + " ckpt.disable_ds",  # OpenRLHF's RM had no --disable_ds_ckpt in 2025
     "train_dpo": _NEW,
     "train_ppo_ray": """
-        algo.advantage.is_correction_type train.async_queue_size train.partial_rollout_enable ckpt.best_metric_key
+        train.async_queue_size train.partial_rollout_enable ckpt.best_metric_key
         ds.deepcompile ds.experts_implementation data.dataloader_num_workers ds.tensor_parallel_size
-        train.dynamic_batch_enable rollout.max_tokens_per_gpu train.max_tokens_per_gpu rollout.vllm_generate_batch_size
-        actor.entropy_coef reward.overlong_buffer_len reward.overlong_penalty_factor
+        rollout.max_tokens_per_gpu rollout.vllm_generate_batch_size
         reward.stop_properly_penalty_coef ref.offload reward.offload eval.split
-        algo.dynamic_filtering_range data.image_key data.max_images_per_prompt actor.freeze_visual_encoder
+        data.image_key data.max_images_per_prompt actor.freeze_visual_encoder
         actor.optim actor.muon.lr actor.muon.momentum actor.muon.ns_steps actor.muon.nesterov actor.muon.no_nesterov
         actor.adam.eps critic.optim critic.muon.lr critic.muon.momentum critic.muon.ns_steps critic.muon.nesterov
         critic.muon.no_nesterov critic.adam.betas critic.adam.eps critic.adam.weight_decay critic.lr_scheduler

@@ -14,8 +14,8 @@ print their notice (or refusal) naming the spelling typed. :data:`BY_VALUE` hold
 that take a value where 2025 had a switch (``--ds.param_dtype bf16``: ``--bf16``).
 
 Not here (so unrecognized, as any flag OpenRLHF added after March 2025 that has no option here):
-concepts without a counterpart in this engine (``--train.dynamic_batch_enable``,
-``--optim`` / ``--*.muon.*``, ``--adam.eps``,
+concepts without a counterpart in this engine (``--rollout.max_tokens_per_gpu``: one
+``--max_tokens_per_gpu`` budgets scoring and training here; ``--optim`` / ``--*.muon.*``, ``--adam.eps``,
 ``--ds.experts_implementation``, ...), and 0.10's per-role optimizer settings of the critic
 (``--critic.adam.betas``, ...): here the actor's (``--actor.adam.betas``, the 2025 ``--adam_betas``)
 set both roles, as the 2025 flags did; only the learning rate is the critic's own.
@@ -136,6 +136,7 @@ RENAMED: dict[str, str] = {
     "actor.aux_loss_coef": "aux_loss_coef",
     "actor.adam.lr": "actor_learning_rate",
     "actor.policy_loss_type": "policy_loss_type",
+    "actor.entropy_coef": "entropy_coef",
     "critic.adam.lr": "critic_learning_rate",
     "actor.adam.betas": "adam_betas",
     "actor.adam.weight_decay": "l2",
@@ -165,12 +166,18 @@ RENAMED: dict[str, str] = {
     "algo.advantage.no_std_norm": "no_advantage_std_norm",
     "algo.advantage.is_correction_enable": "vllm_is_correction",
     "algo.advantage.is_correction_threshold": "vllm_is_truncated_threshold",
+    "algo.advantage.is_correction_type": "vllm_is_correction_type",
     "algo.kl.init_coef": "init_kl_coef",
     "algo.kl.target": "kl_target",
     "algo.kl.horizon": "kl_horizon",
     "algo.kl.estimator": "kl_estimator",
     "algo.kl.use_loss": "use_kl_loss",
     "algo.dynamic_filtering_enable": "dynamic_filtering",
+    "algo.dynamic_filtering_range": "dynamic_filtering_reward_range",
+    "reward.overlong_buffer_len": "overlong_buffer_len",
+    "reward.overlong_penalty_factor": "overlong_penalty_factor",
+    "train.dynamic_batch_enable": "use_dynamic_batch_size",
+    "train.max_tokens_per_gpu": "max_tokens_per_gpu",  # scoring and training (0.11's rollout.* budget: not here)
     "actor.eps_clip": "eps_clip",
     "actor.eps_clip_low_high": "eps_clip_low_high",
     "actor.dual_clip": "dual_clip",

@@ -15,15 +15,9 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     # Actors import test and project modules by reference: put the repository on their path.
     # address="local": an instance of its own, beside the other worker's and a test's `ray start` one.
-    for attempt in range(3):
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-            break
-        except Exception as exc:  # noqa: BLE001 - Ray 2.x gives its raylet a fixed 30 s to register
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            ray.shutdown()
+    from engine.ray.cluster import init_ray
+
+    init_ray(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.ray.cluster import init_ray
 from engine.ray.colocation import BundleSite, NodeDealer, Placement, rank_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def two_gpu_nodes():
         ray.shutdown()
         cluster.shutdown()
         if session_cluster:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+            init_ray(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
 
 def _site_of_each_rank(ray, placement, num_ranks: int) -> list[tuple[str, int]]:

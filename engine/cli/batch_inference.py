@@ -95,6 +95,7 @@ def run_generate(job: BatchInferenceJob) -> list[dict]:
     from engine.data.prompts import PromptDataset
     from engine.inference.batch import conditioned_prompts, generate_rows
     from engine.inference.hf_model import hf_model_dir
+    from engine.ray.cluster import join_cluster
     from engine.ray.vllm_engine import create_engines, shutdown_engines
 
     with hf_model_dir(job.task.pretrain, flag="--pretrain", value_head=False) as hf_path:
@@ -105,7 +106,7 @@ def run_generate(job: BatchInferenceJob) -> list[dict]:
             prompts = conditioned_prompts(prompts, tokenizer, job.task.csft_prompt)
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init()
+            join_cluster()
         engines = create_engines(replace(job.vllm, pretrain=hf_path))
         try:
             return generate_rows(engines, tokenizer, prompts, job.sampling)

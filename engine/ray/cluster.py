@@ -21,6 +21,7 @@ from parallel.launch import LaunchError
 # The variable the job supervisor hands its driver the submitted job config in (Ray 2.60).
 JOB_CONFIG_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 CONNECT_TIMEOUT_S = 10.0
+STARTUP_ATTEMPTS = 3
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -72,8 +73,21 @@ def join_cluster(*, log_to_driver: bool = True) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     check_address(address)
-    ray.init(address=address, include_dashboard=False, runtime_env=driver_runtime_env(), log_to_driver=log_to_driver)
+    init_ray(address=address, include_dashboard=False, runtime_env=driver_runtime_env(), log_to_driver=log_to_driver)
     _reenter_working_directory()
+
+
+def init_ray(**kwargs) -> None:
+    """``ray.init(**kwargs)``, again when a Ray instance started here timed out: Ray 2.x gives a new
+    raylet a fixed 30 s to register, which a loaded machine can miss (any other error raises)."""
+    for attempt in range(STARTUP_ATTEMPTS):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a plain Exception for this
+            if "timed out during startup" not in str(exc) or attempt == STARTUP_ATTEMPTS - 1:
+                raise
+            ray.shutdown()
 
 
 def _reenter_working_directory() -> None:

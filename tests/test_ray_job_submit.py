@@ -123,3 +123,33 @@ def test_processes_that_reserve_nothing_are_dealt_over_the_nodes_in_turn():
     assert dealer.pin(colocated, 2) is colocated  # a placement group decides by itself
     assert dealer.deal(3) == ("other-node", "driver-node", "other-node")
     assert NodeDealer([]).deal(2) == ()  # one node, or GPUs: Ray's resources decide
+
+
+def test_a_local_ray_start_that_timed_out_is_retried_and_other_errors_raise(monkeypatch):
+    """Ray 2.x gives a new raylet 30 s to register; a loaded machine can miss it (seen in CI): the
+    start is tried again (after a shutdown of the half-started instance), up to STARTUP_ATTEMPTS."""
+    import ray
+
+    from engine.ray import cluster
+
+    calls, shutdowns = [], []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) < cluster.STARTUP_ATTEMPTS:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    cluster.init_ray(address="local", num_cpus=2)
+    assert len(calls) == cluster.STARTUP_ATTEMPTS and len(shutdowns) == cluster.STARTUP_ATTEMPTS - 1
+    calls.clear()
+
+    def refused(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("bad address")
+
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(ValueError, match="bad address"):
+        cluster.init_ray(address="local")
+    assert len(calls) == 1  # not a start-up time-out: no retry

@@ -137,7 +137,7 @@ def test_the_shares_of_a_dead_and_a_hung_engine_are_generated_again_on_their_rep
     ray.get([h.ready.remote() for h in pool.handles], timeout=60)  # the replacements answer
     pool.recovery = None  # without recovery (--max_engine_restarts 0) the first failure ends the generation
     ray.kill(pool.handles[0])
-    with pytest.raises(EngineError, match="vLLM engine 0 died during generate|engine 0 died during generate"):
+    with pytest.raises(EngineError, match="engine 0 died during generate"):
         pool.submit_generate(prompts, sampling).result()
     for handle in pool.handles:
         ray.kill(handle)
@@ -171,6 +171,8 @@ def test_an_engine_killed_mid_rollout_is_replaced_and_the_run_equals_one_where_n
     grpo = ("--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "3", "--vllm_num_engines", "2")
     original, calls, pids = RayEnginePool.submit_generate, itertools.count(1), {}
 
+    # The moment of the kill: right after a rollout's prompts were handed to the engines (the pool's
+    # submit wrapped; the pool, the engines and the loop are the real ones).
     def submit_then_kill(pool, prompt_token_ids, sampling):
         call = next(calls)
         pids[call] = ray.get(pool.handles[1].pid.remote(), timeout=60)

@@ -157,46 +157,61 @@ def base_setup(tmp_path_factory):
     return {"model": model, "prompts": f"json@{data}", "reward": str(reward), "root": root}
 
 
-def test_an_engine_killed_mid_rollout_is_replaced_and_the_run_equals_one_where_nothing_died(
+def test_engines_killed_between_and_in_the_middle_of_rollouts_are_replaced_and_the_run_equals_one_where_nothing_died(
         base_setup, ray_cluster, monkeypatch):
-    """Rollout 2's generation is submitted, then engine 1's process gets SIGKILL: engine 1 is replaced on
-    its placement, takes the actor's weights, and its 8 prompts are generated again with their seeds; the
-    run finishes, and every rollout's samples (rewards, lengths) and losses equal the run where nothing
-    died. The replacement holds the actor's weights after every later sync (fp32: equal log-probs)."""
+    """Engine 0's process gets SIGKILL after rollout 1 (found by the health call before the weight sync),
+    engine 1's right after rollout 2's prompts were handed to the engines (found while generating):
+    each is replaced on its placement and takes the actor's weights, and engine 1's 8 prompts are
+    generated again with their seeds. The run finishes, and every rollout's samples (rewards, lengths)
+    and losses equal the run where nothing died; the replacements hold the actor's weights after every
+    later sync (fp32: equal log-probs)."""
     import ray
 
     from engine.cli import train_ppo_ray
     from engine.ray.engine_pool import RayEnginePool
 
     grpo = ("--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "3", "--vllm_num_engines", "2")
-    original, calls, pids = RayEnginePool.submit_generate, itertools.count(1), {}
+    submit, health = RayEnginePool.submit_generate, RayEnginePool.health
+    submits, healths, pids = itertools.count(1), itertools.count(1), {}
 
-    # The moment of the kill: right after a rollout's prompts were handed to the engines (the pool's
-    # submit wrapped; the pool, the engines and the loop are the real ones).
+    def pid(pool, index: int) -> int:
+        return ray.get(pool.handles[index].pid.remote(), timeout=60)
+
+    # The moments of the kills: the pool's calls wrapped (the pool, the engines and the loop are the real ones).
     def submit_then_kill(pool, prompt_token_ids, sampling):
-        call = next(calls)
-        pids[call] = ray.get(pool.handles[1].pid.remote(), timeout=60)
-        pending = original(pool, prompt_token_ids, sampling)  # engine 1 has its share of the rollout
+        call = next(submits)
+        pids[("submit", call)] = (pid(pool, 0), pid(pool, 1))
+        pending = submit(pool, prompt_token_ids, sampling)  # each engine has its share of the rollout
         if call == KILLED_ROLLOUT:
-            os.kill(pids[call], signal.SIGKILL)
+            os.kill(pids[("submit", call)][1], signal.SIGKILL)
         return pending
+
+    def kill_then_health(pool, **kwargs):
+        if next(healths) == 1:  # the weight sync after rollout 1
+            pids["health"] = pid(pool, 0)
+            os.kill(pids["health"], signal.SIGKILL)
+        return health(pool, **kwargs)
 
     started = time.monotonic()
     monkeypatch.setattr(RayEnginePool, "submit_generate", submit_then_kill)
-    history = train_ppo_ray.main(_ppo_args(base_setup, *grpo, "--max_engine_restarts", "1"))
+    monkeypatch.setattr(RayEnginePool, "health", kill_then_health)
+    history = train_ppo_ray.main(_ppo_args(base_setup, *grpo, "--max_engine_restarts", "2"))
     monkeypatch.undo()
     restarted_in = time.monotonic() - started
     reference = train_ppo_ray.main(_ppo_args(base_setup, *grpo))
 
     assert [h["step"] for h in history] == [1, 2, 3]
-    assert [h["engine/restarts"] for h in history] == [0, 1, 0]
+    assert [h["engine/restarts"] for h in history] == [1, 1, 0]
     assert [h["engine/requests_retried"] for h in history] == [0, 8, 0]  # engine 1's half of 16 prompts
-    assert pids[1] == pids[2] != pids[3]  # engine 1 is a new process from rollout 3 on
-    with pytest.raises(ProcessLookupError):
-        os.kill(pids[2], 0)
+    first, second, third = (pids[("submit", call)] for call in (1, 2, 3))
+    assert first[0] == pids["health"] != second[0] == third[0]  # engine 0: a new process from rollout 2 on
+    assert first[1] == second[1] != third[1]  # engine 1: from rollout 3 on
+    for killed in (pids["health"], second[1]):
+        with pytest.raises(ProcessLookupError):
+            os.kill(killed, 0)
     for key in ("reward", "response_length", "actor/policy_loss", "actor/grad_norm"):
         assert [h[key] for h in history] == [h[key] for h in reference], key
     assert len({h["reward"] for h in history}) > 1  # rewards that tell samples apart
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
-    assert all("engine/restarts" not in h for h in reference)  # without the flag: no restarts kept
-    print(f"run with a restart: {restarted_in:.0f} s")
+    assert all("engine/restarts" not in h for h in reference)  # the flag's metrics only with the flag
+    print(f"run with two restarts: {restarted_in:.0f} s")

@@ -35,7 +35,7 @@ from engine.ray.vllm_worker_ext import WeightSyncExtension, check_vllm_cpu_head_
 from engine.ray.weight_sync import report_problems
 from engine.rl.rollout import RolloutSample, SamplingConfig
 
-__all__ = ["EngineError", "EngineStartupError", "RolloutSample", "SamplingConfig", "VLLMEngineConfig",
+__all__ = ["EngineError", "EngineLauncher", "EngineStartupError", "RolloutSample", "SamplingConfig", "VLLMEngineConfig",
            "VLLMEnginePool", "create_engines", "generate", "shutdown_engines", "start_pool"]
 
 WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"

@@ -18,7 +18,7 @@ from typing import ClassVar
 from engine.cli.openrlhf_compat import NO_SAVE_PATH
 from engine.cli.options import OptionError, group, naming_flags, parse_job, print_notices, renaming_flags, run_cli
 from engine.data.config import DataConfig
-from engine.ray.config import ColocationConfig, VLLMEngineConfig, WeightSyncConfig
+from engine.ray.config import ColocationConfig, EngineRestartConfig, VLLMEngineConfig, WeightSyncConfig
 from engine.ray.rollout_backends import RolloutBackendConfig
 from engine.rl.agents.config import AgentConfig
 from engine.rl.config import DoctorConfig, PPOConfig, check_overlong_buffer
@@ -115,6 +115,7 @@ class PPOJob:
     vllm: VLLMEngineConfig = group(title="vLLM rollouts", defaults={"gpu_memory_utilization": 0.95},
                                    factory=VLLMEngineConfig)
     sync: WeightSyncConfig = group(title="vLLM rollouts", factory=WeightSyncConfig)
+    engine_restarts: EngineRestartConfig = group(title="vLLM rollouts", factory=EngineRestartConfig)
     # A repetition penalty would sample from another distribution than the policy the trainer scores.
     sampling: SamplingConfig = group(title="vLLM rollouts", exclude=("n_samples_per_prompt", "repetition_penalty"),
                                      factory=SamplingConfig)
@@ -418,7 +419,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
                     if job.placement.trainers_sleep(engines_share_gpus=colocated_engines) else None)
         rollouts = EngineRollouts(pool, ActorWeightSync(groups["actor"], pool, job.sync, backend=transport),
                                   sleep=job.vllm.enable_sleep_mode, synced=backend.loads_own_weights(engine_config),
-                                  asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers)
+                                  asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers,
+                                  restarts=job.engine_restarts)
         if job.agent.enabled:
             rollouts = agent_rollouts(job, rollouts, tokenizer)
         stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)

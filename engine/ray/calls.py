@@ -41,3 +41,21 @@ def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
         ranges.append((start, stop))
         start = stop
     return ranges
+
+
+def wait_all(refs: list, *, timeout_s: float) -> list[tuple[str, object]]:
+    """Wait for every ref under one deadline, raising nothing: per ref ``("ok", value)``, ``("dead",
+    err)`` (its actor died), ``("failed", err)`` (the call raised) or ``("timeout", None)``."""
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out: list[tuple[str, object]] = []
+    for ref in refs:
+        try:
+            out.append(("ok", ray.get(ref, timeout=0)))
+        except ray.exceptions.GetTimeoutError:
+            out.append(("timeout", None))
+        except ray.exceptions.RayActorError as err:
+            out.append(("dead", err))
+        except ray.exceptions.RayError as err:
+            out.append(("failed", err))
+    return out

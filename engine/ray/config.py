@@ -105,3 +105,34 @@ class WeightSyncConfig:
     def __post_init__(self) -> None:
         if self.bucket_mb < 1:
             raise ValueError(f"--vllm_sync_bucket_mb must be >= 1, got {self.bucket_mb}")
+
+
+@dataclass(kw_only=True)
+class EngineRestartConfig:
+    """What a rollout engine that dies or stops answering does to the run."""
+
+    max_engine_restarts: int = option(
+        0, help="replace a dead or unresponsive rollout engine up to N times in the run: killed by its handle, "
+                "started anew on its placement, given the actor's current weights, its unfinished requests "
+                "generated again with the same seeds (0: a dead engine ends the run, named)")
+    engine_health_timeout_s: float | None = option(
+        None, help="with --max_engine_restarts: seconds an engine has to answer the health call before each weight "
+                   "sync (default: 60)")
+    engine_generate_timeout_s: float = option(3600.0, help="seconds one engine's share of a generation may take; "
+                                                           "past it the engine counts as unresponsive (replaced "
+                                                           "under --max_engine_restarts, else the run ends)")
+
+    def __post_init__(self) -> None:
+        if self.max_engine_restarts < 0:
+            raise ValueError(f"--max_engine_restarts must be >= 0, got {self.max_engine_restarts}")
+        for flag, value in (("--engine_health_timeout_s", self.engine_health_timeout_s),
+                            ("--engine_generate_timeout_s", self.engine_generate_timeout_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{flag} must be > 0 seconds, got {value}")
+        if self.engine_health_timeout_s is not None and not self.max_engine_restarts:
+            raise ValueError("--engine_health_timeout_s needs --max_engine_restarts (the health call is what finds "
+                             "the engines to replace)")
+
+    @property
+    def health_timeout_s(self) -> float:
+        return 60.0 if self.engine_health_timeout_s is None else self.engine_health_timeout_s

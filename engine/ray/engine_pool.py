@@ -23,14 +23,19 @@ Engine-actor methods (called as ``handle.method.remote(...)``)::
     probe_layers(sequences) -> list[dict]        # optional: per-layer records (the mismatch doctor)
     node_id() -> str                             # the Ray node it runs on
     shutdown() -> placement group | None         # stop the engine's own processes
+
+A pool built with ``start_engine`` (the backend's way to start engine ``i`` on its placement) can
+``replace_engine``; with a ``recovery`` set (``--max_engine_restarts``, by
+``engine.ray.rollouts.EngineRollouts``), a generation whose engine died or missed its deadline
+hands the failures to it and generates that engine's share again on the replacement.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Callable, Generic, Protocol, TypeVar
 
-from engine.ray.calls import get_each, root_cause, split_evenly
+from engine.ray.calls import get_each, root_cause, split_evenly, wait_all
 from engine.rl.rollout import RolloutSample, SamplingConfig
 
 T = TypeVar("T")
@@ -46,6 +51,20 @@ class EngineStartupError(EngineError):
 
 class WeightSyncError(EngineError):
     """A weight update did not complete on every engine worker (names the engines or tensors at fault)."""
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """An engine that died or did not answer in time: a replacement on its placement cures it.
+    (An engine that raised while alive is not one: the same request would fail again.)"""
+
+    index: int
+    name: str  # e.g. "vLLM engine 1"
+    reason: str  # e.g. "died during generate: ..." or "did not finish generate within 3600 s"
+    requests: int = 0  # the requests (prompts) it had not returned, generated again on its replacement
+
+    def describe(self) -> str:
+        return f"{self.name} {self.reason}"
 
 
 class Pending(Protocol[T]):
@@ -66,6 +85,11 @@ class EnginePool(Protocol):
     """A started pool of rollout engines."""
 
     num_engines: int
+    generate_timeout_s: float  # the deadline of one engine's share of a generation
+    # Called with the engines that died or missed the deadline while generating; returns once they
+    # are replaced and hold the current weights (raises when they cannot be). None: such a failure
+    # raises naming the engine.
+    recovery: Callable[[list[EngineFailure]], None] | None
 
     def engine_name(self, index: int) -> str: ...
 
@@ -91,6 +115,12 @@ class EnginePool(Protocol):
     def close_weight_receiver(self, group_id: str, *, timeout_s: float) -> None: ...
 
     def health(self, *, timeout_s: float = 10.0) -> list[EngineHealth]: ...
+
+    def can_replace_engines(self) -> bool: ...
+
+    def replace_engine(self, index: int) -> None:
+        """Kill engine ``index`` by its handle and start a new one on its placement (it holds the
+        start-up weights and is in no weight-sync group yet)."""
 
     def probe_layers(self, sequences: list[list[int]], *, engine_index: int = 0) -> list[dict]:
         """Per token sequence, one engine's per-layer hidden states, router logits and log-probs (the
@@ -129,20 +159,83 @@ class RayCalls(Generic[T]):
         return self.per_engine()
 
 
-class PendingGeneration(RayCalls[list[RolloutSample]]):
+class PendingGeneration:
+    """One generation spread over the engines (``shares``: engine -> its ``[start, stop)`` prompts).
+    ``result`` waits for every share under the pool's deadline; with a ``recovery`` on the pool, the
+    shares of engines that died or missed the deadline are generated again on their replacements with
+    the same prompt offsets, so every request keeps its seed and the samples are the ones the failed
+    engine would have returned."""
+
+    def __init__(self, pool: RayEnginePool, prompt_token_ids: list[list[int]], sampling: SamplingConfig,
+                 shares: dict[int, tuple[int, int]]):
+        self.pool, self.prompt_token_ids, self.sampling = pool, prompt_token_ids, sampling
+        self.shares = shares
+        self.sent_to: dict[int, object] = {}  # the handle each share went to
+        self.refs = {index: self._submit(index) for index in shares}
+
+    def _submit(self, index: int):
+        start, stop = self.shares[index]
+        self.sent_to[index] = self.pool.handles[index]
+        return self.sent_to[index].generate.remote(self.prompt_token_ids[start:stop], self.sampling, start)
+
     def result(self) -> list[RolloutSample]:
-        samples = [sample for chunk in self.per_engine() for sample in chunk]
+        if self.pool.recovery is None:  # the first failure ends the run, named
+            chunks = RayCalls(self.pool, list(self.refs.values()), list(self.refs), what="generate",
+                              timeout_s=self.pool.generate_timeout_s).per_engine()
+        else:
+            chunks = self._with_recovery()
+        samples = [sample for chunk in chunks for sample in chunk]
         return sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))
+
+    def _with_recovery(self) -> list[list[RolloutSample]]:
+        done: dict[int, list[RolloutSample]] = {}
+        while len(done) < len(self.shares):
+            failures = self._wait(done)
+            # A generation running beside this one (the turns of multi-turn rollouts) may have had
+            # the engine replaced already.
+            replace = [f for f in failures if self.pool.handles[f.index] is self.sent_to[f.index]]
+            if replace:
+                self.pool.recovery(replace)  # replaced, with the current weights (or it raises)
+            for failure in failures:
+                self.refs[failure.index] = self._submit(failure.index)
+        return [done[index] for index in self.shares]
+
+    def _size(self, index: int) -> int:
+        start, stop = self.shares[index]
+        return stop - start
+
+    def _wait(self, done: dict) -> list[EngineFailure]:
+        """Wait for the shares not done: collect the finished, return the engines to replace."""
+        waiting = [index for index in self.shares if index not in done]
+        timeout_s = self.pool.generate_timeout_s
+        failures = []
+        for index, (status, value) in zip(waiting, wait_all([self.refs[i] for i in waiting], timeout_s=timeout_s)):
+            name = self.pool.engine_name(index)
+            if status == "ok":
+                done[index] = value
+            elif status == "dead":
+                failures.append(EngineFailure(index, name, f"died during generate: {_death_cause(value)}",
+                                              requests=self._size(index)))
+            elif status == "timeout":
+                failures.append(EngineFailure(index, name, f"did not finish generate within {timeout_s:.0f} s",
+                                              requests=self._size(index)))
+            else:  # alive and raising: the same request would fail again
+                raise EngineError(f"{name} failed during generate: {root_cause(value)}") from value
+        return failures
 
 
 class RayEnginePool:
     """``EnginePool`` over Ray engine actors (the methods listed in this module's docstring)."""
 
     def __init__(self, handles: list, *, kind: str = "engine", generate_timeout_s: float = 3600.0,
-                 call_timeout_s: float = 600.0):
+                 call_timeout_s: float = 600.0, start_engine: Callable[[int], object] | None = None):
+        """``start_engine(i)``: a new, started engine ``i`` on engine ``i``'s placement (None: engines
+        cannot be replaced)."""
         self.handles = list(handles)
         self.kind = kind
         self.generate_timeout_s, self.call_timeout_s = generate_timeout_s, call_timeout_s
+        self.start_engine = start_engine
+        self.recovery: Callable[[list[EngineFailure]], None] | None = None
 
     @property
     def num_engines(self) -> int:
@@ -159,10 +252,8 @@ class RayEnginePool:
     # ----- generation ---------------------------------------------------------------------
     def submit_generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> PendingGeneration:
         ranges = split_evenly(len(prompt_token_ids), self.num_engines)
-        busy = [i for i, (start, stop) in enumerate(ranges) if stop > start]
-        refs = [self.handles[i].generate.remote(prompt_token_ids[ranges[i][0]:ranges[i][1]], sampling, ranges[i][0])
-                for i in busy]
-        return PendingGeneration(self, refs, busy, what="generate", timeout_s=self.generate_timeout_s)
+        shares = {i: (start, stop) for i, (start, stop) in enumerate(ranges) if stop > start}
+        return PendingGeneration(self, prompt_token_ids, sampling, shares)
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
         return self.submit_generate(prompt_token_ids, sampling).result()
@@ -228,6 +319,17 @@ class RayEnginePool:
             except ray.exceptions.RayError as err:
                 out.append(EngineHealth(i, self.engine_name(i), False, dead=True, reason=_death_cause(err)))
         return out
+
+    def can_replace_engines(self) -> bool:
+        return self.start_engine is not None
+
+    def replace_engine(self, index: int) -> None:
+        import ray
+
+        if self.start_engine is None:
+            raise EngineError(f"{self.engine_name(index)} cannot be replaced: this pool has no way to start engines")
+        ray.kill(self.handles[index], no_restart=True)  # dead already, or hung: it must not come back
+        self.handles[index] = self.start_engine(index)
 
     def node_ids(self) -> list[str]:
         return self._calls([h.node_id.remote() for h in self.handles], "node lookup").result()

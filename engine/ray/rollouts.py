@@ -10,10 +10,20 @@ order of veRL's and OpenRLHF's colocated loops):
     generate       trainers park the rest (the actor's weights)
                    engines wake their KV cache; generate
     release_memory engines sleep; trainers take their state back (score, then train)
+
+``--max_engine_restarts N``: each rollout, before the weight sync, every engine answers a health
+call; while generating, each engine's share has a deadline (``--engine_generate_timeout_s``). An
+engine that died or missed a deadline is killed by its handle and started anew on its placement,
+every sync group is formed again and the actor's current weights are pushed to every engine; the
+shares it had not returned are generated again with the same seeds. The N + 1st failure ends the
+run naming every cause.
 """
 from __future__ import annotations
 
-from engine.ray.engine_pool import EnginePool
+from engine.ray.config import EngineRestartConfig
+from engine.ray.engine_pool import EngineFailure, EnginePool
+from engine.ray.engine_restarts import FLAG as RESTARTS_FLAG
+from engine.ray.engine_restarts import RestartBudget
 from engine.ray.weight_sync import ActorWeightSync
 from engine.rl.rollout import RolloutSample, SamplingConfig
 from engine.runtime.offload import PARTS
@@ -57,19 +67,36 @@ class TrainerSleep:
 
 class EngineRollouts:
     def __init__(self, pool: EnginePool, sync: ActorWeightSync, *, sleep: bool = False, synced: bool = True,
-                 asleep: bool = False, trainers: TrainerSleep | None = None):
+                 asleep: bool = False, trainers: TrainerSleep | None = None,
+                 restarts: EngineRestartConfig | None = None):
         """``sleep`` (--vllm_enable_sleep): the engines release their GPU memory after each
         generation and take it back in stages (weights for the sync, then the KV cache).
         ``synced=False``: the engines hold no weights yet (started from a Megatron --pretrain with
         dummy weights), so the first generation pushes the actor's weights first. ``asleep``: the
         engines were put to sleep at start-up (--colocate_all_models: before the roles took the
-        GPU). ``trainers``: the trainable roles park their state while the engines work."""
+        GPU). ``trainers``: the trainable roles park their state while the engines work.
+        ``restarts``: how dead or unresponsive engines are replaced (module docstring)."""
         self.pool = pool
         self.sync = sync
         self.sleep = sleep
         self.trainers = trainers
         self._asleep = set(ENGINE_MEMORY) if asleep else set()
         self._synced = synced
+        self.restarts = restarts or EngineRestartConfig()
+        self.budget = None
+        if self.restarts.max_engine_restarts:
+            self._check_restartable()
+            self.budget = RestartBudget(self.restarts.max_engine_restarts)
+            pool.recovery = self._recover_generation
+        pool.generate_timeout_s = self.restarts.engine_generate_timeout_s
+
+    def _check_restartable(self) -> None:
+        if not self.pool.can_replace_engines():
+            raise ValueError(f"{RESTARTS_FLAG}: this rollout backend's engines cannot be replaced")
+        # A new engine is awake and its trainers' memory is not arranged for it: not supported yet.
+        if self.sleep or self.trainers is not None:
+            raise ValueError(f"{RESTARTS_FLAG} with --vllm_enable_sleep or --megatron_enable_sleep (on by default "
+                             "under --colocate_all_models on GPU) is not supported yet: drop one of them")
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig, *,
                  rows: list[dict] | None = None) -> list[RolloutSample]:
@@ -119,6 +146,32 @@ class EngineRollouts:
         if self.trainers is not None:
             self.trainers.before_sync()
         self._wake("weights")
+        if self.budget is not None:  # once per rollout: a dead engine is replaced before the push
+            self._replace([EngineFailure(h.index, h.name, f"is dead ({h.reason})" if h.dead else
+                                         f"did not answer the health call ({h.reason})")
+                           for h in self.pool.health(timeout_s=self.restarts.health_timeout_s) if not h.alive],
+                          when="at the health check before the weight sync")
         metrics = self.sync.push()
         self._synced = True
+        if self.budget is not None:
+            metrics.update(self.budget.drain_metrics())  # this rollout's restarts, generation's included
         return {**metrics, **(self.trainers.drain_metrics() if self.trainers is not None else {})}
+
+    # ----- --max_engine_restarts ---------------------------------------------------------------
+    def _replace(self, failures: list[EngineFailure], *, when: str) -> None:
+        """Replace the failed engines (or raise when the restarts are spent) and form every sync
+        group anew; the caller pushes the weights."""
+        if not failures:
+            return
+        self.budget.spend(failures, when=when)
+        for failure in failures:
+            print(f"warning: {failure.describe()} ({when}): replacing it on its placement (restart "
+                  f"{self.budget.restarts} of {RESTARTS_FLAG} {self.budget.max_restarts})", flush=True)
+            self.pool.replace_engine(failure.index)
+        self.sync.reopen()
+
+    def _recover_generation(self, failures: list[EngineFailure]) -> None:
+        """The pool's recovery while generating: the engines replaced and given the actor's current
+        weights (the ones the others generate with); the pool then generates their shares again."""
+        self._replace(failures, when="while generating")
+        self.sync.push()

@@ -35,7 +35,7 @@ from engine.ray.vllm_worker_ext import WeightSyncExtension, check_vllm_cpu_head_
 from engine.ray.weight_sync import report_problems
 from engine.rl.rollout import RolloutSample, SamplingConfig
 
-__all__ = ["EngineError", "EngineStartupError", "RolloutSample", "SamplingConfig", "VLLMEngineConfig",
+__all__ = ["EngineError", "EngineLauncher", "EngineStartupError", "RolloutSample", "SamplingConfig", "VLLMEngineConfig",
            "VLLMEnginePool", "create_engines", "generate", "shutdown_engines", "start_pool"]
 
 WORKER_EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}"
@@ -222,6 +222,10 @@ class LLMEngineActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        """This actor's process (on CPU vLLM's engine core runs in it: see ``_actor_env``)."""
+        return os.getpid()
+
     def shutdown(self):
         """Stop vLLM's engine-core and worker processes; returns the placement group to release."""
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
@@ -337,8 +341,10 @@ def _reserve_tp_gpus(config: VLLMEngineConfig, engine_index: int):
     return group
 
 
-def _start_engine(config: VLLMEngineConfig, engine_index: int, device: str, groups: list):
-    """Launch one engine actor (returns at once); a placement group it needs is appended to ``groups``."""
+def _start_engine(config: VLLMEngineConfig, engine_index: int, device: str, groups: dict):
+    """Launch engine ``engine_index`` (returns at once). The placement group of a TP > 1 engine on
+    GPUs of its own is ``groups[engine_index]``: reserved here the first time, reused by a
+    replacement (the same GPUs)."""
     options: dict = {"runtime_env": _actor_env(config, device)}
     group = None
     if device == "cuda" and config.shared_placement_group is not None:
@@ -353,8 +359,9 @@ def _start_engine(config: VLLMEngineConfig, engine_index: int, device: str, grou
     else:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        group = _reserve_tp_gpus(config, engine_index)
-        groups.append(group)
+        if engine_index not in groups:
+            groups[engine_index] = _reserve_tp_gpus(config, engine_index)
+        group = groups[engine_index]
         # The actor holds no GPU itself; its TP workers (Ray actors) land in the group's bundles.
         options.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             group, placement_group_capture_child_tasks=True, placement_group_bundle_index=0))
@@ -388,30 +395,55 @@ def create_engines(config: VLLMEngineConfig) -> list:
     Raises ``ValueError`` (bad flags, checked before anything starts) or ``EngineStartupError``
     naming the engine and the flags when vLLM fails to start; no engine is left running then.
     """
-    if not ray.is_initialized():
-        raise RuntimeError("create_engines needs a Ray cluster: call ray.init() first")
-    config.check()
-    flags = (f"--pretrain {config.pretrain}, --vllm_num_engines {config.num_engines}, "
-             f"--vllm_tensor_parallel_size {config.tensor_parallel_size}")
-    config = engine_start_config(config)
-    device = _resolve_device(config)
-    _check_platform(config, device)
-    _check_model(config, device)
-    engines, groups = [], []
-    context = f" ({flags}, device {device})"
-    try:
-        for i in range(config.num_engines):
-            engines.append(_start_engine(config, i, device, groups))
-        get_each([e.ready.remote() for e in engines], names=[f"vLLM engine {i}" for i in range(len(engines))],
-                 timeout_s=config.startup_timeout_s, what="start-up", error=EngineStartupError, context=context)
-    except BaseException:
-        shutdown_engines(engines, graceful=False)
-        _remove_groups(groups)
-        raise
-    return engines
+    return EngineLauncher(config).start_all()
 
 
-def _remove_groups(groups: list) -> None:
+class EngineLauncher:
+    """Starts the engines of one config: all of them, or one anew on its placement (a replacement)."""
+
+    def __init__(self, config: VLLMEngineConfig):
+        if not ray.is_initialized():
+            raise RuntimeError("create_engines needs a Ray cluster: call ray.init() first")
+        config.check()
+        self.context = (f" (--pretrain {config.pretrain}, --vllm_num_engines {config.num_engines}, "
+                        f"--vllm_tensor_parallel_size {config.tensor_parallel_size}")
+        self.config = engine_start_config(config)
+        self.device = _resolve_device(self.config)
+        _check_platform(self.config, self.device)
+        _check_model(self.config, self.device)
+        self.context += f", device {self.device})"
+        self.groups: dict = {}  # engine index -> the placement group it reserved (TP > 1 on GPUs of its own)
+
+    def start_all(self) -> list:
+        engines = []
+        try:
+            for i in range(self.config.num_engines):
+                engines.append(_start_engine(self.config, i, self.device, self.groups))
+            self._wait_ready(engines, list(range(len(engines))))
+        except BaseException:
+            shutdown_engines(engines, graceful=False)
+            _remove_groups(self.groups.values())
+            raise
+        return engines
+
+    def restart(self, engine_index: int):
+        """A new engine ``engine_index`` on the old one's placement (node, bundle or GPUs), started
+        from ``--pretrain`` (the caller syncs the current weights into it)."""
+        engine = _start_engine(self.config, engine_index, self.device, self.groups)
+        try:
+            self._wait_ready([engine], [engine_index])
+        except BaseException:
+            ray.kill(engine)
+            raise
+        return engine
+
+    def _wait_ready(self, engines: list, indices: list[int]) -> None:
+        get_each([e.ready.remote() for e in engines], names=[f"vLLM engine {i}" for i in indices],
+                 timeout_s=self.config.startup_timeout_s, what="start-up", error=EngineStartupError,
+                 context=self.context)
+
+
+def _remove_groups(groups) -> None:
     from ray.util.placement_group import remove_placement_group
 
     for group in groups:
@@ -421,8 +453,9 @@ def _remove_groups(groups: list) -> None:
 class VLLMEnginePool(RayEnginePool):
     """The engines of ``create_engines`` as an ``engine.ray.engine_pool.EnginePool``."""
 
-    def __init__(self, handles: list, *, generate_timeout_s: float = 3600.0):
-        super().__init__(handles, kind="vLLM engine", generate_timeout_s=generate_timeout_s)
+    def __init__(self, handles: list, *, generate_timeout_s: float = 3600.0, start_engine=None):
+        super().__init__(handles, kind="vLLM engine", generate_timeout_s=generate_timeout_s,
+                         start_engine=start_engine)
 
     def shutdown(self, *, graceful: bool = True, timeout_s: float = 60.0) -> list:
         """Stop the engines' vLLM processes, then the actors, then release their GPU reservations."""
@@ -432,8 +465,9 @@ class VLLMEnginePool(RayEnginePool):
 
 
 def start_pool(config: VLLMEngineConfig) -> VLLMEnginePool:
-    """``create_engines`` as a pool (the ``vllm`` rollout backend)."""
-    return VLLMEnginePool(create_engines(config))
+    """``create_engines`` as a pool (the ``vllm`` rollout backend) that can replace its engines."""
+    launcher = EngineLauncher(config)
+    return VLLMEnginePool(launcher.start_all(), start_engine=launcher.restart)
 
 
 def shutdown_engines(engines: list, *, graceful: bool = True, timeout_s: float = 60.0) -> None:

@@ -182,13 +182,25 @@ class ActorWeightSync:
         self.actor = actor_group
         self.pool = as_pool(engines)
         self.bucket_bytes = config.bucket_mb << 20
-        self.timeout_s = timeout_s
-        counts = self.pool.weight_sync_worker_counts(timeout_s=timeout_s)
-        specs = actor_group.open_weight_sync(1 + sum(counts), backend)
-        joining = self.pool.join_weight_groups(specs, counts, timeout_s=timeout_s)
-        actor_group.connect_weight_sync()  # each sender's group completes as the engines reach it
+        self.timeout_s, self.backend = timeout_s, backend
+        self.group_ids: list[str] = []
+        self._open()
+
+    def _open(self) -> None:
+        counts = self.pool.weight_sync_worker_counts(timeout_s=self.timeout_s)
+        specs = self.actor.open_weight_sync(1 + sum(counts), self.backend)  # a rank's old sender closes first
+        joining = self.pool.join_weight_groups(specs, counts, timeout_s=self.timeout_s)
+        self.actor.connect_weight_sync()  # each sender's group completes as the engines reach it
         joining.result()
         self.group_ids = [spec["group_id"] for spec in specs]  # the order every engine joined them in
+
+    def reopen(self) -> None:
+        """Every sync group formed anew, every engine joining in the driver's order: after an engine
+        was replaced (its workers were ranks of the old groups, the new ones are in none). The
+        engines that stayed leave the old groups; the next ``push`` reaches every engine."""
+        for group_id in self.group_ids:
+            self.pool.close_weight_receiver(group_id, timeout_s=self.timeout_s)
+        self._open()
 
     def push(self) -> dict:
         receiving = self.pool.receive_weights(self.group_ids, timeout_s=self.timeout_s)

@@ -205,6 +205,34 @@ def test_a_failing_engine_call_fails_the_rollout_that_needed_it(tmp_path):
     assert not any(t.name == "rollout-stream" and t.is_alive() for t in threading.enumerate())
 
 
+def test_a_stop_leaves_the_prompts_generated_ahead_to_the_resume(tmp_path):
+    """SIGTERM while rollout 2 trains: the run stops after 2 rollouts, the stream stops, and the
+    position a checkpoint would hold is the synchronous loop's (the rollouts generated ahead are not
+    consumed: a resume generates them anew)."""
+    import signal
+
+    from parallel.preemption import Preempted, PreemptionWatch
+
+    sync = _trainer(tmp_path, async_train=False)
+    _run(sync, 2)
+    trainer = _trainer(tmp_path, max_staleness=2)
+    watch = trainer.preemption = PreemptionWatch(grace_s=60, what="test")
+    train = trainer.train
+
+    def signalled_in_rollout_2(experience, step):
+        if step == 1:
+            watch.signum, watch.signalled_at = signal.SIGTERM, time.monotonic()
+        return train(experience, step)
+
+    trainer.train = signalled_in_rollout_2
+    with pytest.raises(Preempted, match="2 rollouts trained"):
+        trainer.fit()
+    assert len(trainer.trained) == 2 and trainer._stream is None
+    assert [a.step for a in trainer._ahead] == [2, 3, 4]  # admitted after the sync of rollout 2
+    assert trainer._state(2)["prompts"] == sync._state(2)["prompts"]
+    assert not any(t.name == "rollout-stream" and t.is_alive() for t in threading.enumerate())
+
+
 class VersionedPool:
     """The engines of multi-turn rollouts (``AgentRollouts``): a pool answering each turn with 2
     tokens of the weights' version, and the weight sync counted."""
@@ -315,14 +343,14 @@ def test_fully_async_grpo_with_partial_rollouts_on_a_vllm_engine(tiny_setup, ray
     from tests.test_ppo_e2e import _ppo_args
 
     history = train_ppo_ray.main(_ppo_args(
-        tiny_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "4",
+        tiny_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "3",
         "--n_samples_per_prompt", "4", "--rollout_batch_size", "8", "--train_batch_size", "32",
         "--micro_rollout_batch_size", "32", "--learning_rate", "1e-3",
         "--async_train", "--max_staleness", "2", "--partial_rollout", "--partial_rollout_chunk", "2",
         "--vllm_is_correction", "--vllm_is_truncated_threshold", "1.5",
     ))
     staleness = [h["rollout/staleness"] for h in history]
-    assert len(history) == 4 and staleness[0] == 0 and max(staleness) <= 2, staleness
+    assert len(history) == 3 and staleness[0] == 0 and max(staleness) <= 2, staleness
     for h in history:
         assert sum(h[f"rollout/staleness_hist/{k}"] for k in range(3)) == pytest.approx(1.0)
         assert h["vllm_is/max"] <= 1.5 + 1e-6

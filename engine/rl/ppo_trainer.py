@@ -40,7 +40,9 @@ class PrefetchedRollout:
     generation_batch: int  # which batch of --rollout_batch_size prompts of the prompt stream (_prompt_rows)
     rows: list[dict]
     pending: object  # engine.rl.rollout.PendingRollout
-    weights_version: int  # actor optimizer updates the engines' weights held when it was submitted
+    # Actor updates the engines' weights held when it was submitted; --max_staleness: when its oldest
+    # token was sampled (the stream starts it later, or resumes it on newer weights).
+    weights_version: int
     samples: list | None = None  # the engines' RolloutSamples, once collected
     batch: RolloutBatch | None = None  # None after --dynamic_filtering kept no group
     meta: dict | None = None
@@ -210,9 +212,10 @@ class PPOTrainer:
         """The weight sync, once the engines are between calls: after the prefetched rollout
         (--async_train), after the stream's call in flight (--max_staleness), else at once."""
         if self._stream is not None:
-            with timer.phase("sync"):
-                sync_metrics, timer.seconds["time/generate_wait"] = self._stream.sync(
-                    self.rollouts.sync_weights, version=self.actor_version)
+            started = time.perf_counter()
+            sync_metrics, waited = self._stream.sync(self.rollouts.sync_weights, version=self.actor_version)
+            timer.seconds["time/generate_wait"] = waited
+            timer.seconds["time/sync"] = time.perf_counter() - started - waited
         else:
             if self._ahead:
                 with timer.phase("generate_wait"):  # the engines must be done before their weights change

@@ -194,5 +194,5 @@ def test_a_rollout_abandoned_for_a_signal_gives_its_prompts_back(tmp_path, async
     trainer.rollouts.generate = signalled_during_rollout_3
     with pytest.raises(Preempted, match="2 rollouts trained"):
         trainer.fit()
-    assert len(trainer.trained) == 2 and trainer._next is None
+    assert len(trainer.trained) == 2 and trainer._ahead == []
     assert trainer._state(2)["prompts"]["consumed"] == consumed_after_two

@@ -54,6 +54,8 @@ NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--
          "recompute_num_layers": ["--recompute_granularity", "full"],
          "recompute_modules": ["--recompute_granularity", "selective"],
          "dynamic_filtering": ["--n_samples_per_prompt", "2"], "engine_health_timeout_s": ["--max_engine_restarts", "1"],
+         "max_staleness": ["--async_train"], "partial_rollout": ["--async_train", "--max_staleness", "1"],
+         "partial_rollout_chunk": ["--async_train", "--max_staleness", "1", "--partial_rollout"],
          "use_dynamic_batch_size": ["--max_tokens_per_gpu", "64"], "max_tokens_per_gpu": ["--use_dynamic_batch_size"],
          "dynamic_filtering_reward_range": ["--dynamic_filtering", "--n_samples_per_prompt", "2"],
          **{flag: ["--agent_task", "guess_number"] for flag in ("max_turns", "agent_step_timeout", "agent_fail_fast")}}

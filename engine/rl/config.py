@@ -29,6 +29,7 @@ ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "reinforce", "reinforce_baseline
 
 # OpenRLHF calls GRPO's group normalisation "group_norm"; accept its flag value too.
 ADVANTAGE_ESTIMATOR_ALIASES = {"group_norm": "grpo"}
+PARTIAL_ROLLOUT_CHUNK = 32  # --partial_rollout_chunk's default: tokens per engine call of a resumable sample
 
 
 def check_discount(name: str, value: float) -> None:
@@ -137,6 +138,19 @@ class PPOConfig:
     async_train: bool = option(False, help="generate the next rollout on the engines while the actor scores and "
                                            "trains on this one (one step off-policy: the engines hold the "
                                            "weights from before this step's update); the weight sync waits for it")
+    max_staleness: int | None = option(None, help="with --async_train, fully asynchronous rollouts: generation runs "
+                                                  "on a thread of its own, up to K rollouts ahead of training, and a "
+                                                  "sample's oldest token is at most K actor updates old when it "
+                                                  "trains (AReaL's admission rule: nothing is dropped, "
+                                                  "--vllm_is_correction corrects); the sync waits only for the "
+                                                  "engine call in flight")
+    partial_rollout: bool = option(False, help="with --max_staleness, a weight sync interrupts unfinished samples "
+                                               "(between engine calls of --partial_rollout_chunk tokens) and they "
+                                               "resume from their token ids on the new weights; every token keeps "
+                                               "the version and engine log-prob it was sampled with")
+    partial_rollout_chunk: int = option(PARTIAL_ROLLOUT_CHUNK,
+                                        help="with --partial_rollout, the most tokens an engine call adds to a "
+                                             "sample: how soon a weight sync interrupts generation")
     router_replay: bool = option(False, help="MoE actor: its scoring and training forwards route every rollout token "
                                              "to the experts the vLLM engine routed it to (Megatron's routing "
                                              "replay), so the trainer's log-probs are of the network that sampled")
@@ -189,6 +203,7 @@ class PPOConfig:
         self._check_loss_options()
         self._check_dynamic_filtering()
         self._check_policy_loss_inputs()
+        self._check_staleness()
 
     def _check_dynamic_filtering(self) -> None:
         if self.max_num_gen_batches < 1:
@@ -202,6 +217,31 @@ class PPOConfig:
         if self.dynamic_filtering and self.n_samples_per_prompt < 2:
             raise ValueError("--dynamic_filtering compares the samples of a prompt: it needs --n_samples_per_prompt "
                              f"> 1, got {self.n_samples_per_prompt}")
+
+    def _check_staleness(self) -> None:
+        """--max_staleness / --partial_rollout: what they need, and what they do not combine with."""
+        if self.max_staleness is not None:
+            if self.max_staleness < 1:
+                raise ValueError(f"--max_staleness must be >= 1 (actor updates a sample may lag), got {self.max_staleness}")
+            if not self.async_train:
+                raise ValueError("--max_staleness bounds the lag of rollouts generated while the actor trains: it "
+                                 "needs --async_train")
+            if self.dynamic_filtering:
+                # Refills would draw prompt batches out of the stream's order, which the checkpoint's
+                # prompt position (one count of batches) cannot express.
+                raise ValueError("--max_staleness with --dynamic_filtering is not supported: the refill rounds "
+                                 "draw prompt batches out of the order the stream admits them; drop one of the two")
+        if self.partial_rollout and self.max_staleness is None:
+            raise ValueError("--partial_rollout resumes samples across weight syncs of the fully asynchronous "
+                             "rollouts: it needs --async_train --max_staleness K")
+        if self.partial_rollout and self.router_replay:
+            raise ValueError("--partial_rollout with --router_replay is not supported: a resumed sample's routing "
+                             "would come from several engine calls; drop one of the two")
+        if self.partial_rollout_chunk < 1:
+            raise ValueError(f"--partial_rollout_chunk must be >= 1, got {self.partial_rollout_chunk}")
+        if self.partial_rollout_chunk != PARTIAL_ROLLOUT_CHUNK and not self.partial_rollout:
+            raise ValueError("--partial_rollout_chunk sizes the engine calls of --partial_rollout: pass "
+                             "--partial_rollout too")
 
     def _check_is_correction(self) -> None:
         band = self.vllm_is_truncated_threshold

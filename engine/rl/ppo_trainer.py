@@ -27,6 +27,7 @@ from engine.rl.ptx import PtxSampler, collate_ptx
 from engine.rl.reward_shaping import overlong_penalty
 from engine.rl.rewards import combine_rewards, nonfinite_reward_error, nonfinite_rewards
 from engine.rl.rollout import RolloutEngines, SamplingConfig, rollout_loss_masks
+from engine.rl.rollout_stream import RolloutStream, staleness_metrics
 from engine.rl.sequences import RolloutBatch, build_rollout_batch
 from engine.rl.train_losses import ROLLOUT_METRICS, TrainSettings
 
@@ -39,7 +40,9 @@ class PrefetchedRollout:
     generation_batch: int  # which batch of --rollout_batch_size prompts of the prompt stream (_prompt_rows)
     rows: list[dict]
     pending: object  # engine.rl.rollout.PendingRollout
-    weights_version: int  # actor optimizer updates the engines' weights held when it was submitted
+    # Actor updates the engines' weights held when it was submitted; --max_staleness: when its oldest
+    # token was sampled (the stream starts it later, or resumes it on newer weights).
+    weights_version: int
     samples: list | None = None  # the engines' RolloutSamples, once collected
     batch: RolloutBatch | None = None  # None after --dynamic_filtering kept no group
     meta: dict | None = None
@@ -111,7 +114,9 @@ class PPOTrainer:
         self._saved_step = 0  # the newest rollout a checkpoint holds (0: none)
         # Optimizer updates of the actor so far, and how many of them the engines' weights hold.
         self.actor_version = self.engines_version = 0
-        self._next: PrefetchedRollout | None = None  # --async_train: the next rollout, generating or ready
+        # --async_train: the next rollouts, generating or ready, in step order (one; up to --max_staleness).
+        self._ahead: list[PrefetchedRollout] = []
+        self._stream: RolloutStream | None = None  # --max_staleness: generation on a thread of its own
         # Batches of --rollout_batch_size prompts drawn from the prompt stream so far: one per rollout,
         # more when --dynamic_filtering refills a rollout (the checkpoint's prompt position).
         self.generation_batches = 0
@@ -135,7 +140,8 @@ class PPOTrainer:
                     metrics = self.train_one_rollout(step)
                 except RolloutAbandoned as abandoned:
                     # Its prompt batches (and a prefetched next rollout's) go back to the stream.
-                    self.generation_batches, self._next = abandoned.first_batch, None
+                    self.generation_batches, self._ahead = abandoned.first_batch, []
+                    self._close_stream()
                     self._stop(step)
                 if self.evaluation.due(step + 1, self.num_steps) and not self._stop_requested():
                     metrics.update(self.evaluate(step + 1))
@@ -144,6 +150,7 @@ class PPOTrainer:
                 self._maybe_checkpoint(step + 1)
                 self.progress.advance()
         finally:
+            self._close_stream()
             self.progress.close()
             if self.record is not None and self.history:
                 self.record.plot(self.history)
@@ -172,8 +179,7 @@ class PPOTrainer:
             rollout = self._take_rollout(step)
             self.rollouts.release_memory()
         self._abandon_if_stopping(rollout)
-        if self.config.async_train and step + 1 < self.num_steps:
-            self._next = self._submit(step + 1)  # runs on the engines while this rollout trains
+        self._admit_ahead(step)  # --async_train: generates while this rollout trains
         adv_metrics = train_metrics = {}
         if rollout.batch is None:  # --dynamic_filtering kept no group in its rounds
             experience, metrics = None, dict(rollout.meta["refill"])
@@ -182,6 +188,8 @@ class PPOTrainer:
                 experience, rewards, metrics = self.score(rollout.batch, rollout.meta)
         self._abandon_if_stopping(rollout)  # the phases from here on change the run's state: they finish
         metrics["rollout/staleness"] = self.actor_version - rollout.weights_version
+        if self.config.max_staleness is not None and rollout.samples:
+            metrics.update(staleness_metrics(rollout.samples, self.actor_version, self.config.max_staleness))
         if experience is not None and experience.batch_size >= self.config.train_batch_size:
             with timer.phase("advantages"):
                 experience, adv_metrics = self.advantages(experience, rewards)
@@ -191,17 +199,48 @@ class PPOTrainer:
             print(f"warning: rollout {step + 1}: {experience.batch_size if experience is not None else 0} samples "
                   f"left after dropping groups, fewer than --train_batch_size {self.config.train_batch_size}: no "
                   "training on this rollout", flush=True)
-        if self._next is not None:
-            with timer.phase("generate_wait"):  # the engines must be done before their weights change
-                self._collect(self._next)
-        with timer.phase("sync"):
-            sync_metrics = self.rollouts.sync_weights()
-            self.engines_version = self.actor_version
+        sync_metrics = self._sync(timer)
+        if self._stream is not None:  # the engines hold this step's update: one more rollout may start now
+            self._admit_ahead(step, synced=True)
         if self.doctor is not None and self.doctor.due(step + 1) and rollout.batch is not None:
             with timer.phase("doctor"):  # both sides hold the same weights now
                 sync_metrics.update(self.doctor.run(step + 1, self._doctor_sequences(rollout.batch)))
         timer.seconds["time/step"] = time.perf_counter() - started
         return {**metrics, **adv_metrics, **train_metrics, **sync_metrics, **timer.seconds}
+
+    def _sync(self, timer: Timer) -> dict:
+        """The weight sync, once the engines are between calls: after the prefetched rollout
+        (--async_train), after the stream's call in flight (--max_staleness), else at once."""
+        if self._stream is not None:
+            started = time.perf_counter()
+            sync_metrics, waited = self._stream.sync(self.rollouts.sync_weights, version=self.actor_version)
+            timer.seconds["time/generate_wait"] = waited
+            timer.seconds["time/sync"] = time.perf_counter() - started - waited
+        else:
+            if self._ahead:
+                with timer.phase("generate_wait"):  # the engines must be done before their weights change
+                    for ahead in self._ahead:
+                        self._collect(ahead)
+            with timer.phase("sync"):
+                sync_metrics = self.rollouts.sync_weights()
+        self.engines_version = self.actor_version
+        return sync_metrics
+
+    def _admit_ahead(self, step: int, *, synced: bool = False) -> None:
+        """--async_train: submit the rollouts after ``step`` that may generate now, K = --max_staleness
+        (1 without it) ahead of the rollouts whose updates the engines hold: those before ``step``, and
+        ``step``'s too once ``synced``. AReaL's admission rule: a rollout started now trains at most K
+        actor updates later (one update per rollout at most)."""
+        if not self.config.async_train:
+            return
+        last = min(self.num_steps - 1, step + int(synced) + (self.config.max_staleness or 1))
+        first = self._ahead[-1].step + 1 if self._ahead else step + 1
+        self._ahead += [self._submit(s) for s in range(first, last + 1)]
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def _doctor_sequences(self, batch: RolloutBatch) -> list[list[int]]:
         """The first ``--doctor_samples`` rows of the rollout, prompt + response, without padding."""
@@ -214,8 +253,15 @@ class PPOTrainer:
         index = self.generation_batches
         self.generation_batches += 1
         rows = self._prompt_rows(index)
-        pending = self.rollouts.generate_async([list(r["prompt_ids"]) for r in rows], self._sampling(index),
-                                               rows=rows)
+        prompt_ids = [list(r["prompt_ids"]) for r in rows]
+        if self.config.max_staleness is not None:
+            if self._stream is None:
+                self._stream = RolloutStream(self.rollouts, version=self.engines_version,
+                                             chunk=self.config.partial_rollout_chunk if self.config.partial_rollout
+                                             else None)
+            pending = self._stream.admit(prompt_ids, self._sampling(index), rows=rows)
+        else:
+            pending = self.rollouts.generate_async(prompt_ids, self._sampling(index), rows=rows)
         return PrefetchedRollout(step=step, generation_batch=index, rows=rows, pending=pending,
                                  weights_version=self.engines_version)
 
@@ -225,8 +271,9 @@ class PPOTrainer:
 
     def _take_rollout(self, step: int) -> PrefetchedRollout:
         """This step's rollout: generated during the previous step (--async_train), else now."""
-        prefetched, self._next = self._next, None
-        if prefetched is None or prefetched.step != step:
+        if self._ahead and self._ahead[0].step == step:
+            prefetched = self._ahead.pop(0)
+        else:
             prefetched = self._submit(step)
         self._collect(prefetched)
         if self.config.dynamic_filtering:
@@ -237,6 +284,9 @@ class PPOTrainer:
         """Wait for ``rollout``'s samples (once) and batch them."""
         if rollout.samples is None:
             rollout.samples = rollout.pending.result()
+            versions = [min(s.token_versions) for s in rollout.samples if s.token_versions]
+            if versions:  # --max_staleness: the oldest weights that sampled a token of this rollout
+                rollout.weights_version = min(versions)
             rollout.batch, rollout.meta = self.to_batch(rollout.rows, rollout.samples)
 
     def _refill(self, rollout: PrefetchedRollout) -> None:
@@ -480,8 +530,8 @@ class PPOTrainer:
         shown = ("reward", "response_length", "kl", "actor/policy_loss", "actor/grad_norm", "actor/num_tokens",
                  "actor/approx_kl", "actor/ptx_loss", "actor/aux_loss", "actor/moe/load_cv", "advantage_abs_mean",
                  "actor/entropy_loss", "rollout_logprob_abs_diff", "vllm_is/mean", "vllm_is/masked_frac",
-                 "overlong/penalty", "rollout/staleness", "rollout/groups_trained", "rollout/gen_rounds",
-                 "rollout/routing_mismatch", "doctor/max_rel_diff", "doctor/first_jump_layer",
+                 "overlong/penalty", "rollout/staleness", "rollout/resumed_samples", "rollout/groups_trained",
+                 "rollout/gen_rounds", "rollout/routing_mismatch", "doctor/max_rel_diff", "doctor/first_jump_layer",
                  "doctor/first_routing_layer", "time/generate", "time/score", "time/train", "time/generate_wait",
                  "time/sync", "time/doctor", "eval/reward",
                  f"eval/pass@{self.evaluation.eval_n_samples_per_prompt}", "eval/response_length")
@@ -502,7 +552,7 @@ class PPOTrainer:
     def _resume_generation_batch(self) -> int:
         """The first prompt batch the next rollout reads: a prefetched rollout's (--async_train; a resume
         generates it anew), else the next one of the stream."""
-        return self._next.generation_batch if self._next is not None else self.generation_batches
+        return self._ahead[0].generation_batch if self._ahead else self.generation_batches
 
     def _role_checkpoint(self, role: str):
         return replace(self.checkpoint, ckpt_path=f"{self.checkpoint.ckpt_path}/{role}")

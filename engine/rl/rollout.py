@@ -69,6 +69,9 @@ class RolloutSample:
     # [tokens, decoder layers, top_k] (numpy), row t = the token at position t of prompt + response,
     # -1 where not recorded. Covers the tokens the engine ran forward (all but the last).
     routed_experts: object | None = field(default=None, compare=False)
+    # --max_staleness: per response token, the actor updates the engine weights that sampled it held
+    # (engine.rl.rollout_stream; under --partial_rollout a resumed sample holds more than one).
+    token_versions: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         length = len(self.response_token_ids)

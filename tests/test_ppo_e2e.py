@@ -685,6 +685,8 @@ def test_async_grpo_replays_each_prefetched_rollouts_routing(rl_setup, qwen3_moe
         "--micro_train_batch_size", "16", "--micro_rollout_batch_size", "16", "--learning_rate", "1e-12",
         "--actor_num_gpus_per_node", "2", "--actor_expert_model_parallel_size", "2", "--async_train", "--router_replay",
     ))
+    print("routing mismatch, |log-prob - engine's| per rollout:",
+          [(h["rollout/routing_mismatch"], h["rollout_logprob_abs_diff"]) for h in history])
     assert [h["rollout/staleness"] for h in history] == [0, 1, 1]
     assert max(h["rollout/routing_mismatch"] for h in history) > 0
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4

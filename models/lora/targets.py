@@ -82,6 +82,12 @@ def resolve_targets(adapter: ModelAdapter, target_modules: tuple[str, ...]) -> d
     valid = available_targets(adapter)
     wanted = set(valid) if ALL_LINEAR in target_modules else set(target_modules)
     unknown = sorted(wanted - set(valid))
+    routers = sorted(set(unknown) & router_names(adapter))
+    if routers:
+        # Left frozen as in PEFT (transformers 5's routers are plain nn.Modules, not the nn.Linear it adapts:
+        # an export could not load) and Megatron-Bridge (its targets are linear_*, the router is not one).
+        raise ValueError(f"--target_modules {' '.join(routers)}: the MoE router gets no adapter (it stays frozen "
+                         f"under LoRA); choose from {' '.join(valid)} or {ALL_LINEAR}")
     if unknown:
         raise ValueError(f"--target_modules {' '.join(unknown)}: not a linear module of this "
                          f"{adapter.model_types[0]} model; choose from {' '.join(valid)} or {ALL_LINEAR}")
@@ -118,3 +124,30 @@ def fused_rows(targets: LinearTargets, index: int, adapter: ModelAdapter, *, tp_
         half = local_out // 2
         return torch.arange(index * half, (index + 1) * half)
     raise ValueError(f"LoRA cannot place {targets.hf_modules} fused as {targets.split}")
+
+
+def router_names(adapter: ModelAdapter) -> set[str]:
+    """HF module names (last component) of an MoE model's routers (``gate``); empty for a dense model."""
+    return {t.rsplit(".", 1)[-1] for spec in adapter.layer_specs() if spec.megatron == "mlp.router.weight"
+            for t in _module_templates(spec)}
+
+
+def describe_targets(adapter: ModelAdapter, target_modules: tuple[str, ...]) -> str:
+    """What LoRA adapts on this model, and on an MoE model what it leaves frozen (printed at start:
+    the same names mean different modules on different MoE architectures, as they do in PEFT)."""
+    groups: dict[str, list[str]] = {}
+    for (name, is_expert), targets in resolve_targets(adapter, target_modules).items():
+        group = ("routed experts (a pair per expert)" if is_expert else "shared experts" if "shared_experts" in name
+                 else "attention" if name.startswith("self_attention") else "MLPs")
+        groups.setdefault(group, []).extend(targets.leaf(i) for i, t in enumerate(targets.targeted) if t)
+    text = "LoRA adapters on " + "; ".join(f"{group}: {' '.join(leaves)}" for group, leaves in groups.items())
+    if not adapter.num_experts:
+        return text
+    frozen = ["the routers"]
+    pattern = adapter.moe_layer_pattern
+    if not all(pattern) and "MLPs" not in groups:
+        dense = [str(i) for i, moe in enumerate(pattern) if not moe]
+        frozen.append(f"the dense MLP{'s' * (len(dense) > 1)} of layer{'s' * (len(dense) > 1)} {', '.join(dense)}")
+    if adapter.shared_expert_intermediate_size and "shared experts" not in groups:
+        frozen.append("the shared experts")
+    return f"{text}; frozen: {', '.join(frozen)}"

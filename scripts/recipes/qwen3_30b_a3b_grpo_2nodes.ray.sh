@@ -13,8 +13,10 @@ SAVE_PATH=${SAVE_PATH:-/shared/out/qwen3-30b-a3b-grpo}
 role_flags() { for role in actor ref; do
   echo "--${role}_num_nodes 2 --${role}_num_gpus_per_node 8 --${role}_expert_model_parallel_size 8"
 done; }
-# Router replay: add --router_replay here (the engines' routing replayed in the actor's forwards) once
-# that flag lands; GRPO on this model is reported to collapse without it (NVIDIA/Megatron-LM issue 4168).
+# Router replay (--router_replay: the engines' routing replayed in the actor's forwards; GRPO on this
+# model is reported to collapse without it, NVIDIA/Megatron-LM issue 4168) is refused with activation
+# recompute, which this layout needs (the planner: ~44 GB of activations per GPU without it). Watch
+# rollout/routing_mismatch; to replay, give the actor more GPUs (EP 16 / PP 2) and drop the recompute.
 ray job submit --working-dir . -- python -m engine.cli.train_ppo_ray \
   --pretrain "$MODEL" --remote_rm_url "$REWARD" --prompt_data "$PROMPTS" --save_path "$SAVE_PATH" \
   $(role_flags) --colocate_all_models --vllm_enable_sleep --ref_reward_offload \

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tests.schedule"]  # the modules' order on the xdist workers
+pytest_plugins = ["tests.schedule", "tests.rl_harness"]  # the modules' order on the xdist workers; rl_setup
 
 
 @pytest.fixture(scope="session")

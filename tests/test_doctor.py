@@ -163,7 +163,7 @@ def test_perturbed_router_shows_the_routing_difference(doctor, mixtral):
 def test_tool_on_a_megatron_checkpoint_at_tp2(ray_cluster, tmp_path):
     """``python -m tools.doctor``: a Megatron checkpoint (hf_to_mcore) on a TP=2 actor with sequence
     parallelism (each rank holds half of every hidden state: gathered): no jump, and the same report
-    in <run_dir>/doctor/step_0.json. (PP=2, each stage reporting its layers: tests/test_ppo_e2e.py.)"""
+    in <run_dir>/doctor/step_0.json. (PP=2, each stage reporting its layers: tests/test_ppo_e2e_critic.py.)"""
     from models.tiny import build_tiny_model
     from tests.test_convert import _convert
     from tools import doctor

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.test_ppo_e2e import _ptx_experience, _ptx_settings
+from tests.test_ppo_e2e_critic import _ptx_experience, _ptx_settings
 
 BETA = 0.6
 STEPS = 3

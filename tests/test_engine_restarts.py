@@ -15,7 +15,7 @@ import pytest
 
 from engine.ray.engine_pool import EngineError, EngineFailure
 from engine.ray.engine_restarts import RestartBudget
-from tests.test_ppo_e2e import _ppo_args
+from tests.rl_harness import ppo_args
 
 # Every character of a response counts: equal rewards of a rollout mean (all but surely) equal samples.
 REWARD_FUNC = '''
@@ -195,10 +195,10 @@ def test_engines_killed_between_and_in_the_middle_of_rollouts_are_replaced_and_t
     started = time.monotonic()
     monkeypatch.setattr(RayEnginePool, "submit_generate", submit_then_kill)
     monkeypatch.setattr(RayEnginePool, "health", kill_then_health)
-    history = train_ppo_ray.main(_ppo_args(base_setup, *grpo, "--max_engine_restarts", "2"))
+    history = train_ppo_ray.main(ppo_args(base_setup, *grpo, "--max_engine_restarts", "2"))
     monkeypatch.undo()
     restarted_in = time.monotonic() - started
-    reference = train_ppo_ray.main(_ppo_args(base_setup, *grpo))
+    reference = train_ppo_ray.main(ppo_args(base_setup, *grpo))
 
     assert [h["step"] for h in history] == [1, 2, 3]
     assert [h["engine/restarts"] for h in history] == [1, 1, 0]

@@ -95,7 +95,7 @@ NOT_HERE = {
     "train_rm": _NEW + " ckpt.disable_ds",  # OpenRLHF's RM had no --disable_ds_ckpt in 2025
     "train_dpo": _NEW,
     "train_ppo_ray": """
-        train.async_queue_size train.partial_rollout_enable ckpt.best_metric_key
+        train.async_queue_size ckpt.best_metric_key
         ds.deepcompile ds.experts_implementation data.dataloader_num_workers ds.tensor_parallel_size
         rollout.max_tokens_per_gpu rollout.vllm_generate_batch_size
         reward.stop_properly_penalty_coef ref.offload reward.offload eval.split

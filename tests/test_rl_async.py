@@ -1,5 +1,5 @@
 """--async_train's flag checks and the CPU thread split of the RL roles (issue 18); the loop itself
-runs end to end in tests/test_ppo_e2e.py (staleness 1, reward rises)."""
+runs end to end in tests/test_ppo_e2e_variants.py (staleness 1, reward rises)."""
 from __future__ import annotations
 
 import pytest

@@ -340,9 +340,9 @@ def test_fully_async_grpo_with_partial_rollouts_on_a_vllm_engine(tiny_setup, ray
     same weights, has the actor's own log-probs (the engine continued each sample from its token ids);
     later ones are up to 2 updates old, and the truncated IS weights correct them."""
     from engine.cli import train_ppo_ray
-    from tests.test_ppo_e2e import _ppo_args
+    from tests.rl_harness import ppo_args
 
-    history = train_ppo_ray.main(_ppo_args(
+    history = train_ppo_ray.main(ppo_args(
         tiny_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "3",
         "--n_samples_per_prompt", "4", "--rollout_batch_size", "8", "--train_batch_size", "32",
         "--micro_rollout_batch_size", "32", "--learning_rate", "1e-3",

@@ -128,6 +128,7 @@ RENAMED: dict[str, str] = {
     "train.colocate_all": "colocate_all_models",
     "train.num_episodes": "num_episodes",
     "train.async_enable": "async_train",
+    "train.partial_rollout_enable": "partial_rollout",
     "train.enable_ema": "enable_ema",
     "train.ema_beta": "ema_beta",
     # ----- train_ppo_ray: the actor's model and optimizer (the flat ones set the critic's too) -----

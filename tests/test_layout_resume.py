@@ -161,3 +161,18 @@ def test_grpo_actor_checkpoint_at_tp2_resumes_at_tp1(grpo_runs):
             assert abs(got[key] - want[key]) <= RL_TOLERANCE * max(1.0, abs(want[key])), (key, got, want)
     # The engines were given the resumed TP=1 actor's weights: their log-probs are the actor's.
     assert max(h["rollout_logprob_abs_diff"] for h in resumed) < 1e-4
+
+
+def test_plan_from_an_rl_checkpoint_is_the_actors_grpo_job(grpo_runs):
+    out = _in_process(_plan_cli, ["--from_checkpoint", str(grpo_runs["root"] / "ckpt_tp2"), "--nodes", "1",
+                                  "--gpus_per_node", "4", "--vllm_num_engines", "2", "--rollout_batch_size", "8",
+                                  "--n_samples_per_prompt", "4", "--max_len", "64", "--generate_max_len", "8",
+                                  "--fp32", "--recompute_granularity", "none", "--json"])
+    info = out["checkpoint"]
+    assert info["job"] == "grpo" and info["job_from"] == "an RL actor checkpoint without a critic"
+    assert info["path"].endswith(f"actor/global_step{RL_STEPS}") and info["saved_batch"] == {"rollout_batch_size": 8}
+    assert info["saved_layout"]["tensor_model_parallel_size"] == 2 and info["saved_layout"]["world_size"] == 2
+    # Two GPUs train beside the two engines': the checkpoint's TP2 (marked) and the TP1 resumed above.
+    layouts = {p["layout"]: p["saved_layout"] for p in out["plans"]}
+    assert layouts.get("TP2 PP1 CP1 SP") is True and layouts.get("TP1 PP1 CP1") is False, layouts
+    assert all(p["job"] == "grpo" and p["training_gpus"] == 2 for p in out["plans"])

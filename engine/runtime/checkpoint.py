@@ -5,7 +5,9 @@ Saved in the sharded Megatron format of ``models.mcore_checkpoint`` under
 newest ``--max_ckpt_num`` kept. Resume takes the newest checkpoint that verifies (sizes and
 CRC-32 of every file against its manifest); a truncated, half-written or corrupt one is named and
 skipped in favour of the previous. ``--load_checkpoint`` with no usable checkpoint says so and
-starts fresh, or with ``--require_checkpoint`` is an error.
+starts fresh, or with ``--require_checkpoint`` is an error. A checkpoint records the layout it was
+written at and resumes at any other (``engine.runtime.resume_layout``: everything reshards but the
+per-rank RNG, which is re-seeded there, said in one line).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ A checkpoint directory holds:
 - ``hf/``: the HF config and tokenizer files the model came from (so it can be rebuilt and
   exported without the original directory), and ``tensor_shapes.json``, the names and shapes of
   that HF checkpoint's tensors (vLLM engines started from ``hf/`` check weight syncs against it);
-- ``meta.json``: format version, architecture and the padded vocabulary size;
+- ``meta.json``: format version, architecture and the padded vocabulary size (a training
+  checkpoint adds its step and the parallel layout it was written at);
 - ``manifest.json``, written last: every file with its size and CRC-32 (``models.manifest``). A
   directory without a manifest or whose files disagree with it (a crash, a truncated copy, a
   corrupt byte) is not a checkpoint.

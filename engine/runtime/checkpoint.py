@@ -5,27 +5,27 @@ Saved in the sharded Megatron format of ``models.mcore_checkpoint`` under
 newest ``--max_ckpt_num`` kept. Resume takes the newest checkpoint that verifies (sizes and
 CRC-32 of every file against its manifest); a truncated, half-written or corrupt one is named and
 skipped in favour of the previous. ``--load_checkpoint`` with no usable checkpoint says so and
-starts fresh, or with ``--require_checkpoint`` is an error.
+starts fresh, or with ``--require_checkpoint`` is an error. A checkpoint records the layout it was
+written at and resumes at any other (``engine.runtime.resume_layout``: everything reshards but the
+per-rank RNG, which is re-seeded there, said in one line).
 """
 from __future__ import annotations
 
-import logging
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from engine.runtime.async_checkpoint import BackgroundWriter
 from engine.runtime.config import CheckpointConfig  # noqa: F401  (declared apart: the parsers import no torch)
+from engine.runtime.resume_layout import current_layout, describe_layout, reseed, restore_rng, rng_state, same_layout
 from models.heads import is_value_model
 from models.hf_checkpoint import CheckpointError
 from models.lora import has_lora
 from models.mcore_async_save import begin_save_sharded
 from models.mcore_checkpoint import (
+    RANK_STATE_DIR,
     load_common_state,
     load_rank_state,
     load_sharded,
@@ -34,28 +34,10 @@ from models.mcore_checkpoint import (
     verify_checkpoint,
 )
 
-logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
 # Optimizer states in the canonical per-parameter layout: a resume may change TP / PP / DP
 # (megatron-core 0.16.1 rejects its default 'fully_sharded_model_space' format at save time).
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def step_directories(ckpt_path: str | Path) -> list[tuple[int, Path]]:
@@ -146,9 +128,9 @@ def save_training_checkpoint(
         hf_source_dir=hf_source_dir,
         padded_vocab_size=model.vocab_size,
         extra_meta={"step": step, "value_head": is_value_model(model), "extra_models": sorted(extra),
-                    "trained_only": has_lora(model)},
+                    "trained_only": has_lora(model), "layout": current_layout()},
         common_state={"scheduler": scheduler.state_dict(), "trainer": trainer_state},
-        rank_state={"rng": _rng_state()},
+        rank_state={"rng": rng_state()},
     )
     if config.async_save and writer is not None:
         writer.wait()  # one checkpoint in flight
@@ -167,13 +149,17 @@ def _rotate(config: CheckpointConfig) -> None:
     dist.barrier()
 
 
-def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, extra_models: dict | None = None) -> dict:
-    """Restore model, optimizer, schedule and RNG from ``directory``; return the trainer state.
-    ``extra_models`` the checkpoint holds are restored too; the names it lacks are listed under
-    ``"missing_extra_models"`` of the returned state."""
+def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, extra_models: dict | None = None,
+                             seed: int = 42) -> dict:
+    """Restore model, optimizer, schedule and RNG from ``directory``, under this run's layout whatever
+    the checkpoint's (``engine.runtime.resume_layout``: at another layout the RNG is re-seeded from
+    ``seed`` and the step, and rank 0 says so); return the trainer state. ``extra_models`` the
+    checkpoint holds are restored too; the names it lacks are listed under ``"missing_extra_models"``
+    of the returned state."""
     _materialise_optimizer_state(optimizer)
     model_sd = _trained_part(model)
-    saved = set(read_meta(directory).get("extra_models", []))
+    meta = read_meta(directory)
+    saved = set(meta.get("extra_models", []))
     extra = {name: other for name, other in (extra_models or {}).items() if name in saved}
     state = load_sharded(
         {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_FORMAT),
@@ -187,12 +173,23 @@ def load_training_checkpoint(directory: Path, *, model, optimizer, scheduler, ex
     optimizer.load_state_dict(state["optimizer"])
     common = load_common_state(directory)
     scheduler.load_state_dict(common["scheduler"])
-    rank_state = load_rank_state(directory)
-    if rank_state is not None:
-        _restore_rng(rank_state["rng"])
-    else:
-        logger.warning("no RNG state for rank %d in %s (different world size): RNG not restored", dist.get_rank(), directory)
+    _resume_rng(directory, meta, seed=seed)
     return {**common["trainer"], "missing_extra_models": sorted(set(extra_models or {}) - saved)}
+
+
+def _resume_rng(directory: Path, meta: dict, *, seed: int) -> None:
+    """Each rank's own RNG state at the checkpoint's layout; at another, every rank re-seeded (said once)."""
+    now = current_layout()
+    saved_ranks = len(list((Path(directory) / RANK_STATE_DIR).glob("*.pt")))
+    if same_layout(meta.get("layout"), now, saved_ranks=saved_ranks):
+        restore_rng(load_rank_state(directory)["rng"])
+        return
+    used = reseed(seed, int(meta.get("step", 0)))
+    if dist.get_rank() == 0:
+        print(f"note: {directory} was written at {describe_layout(meta.get('layout'))}, this run is "
+              f"{describe_layout(now)}: model, optimizer, schedule and data position are resharded; per-rank RNG "
+              f"states do not carry over to another layout: every rank re-seeded with --seed + step = {used}",
+              flush=True)
 
 
 def _trained_part(model) -> dict:

@@ -273,7 +273,7 @@ class TrainingEngine:
             return None
         self.restore_training_state()
         state = load_training_checkpoint(directory, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                         extra_models=self._extra_models())
+                                         extra_models=self._extra_models(), seed=self.config.seed)
         if EMA_CHECKPOINT_KEY in state.pop("missing_extra_models"):
             self.ema.copy_weights()
             if self.is_rank_zero:

@@ -6,8 +6,18 @@ from tools.plan.plan import GB, Plan
 CATEGORIES = ("weights", "grads", "optimizer", "activations", "logits")
 
 
-def plan_dict(plan: Plan, *, assumptions: dict) -> dict:
-    return {
+def _is_saved(plan: Plan, checkpoint: dict | None) -> bool:
+    from tools.plan.from_checkpoint import is_saved_layout
+
+    layout = plan.layout
+    role_gpus = plan.groups[0]["gpus"] if plan.groups else plan.training_gpus  # a checkpoint is one role's
+    return checkpoint is not None and is_saved_layout(
+        {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep}, checkpoint["saved_layout"], role_gpus)
+
+
+def plan_dict(plan: Plan, *, assumptions: dict, checkpoint: dict | None = None) -> dict:
+    extra = {"saved_layout": _is_saved(plan, checkpoint)} if checkpoint is not None else {}
+    return {**extra,
         "job": plan.job, "layout": plan.layout.label(), "fits": plan.fits, "reasons": plan.reasons,
         "world_size": plan.world_size, "training_gpus": plan.training_gpus,
         "data_parallel_size": plan.data_parallel_size, "groups": plan.groups, "stages": plan.stages, "vllm": plan.vllm,
@@ -46,13 +56,15 @@ def format_plan(plan: Plan, *, assumptions: dict) -> str:
     return "\n".join(lines)
 
 
-def format_search(plans: list[Plan], tried: int, *, top: int, assumptions: dict) -> str:
+def format_search(plans: list[Plan], tried: int, *, top: int, assumptions: dict, checkpoint: dict | None = None
+                  ) -> str:
     if not plans:
         return f"no layout of the {tried} tried fits; assumed: " + ", ".join(f"{k} {v}" for k, v in assumptions.items())
     header = f"{'#':>2}  {'layout':<42} {'DP':>3} {'peak GB/GPU':>11} {'step s':>8}"
     lines = [f"{len(plans)} of {tried} layouts fit; fastest first", header]
     for i, plan in enumerate(plans[:top], 1):
+        saved = "  (the checkpoint's layout)" if _is_saved(plan, checkpoint) else ""
         lines.append(f"{i:>2}  {plan.layout.label():<42} {plan.data_parallel_size:>3} {_gb(plan.peak_bytes):>11} "
-                     f"{plan.step_seconds:>8.2f}")
+                     f"{plan.step_seconds:>8.2f}{saved}")
     lines += ["", "best:", format_plan(plans[0], assumptions=assumptions)]
     return "\n".join(lines)

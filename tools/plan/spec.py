@@ -17,13 +17,22 @@ Job = Literal["sft", "dpo", "rm", "kto", "ppo", "grpo"]
 
 @dataclass(kw_only=True)
 class ModelSpec:
-    model: str = option("llama3-70b", help="HF model directory / config.json, or a built-in: llama3-8b, llama3-70b, "
-                                           "llama3.1-405b, qwen2.5-72b, mixtral-8x7b, mixtral-8x22b")
-    job: Job = option("sft", help="what runs: sft, dpo, rm, kto, ppo (actor, critic, reference, reward model, "
-                                  "vLLM engines) or grpo (actor, reference, vLLM engines)")
+    model: str | None = option(None, help="HF model directory / config.json, or a built-in: llama3-8b, llama3-70b, "
+                                          "llama3.1-405b, qwen2.5-72b, mixtral-8x7b, mixtral-8x22b (default: "
+                                          "llama3-70b, or --from_checkpoint's model)")
+    job: Job | None = option(None, help="what runs: sft, dpo, rm, kto, ppo (actor, critic, reference, reward model, "
+                                        "vLLM engines) or grpo (actor, reference, vLLM engines) (default: sft, or "
+                                        "what --from_checkpoint's run trained)")
+    from_checkpoint: str | None = option(None, help="a training checkpoint (global_stepN, or a --ckpt_path: its "
+                                                    "newest, an RL run's actor's): plan the layouts it resumes at "
+                                                    "on this cluster (its model, job and saved layout)")
     reward_pretrain: str | None = option(None, help="ppo / grpo: the reward model (default: --model for ppo, none "
                                                     "for grpo, whose rewards are rules or a remote server)")
     fp32: bool = option(False, help="fp32 weights and activations (default: bf16, as on GPUs)")
+
+    def __post_init__(self) -> None:
+        if self.from_checkpoint and self.model is not None:
+            raise ValueError("--from_checkpoint plans for the checkpoint's own model: drop --model")
 
     @property
     def bf16(self) -> bool:

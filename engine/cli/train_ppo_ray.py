@@ -368,16 +368,8 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     rollouts with ``min_new_tokens``)."""
     from engine.data.prompts import PromptDataset
     from engine.ray.cluster import join_cluster
-    from engine.ray.colocation import NodeDealer, describe_placement, make_placements, release_placements
-    from engine.ray.doctor import RayDoctor
-    from engine.ray.role_group import RoleGroup
     from engine.ray.rollout_backends import rollout_backend
-    from engine.ray.rollouts import EngineRollouts, TrainerSleep
-    from engine.ray.weight_sync import ActorWeightSync, resolve_sync_backend
     from engine.rl.console import RunRecord
-    from engine.rl.ppo_trainer import PPOTrainer
-    from engine.rl.rewards import make_reward_sources
-    from engine.runtime.logging import MetricsLogger
     from models.sources import ModelSource
     from parallel.preemption import PreemptionWatch
 
@@ -399,60 +391,99 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     # After joining: a submitted job's working directory is unpacked anew by ray.init.
     record = RunRecord(job.console.resolved_run_dir())
     watch.install()
-    groups: dict = {}
-    pool = None
-    placements: dict = {}
+    started = _Started()
     try:
         configs = role_configs(job, total_steps=_optimizer_steps(job, len(prompts)))
-        placements = make_placements(job.placement, _ranks(configs), engine_workers=_engine_workers(job))
-        dealer = NodeDealer.of_cluster()
-        engine_config = _engine_config(job, source, placements.get("vllm"))
-        colocated_engines = engines_first(placements)
-        # Before anything starts: a transport that cannot reach these engines is a flag error.
-        transport = resolve_sync_backend(job.sync.backend, cuda=backend.on_gpus(engine_config),
-                                         colocated=colocated_engines)
-        if colocated_engines:
-            pool = _start_engines(backend, engine_config, dealer, sleep=job.vllm.enable_sleep_mode)
-        # The roles boot side by side, and beside the engines unless those had to start first.
-        for key, config in configs.items():
-            groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks), wait=False)
-        if pool is None:
-            pool = _start_engines(backend, engine_config, dealer, sleep=False)
-        for group_ in groups.values():
-            group_.wait_ready()
-        print(describe_placement(groups, pool), f"weight sync: {transport}", sep="\n", flush=True)
-        trainers = (TrainerSleep(groups["actor"], groups.get("critic"))
-                    if job.placement.trainers_sleep(engines_share_gpus=colocated_engines) else None)
-        rollouts = EngineRollouts(pool, ActorWeightSync(groups["actor"], pool, job.sync, backend=transport),
-                                  sleep=job.vllm.enable_sleep_mode, synced=backend.loads_own_weights(engine_config),
-                                  asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers,
-                                  restarts=job.engine_restarts)
+        engine_config, rollouts = _start(job, source, backend, configs, started)
         if job.agent.enabled:
             rollouts = agent_rollouts(job, rollouts, tokenizer)
-        stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
-        trainer = PPOTrainer(
-            job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],
-            sampling=replace(job.sampling, stop_token_ids=stop_ids, **(sampling_overrides or {})),
-            critic=groups.get("critic"), reference=groups.get("ref"),
-            reward_models=[groups[k] for k in configs if k.startswith("reward")],
-            reward_sources=make_reward_sources(job.models.remote_rm_url),
-            logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
-            save_value_network=job.models.save_value_network, save_hf_ckpt=job.models.save_hf_ckpt,
-            pretrain_samples=pretrain_samples,
-            evaluation=job.eval, eval_prompts=eval_prompts, record=record, preemption=watch, save_on_preempt=saves,
-            doctor=(RayDoctor(job.doctor, actor=groups["actor"], engines=rollouts, run_dir=record.run_dir,
-                              max_tokens=engine_config.max_model_len - 1) if job.doctor.doctor_every else None),
-        )
+        trainer = _trainer(job, started.groups, rollouts, prompts=prompts, eval_prompts=eval_prompts,
+                           tokenizer=tokenizer, pretrain_samples=pretrain_samples, record=record, watch=watch,
+                           saves=saves, max_tokens=engine_config.max_model_len - 1,
+                           sampling_overrides=sampling_overrides)
         return trainer.fit()
     finally:
         _link_logs(record.run_dir)
         print(f"run directory: {record.run_dir} (metrics.jsonl, reward.png, rollout.png, ray_logs/)", flush=True)
-        if pool is not None:
-            pool.shutdown()
-        for group_ in groups.values():
-            group_.shutdown()
-        release_placements(placements)
+        started.shutdown()
         watch.uninstall()
+
+
+@dataclass
+class _Started:
+    """What ``build_and_fit`` started, shut down on the way out (also after a start that failed half-way)."""
+
+    groups: dict = field(default_factory=dict)  # role key -> RoleGroup
+    pool: object = None  # the engine pool
+    placements: dict = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        from engine.ray.colocation import release_placements
+
+        if self.pool is not None:
+            self.pool.shutdown()
+        for group_ in self.groups.values():
+            group_.shutdown()
+        release_placements(self.placements)
+
+
+def _start(job: PPOJob, source, backend, configs: dict, started: _Started):
+    """Place and start the roles and the engines into ``started`` (the roles side by side, and beside
+    the engines unless those must start first); the engines' config and their ``EngineRollouts``."""
+    from engine.ray.colocation import NodeDealer, describe_placement, make_placements
+    from engine.ray.role_group import RoleGroup
+    from engine.ray.rollouts import EngineRollouts, TrainerSleep
+    from engine.ray.weight_sync import ActorWeightSync, resolve_sync_backend
+
+    placements = started.placements = make_placements(job.placement, _ranks(configs),
+                                                      engine_workers=_engine_workers(job))
+    dealer = NodeDealer.of_cluster()
+    engine_config = _engine_config(job, source, placements.get("vllm"))
+    colocated_engines = engines_first(placements)
+    # Before anything starts: a transport that cannot reach these engines is a flag error.
+    transport = resolve_sync_backend(job.sync.backend, cuda=backend.on_gpus(engine_config),
+                                     colocated=colocated_engines)
+    if colocated_engines:
+        started.pool = _start_engines(backend, engine_config, dealer, sleep=job.vllm.enable_sleep_mode)
+    for key, config in configs.items():
+        started.groups[key] = RoleGroup(config, dealer.pin(placements[key], config.num_ranks), wait=False)
+    if started.pool is None:
+        started.pool = _start_engines(backend, engine_config, dealer, sleep=False)
+    groups = started.groups
+    for group_ in groups.values():
+        group_.wait_ready()
+    print(describe_placement(groups, started.pool), f"weight sync: {transport}", sep="\n", flush=True)
+    trainers = (TrainerSleep(groups["actor"], groups.get("critic"))
+                if job.placement.trainers_sleep(engines_share_gpus=colocated_engines) else None)
+    rollouts = EngineRollouts(started.pool, ActorWeightSync(groups["actor"], started.pool, job.sync, backend=transport),
+                              sleep=job.vllm.enable_sleep_mode, synced=backend.loads_own_weights(engine_config),
+                              asleep=colocated_engines and job.vllm.enable_sleep_mode, trainers=trainers,
+                              restarts=job.engine_restarts)
+    return engine_config, rollouts
+
+
+def _trainer(job: PPOJob, groups: dict, rollouts, *, prompts, eval_prompts, tokenizer, pretrain_samples, record,
+             watch, saves: bool, max_tokens: int, sampling_overrides: dict | None):
+    """The loop over the started roles and engines (``max_tokens``: the longest sequence the doctor probes)."""
+    from engine.ray.doctor import RayDoctor
+    from engine.rl.ppo_trainer import PPOTrainer
+    from engine.rl.rewards import make_reward_sources
+    from engine.runtime.logging import MetricsLogger
+
+    stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    return PPOTrainer(
+        job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],
+        sampling=replace(job.sampling, stop_token_ids=stop_ids, **(sampling_overrides or {})),
+        critic=groups.get("critic"), reference=groups.get("ref"),
+        reward_models=[group_ for key, group_ in groups.items() if key.startswith("reward")],
+        reward_sources=make_reward_sources(job.models.remote_rm_url),
+        logger=MetricsLogger(job.logging), checkpoint=job.checkpoint, save_path=job.models.save_path,
+        save_value_network=job.models.save_value_network, save_hf_ckpt=job.models.save_hf_ckpt,
+        pretrain_samples=pretrain_samples,
+        evaluation=job.eval, eval_prompts=eval_prompts, record=record, preemption=watch, save_on_preempt=saves,
+        doctor=(RayDoctor(job.doctor, actor=groups["actor"], engines=rollouts, run_dir=record.run_dir,
+                          max_tokens=max_tokens) if job.doctor.doctor_every else None),
+    )
 
 
 def make_environment(job: PPOJob):

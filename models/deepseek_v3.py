@@ -54,7 +54,84 @@ def _interleave_rope_rows(block: int, rope: int):
     return row_order
 
 
-class DeepseekV3Adapter(ModelAdapter):
+class SigmoidRoutedMoe:
+    """The MoE layout DeepSeek-V3 and GLM-4.5 share (a mixin before a ``ModelAdapter``): dense layers before
+    ``first_k_dense_replace``, sigmoid scores with the ``e_score_correction_bias`` buffer (Megatron's router
+    ``expert_bias``), group-limited top-k, renormalised weights times ``routed_scaling_factor``, always-on
+    shared experts, HF names ``mlp.gate`` / ``mlp.experts.{i}`` / ``mlp.shared_experts``; multi-token-prediction
+    layers (index >= ``num_hidden_layers``) carried through conversion unchanged."""
+
+    hf_config: object
+
+    def _check_router(self) -> None:
+        c = self.hf_config
+        if c.num_experts_per_tok > 1 and not c.norm_topk_prob:
+            raise ValueError(f"{c.model_type}: norm_topk_prob=false is not supported with sigmoid routing "
+                             "(megatron-core renormalises the top-k sigmoid scores)")
+        if self._group_limited and c.num_experts_per_tok // c.topk_group != 2:
+            raise ValueError(
+                f"{c.model_type}: group-limited routing with num_experts_per_tok // topk_group = "
+                f"{c.num_experts_per_tok // c.topk_group} is not supported: HF scores a group by its top 2 experts, "
+                "megatron-core by its top num_experts_per_tok // topk_group")
+
+    def is_passthrough(self, hf_name: str) -> bool:
+        match = _LAYER_INDEX.match(hf_name)
+        return match is not None and int(match.group(1)) >= self.hf_config.num_hidden_layers
+
+    @property
+    def _group_limited(self) -> bool:
+        c = self.hf_config
+        return bool(c.n_group and c.n_group > 1 and c.topk_group < c.n_group)
+
+    @property
+    def num_experts(self) -> int | None:
+        return getattr(self.hf_config, "n_routed_experts", None) or None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int | None:
+        return self.hf_config.moe_intermediate_size if self.num_experts else None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.num_experts) and layer >= (self.hf_config.first_k_dense_replace or 0)
+
+    @property
+    def shared_expert_intermediate_size(self) -> int | None:
+        shared = getattr(self.hf_config, "n_shared_experts", None)
+        return self.hf_config.moe_intermediate_size * shared if shared else None
+
+    def _router_kwargs(self) -> dict:
+        c = self.hf_config
+        kwargs = dict(
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=0.0,  # HF's bias is fixed: training does not move it
+            moe_router_topk_scaling_factor=float(c.routed_scaling_factor),
+        )
+        if self._group_limited:
+            kwargs.update(moe_router_num_groups=c.n_group, moe_router_group_topk=c.topk_group)
+        return kwargs
+
+    def mlp_specs(self) -> list[WeightSpec]:
+        if not self.num_experts:
+            return self.dense_mlp_specs()
+        gate = "model.layers.{layer}.mlp.gate."
+        return [WeightSpec("mlp.router.weight", (gate + "weight",), Split.REPLICATED),
+                WeightSpec("mlp.router.expert_bias", (gate + "e_score_correction_bias",), Split.REPLICATED)]
+
+    def expert_specs(self) -> list[WeightSpec]:
+        p = "model.layers.{layer}.mlp.experts.{expert}."
+        return [
+            WeightSpec("linear_fc1.weight", (p + "gate_proj.weight", p + "up_proj.weight"), Split.GATE_UP),
+            WeightSpec("linear_fc2.weight", (p + "down_proj.weight",), Split.ROW),
+        ]
+
+    def shared_expert_specs(self) -> list[WeightSpec]:
+        if not self.shared_expert_intermediate_size:
+            return []
+        return shared_expert_weight_specs("model.layers.{layer}.mlp.shared_experts.")
+
+
+class DeepseekV3Adapter(SigmoidRoutedMoe, ModelAdapter):
     model_types = ("deepseek_v3",)
     hf_causal_lm_class = "DeepseekV3ForCausalLM"
     transformer_config_class = "MLATransformerConfig"
@@ -91,17 +168,6 @@ class DeepseekV3Adapter(ModelAdapter):
             raise ValueError(f"{name}: yarn rope_scaling with an explicit attention_factor is not supported "
                              "(megatron-core derives it from factor, mscale and mscale_all_dim)")
 
-    def _check_router(self) -> None:
-        c = self.hf_config
-        if c.num_experts_per_tok > 1 and not c.norm_topk_prob:
-            raise ValueError(f"{c.model_type}: norm_topk_prob=false is not supported with sigmoid routing "
-                             "(megatron-core renormalises the top-k sigmoid scores)")
-        if self._group_limited and c.num_experts_per_tok // c.topk_group != 2:
-            raise ValueError(
-                f"{c.model_type}: group-limited routing with num_experts_per_tok // topk_group = "
-                f"{c.num_experts_per_tok // c.topk_group} is not supported: HF scores a group by its top 2 experts, "
-                "megatron-core by its top num_experts_per_tok // topk_group")
-
     def check_parallel(self, *, tensor_model_parallel_size: int) -> None:
         c, tp = self.hf_config, tensor_model_parallel_size
         # megatron-core splits the latent down-projections over TP too (then gathers their outputs).
@@ -111,35 +177,10 @@ class DeepseekV3Adapter(ModelAdapter):
                 raise ValueError(f"--tensor_model_parallel_size {tp} does not divide {c.model_type}'s {field} "
                                  f"({rows}): megatron-core splits the latent down-projections over TP")
 
-    def is_passthrough(self, hf_name: str) -> bool:
-        match = _LAYER_INDEX.match(hf_name)
-        return match is not None and int(match.group(1)) >= self.hf_config.num_hidden_layers
-
-    @property
-    def _group_limited(self) -> bool:
-        c = self.hf_config
-        return bool(c.n_group and c.n_group > 1 and c.topk_group < c.n_group)
-
     @property
     def attention(self) -> AttentionShape:
         c = self.hf_config
         return AttentionShape(c.num_attention_heads, c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
-
-    @property
-    def num_experts(self) -> int | None:
-        return getattr(self.hf_config, "n_routed_experts", None) or None
-
-    @property
-    def expert_ffn_hidden_size(self) -> int | None:
-        return self.hf_config.moe_intermediate_size if self.num_experts else None
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return bool(self.num_experts) and layer >= (self.hf_config.first_k_dense_replace or 0)
-
-    @property
-    def shared_expert_intermediate_size(self) -> int | None:
-        shared = getattr(self.hf_config, "n_shared_experts", None)
-        return self.hf_config.moe_intermediate_size * shared if shared else None
 
     def layer_spec_options(self) -> LayerSpecOptions:
         return LayerSpecOptions(num_experts=self.num_experts, multi_latent_attention=True,
@@ -178,18 +219,6 @@ class DeepseekV3Adapter(ModelAdapter):
             mscale_all_dim=float(rope["mscale_all_dim"]) if both else 0.0,
         )
 
-    def _router_kwargs(self) -> dict:
-        c = self.hf_config
-        kwargs = dict(
-            moe_router_score_function="sigmoid",
-            moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=0.0,  # HF's bias is fixed: training does not move it
-            moe_router_topk_scaling_factor=float(c.routed_scaling_factor),
-        )
-        if self._group_limited:
-            kwargs.update(moe_router_num_groups=c.n_group, moe_router_group_topk=c.topk_group)
-        return kwargs
-
     # ----- weight map ---------------------------------------------------------------------
     def attention_specs(self) -> list[WeightSpec]:
         c = self.hf_config
@@ -215,22 +244,3 @@ class DeepseekV3Adapter(ModelAdapter):
             WeightSpec("self_attention.linear_kv_up_proj.weight", (a + "kv_b_proj.weight",), Split.COLUMN),
             WeightSpec("self_attention.linear_proj.weight", (a + "o_proj.weight",), Split.ROW),
         ]
-
-    def mlp_specs(self) -> list[WeightSpec]:
-        if not self.num_experts:
-            return self.dense_mlp_specs()
-        gate = "model.layers.{layer}.mlp.gate."
-        return [WeightSpec("mlp.router.weight", (gate + "weight",), Split.REPLICATED),
-                WeightSpec("mlp.router.expert_bias", (gate + "e_score_correction_bias",), Split.REPLICATED)]
-
-    def expert_specs(self) -> list[WeightSpec]:
-        p = "model.layers.{layer}.mlp.experts.{expert}."
-        return [
-            WeightSpec("linear_fc1.weight", (p + "gate_proj.weight", p + "up_proj.weight"), Split.GATE_UP),
-            WeightSpec("linear_fc2.weight", (p + "down_proj.weight",), Split.ROW),
-        ]
-
-    def shared_expert_specs(self) -> list[WeightSpec]:
-        if not self.shared_expert_intermediate_size:
-            return []
-        return shared_expert_weight_specs("model.layers.{layer}.mlp.shared_experts.")

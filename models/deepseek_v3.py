@@ -34,7 +34,8 @@ from models.adapter import AttentionShape, LayerSpecOptions, ModelAdapter, Split
 from models.splits import ColumnSplit
 
 #: HF's DeepSeek latent norms (``q_a_layernorm``, ``kv_a_layernorm``) are built with this epsilon, not
-#: ``rms_norm_eps``; megatron-core gives them ``layernorm_epsilon``.
+#: ``rms_norm_eps``; megatron-core gives them ``layernorm_epsilon``, so another ``rms_norm_eps`` (Moonlight's
+#: 1e-5) builds them as ``FixedEpsNorm`` (local layer spec; Transformer Engine's fused one is refused).
 _LATENT_NORM_EPS = 1e-6
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -148,9 +149,6 @@ class DeepseekV3Adapter(SigmoidRoutedMoe, ModelAdapter):
         if getattr(c, "attention_bias", False):
             raise ValueError(f"{c.model_type}: attention_bias=true is not supported (megatron-core's latent "
                              "attention has no biases on q_a_proj / kv_a_proj_with_mqa)")
-        if float(c.rms_norm_eps) != _LATENT_NORM_EPS:
-            raise ValueError(f"{c.model_type}: rms_norm_eps={c.rms_norm_eps} is not supported: HF's latent norms "
-                             f"use {_LATENT_NORM_EPS} whatever rms_norm_eps says, megatron-core one epsilon for all")
         if getattr(c, "hidden_act", "silu") != "silu":
             raise ValueError(f"{c.model_type}: hidden_act {c.hidden_act!r} is not supported (silu)")
         if self.num_experts:
@@ -177,13 +175,21 @@ class DeepseekV3Adapter(SigmoidRoutedMoe, ModelAdapter):
                 raise ValueError(f"--tensor_model_parallel_size {tp} does not divide {c.model_type}'s {field} "
                                  f"({rows}): megatron-core splits the latent down-projections over TP")
 
+    def kv_cache_values_per_token(self, tensor_parallel_size: int) -> int:
+        # vLLM's MLA caches the compressed latent and the shared rotary key (kv_a_proj_with_mqa's output), not
+        # per-head K/V; every TP rank holds all of it (the heads are split after kv_b_proj).
+        c = self.hf_config
+        return self.num_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
+
     @property
     def attention(self) -> AttentionShape:
         c = self.hf_config
         return AttentionShape(c.num_attention_heads, c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
 
     def layer_spec_options(self) -> LayerSpecOptions:
-        return LayerSpecOptions(num_experts=self.num_experts, multi_latent_attention=True,
+        # Moonlight's rms_norm_eps is 1e-5: its latent norms keep HF's 1e-6 (models.norms.FixedEpsNorm).
+        latent_eps = None if float(self.hf_config.rms_norm_eps) == _LATENT_NORM_EPS else _LATENT_NORM_EPS
+        return LayerSpecOptions(num_experts=self.num_experts, multi_latent_attention=True, latent_norm_eps=latent_eps,
                                 moe_layers=self.moe_layer_pattern if self.num_experts else None)
 
     def transformer_config_kwargs(self) -> dict:

@@ -275,3 +275,10 @@ def test_vllm_kv_cache_of_latent_attention_is_the_latent():
     assert air["kv_cache_bytes_per_token"] == 2 * 46 * 1 * 128 * 2
     # what the engine's KV budget holds: sequences of --max_len (4096) tokens
     assert moonlight["concurrent_sequences"] == moonlight["kv_cache_per_gpu_bytes"] // (27 * 576 * 2 * 4096)
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", [("deepseek-v3", 2, 1, 64), ("glm-4.5", 4, 4, 32)])
+def test_deepseek_and_glm_weight_maps_tile_every_full_size_hf_tensor(name, tp, pp, ep):
+    report = _in_process(_tiling, name, tp, pp, ep)
+    assert report["problems"] == []
+    assert report["tensors"] == report["hf_tensors"] > 0

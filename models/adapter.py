@@ -48,6 +48,7 @@ class LayerSpecOptions:
     qk_layernorm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3, OLMo 2)
     moe_layers: tuple[bool, ...] | None = None  # per global layer: MoE (True) or dense; None: all alike
     multi_latent_attention: bool = False  # DeepSeek's MLA (megatron-core's MLASelfAttention) instead of GQA
+    latent_norm_eps: float | None = None  # MLA's q / kv latent norms' epsilon (None: the layers' rms_norm_eps)
 
 
 #: Transformer Engine's layer spec fuses a layer's norms into the linear layer after them
@@ -331,6 +332,13 @@ class ModelAdapter:
         """An MoE layer's shared expert (megatron-core's ``mlp.shared_experts``); [] when there is none.
         ``shared_expert_weight_specs`` builds them from the HF names."""
         return []
+
+    def kv_cache_values_per_token(self, tensor_parallel_size: int) -> int:
+        """Values one token keeps in the KV cache of one GPU of a vLLM engine at ``tensor_parallel_size``,
+        over all layers (the planner's rollout estimate): K and V of the GPU's KV heads (a KV head is
+        replicated when TP exceeds their number)."""
+        attn = self.attention
+        return 2 * self.num_layers * max(attn.num_kv_heads // tensor_parallel_size, 1) * attn.head_dim
 
     def check_parallel(self, *, tensor_model_parallel_size: int) -> None:
         """Refuse, naming the flag, a TP size that the architecture's own tensors do not split by

@@ -34,7 +34,8 @@ from models.adapter import AttentionShape, LayerSpecOptions, ModelAdapter, Split
 from models.splits import ColumnSplit
 
 #: HF's DeepSeek latent norms (``q_a_layernorm``, ``kv_a_layernorm``) are built with this epsilon, not
-#: ``rms_norm_eps``; megatron-core gives them ``layernorm_epsilon``.
+#: ``rms_norm_eps``; megatron-core gives them ``layernorm_epsilon``, so another ``rms_norm_eps`` (Moonlight's
+#: 1e-5) builds them as ``FixedEpsNorm`` (local layer spec; Transformer Engine's fused one is refused).
 _LATENT_NORM_EPS = 1e-6
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -54,42 +55,14 @@ def _interleave_rope_rows(block: int, rope: int):
     return row_order
 
 
-class DeepseekV3Adapter(ModelAdapter):
-    model_types = ("deepseek_v3",)
-    hf_causal_lm_class = "DeepseekV3ForCausalLM"
-    transformer_config_class = "MLATransformerConfig"
+class SigmoidRoutedMoe:
+    """The MoE layout DeepSeek-V3 and GLM-4.5 share (a mixin before a ``ModelAdapter``): dense layers before
+    ``first_k_dense_replace``, sigmoid scores with the ``e_score_correction_bias`` buffer (Megatron's router
+    ``expert_bias``), group-limited top-k, renormalised weights times ``routed_scaling_factor``, always-on
+    shared experts, HF names ``mlp.gate`` / ``mlp.experts.{i}`` / ``mlp.shared_experts``; multi-token-prediction
+    layers (index >= ``num_hidden_layers``) carried through conversion unchanged."""
 
-    # ----- config -------------------------------------------------------------------------
-    def _check_supported(self) -> None:
-        c = self.hf_config
-        rope = self.rope_parameters
-        if rope.get("rope_type", "default") not in ("default", "yarn"):
-            raise ValueError(f"{c.model_type}: rope_scaling type {rope.get('rope_type')!r} is not supported "
-                             "(supported: default, yarn)")
-        if rope.get("rope_type") == "yarn":
-            self._check_yarn(rope)
-        if getattr(c, "attention_bias", False):
-            raise ValueError(f"{c.model_type}: attention_bias=true is not supported (megatron-core's latent "
-                             "attention has no biases on q_a_proj / kv_a_proj_with_mqa)")
-        if float(c.rms_norm_eps) != _LATENT_NORM_EPS:
-            raise ValueError(f"{c.model_type}: rms_norm_eps={c.rms_norm_eps} is not supported: HF's latent norms "
-                             f"use {_LATENT_NORM_EPS} whatever rms_norm_eps says, megatron-core one epsilon for all")
-        if getattr(c, "hidden_act", "silu") != "silu":
-            raise ValueError(f"{c.model_type}: hidden_act {c.hidden_act!r} is not supported (silu)")
-        if self.num_experts:
-            self._check_router()
-
-    def _check_yarn(self, rope: dict) -> None:
-        name = self.hf_config.model_type
-        if not rope.get("truncate", True):
-            raise ValueError(f"{name}: yarn rope_scaling with truncate=false is not supported (megatron-core's MLA "
-                             "rounds the correction range)")
-        if rope.get("mscale_all_dim") and not rope.get("mscale"):
-            raise ValueError(f"{name}: yarn rope_scaling with mscale_all_dim but no mscale is not supported "
-                             "(megatron-core scales cos/sin by mscale / mscale_all_dim)")
-        if rope.get("attention_factor") is not None:
-            raise ValueError(f"{name}: yarn rope_scaling with an explicit attention_factor is not supported "
-                             "(megatron-core derives it from factor, mscale and mscale_all_dim)")
+    hf_config: object
 
     def _check_router(self) -> None:
         c = self.hf_config
@@ -102,15 +75,6 @@ class DeepseekV3Adapter(ModelAdapter):
                 f"{c.num_experts_per_tok // c.topk_group} is not supported: HF scores a group by its top 2 experts, "
                 "megatron-core by its top num_experts_per_tok // topk_group")
 
-    def check_parallel(self, *, tensor_model_parallel_size: int) -> None:
-        c, tp = self.hf_config, tensor_model_parallel_size
-        # megatron-core splits the latent down-projections over TP too (then gathers their outputs).
-        for field, rows in (("q_lora_rank", c.q_lora_rank), ("kv_lora_rank + qk_rope_head_dim",
-                                                              c.kv_lora_rank + c.qk_rope_head_dim)):
-            if rows and rows % tp:
-                raise ValueError(f"--tensor_model_parallel_size {tp} does not divide {c.model_type}'s {field} "
-                                 f"({rows}): megatron-core splits the latent down-projections over TP")
-
     def is_passthrough(self, hf_name: str) -> bool:
         match = _LAYER_INDEX.match(hf_name)
         return match is not None and int(match.group(1)) >= self.hf_config.num_hidden_layers
@@ -119,11 +83,6 @@ class DeepseekV3Adapter(ModelAdapter):
     def _group_limited(self) -> bool:
         c = self.hf_config
         return bool(c.n_group and c.n_group > 1 and c.topk_group < c.n_group)
-
-    @property
-    def attention(self) -> AttentionShape:
-        c = self.hf_config
-        return AttentionShape(c.num_attention_heads, c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
 
     @property
     def num_experts(self) -> int | None:
@@ -141,8 +100,96 @@ class DeepseekV3Adapter(ModelAdapter):
         shared = getattr(self.hf_config, "n_shared_experts", None)
         return self.hf_config.moe_intermediate_size * shared if shared else None
 
+    def _router_kwargs(self) -> dict:
+        c = self.hf_config
+        kwargs = dict(
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=0.0,  # HF's bias is fixed: training does not move it
+            moe_router_topk_scaling_factor=float(c.routed_scaling_factor),
+        )
+        if self._group_limited:
+            kwargs.update(moe_router_num_groups=c.n_group, moe_router_group_topk=c.topk_group)
+        return kwargs
+
+    def mlp_specs(self) -> list[WeightSpec]:
+        if not self.num_experts:
+            return self.dense_mlp_specs()
+        gate = "model.layers.{layer}.mlp.gate."
+        return [WeightSpec("mlp.router.weight", (gate + "weight",), Split.REPLICATED),
+                WeightSpec("mlp.router.expert_bias", (gate + "e_score_correction_bias",), Split.REPLICATED)]
+
+    def expert_specs(self) -> list[WeightSpec]:
+        p = "model.layers.{layer}.mlp.experts.{expert}."
+        return [
+            WeightSpec("linear_fc1.weight", (p + "gate_proj.weight", p + "up_proj.weight"), Split.GATE_UP),
+            WeightSpec("linear_fc2.weight", (p + "down_proj.weight",), Split.ROW),
+        ]
+
+    def shared_expert_specs(self) -> list[WeightSpec]:
+        if not self.shared_expert_intermediate_size:
+            return []
+        return shared_expert_weight_specs("model.layers.{layer}.mlp.shared_experts.")
+
+
+class DeepseekV3Adapter(SigmoidRoutedMoe, ModelAdapter):
+    model_types = ("deepseek_v3",)
+    hf_causal_lm_class = "DeepseekV3ForCausalLM"
+    transformer_config_class = "MLATransformerConfig"
+
+    # ----- config -------------------------------------------------------------------------
+    def _check_supported(self) -> None:
+        c = self.hf_config
+        rope = self.rope_parameters
+        if rope.get("rope_type", "default") not in ("default", "yarn"):
+            raise ValueError(f"{c.model_type}: rope_scaling type {rope.get('rope_type')!r} is not supported "
+                             "(supported: default, yarn)")
+        if rope.get("rope_type") == "yarn":
+            self._check_yarn(rope)
+        if getattr(c, "attention_bias", False):
+            raise ValueError(f"{c.model_type}: attention_bias=true is not supported (megatron-core's latent "
+                             "attention has no biases on q_a_proj / kv_a_proj_with_mqa)")
+        if getattr(c, "hidden_act", "silu") != "silu":
+            raise ValueError(f"{c.model_type}: hidden_act {c.hidden_act!r} is not supported (silu)")
+        if self.num_experts:
+            self._check_router()
+
+    def _check_yarn(self, rope: dict) -> None:
+        name = self.hf_config.model_type
+        if not rope.get("truncate", True):
+            raise ValueError(f"{name}: yarn rope_scaling with truncate=false is not supported (megatron-core's MLA "
+                             "rounds the correction range)")
+        if rope.get("mscale_all_dim") and not rope.get("mscale"):
+            raise ValueError(f"{name}: yarn rope_scaling with mscale_all_dim but no mscale is not supported "
+                             "(megatron-core scales cos/sin by mscale / mscale_all_dim)")
+        if rope.get("attention_factor") is not None:
+            raise ValueError(f"{name}: yarn rope_scaling with an explicit attention_factor is not supported "
+                             "(megatron-core derives it from factor, mscale and mscale_all_dim)")
+
+    def check_parallel(self, *, tensor_model_parallel_size: int) -> None:
+        c, tp = self.hf_config, tensor_model_parallel_size
+        # megatron-core splits the latent down-projections over TP too (then gathers their outputs).
+        for field, rows in (("q_lora_rank", c.q_lora_rank), ("kv_lora_rank + qk_rope_head_dim",
+                                                              c.kv_lora_rank + c.qk_rope_head_dim)):
+            if rows and rows % tp:
+                raise ValueError(f"--tensor_model_parallel_size {tp} does not divide {c.model_type}'s {field} "
+                                 f"({rows}): megatron-core splits the latent down-projections over TP")
+
+    def kv_cache_values_per_token(self, tensor_parallel_size: int) -> int:
+        # vLLM's MLA caches the compressed latent and the shared rotary key (kv_a_proj_with_mqa's output), not
+        # per-head K/V; every TP rank holds all of it (the heads are split after kv_b_proj).
+        c = self.hf_config
+        return self.num_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
+
+    @property
+    def attention(self) -> AttentionShape:
+        c = self.hf_config
+        return AttentionShape(c.num_attention_heads, c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
+
     def layer_spec_options(self) -> LayerSpecOptions:
-        return LayerSpecOptions(num_experts=self.num_experts, multi_latent_attention=True,
+        # Moonlight's rms_norm_eps is 1e-5: its latent norms keep HF's 1e-6 (models.norms.FixedEpsNorm).
+        latent_eps = None if float(self.hf_config.rms_norm_eps) == _LATENT_NORM_EPS else _LATENT_NORM_EPS
+        return LayerSpecOptions(num_experts=self.num_experts, multi_latent_attention=True, latent_norm_eps=latent_eps,
                                 moe_layers=self.moe_layer_pattern if self.num_experts else None)
 
     def transformer_config_kwargs(self) -> dict:
@@ -178,18 +225,6 @@ class DeepseekV3Adapter(ModelAdapter):
             mscale_all_dim=float(rope["mscale_all_dim"]) if both else 0.0,
         )
 
-    def _router_kwargs(self) -> dict:
-        c = self.hf_config
-        kwargs = dict(
-            moe_router_score_function="sigmoid",
-            moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=0.0,  # HF's bias is fixed: training does not move it
-            moe_router_topk_scaling_factor=float(c.routed_scaling_factor),
-        )
-        if self._group_limited:
-            kwargs.update(moe_router_num_groups=c.n_group, moe_router_group_topk=c.topk_group)
-        return kwargs
-
     # ----- weight map ---------------------------------------------------------------------
     def attention_specs(self) -> list[WeightSpec]:
         c = self.hf_config
@@ -215,22 +250,3 @@ class DeepseekV3Adapter(ModelAdapter):
             WeightSpec("self_attention.linear_kv_up_proj.weight", (a + "kv_b_proj.weight",), Split.COLUMN),
             WeightSpec("self_attention.linear_proj.weight", (a + "o_proj.weight",), Split.ROW),
         ]
-
-    def mlp_specs(self) -> list[WeightSpec]:
-        if not self.num_experts:
-            return self.dense_mlp_specs()
-        gate = "model.layers.{layer}.mlp.gate."
-        return [WeightSpec("mlp.router.weight", (gate + "weight",), Split.REPLICATED),
-                WeightSpec("mlp.router.expert_bias", (gate + "e_score_correction_bias",), Split.REPLICATED)]
-
-    def expert_specs(self) -> list[WeightSpec]:
-        p = "model.layers.{layer}.mlp.experts.{expert}."
-        return [
-            WeightSpec("linear_fc1.weight", (p + "gate_proj.weight", p + "up_proj.weight"), Split.GATE_UP),
-            WeightSpec("linear_fc2.weight", (p + "down_proj.weight",), Split.ROW),
-        ]
-
-    def shared_expert_specs(self) -> list[WeightSpec]:
-        if not self.shared_expert_intermediate_size:
-            return []
-        return shared_expert_weight_specs("model.layers.{layer}.mlp.shared_experts.")

@@ -29,7 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from models.adapter import TE_FUSED_NORM_NAMES, LayerSpecOptions
-from models.norms import LocalNorm
+from models.norms import FixedEpsNorm, LocalNorm
 from parallel.attention.core_attention import CoreAttention
 
 TransformerImpl = Literal["auto", "local", "transformer_engine"]  # also models.build_config's
@@ -110,7 +110,8 @@ def _local_layer(options: LayerSpecOptions, *, moe: bool, normalization: str, ri
     layer, attention = spec.submodules, spec.submodules.self_attention.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = LocalNorm
     if mla:  # the q and kv latents' RMSNorms (MLA always has the kv one; the q one with a q LoRA rank)
-        attention.q_layernorm = attention.kv_layernorm = LocalNorm
+        attention.q_layernorm = attention.kv_layernorm = LocalNorm if options.latent_norm_eps is None else \
+            ModuleSpec(module=FixedEpsNorm, params={"fixed_eps": options.latent_norm_eps})
     elif options.qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = LocalNorm
     attention.core_attention = _core_attention(ring_head_stride)
@@ -125,6 +126,10 @@ def _local_layer(options: LayerSpecOptions, *, moe: bool, normalization: str, ri
 
 def _te_layer(options: LayerSpecOptions, *, moe: bool, ring_head_stride: int | None, moe_grouped_gemm: bool):
     mla = options.multi_latent_attention
+    if options.latent_norm_eps is not None:
+        raise ValueError(f"latent attention whose q / kv latent norms use epsilon {options.latent_norm_eps} and the "
+                         "other norms the config's rms_norm_eps needs --transformer_impl local: Transformer Engine "
+                         "fuses the latent norms into the up-projections with one epsilon for all")
     spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
         num_experts=options.num_experts if moe else None, moe_grouped_gemm=moe_grouped_gemm,
         qk_layernorm=options.qk_layernorm or mla, multi_latent_attention=mla,

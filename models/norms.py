@@ -46,3 +46,12 @@ class LocalNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{'RMSNorm' if self.rms else 'LayerNorm'}({self.weight.numel()}, eps={self.eps})"
+
+
+class FixedEpsNorm(LocalNorm):
+    """A :class:`LocalNorm` whose epsilon is its spec's ``fixed_eps``, not the one Megatron passes
+    (``config.layernorm_epsilon``): HF DeepSeek's latent norms use 1e-6 whatever ``rms_norm_eps`` says
+    (``ModuleSpec(module=FixedEpsNorm, params={"fixed_eps": ...})``)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, *, fixed_eps: float, **unused):
+        super().__init__(config, hidden_size, eps=fixed_eps)

@@ -6,6 +6,7 @@ import os
 from models.adapter import ModelAdapter
 from models.deepseek_v2 import DeepseekV2Adapter
 from models.deepseek_v3 import DeepseekV3Adapter
+from models.glm4_moe import Glm4MoeAdapter
 from models.llama import LlamaAdapter
 from models.mistral import MistralAdapter
 from models.mixtral import MixtralAdapter
@@ -15,7 +16,8 @@ from models.qwen3 import Qwen3Adapter
 from models.qwen3_moe import Qwen3MoeAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, Qwen2Adapter, MistralAdapter, MixtralAdapter, Qwen3Adapter,
-                                            Qwen3MoeAdapter, Qwen2MoeAdapter, DeepseekV3Adapter, DeepseekV2Adapter)
+                                            Qwen3MoeAdapter, Qwen2MoeAdapter, DeepseekV3Adapter, DeepseekV2Adapter,
+                                            Glm4MoeAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -36,6 +36,8 @@ QWEN_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2_moe")
 _ODD = dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
 #: Multi-head latent attention + sigmoid-routed MoE, odd sizes (``_deepseek_config``).
 DEEPSEEK_ARCHITECTURES = ("deepseek_v3", "deepseek_v2")
+#: GQA with partial rotary, q/k/v biases and qk-norm + DeepSeek-V3's sigmoid-routed MoE (``_glm4_moe_config``).
+GLM_ARCHITECTURES = ("glm4_moe",)
 
 _WORDS = (
     "the a an of to and in is it you that he was for on are with as his they be at one have this "
@@ -139,9 +141,11 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         config = _deepseek_config(arch, common, overrides)
     elif arch in QWEN_ARCHITECTURES:
         config = _qwen_config(arch, {**common, **_ODD}, overrides)
+    elif arch in GLM_ARCHITECTURES:
+        config = _glm4_moe_config({**common, **_ODD}, overrides)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from "
-                         f"{', '.join(ARCHITECTURES + DEEPSEEK_ARCHITECTURES + QWEN_ARCHITECTURES)}")
+        known = ARCHITECTURES + DEEPSEEK_ARCHITECTURES + QWEN_ARCHITECTURES + GLM_ARCHITECTURES
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(known)}")
     return config
 
 
@@ -184,6 +188,19 @@ def _deepseek_config(arch: str, common: dict, overrides: dict):
     # Keys real DeepSeek-V3 checkpoints carry and transformers ignores; vLLM builds the router bias only with them.
     vllm_keys = dict(topk_method="noaux_tc", scoring_func="sigmoid")
     return DeepseekV3Config(**{**common, **sizes, **moe, **rope, **vllm_keys, "rope_interleave": True, **overrides})
+
+
+def _glm4_moe_config(common: dict, overrides: dict):
+    """A tiny GLM-4.5: hidden 48, 4 q heads and 2 kv heads of 20 dims (!= 48 / 4), half of each rotated
+    (``partial_rotary_factor`` 0.5: 10 dims), q/k/v biases and qk-norm; layer 0 dense, the others MoE:
+    top-2 of 8 experts within the best of 2 groups, one shared expert, ``routed_scaling_factor`` 2.5."""
+    from transformers import Glm4MoeConfig
+
+    sizes = dict(head_dim=20, intermediate_size=72, moe_intermediate_size=40, attention_bias=True, use_qk_norm=True)
+    moe = dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+               first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=0)
+    rope = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    return Glm4MoeConfig(**{**common, **sizes, **moe, **rope, **overrides})
 
 
 def _randomise_router_bias(model, seed: int) -> None:

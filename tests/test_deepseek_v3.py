@@ -7,7 +7,8 @@ follows Megatron's rule and reaches the export.
 Two tiny models from transformers' own ``DeepseekV3Config``, odd sizes (``models.tiny``): "moe" has a
 q LoRA rank, YaRN rope with mscale, HF's interleaved rotary layout, layer 0 dense and MoE layers with
 group-limited routing (2 groups), a random ``e_score_correction_bias`` and a shared expert; "dense" has
-no q LoRA rank (plain ``q_proj``), default rope in HF's halves layout and only dense layers; "v2" is a
+no q LoRA rank (plain ``q_proj``), default rope in HF's halves layout, only dense layers and Moonlight's
+rms_norm_eps (1e-5; the latent norms keep 1e-6); "v2" is a
 DeepSeek-V2 (softmax routing, group_limited_greedy, two shared experts). All have v heads (10) narrower
 than the q/k heads (12 + 8 rotary).
 """
@@ -34,7 +35,7 @@ def deepseek_models(tmp_path_factory) -> dict[str, str]:
     return {
         "moe": build_tiny_model("deepseek_v3", root / "moe", seed=3, init_std=0.1),
         "dense": build_tiny_model("deepseek_v3", root / "dense", seed=4, init_std=0.1, q_lora_rank=None,
-                                  rope_interleave=False, first_k_dense_replace=4,
+                                  rope_interleave=False, first_k_dense_replace=4, rms_norm_eps=1e-5,
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
         "v2": build_tiny_model("deepseek_v2", root / "v2", seed=5, init_std=0.1),
     }
@@ -186,7 +187,6 @@ def test_sft_at_expert_parallel_2_equals_one_process(deepseek_models, tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("norm_topk_prob", False, "norm_topk_prob=false is not supported with sigmoid routing"),
     ("attention_bias", True, "attention_bias=true is not supported"),
-    ("rms_norm_eps", 1e-5, "rms_norm_eps=1e-05 is not supported"),
     ("topk_group", 2, None),  # every group chosen: no group limit, accepted
     ("n_group", 4, "num_experts_per_tok // topk_group = 2"),  # accepted: top-2 sums, as HF
     ("num_experts_per_tok", 3, "num_experts_per_tok // topk_group = 3 is not supported"),
@@ -205,6 +205,32 @@ def test_unsupported_configs_are_refused_naming_the_field(field, value, message)
         return
     with pytest.raises(ValueError, match=message):
         get_adapter(config)
+
+
+def test_latent_norms_keep_hfs_epsilon_when_rms_norm_eps_differs():
+    """Moonlight's rms_norm_eps is 1e-5, HF's latent norms stay at 1e-6: the local spec builds Megatron's q / kv
+    latent norms with 1e-6 (whatever epsilon megatron-core passes), the layer norms with 1e-5; Transformer
+    Engine's spec (one epsilon for the norms it fuses) is refused. (The "dense" model above, at 1e-5, gives
+    HF's logits in every layout.)"""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from models.builder import ModelBuildConfig, transformer_config
+    from models.layer_spec import _local_layer, _te_layer
+    from models.registry import get_adapter
+    from models.tiny import tiny_config
+    from parallel.config import ParallelConfig
+
+    adapter = get_adapter(tiny_config("deepseek_v3", 100, rms_norm_eps=1e-5))
+    options = adapter.layer_spec_options()
+    config = transformer_config(adapter, ParallelConfig(), ModelBuildConfig())
+    layer = _local_layer(options, moe=False, normalization="RMSNorm", ring_head_stride=None).submodules
+    attention = layer.self_attention.submodules
+    for norm in (attention.q_layernorm, attention.kv_layernorm):
+        assert build_module(norm, config=config, hidden_size=20, eps=config.layernorm_epsilon).eps == 1e-6
+    assert build_module(layer.input_layernorm, config=config, hidden_size=48, eps=config.layernorm_epsilon).eps == 1e-5
+    assert get_adapter(tiny_config("deepseek_v3", 100)).layer_spec_options().latent_norm_eps is None
+    with pytest.raises(ValueError, match="epsilon 1e-06 .* needs --transformer_impl local"):
+        _te_layer(options, moe=False, ring_head_stride=None, moe_grouped_gemm=False)
 
 
 def test_tensor_parallel_sizes_the_latents_do_not_split_by_are_refused():

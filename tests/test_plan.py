@@ -211,3 +211,74 @@ def test_qwen_weight_maps_tile_every_full_size_hf_tensor(name, tp, pp, ep):
     report = _in_process(_tiling, name, tp, pp, ep)
     assert report["problems"] == []
     assert report["tensors"] == report["hf_tensors"] > 0
+
+
+def sigmoid_moe_hand_count(c: dict, tp: int, pp: int, ep: int) -> list[tuple[int, int]]:
+    """Per-rank (dense, expert) parameters of each stage of a DeepSeek-V3 (latent attention) or GLM-4.5 (GQA with
+    q/k/v biases, optional qk-norm) model, by hand from its HF config: dense layers before
+    ``first_k_dense_replace``, then a router (its expert bias is a buffer), shared experts split like a dense
+    MLP, and whole routed experts (expert TP 1), E / EP per rank."""
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    if c["model_type"] == "deepseek_v3":  # every projection split over TP, the down-projections too
+        rope, kv_rank, q_rank = c["qk_rope_head_dim"], c["kv_lora_rank"], c["q_lora_rank"]
+        qk, v = c["qk_nope_head_dim"] + rope, c["v_head_dim"]
+        q = (q_rank * h + heads * qk * q_rank) // tp + q_rank if q_rank else heads * qk * h // tp
+        attention = (q + (kv_rank + rope) * h // tp + kv_rank + heads * (qk - rope + v) * kv_rank // tp
+                     + h * heads * v // tp)
+    else:  # fused qkv with its bias, o_proj, q/k norms of head_dim
+        d, groups = c["head_dim"], c["num_key_value_heads"]
+        attention = (heads + 2 * groups) * d * (h + 1) // tp + heads * d * h // tp + (2 * d if c["use_qk_norm"] else 0)
+    attention += 2 * h  # input and pre-MLP norms
+    experts, expert_ffn = c["n_routed_experts"], c["moe_intermediate_size"]
+    layers = [(attention + 3 * h * c["intermediate_size"] // tp, 0)] * c["first_k_dense_replace"]
+    layers += [(attention + experts * h + 3 * h * expert_ffn * c["n_shared_experts"] // tp,
+                experts // ep * 3 * h * expert_ffn)] * (c["num_hidden_layers"] - c["first_k_dense_replace"])
+    per_stage = c["num_hidden_layers"] // pp
+    stages = [[sum(x) for x in zip(*layers[k * per_stage:(k + 1) * per_stage])] for k in range(pp)]
+    embedding = _padded(c["vocab_size"], tp) // tp * h
+    stages[0][0] += embedding
+    stages[-1][0] += h + embedding
+    return [tuple(s) for s in stages]
+
+
+#: Totals by the hand count at TP = PP = EP = 1 (no vocabulary padding at these sizes), MTP layers left out:
+#: the model cards say 671B (DeepSeek-V3, "+14B MTP"), 16B (Moonlight), 355B (GLM-4.5, with its MTP layer)
+#: and 106B (GLM-4.5-Air).
+SIGMOID_MOE_TOTALS = {"deepseek-v3": 671_026_404_352, "moonlight-16b-a3b": 15_960_108_544,
+                      "glm-4.5": 352_797_814_784, "glm-4.5-air": 106_852_245_504}
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", [("deepseek-v3", 2, 1, 64), ("moonlight-16b-a3b", 2, 3, 8),
+                                           ("glm-4.5", 4, 4, 32), ("glm-4.5-air", 2, 2, 16)])
+def test_deepseek_and_glm_presets_count_as_by_hand(name, tp, pp, ep):
+    """DeepSeek-V3 at PP=1: its 61 layers split over no pipeline size but 61 (uneven stages are not planned)."""
+    from tools.plan.configs import BUILTIN
+
+    summed, built = _in_process(_stage_counts, name, tp, pp, ep)
+    assert summed == built
+    assert built == sigmoid_moe_hand_count(BUILTIN[name], tp, pp, ep)
+    assert sum(sigmoid_moe_hand_count(BUILTIN[name], 1, 1, 1)[0]) == SIGMOID_MOE_TOTALS[name]
+
+
+def test_vllm_kv_cache_of_latent_attention_is_the_latent():
+    """vLLM's MLA caches kv_lora_rank + qk_rope_head_dim values per token and layer, on every TP rank; GQA caches
+    K and V of the rank's KV heads. Hand counts in bf16 bytes per token at vLLM TP 8: Moonlight 27 layers x (512 +
+    64) x 2 = 31,104 (full K and V of its 16 heads, 2 of them per GPU, would be 27 x 2 x (192 + 128) x 2 = 34,560
+    per GPU); GLM-4.5-Air 2 (K, V) x 46 layers x 1 KV head x 128 x 2 = 23,552."""
+    layout = ["--tensor_model_parallel_size", "1", "--pipeline_model_parallel_size", "1", "--context_parallel_size",
+              "1", "--expert_model_parallel_size", "8", "--recompute_granularity", "full"]
+    args = ["--job", "grpo", "--nodes", "2", "--json", "--rollout_batch_size", "8", "--n_samples_per_prompt", "4",
+            "--vllm_tensor_parallel_size", "8", "--vllm_num_engines", "1", *layout]
+    moonlight = _in_process(_plan_cli, ["--model", "moonlight-16b-a3b", *args])["vllm"]
+    air = _in_process(_plan_cli, ["--model", "glm-4.5-air", *args])["vllm"]
+    assert moonlight["kv_cache_bytes_per_token"] == 27 * (512 + 64) * 2
+    assert air["kv_cache_bytes_per_token"] == 2 * 46 * 1 * 128 * 2
+    # what the engine's KV budget holds: sequences of --max_len (4096) tokens
+    assert moonlight["concurrent_sequences"] == moonlight["kv_cache_per_gpu_bytes"] // (27 * 576 * 2 * 4096)
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", [("deepseek-v3", 2, 1, 64), ("glm-4.5", 4, 4, 32)])
+def test_deepseek_and_glm_weight_maps_tile_every_full_size_hf_tensor(name, tp, pp, ep):
+    report = _in_process(_tiling, name, tp, pp, ep)
+    assert report["problems"] == []
+    assert report["tensors"] == report["hf_tensors"] > 0

@@ -55,7 +55,8 @@ def test_there_is_a_recipe_for_each_case_of_the_issue():
     names = {p.name for p in RECIPES}
     assert {"llama3_70b_sft.slurm.sh", "llama3_70b_dpo.slurm.sh", "llama3_70b_ppo.ray.sh", "llama3_70b_grpo.slurm.sh",
             "mixtral_8x7b_sft_ep.slurm.sh", "llama3_8b_ppo_1node.ray.sh", "qwen3_8b_grpo_1node.ray.sh",
-            "qwen3_30b_a3b_grpo_2nodes.ray.sh", "qwen3_235b_a22b_grpo.slurm.sh"} <= names
+            "qwen3_30b_a3b_grpo_2nodes.ray.sh", "qwen3_235b_a22b_grpo.slurm.sh", "moonlight_16b_a3b_grpo_1node.ray.sh",
+            "deepseek_v3_grpo.slurm.sh", "glm45_air_grpo.slurm.sh"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

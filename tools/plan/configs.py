@@ -1,6 +1,7 @@
 """Built-in HF configs of the models people plan for, so the planner needs no download.
 
-Values are those of the published ``config.json`` files (Meta, Qwen, Mistral AI); a path to any
+Values are those of the published ``config.json`` files (Meta, Qwen, Mistral AI, DeepSeek, Moonshot AI,
+Zhipu AI; MTP layers and FP8 quantisation, which the planned model does not hold, left out); a path to any
 HF model directory (or a ``config.json``) of a supported architecture works the same way.
 """
 from __future__ import annotations
@@ -16,6 +17,15 @@ _QWEN3 = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6
               tie_word_embeddings=False, torch_dtype="bfloat16")
 _QWEN3_MOE = dict(_QWEN3, model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
                   decoder_sparse_step=1, mlp_only_layers=[])
+
+_DEEPSEEK_V3 = dict(model_type="deepseek_v3", kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                    v_head_dim=128, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+                    hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", num_nextn_predict_layers=0)
+_GLM4_MOE = dict(model_type="glm4_moe", vocab_size=151552, head_dim=128, num_attention_heads=96, num_key_value_heads=8,
+                 attention_bias=True, rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5),
+                 num_experts_per_tok=8, n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                 rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype="bfloat16",
+                 num_nextn_predict_layers=0)
 
 BUILTIN: dict[str, dict] = {
     "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -50,6 +60,25 @@ BUILTIN: dict[str, dict] = {
                            norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
                            rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
                            tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "deepseek-v3": dict(_DEEPSEEK_V3, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                        num_key_value_heads=128, q_lora_rank=1536, n_routed_experts=256, n_shared_experts=1,
+                        num_experts_per_tok=8, n_group=8, topk_group=4, first_k_dense_replace=3,
+                        routed_scaling_factor=2.5, rms_norm_eps=1e-6, max_position_embeddings=163840,
+                        rope_scaling=dict(type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096,
+                                          beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)),
+    "moonlight-16b-a3b": dict(_DEEPSEEK_V3, vocab_size=163840, hidden_size=2048, intermediate_size=11264,
+                              moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                              num_key_value_heads=16, q_lora_rank=None, n_routed_experts=64, n_shared_experts=2,
+                              num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1,
+                              routed_scaling_factor=2.446, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                              rope_theta=50000.0),
+    "glm-4.5": dict(_GLM4_MOE, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+                    num_hidden_layers=92, n_routed_experts=160, first_k_dense_replace=3, routed_scaling_factor=2.5,
+                    use_qk_norm=True),
+    "glm-4.5-air": dict(_GLM4_MOE, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+                        num_hidden_layers=46, n_routed_experts=128, first_k_dense_replace=1, routed_scaling_factor=1.0,
+                        use_qk_norm=False),
 }
 
 

@@ -310,13 +310,13 @@ def _vllm_plan(adapter: ModelAdapter, rollout: RolloutSpec, cluster: ClusterSpec
     world = cluster.nodes * cluster.gpus_per_node
     engines = rollout.vllm_num_engines or (world // tp if rollout.colocate_all_models else max(world // 4 // tp, 1))
     budget = rollout.vllm_gpu_memory_utilization * cluster.gpu_memory_gb * GB
-    kv_heads = max(adapter.attention.num_kv_heads // tp, 1)
-    kv_per_token = 2 * adapter.num_layers * kv_heads * adapter.attention.head_dim * 2
+    kv_per_token = adapter.kv_cache_values_per_token(tp) * 2  # bf16; MLA: the latent, not K/V (the adapter's)
     kv_bytes = budget - weight_bytes / tp - VLLM_OVERHEAD_BYTES
     concurrent = int(kv_bytes // (kv_per_token * seq_tokens)) if kv_bytes > 0 else 0
     sequences = rollout.rollout_batch_size * rollout.n_samples_per_prompt
     plan = {"engines": engines, "tensor_parallel_size": tp, "gpus": engines * tp,
             "weights_per_gpu_bytes": int(weight_bytes / tp), "kv_cache_per_gpu_bytes": int(max(kv_bytes, 0)),
+            "kv_cache_bytes_per_token": kv_per_token,
             "concurrent_sequences": concurrent, "per_gpu_bytes": int(budget), "fits": concurrent > 0, "reason": ""}
     if not plan["fits"]:
         plan["reason"] = (f"vLLM at TP {tp}: {weight_bytes / tp / GB:.1f} GB of weights per GPU leave no KV cache "

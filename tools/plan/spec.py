@@ -18,8 +18,9 @@ Job = Literal["sft", "dpo", "rm", "kto", "ppo", "grpo"]
 @dataclass(kw_only=True)
 class ModelSpec:
     model: str | None = option(None, help="HF model directory / config.json, or a built-in: llama3-8b, llama3-70b, "
-                                          "llama3.1-405b, qwen2.5-72b, mixtral-8x7b, mixtral-8x22b (default: "
-                                          "llama3-70b, or --from_checkpoint's model)")
+                                          "llama3.1-405b, qwen2.5-72b, mixtral-8x7b, mixtral-8x22b, qwen3-8b, qwen3-32b, "
+                                          "qwen3-30b-a3b, qwen3-235b-a22b, qwen2-57b-a14b, deepseek-v3, moonlight-16b-a3b, "
+                                          "glm-4.5, glm-4.5-air (default: llama3-70b, or --from_checkpoint's model)")
     job: Job | None = option(None, help="what runs: sft, dpo, rm, kto, ppo (actor, critic, reference, reward model, "
                                         "vLLM engines) or grpo (actor, reference, vLLM engines) (default: sft, or "
                                         "what --from_checkpoint's run trained)")

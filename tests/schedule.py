@@ -7,7 +7,7 @@ times of a recorded run (``tests/module_seconds.json``), packs the two workers e
 ``scripts/test.sh`` passes ``--no-loadscope-reorder`` so xdist keeps this order.
 
 ``RECORD_MODULE_SECONDS=1 bash scripts/test.sh`` rewrites the file from that run (setup, call and
-teardown time per module). A module the file does not know yet goes first (it may be long).
+teardown time per module) when the whole suite ran (passed or failed, not interrupted). A module the file does not know yet goes first (it may be long).
 """
 from __future__ import annotations
 
@@ -48,5 +48,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, "workerinput") or not os.environ.get("RECORD_MODULE_SECONDS"):
+        return
+    if exitstatus not in (0, 1):  # interrupted or broken: the times of a part of the suite
         return
     RECORD.write_text(json.dumps({m: round(s, 1) for m, s in sorted(_seconds.items())}, indent=1) + "\n")

@@ -85,10 +85,10 @@ class TokenReplay(RouterReplay):
     def _targets_of_this_forward(self) -> torch.Tensor | None:
         """A recompute: the targets of the oldest forward not yet recomputed; a forward: the micro-batch's,
         kept for its recompute in a training call."""
-        if _recomputing():
+        if _recomputing() and self.replay_backward_list is not None:  # None: a backward outside run_microbatches
             if not self.replay_backward_list:
                 raise RuntimeError("router replay: a router recomputed inside backward with no forward of "
-                                   "this training call left to replay (forwards outside recomputable()?)")
+                                   "this training call left to replay")
             return self.replay_backward_list.pop(0)
         if self.replay_backward_list is not None:
             self.replay_backward_list.append(self.target_topk_idx)

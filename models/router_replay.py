@@ -21,9 +21,20 @@ adaptations, both here:
   built in the process and addresses them by position (the actor and a reference model in one
   process would share it): each model keeps its own ``RoutingReplay`` and the routers are taken
   out of that list.
+
+Activation recompute (``--gradient_checkpointing``, ``--recompute_granularity full``) runs a
+checkpointed layer's router again inside backward. Under 1F1B the forwards of later micro-batches
+run before that backward, so the targets set last are another micro-batch's. Megatron's answer is
+``REPLAY_BACKWARD``: a per-router FIFO (``replay_backward_list``) that each forward appends to and
+each recompute pops, in order, since a stage runs its backwards in its forwards' order (veRL
+switches the action by hand around backward). Here the switch is automatic: a router forward that
+runs inside the autograd engine's backward is a recompute and pops the oldest targets (and with
+them the unrecorded-token rows, -1); any other forward of a training call (``recomputable``)
+appends its own. The recompute leaves the mismatch counts alone: its routing is the forward's.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +47,13 @@ from models.moe_aux import token_group
 ROUTING_KEY = "routed_experts"  # the batch / Experience field
 
 
+def _recomputing() -> bool:
+    """A forward run by the autograd engine, i.e. inside backward: an activation recompute (Megatron's
+    ``CheckpointFunction``, Transformer Engine's or torch's checkpoint alike). The engine's current
+    graph task is -1 everywhere outside a backward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class TokenReplay(RouterReplay):
     """One router's replay: ``targets`` ``[tokens, k]`` expert ids (-1 rows: the router chooses)."""
 
@@ -43,13 +61,16 @@ class TokenReplay(RouterReplay):
         self.target_topk_idx = None
         self.recorded_topk_idx = None
         self.router_replay_action = None
-        self.replay_backward_list = []
+        # The targets of this call's forwards not yet recomputed, oldest first (Megatron's REPLAY_BACKWARD
+        # list); None: not a training call, the forwards keep nothing.
+        self.replay_backward_list: list | None = None
         self.chosen: torch.Tensor | None = None  # what the router would pick on its own [tokens, k]
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         probs, indices = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
-        self.chosen = indices.detach()
-        targets = self.target_topk_idx
+        targets = self._targets_of_this_forward()
+        if not _recomputing():
+            self.chosen = indices.detach()  # the metric: once per micro-batch, from its first forward
         if targets is None:
             return probs, indices
         targets = targets.to(indices.device)
@@ -60,6 +81,18 @@ class TokenReplay(RouterReplay):
         indices = torch.where(recorded, targets.long(), indices)
         # The router's own scores at the replayed experts (what Megatron's REPLAY_FORWARD returns).
         return scores.gather(1, indices), indices
+
+    def _targets_of_this_forward(self) -> torch.Tensor | None:
+        """A recompute: the targets of the oldest forward not yet recomputed; a forward: the micro-batch's,
+        kept for its recompute in a training call."""
+        if _recomputing() and self.replay_backward_list is not None:  # None: a backward outside run_microbatches
+            if not self.replay_backward_list:
+                raise RuntimeError("router replay: a router recomputed inside backward with no forward of "
+                                   "this training call left to replay")
+            return self.replay_backward_list.pop(0)
+        if self.replay_backward_list is not None:
+            self.replay_backward_list.append(self.target_topk_idx)
+        return self.target_topk_idx
 
 
 @dataclass
@@ -123,6 +156,18 @@ class RoutingReplay:
             differs |= (own != engine).any(dim=-1) & recorded
             router.chosen = None
         self._finished.append(_Microbatch(differs.cpu(), recorded.cpu()))
+
+    @contextmanager
+    def recomputable(self, training: bool):
+        """Around one call's forwards and backwards (``schedule.run_microbatches``): in a training call
+        each router forward keeps its targets for its recompute in backward; after it none are left."""
+        for _, router in self.routers:
+            router.replay_backward_list = [] if training else None
+        try:
+            yield
+        finally:
+            for _, router in self.routers:
+                router.replay_backward_list = None  # layers not recomputed (--recompute_num_layers) kept theirs
 
     def clear(self) -> None:
         """Forget targets and counts (before a new call's forwards)."""

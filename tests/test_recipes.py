@@ -105,3 +105,14 @@ def test_recipe_launches_a_command_its_trainer_accepts(recipe, tmp_path):
     assert parallel.tensor_model_parallel_size == int(stated["--tensor_model_parallel_size"])
     assert parallel.pipeline_model_parallel_size == int(stated["--pipeline_model_parallel_size"])
     assert parallel.expert_model_parallel_size == int(stated.get("--expert_model_parallel_size", 1))
+
+
+def test_the_qwen3_moe_recipe_replays_the_routing_under_full_recompute(tmp_path):
+    """The 2-node Qwen3-30B-A3B recipe needs full recompute and replays the engines' routing (accepted:
+    the recomputed routers replay their own micro-batch, tests/test_router_replay.py)."""
+    from engine.cli import train_ppo_ray
+
+    module, argv = _trainer_argv(*_recorded(Path("scripts/recipes/qwen3_30b_a3b_grpo_2nodes.ray.sh"), tmp_path))
+    job = importlib.import_module(module).parse_args(argv)
+    assert job.ppo.router_replay and job.build.recompute_granularity == "full"
+    train_ppo_ray.check_router_replay(job, num_experts=128)

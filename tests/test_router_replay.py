@@ -225,6 +225,101 @@ def test_replay_maps_the_engines_layers_past_dense_ones(near_tied_qwen3_moe):
     assert replay_gap < LOGPROB_TOLERANCE < plain_gap, (replay_gap, plain_gap)
 
 
+# ----- activation recompute: the recomputed routers replay their own micro-batch ------------------
+
+RECOMPUTE = {"none": {}, "full": {"gradient_checkpointing": True},
+             # megatron-core 0.16.1's "mlp" recomputes dense MLPs only (an MoE layer is never among them)
+             "selective": {"recompute_granularity": "selective", "recompute_modules": ("core_attn", "mlp")}}
+MICROBATCHES, SEQ = 4, 8
+
+
+def _replay_microbatch(vocab: int, layers: int, experts: int, top_k: int, seed: int) -> dict:
+    """Two rows with a routing record of their own (random distinct experts per token; the last two
+    positions unrecorded: the router chooses there)."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab, (2, SEQ), generator=g)
+    record = torch.rand(2, SEQ, layers, experts, generator=g).argsort(dim=-1)[..., :top_k] + 1
+    record[:, -2:] = 0
+    return {"input_ids": input_ids, "labels": torch.roll(input_ids, -1, dims=1), "loss_mask": torch.ones(2, SEQ),
+            "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous(), "routed_experts": record.to(torch.int16)}
+
+
+def _recompute_grads(rank, world_size, path, layout):
+    """Loss and this rank's gradients of one replayed training call (4 micro-batches, each with its own
+    record) per recompute setting, on the same weights; "stale": full recompute with the old routing
+    (a recomputed router reads the targets set last, those of a later micro-batch under 1F1B)."""
+    from megatron.core import tensor_parallel
+    from transformers import AutoConfig
+
+    from engine.runtime.engine import EngineConfig, TrainingEngine
+    from engine.runtime.optimizer import OptimConfig
+    from engine.runtime.schedule import run_microbatches
+    from models import router_replay
+    from models.builder import ModelBuildConfig
+    from models.weights import iter_hf_weights
+    from parallel.config import ParallelConfig
+
+    hf = AutoConfig.from_pretrained(path)
+    shape = (hf.num_hidden_layers, hf.num_local_experts, hf.num_experts_per_tok)
+
+    def loss_fn(logits, data):
+        loss = (tensor_parallel.vocab_parallel_cross_entropy(logits.float(), data["labels"]) * data["loss_mask"]).sum()
+        return loss, {"loss": loss.detach()}
+
+    def step(engine):
+        engine.ddp_model.train()
+        engine.ddp_model.zero_grad_buffer()
+        replay = router_replay.routing_replay_of(engine.model)
+        replay.clear()
+        replay.measure = True  # the mismatch counts of the training forwards: once per micro-batch
+        micro = [_replay_microbatch(engine.vocab_size, *shape, seed=10 * engine.data_parallel_rank + i)
+                 for i in range(MICROBATCHES)]
+        metrics = run_microbatches(engine.ddp_model, micro, loss_fn, num_microbatches=MICROBATCHES,
+                                   forward_only=False, seq_length=SEQ, micro_batch_size=2)
+        grads = dict(iter_hf_weights(engine.model, engine.adapter, tensor_of=lambda p: p.main_grad.clone()))
+        counts = replay.drain_counts(dp_group=engine.ctx.dp_group)
+        return [float(m["loss"]) for m in metrics], grads, counts
+
+    results, engines, ctx = {}, {}, None
+    for name, recompute in RECOMPUTE.items():
+        engines[name] = TrainingEngine(EngineConfig(
+            pretrain=path, parallel=ParallelConfig(**layout), build=ModelBuildConfig(**recompute),
+            optim=OptimConfig(max_norm=0.0, lr_warmup_ratio=0.0, use_distributed_optimizer=False)), ctx=ctx)
+        ctx = engines[name].ctx
+        router_replay.routing_replay_of(engines[name].model).replay = True
+        results[name] = step(engines[name])
+    router_replay._recomputing = lambda: False  # the old behaviour: no recompute is told from a forward
+    results["stale"] = step(engines["full"])
+    return results
+
+
+@pytest.mark.parametrize("layout", [{"pipeline_model_parallel_size": 2}, {"expert_model_parallel_size": 2}],
+                         ids=["pp2_1f1b", "ep2"])
+def test_replay_under_recompute_equals_no_recompute(layout, near_tied):
+    """The loss and every gradient of a replayed step are those without recompute, under full and
+    selective recompute. At PP=2 with 4 micro-batches 1F1B runs stage 0's forward of micro-batch 1
+    before the backward (and recompute) of micro-batch 0: a recompute replaying the targets set last
+    (the stale run) changes the gradients there."""
+    results = run_distributed(_recompute_grads, 2, args=(near_tied, layout), timeout=300)
+    shares = 2 if "expert_model_parallel_size" in layout else 1  # data-parallel ranks, each its own batch
+    stale_gap = 0.0
+    for rank_results in results:
+        losses, grads, counts = rank_results["none"]
+        assert grads and all(torch.isfinite(g).all() for g in grads.values())
+        assert counts["routing_recorded_tokens"] == shares * MICROBATCHES * 2 * (SEQ - 2)
+        assert counts["routing_mismatch_tokens"] > 0  # random records: the router's own choice differs
+        for name in ("full", "selective"):
+            other_losses, other_grads, other_counts = rank_results[name]
+            assert other_counts == counts, name  # a recompute is not counted again
+            assert other_losses == pytest.approx(losses, rel=1e-6, abs=0), name
+            assert sorted(other_grads) == sorted(grads)
+            for param, grad in grads.items():
+                torch.testing.assert_close(other_grads[param], grad, atol=1e-6, rtol=1e-5, msg=f"{name}: {param}")
+        stale_gap = max([stale_gap] + [float((rank_results["stale"][1][p] - g).abs().max()) for p, g in grads.items()])
+    if "pipeline_model_parallel_size" in layout:
+        assert stale_gap > 1e-3, stale_gap
+
+
 def test_router_replay_is_refused_where_it_cannot_act(tiny_models, tmp_path):
     from engine.cli import train_ppo_ray
     from engine.cli.options import OptionError
@@ -235,6 +330,5 @@ def test_router_replay_is_refused_where_it_cannot_act(tiny_models, tmp_path):
 
     with pytest.raises(OptionError, match="--router_replay: --pretrain .* is a dense model"):
         train_ppo_ray.check_job(job(tiny_models["llama"]))
-    with pytest.raises(OptionError, match="--router_replay with --gradient_checkpointing"):
-        train_ppo_ray.check_job(job(tiny_models["mixtral"], "--gradient_checkpointing"))
     train_ppo_ray.check_job(job(tiny_models["mixtral"]))  # an MoE actor: accepted
+    train_ppo_ray.check_job(job(tiny_models["mixtral"], "--gradient_checkpointing"))  # recompute replays too

@@ -257,15 +257,11 @@ def check_job(job: PPOJob) -> None:
 
 
 def check_router_replay(job: PPOJob, *, num_experts: int) -> None:
-    """--router_replay needs an MoE actor, and a training forward that routes each token once."""
+    """--router_replay needs an MoE actor. Activation recompute is fine: a recomputed router replays its
+    own micro-batch's routing (models.router_replay)."""
     if not num_experts:
         raise OptionError(f"--router_replay: --pretrain {job.models.pretrain} is a dense model; routing replay "
                           "applies to mixture-of-experts actors")
-    build = job.build
-    if build.gradient_checkpointing or build.recompute_granularity is not None:
-        flag = "--gradient_checkpointing" if build.gradient_checkpointing else "--recompute_granularity"
-        raise OptionError(f"--router_replay with {flag}: activation recompute runs the routers again inside "
-                          "backward, where the replayed routing of the micro-batch is not restored; drop one of the two")
 
 
 # ----- the roles ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ computes from the output; the schedule handles p2p between stages.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable, Iterable
 
 import torch
@@ -117,15 +118,18 @@ def run_microbatches(
         output = model_forward(chunk, batch)
         return output, lambda out: loss_fn(out, batch)
 
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterator,
-        model=[model],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    replay = routing_replay_of(model)
+    # A training call: the routers keep each micro-batch's replayed routing for its activation recompute.
+    with replay.recomputable(not forward_only) if replay is not None else nullcontext():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterator,
+            model=[model],
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
 
 
 def token_mean_scale(*, num_microbatches: int, data_parallel_size: int, global_num_tokens: int) -> float:

@@ -7,7 +7,8 @@ times of a recorded run (``tests/module_seconds.json``), packs the two workers e
 ``scripts/test.sh`` passes ``--no-loadscope-reorder`` so xdist keeps this order.
 
 ``RECORD_MODULE_SECONDS=1 bash scripts/test.sh`` rewrites the file from that run (setup, call and
-teardown time per module) when the whole suite ran (passed or failed, not interrupted). A module the file does not know yet goes first (it may be long).
+teardown time per module) when the whole suite ran (passed or failed, not interrupted). A module
+the file does not know yet goes first (it may be long).
 """
 from __future__ import annotations
 

@@ -105,6 +105,9 @@ def run_skewed(model_path: str, args) -> None:
     from tools.bench.skewed_trl_step import run_trl
 
     result = run_on_local_ranks(_worker, 2, model_path, args)
+    # printed now too: TRL's run takes minutes more, and ours should outlive its failure
+    print("ours, score + train s: " + ", ".join(f"{mode} {p['score'] + p['train']:.3g}"
+                                                for mode, p in result["seconds"].items()), flush=True)
     trl = run_trl(model_path, args)  # right after ours, same ranks and threads (None without TRL)
     tokens, lengths = result["tokens"], result["lengths"]
     responses = [n for n in skewed_experience(args.skewed_samples, args.generate_max_len).action_mask.sum(1).int().tolist()]

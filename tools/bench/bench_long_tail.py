@@ -1,6 +1,6 @@
 """GRPO on a long-tailed workload: the synchronous loop vs fully asynchronous rollouts.
 
-    python -m tools.bench.bench_long_tail              # the demo's tiny model, a couple of minutes
+    python -m tools.bench.bench_long_tail              # the demo's tiny model, four loops (each starts its stack)
     python -m tools.bench.bench_long_tail --steps 12 --loops sync partial   # two loops, longer
 
 The workload: the demo's tiny Llama (random weights) on its addition prompts, ``--rollout_batch_size``

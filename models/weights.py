@@ -8,7 +8,6 @@ vLLM weight sync consume.
 """
 from __future__ import annotations
 
-import copy
 import os
 from typing import Callable, Iterator
 
@@ -27,6 +26,7 @@ from models.hf_checkpoint import (
     finalize_hf_directory,
     passthrough_tensors,
     staged_directory,
+    without_quantization,
 )
 from models.lora.apply import is_lora_name
 from parallel.resharding import all_gather_shards
@@ -180,7 +180,7 @@ def iter_hf_weights(
 
 
 def _hf_config_for_export(adapter: ModelAdapter, value_head: bool):
-    config = copy.deepcopy(adapter.hf_config)
+    config = without_quantization(adapter.hf_config)  # the weights are written dequantised
     if value_head:
         config.architectures = [adapter.hf_causal_lm_class.replace("ForCausalLM", "ForSequenceClassification")]
         config.num_labels = 1
@@ -209,6 +209,13 @@ def save_hf_checkpoint(
     (a crash leaves no half-written ``save_dir``).
     """
     rank = dist.get_rank()
+    quantized = getattr(adapter.hf_config, "quantization_config", None)
+    if quantized is not None and not isinstance(quantized, dict):
+        quantized = quantized.to_dict()
+    if quantized and rank == 0:
+        print(f"note: {save_dir}: written in {str(adapter.export_dtype()).removeprefix('torch.')} without the "
+              f"source's config.json quantization_config ({quantized.get('quant_method')} "
+              f"{quantized.get('weight_block_size')}): the FP8 weights were dequantised on loading", flush=True)
     with staged_directory(save_dir) as staging:
         writer = HFShardWriter(staging, prefix=f"rank{rank:05d}", max_shard_bytes=max_shard_bytes)
         tensors = iter_hf_weights(model, adapter, dtype=adapter.export_dtype())

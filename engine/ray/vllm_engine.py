@@ -297,6 +297,13 @@ def _check_model(config: VLLMEngineConfig, device: str) -> None:
     hf_config = _read_hf_config(config)
     if hf_config is None:
         return
+    quant = hf_config.get("quantization_config") or {}
+    if config.weights_from_trainer and quant:
+        raise ValueError(
+            f"--pretrain {config.pretrain}: its config.json quantization_config ({quant.get('quant_method')}) makes "
+            "vLLM hold quantised weights, while the trainer syncs the dequantised ones it loaded. Convert it first "
+            "(python -m tools.convert.hf_to_mcore --hf_path ... --save_path MCORE_DIR: FP8 block scales are "
+            "dequantised and the copy's config has no quantization_config) and pass --pretrain MCORE_DIR")
     heads = hf_config.get("num_attention_heads")
     tp = config.tensor_parallel_size
     if heads and heads % tp:

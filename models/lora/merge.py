@@ -61,6 +61,11 @@ def merged_checkpoint(base_dir: str | os.PathLike, adapter: PeftAdapter, *, drop
     Every adapter pair must find its tensor (a mismatch of base and adapter is an error, not a no-op)."""
     from safetensors import safe_open
 
+    from models.hf_checkpoint import read_hf_config
+
+    if read_hf_config(base_dir).get("quantization_config"):
+        raise ValueError(f"--model_path {base_dir}: config.json has a quantization_config; merge into an "
+                         "unquantised model (tools.convert.hf_to_mcore then mcore_to_hf dequantises FP8 block scales)")
     files = sorted(Path(base_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(f"--model_path {base_dir}: no safetensors files")

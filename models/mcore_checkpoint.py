@@ -110,6 +110,9 @@ def _write_side_files(staging: Path, adapter, *, hf_source_dir, padded_vocab_siz
     hf_dir = staging / HF_DIR
     hf_dir.mkdir()
     hf_config = without_quantization(adapter.hf_config)  # FP8 weights were dequantised on loading
+    if getattr(adapter.hf_config, "quantization_config", None) is not None:
+        print(f"note: the checkpoint has the FP8 weights kept dequantised; its {HF_DIR}/config.json has no "
+              "quantization_config", flush=True)
     hf_config.save_pretrained(hf_dir)
     if hf_source_dir is not None:
         copy_side_files(hf_source_dir, hf_dir)

@@ -450,9 +450,23 @@ def test_calculator_tool_and_guessing_game():
     assert demo[0]["answer"] == f"calc({rows[0]['prompt'][:-1]})"
     assert demo[1]["prompt"].endswith(f"</s>={rows[0]['label']}\n") and demo[1]["answer"] == rows[0]["label"]
 
+    # The learning tests' warm start: some first turns answer at once, every row shows the answer after the tool.
+    mixed = sft_rows(make_rows(200, seed=2), eos="</s>", tool_use=0.3)
+    first = mixed[::2]
+    assert all(r["answer"].startswith("calc(") or r["answer"].isdigit() for r in first)
+    assert 0.2 < sum(r["answer"].startswith("calc(") for r in first) / len(first) < 0.4
+    assert all(r["prompt"].endswith("\n") and r["answer"].isdigit() for r in mixed[1::2])
+
     steps = asyncio.run(play(GuessNumber(), "6", ["3", "8", "6"]))
     assert [s.text for s in steps[:2]] == [" higher\n", " lower\n"]
     assert steps[2].done and steps[2].reward == pytest.approx(0.6)
+    from engine.tasks.guess_number import guesses
+    from engine.tasks.guess_number import sft_rows as guess_rows
+    assert [guesses(t, "scan") for t in (1, 3)] == [[1], [1, 2, 3]]
+    assert guesses(6, "bisect") == [5, 7, 6] and max(len(guesses(t, "bisect")) for t in range(1, 10)) == 4
+    game = guess_rows([{"prompt": "guess:", "label": "3"}], eos="</s>", bisect=1.0)
+    assert game == [{"prompt": "guess:", "answer": "5"}, {"prompt": "guess:5</s> lower\n", "answer": "2"},
+                    {"prompt": "guess:5</s> lower\n2</s> higher\n", "answer": "3"}]
 
 
 def test_environment_messages_render_with_the_chat_template():

@@ -7,8 +7,9 @@ for each guess after (at least 0.2); 0 when the turns run out. Logged: agent/fou
 agent/turns (mean turns; falling as the model learns to search).
 
 ``sft_rows`` writes demonstrations of two strategies: a scan upward from 1 (5 guesses on average)
-and bisection of 1-9 (first guess 5; 2.8 guesses on average); a warm start on a mix of both leaves
-RL to prefer bisection, and the mean turns fall.
+and bisection of 1-9 (first guess 5; 2.8 guesses on average): a warm start on a mix of both, for
+RL to prefer bisection (in 8 GRPO rollouts from a 30 % mix the mean turns did not yet fall by a
+clear margin).
 """
 from __future__ import annotations
 

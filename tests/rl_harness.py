@@ -31,14 +31,15 @@ def rl_setup(tmp_path_factory):
     return {"model": sft_on_task(model, prompts, root / "sft"), "prompts": prompts, "reward": str(reward), "root": root}
 
 
-def sft_on_task(pretrain: str, prompts: str, out) -> str:
-    """``pretrain`` supervised-fine-tuned on the addition task (``prompts``), saved to ``out``."""
+def sft_on_task(pretrain: str, prompts: str, out, *, max_len: int = 32) -> str:
+    """``pretrain`` supervised-fine-tuned on a task's ``{"prompt", "answer"}`` rows (``prompts``; the
+    addition task here), saved to ``out``."""
     from engine.cli import train_sft
 
     train_sft.main([
         "--pretrain", pretrain, "--dataset", prompts, "--input_key", "prompt", "--output_key", "answer",
         "--input_template", "",  # RL prompts are the raw "3+4=" (train_sft's default template is OpenRLHF's)
-        "--max_len", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32", "--max_epochs", "4",
+        "--max_len", str(max_len), "--train_batch_size", "64", "--micro_train_batch_size", "32", "--max_epochs", "4",
         "--learning_rate", "3e-3", "--lr_warmup_ratio", "0.05", "--logging_steps", "100", "--save_path", str(out),
     ])
     return str(out)

@@ -186,6 +186,121 @@ def test_trajectories_interleave_and_turns_are_batched():
     assert all(s.finish_reason == "stop" and s.info["turns"] == 3 for s in samples)
 
 
+# ------------------------------------------------------------------ per-turn rewards
+
+class Graded(Turns):
+    """Three turns rewarded 0.5, 0 and 1."""
+
+    async def step(self, action):
+        step = await super().step(action)
+        return Step(reward=(0.5, 0.0, 1.0)[len(self.seen) - 1], done=step.done, text=step.text)
+
+
+def test_per_turn_rewards_sit_on_each_turns_last_token_and_are_discounted():
+    """--turn_rewards per_turn: a turn's reward on its own last token, so reinforce's return of a
+    token is the discounted sum of the rewards of its turn and the later ones, over the model's tokens
+    only (environment tokens skipped); --turn_rewards sum (the default) keeps the summed reward on
+    the last token; a group estimator refuses per-turn rewards."""
+    from engine.rl.advantages import AdvantageInputs, compute_advantages, per_turn_rewards
+    from engine.rl.config import AdvantageConfig
+    from engine.rl.ppo_trainer import _earlier_turns
+    from engine.rl.sequences import build_rollout_batch
+
+    [sample] = _run(_executor(Graded), [PROMPT])
+    assert sample.turn_rewards == (0.5, 0.0, 1.0) and sample.reward == pytest.approx(1.5)
+    assert sample.segments == ((0, 3), (5, 8), (10, 13))
+    batch = build_rollout_batch([PROMPT.prompt_ids], [sample.response_token_ids], pad_id=0,
+                                response_loss_masks=[sample.loss_mask])
+    mask = batch.action_mask
+    placed = per_turn_rewards([_earlier_turns(sample, len(PROMPT.prompt_ids))], mask)
+    # Response token i is predicted at label position len(prompt) - 1 + i: turns 1 and 2 end at 2 and 7.
+    assert placed[0].nonzero()[:, 0].tolist() == [4] and placed[0, 4] == 0.5  # turn 2's reward is 0
+    gamma = 0.9
+    rewards = torch.tensor([sample.reward])
+    config = AdvantageConfig(estimator="reinforce", gamma=gamma)
+    _, returns = compute_advantages(AdvantageInputs(rewards=rewards, action_mask=mask, turn_rewards=placed), config)
+    trained = mask[0].nonzero()[:, 0].tolist()
+    ends = {2 + 2: 0.5, 2 + 7: 0.0, 2 + 12: 1.0}  # label position of each turn's last token: its reward
+    expected = [sum(ends.get(q, 0.0) * gamma ** k for k, q in enumerate(trained[i:])) for i in range(len(trained))]
+    assert returns[0, trained].tolist() == pytest.approx(expected)
+    assert returns[0, trained[0]] < rewards[0]  # discounted: the last turn's reward counts 0.9 ** 8 there
+    # Summed (the default): the trajectory's reward on its last token; undiscounted, every token's return.
+    _, summed = compute_advantages(AdvantageInputs(rewards=rewards, action_mask=mask),
+                                   AdvantageConfig(estimator="reinforce", gamma=1.0))
+    assert summed[0, trained].tolist() == pytest.approx([1.5] * len(trained))
+    _, undiscounted = compute_advantages(AdvantageInputs(rewards=rewards, action_mask=mask, turn_rewards=placed),
+                                         AdvantageConfig(estimator="reinforce", gamma=1.0))
+    assert undiscounted[0, trained[0]] == pytest.approx(1.5)  # the same total from the first token
+    assert undiscounted[0, trained[3]] == pytest.approx(1.0)  # turn 1's reward is not credited to turn 2
+    with pytest.raises(ValueError, match="grpo baselines whole trajectories"):
+        compute_advantages(AdvantageInputs(rewards=rewards.repeat(2), action_mask=mask.repeat(2, 1),
+                                           turn_rewards=placed.repeat(2, 1)),
+                           AdvantageConfig(estimator="grpo", n_samples_per_prompt=2))
+
+
+def test_the_loop_scores_per_turn_rewards_from_its_trajectories():
+    """The trainer's scoring and advantage phases on executor trajectories (two prompts, two samples
+    each; the second prompt's games end after one turn): with per-turn rewards the returns
+    are the discounted per-turn ones; without, every token of a trajectory gets its summed reward."""
+    from engine.rl.advantages import AdvantageConfig
+    from engine.rl.ppo_trainer import PPOConfig, PPOTrainer
+
+    class Tokenizer(LossyTokenizer):
+        pad_token_id = 0
+
+        def batch_decode(self, ids, skip_special_tokens=False):
+            return [self.decode(i, skip_special_tokens) for i in ids]
+
+    class Short(Graded):
+        async def reset(self, prompt, label):
+            await super().reset(prompt, label)
+            self.turns = int(label)
+
+    requests = [AgentRequest(prompt_ids=[11 + i, 12], prompt=f"p{i}", label=turns) for i, turns in enumerate((3, 1))]
+    samples = _run(_executor(Short), requests, n=2)
+    rows = [{"prompt": r.prompt, "prompt_ids": r.prompt_ids, "label": r.label} for r in requests]
+    gamma = 0.9
+
+    def returns(per_turn):
+        config = PPOConfig(advantage=AdvantageConfig(estimator="reinforce", gamma=gamma, n_samples_per_prompt=2),
+                           rollout_batch_size=2,
+                           n_samples_per_prompt=2, train_batch_size=4, init_kl_coef=0.0)
+        trainer = PPOTrainer(config, prompts=rows, tokenizer=Tokenizer(), rollouts=None, actor=None,
+                             sampling=SamplingConfig(), turn_rewards=per_turn)
+        batch, meta = trainer.to_batch(rows, samples)
+        experience, rewards, _ = trainer.score(batch, meta)
+        experience, _ = trainer.advantages(experience, rewards)
+        return experience.returns, experience.action_mask
+
+    per_turn, mask = returns(True)
+    summed, _ = returns(False)
+    for row in range(4):
+        trained = mask[row].nonzero()[:, 0].tolist()
+        ends = [trained[k] for k in range(len(trained)) if k == len(trained) - 1 or trained[k + 1] != trained[k] + 1]
+        earned = dict(zip(ends, (0.5, 0.0, 1.0)))
+        expected = [sum(earned.get(q, 0.0) * gamma ** k for k, q in enumerate(trained[i:])) for i in range(len(trained))]
+        assert per_turn[row, trained].tolist() == pytest.approx(expected)
+        assert len(ends) == (3, 3, 1, 1)[row]
+        assert summed[row, trained].tolist() == pytest.approx([samples[row].reward * gamma ** (len(trained) - 1 - i)
+                                                               for i in range(len(trained))])
+
+
+def test_turn_rewards_flag_is_refused_where_it_cannot_act():
+    from engine.cli import train_ppo_ray
+    from engine.cli.options import OptionError
+
+    base = ["--pretrain", "x", "--prompt_data", "y"]
+    agent = base + ["--agent_task", "guess_number", "--turn_rewards", "per_turn"]
+    with pytest.raises((OptionError, ValueError), match="--turn_rewards need multi-turn rollouts"):
+        train_ppo_ray.parse_args(base + ["--turn_rewards", "per_turn"])
+    with pytest.raises(OptionError, match="per_turn with --advantage_estimator grpo: .* gae or reinforce"):
+        train_ppo_ray.parse_args(agent + ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4"])
+    with pytest.raises(OptionError, match="per_turn with --remote_rm_url"):
+        train_ppo_ray.parse_args(agent + ["--advantage_estimator", "reinforce", "--remote_rm_url", "r.py"])
+    job = train_ppo_ray.parse_args(agent + ["--advantage_estimator", "reinforce", "--gamma", "0.9"])
+    assert job.agent.turn_rewards == "per_turn"
+
+
 # ------------------------------------------------------------------ OpenRLHF's agent protocol
 
 # OpenRLHF's examples/python/agent_func.py (a random 1-3 step environment), rewritten: only the
@@ -335,9 +450,23 @@ def test_calculator_tool_and_guessing_game():
     assert demo[0]["answer"] == f"calc({rows[0]['prompt'][:-1]})"
     assert demo[1]["prompt"].endswith(f"</s>={rows[0]['label']}\n") and demo[1]["answer"] == rows[0]["label"]
 
+    # The learning tests' warm start: some first turns answer at once, every row shows the answer after the tool.
+    mixed = sft_rows(make_rows(200, seed=2), eos="</s>", tool_use=0.3)
+    first = mixed[::2]
+    assert all(r["answer"].startswith("calc(") or r["answer"].isdigit() for r in first)
+    assert 0.2 < sum(r["answer"].startswith("calc(") for r in first) / len(first) < 0.4
+    assert all(r["prompt"].endswith("\n") and r["answer"].isdigit() for r in mixed[1::2])
+
     steps = asyncio.run(play(GuessNumber(), "6", ["3", "8", "6"]))
     assert [s.text for s in steps[:2]] == [" higher\n", " lower\n"]
     assert steps[2].done and steps[2].reward == pytest.approx(0.6)
+    from engine.tasks.guess_number import guesses
+    from engine.tasks.guess_number import sft_rows as guess_rows
+    assert [guesses(t, "scan") for t in (1, 3)] == [[1], [1, 2, 3]]
+    assert guesses(6, "bisect") == [5, 7, 6] and max(len(guesses(t, "bisect")) for t in range(1, 10)) == 4
+    game = guess_rows([{"prompt": "guess:", "label": "3"}], eos="</s>", bisect=1.0)
+    assert game == [{"prompt": "guess:", "answer": "5"}, {"prompt": "guess:5</s> lower\n", "answer": "2"},
+                    {"prompt": "guess:5</s> lower\n2</s> higher\n", "answer": "3"}]
 
 
 def test_environment_messages_render_with_the_chat_template():

@@ -58,7 +58,8 @@ NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--
          "partial_rollout_chunk": ["--async_train", "--max_staleness", "1", "--partial_rollout"],
          "use_dynamic_batch_size": ["--max_tokens_per_gpu", "64"], "max_tokens_per_gpu": ["--use_dynamic_batch_size"],
          "dynamic_filtering_reward_range": ["--dynamic_filtering", "--n_samples_per_prompt", "2"],
-         **{flag: ["--agent_task", "guess_number"] for flag in ("max_turns", "agent_step_timeout", "agent_fail_fast")}}
+         **{flag: ["--agent_task", "guess_number"] for flag in ("max_turns", "agent_step_timeout", "agent_fail_fast",
+                                                                                  "turn_rewards")}}
 
 
 def _job(module: str):

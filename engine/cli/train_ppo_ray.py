@@ -21,7 +21,7 @@ from engine.data.config import DataConfig
 from engine.ray.config import ColocationConfig, EngineRestartConfig, VLLMEngineConfig, WeightSyncConfig
 from engine.ray.rollout_backends import RolloutBackendConfig
 from engine.rl.agents.config import AgentConfig
-from engine.rl.config import DoctorConfig, PPOConfig, check_overlong_buffer
+from engine.rl.config import GROUP_ESTIMATORS, DoctorConfig, PPOConfig, check_overlong_buffer
 from engine.rl.console import ConsoleConfig
 from engine.rl.evaluation import RLEvalConfig
 from engine.rl.rollout import SamplingConfig
@@ -164,6 +164,8 @@ def parse_args(argv=None) -> PPOJob:
         raise OptionError("--partial_rollout with --agent_func_path / --agent_task is not supported: multi-turn "
                           "trajectories are generated turn by turn by the agent executor; use --max_staleness "
                           "without --partial_rollout")
+    if job.agent.turn_rewards == "per_turn":
+        _check_turn_rewards(job)
     if job.ppo.token_budget.use_dynamic_batch_size and job.ptx.pretrain_data:
         raise OptionError("--use_dynamic_batch_size with --pretrain_data is not supported: the ptx rows ride in the "
                           "rollout's fixed micro-batches; drop one of the two")
@@ -171,6 +173,21 @@ def parse_args(argv=None) -> PPOJob:
     if not job.models.save_path:
         print_notices([NO_SAVE_PATH])
     return job
+
+
+def _check_turn_rewards(job: PPOJob) -> None:
+    """--turn_rewards per_turn places the environment's rewards on the turns' tokens as they are."""
+    estimator = job.ppo.advantage.estimator
+    if estimator in GROUP_ESTIMATORS:
+        raise OptionError(f"--turn_rewards per_turn with --advantage_estimator {estimator}: its baseline compares "
+                          "whole trajectories, so it takes their summed reward (--turn_rewards sum); per-turn "
+                          "rewards need --advantage_estimator gae or reinforce")
+    others = [flag for flag, on in (("--reward_pretrain", job.models.reward_pretrain),
+                                    ("--remote_rm_url", job.models.remote_rm_url),
+                                    ("--normalize_reward_running", job.ppo.normalize_reward_running)) if on]
+    if others:
+        raise OptionError(f"--turn_rewards per_turn with {others[0]}: the turns' rewards are placed as the environment "
+                          "gave them, so they must be the whole reward, unscaled; drop one of the two")
 
 
 def _check_loss_defaults(job: PPOJob) -> None:
@@ -477,6 +494,7 @@ def _trainer(job: PPOJob, groups: dict, rollouts, *, prompts, eval_prompts, toke
         save_value_network=job.models.save_value_network, save_hf_ckpt=job.models.save_hf_ckpt,
         pretrain_samples=pretrain_samples,
         evaluation=job.eval, eval_prompts=eval_prompts, record=record, preemption=watch, save_on_preempt=saves,
+        turn_rewards=job.agent.turn_rewards == "per_turn",
         doctor=(RayDoctor(job.doctor, actor=groups["actor"], engines=rollouts, run_dir=record.run_dir,
                           max_tokens=max_tokens) if job.doctor.doctor_every else None),
     )

@@ -66,10 +66,15 @@ def compute_token_rewards(
     *,
     kl_coef: float,
     reward_clip_range: tuple[float, float] | None = None,
+    turn_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token rewards: the (clipped) sequence reward on the last real token of each response,
     minus ``kl_coef * kl`` on every real token (OpenRLHF's ``compute_reward``). Rows without any
-    real token get all zeros."""
+    real token get all zeros.
+
+    ``turn_rewards`` (``[batch, response_len]``, --turn_rewards per_turn): rewards a multi-turn
+    trajectory earned before its last turn, each on its turn's last token. They move there from
+    the last token, which keeps the rest: the row's token rewards still sum to its sequence reward."""
     if kl_coef < 0:
         raise ValueError(f"--init_kl_coef must be >= 0, got {kl_coef}")
     if sequence_reward.shape != action_mask.shape[:1]:
@@ -78,11 +83,27 @@ def compute_token_rewards(
     if reward_clip_range is not None:
         reward = reward.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
     token_rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=action_mask.device)
-    token_rewards.scatter_(1, last_token_index(action_mask).unsqueeze(1), reward.unsqueeze(1))
+    if turn_rewards is not None:
+        _check_per_token("turn_rewards", turn_rewards, action_mask)
+        earlier = torch.where(action_mask.bool(), turn_rewards.float(), 0.0)
+        reward = reward - earlier.sum(dim=1)
+        token_rewards = token_rewards + earlier
+    token_rewards.scatter_add_(1, last_token_index(action_mask).unsqueeze(1), reward.unsqueeze(1))
     if kl is not None:
         _check_per_token("kl", kl, action_mask)
         token_rewards = token_rewards - kl_coef * kl.float()
     return torch.where(action_mask.bool(), token_rewards, 0.0)
+
+
+def per_turn_rewards(turns: list[list[tuple[int, float]]], action_mask: torch.Tensor) -> torch.Tensor:
+    """``compute_token_rewards``' ``turn_rewards`` from each row's ``(label position of a turn's last
+    token, that turn's reward)`` pairs (the turns before the last; the last one's stays with the
+    sequence reward)."""
+    out = torch.zeros(action_mask.shape, dtype=torch.float32)
+    for row, pairs in enumerate(turns):
+        for position, reward in pairs:  # on an untrained token (masked) it stays with the sequence reward
+            out[row, position] += reward
+    return out
 
 
 # ------------------------------------------------------------------------ returns and GAE
@@ -214,6 +235,7 @@ class AdvantageInputs:
     kl: torch.Tensor | None = None         # [batch, response_len] per-token KL for the reward penalty
     kl_coef: float = 0.0                   # the KL controller's current value
     values: torch.Tensor | None = None     # [batch, response_len] critic values (GAE only)
+    turn_rewards: torch.Tensor | None = None  # [batch, response_len] earlier turns' rewards (compute_token_rewards)
 
 
 @torch.no_grad()
@@ -226,10 +248,13 @@ def compute_advantages(inputs: AdvantageInputs, config: AdvantageConfig) -> tupl
     """
     estimator = config.estimator
     rewards = inputs.rewards
+    if inputs.turn_rewards is not None and estimator in GROUP_ESTIMATORS:
+        raise ValueError(f"--advantage_estimator {estimator} baselines whole trajectories: per-turn rewards need "
+                         "gae or reinforce (--turn_rewards sum gives it the trajectories' summed rewards)")
     if estimator in GROUP_ESTIMATORS:
         rewards = group_baseline(rewards, config.n_samples_per_prompt, kind=estimator)
     token_rewards = compute_token_rewards(rewards, inputs.kl, inputs.action_mask, kl_coef=inputs.kl_coef,
-                                          reward_clip_range=config.reward_clip_range)
+                                          reward_clip_range=config.reward_clip_range, turn_rewards=inputs.turn_rewards)
     if estimator == "gae":
         if inputs.values is None:
             raise ValueError("--advantage_estimator gae needs critic values (is a critic configured?)")

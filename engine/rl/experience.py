@@ -33,6 +33,9 @@ class Experience:
     # [B, L, layers, top_k] the engines' routing of each token (MoE; models.router_replay's encoding):
     # replayed by the actor under --router_replay, compared with its own for rollout/routing_mismatch
     routed_experts: torch.Tensor | None = None
+    # [B, L] --turn_rewards per_turn: the environment's reward of each model turn but the last, on
+    # the turn's last token (engine.rl.advantages.compute_token_rewards); read by the advantages only
+    turn_rewards: torch.Tensor | None = None
 
     @classmethod
     def from_rollout(cls, batch: RolloutBatch) -> Experience:
@@ -59,7 +62,7 @@ class Experience:
         with ``attention_mask`` (1 up to each row's last real token: MoE routing statistics skip padding)."""
         positions = torch.arange(self.input_ids.shape[1])
         attention_mask = (positions[None, :] <= self.last_index[:, None]).long()
-        return {**{name: t for name, t in self._tensors().items() if name != "last_index"},
+        return {**{name: t for name, t in self._tensors().items() if name not in ("last_index", "turn_rewards")},
                 "attention_mask": attention_mask}
 
     @property

@@ -14,7 +14,7 @@ import torch
 
 from engine.data.position import check_prompt_position, prompt_position, resumed_generation_batches
 from engine.data.token_budget import check_fits
-from engine.rl.advantages import AdvantageInputs, RunningMoments, compute_advantages
+from engine.rl.advantages import AdvantageInputs, RunningMoments, compute_advantages, per_turn_rewards
 from engine.rl.agents.executor import agent_metrics
 from engine.rl.config import PPOConfig  # noqa: F401  (declared apart: the parsers import no torch)
 from engine.rl.console import RolloutProgress
@@ -81,8 +81,9 @@ class PPOTrainer:
                  save_hf_ckpt: bool = False,
                  pretrain_samples=None, evaluation: RLEvalConfig | None = None, eval_prompts=None,
                  record=None, doctor: MismatchDoctor | None = None, preemption=None,
-                 save_on_preempt: bool = False):
+                 save_on_preempt: bool = False, turn_rewards: bool = False):
         self.config = config
+        self.turn_rewards = turn_rewards  # --turn_rewards per_turn: each turn's reward on its own last token
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.rollouts = rollouts
@@ -362,6 +363,9 @@ class PPOTrainer:
         if any(s.reward is not None for s in samples):  # multi-turn rollouts: the environment's rewards
             meta["environment_rewards"] = [s.reward for s in samples]
             meta["agent"] = agent_metrics(samples)
+            if self.turn_rewards:
+                meta["turn_rewards"] = per_turn_rewards([_earlier_turns(s, len(p)) for s, p in zip(samples, prompt_ids)],
+                                                        batch.action_mask)
         return batch, meta
 
     def _pad_id(self) -> int:
@@ -372,7 +376,7 @@ class PPOTrainer:
         """The rollout as an ``Experience`` with old / reference log-probs and values; its rewards."""
         micro, temperature = self.config.micro_rollout_batch_size, self.sampling.temperature
         layout = self._scoring_layout()
-        experience = Experience.from_rollout(batch)
+        experience = Experience.from_rollout(batch).with_fields(turn_rewards=meta.get("turn_rewards"))
         if self.config.token_budget.max_tokens is not None:
             check_fits(experience.lengths, self.config.token_budget.max_tokens, what="rollout sample")
         if self.config.router_replay and experience.routed_experts is None:
@@ -469,7 +473,8 @@ class PPOTrainer:
             metrics["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
         reward_kl_coef = 0.0 if config.use_kl_loss else self.kl_controller.value
         advantages, returns = compute_advantages(
-            AdvantageInputs(rewards=rewards, action_mask=mask, kl=kl, kl_coef=reward_kl_coef, values=experience.values),
+            AdvantageInputs(rewards=rewards, action_mask=mask, kl=kl, kl_coef=reward_kl_coef, values=experience.values,
+                            turn_rewards=experience.turn_rewards),
             config.advantage,
         )
         if metrics.get("kl") is not None:
@@ -627,3 +632,11 @@ class PPOTrainer:
             self.record.resume_at(state["step"])  # the rollouts after the checkpoint run again
         print(f"resumed the RL run at rollout {state['step']}", flush=True)
         return state["step"]
+
+
+def _earlier_turns(sample, prompt_length: int) -> list[tuple[int, float]]:
+    """A trajectory's turns before its last (non-empty ones) as (label position of the turn's last
+    token, the turn's reward): response token ``i`` is predicted at label position ``prompt_length - 1 + i``."""
+    turns = [(stop, reward) for (start, stop), reward in zip(sample.segments or (), sample.turn_rewards or ())
+             if stop > start]
+    return [(prompt_length - 1 + stop - 1, reward) for stop, reward in turns[:-1]]

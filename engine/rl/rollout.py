@@ -65,6 +65,9 @@ class RolloutSample:
     # numbers about it logged as agent/<name> (turns, failures, the environment's own logs).
     reward: float | None = None
     info: dict[str, float] | None = None
+    # Multi-turn: the environment's reward of each model turn (one per entry of ``segments``; their
+    # sum is ``reward``), for --turn_rewards per_turn.
+    turn_rewards: tuple[float, ...] | None = None
     # The experts the engine routed each token of prompt + response to, for MoE models: an int array
     # [tokens, decoder layers, top_k] (numpy), row t = the token at position t of prompt + response,
     # -1 where not recorded. Covers the tokens the engine ran forward (all but the last).
@@ -78,6 +81,9 @@ class RolloutSample:
         if self.loss_mask is not None and len(self.loss_mask) != length:
             raise ValueError(f"sample {self.prompt_index}/{self.sample_index}: loss_mask has {len(self.loss_mask)} "
                              f"entries for {length} response tokens")
+        if self.turn_rewards is not None and len(self.turn_rewards) != len(self.segments or ()):
+            raise ValueError(f"sample {self.prompt_index}/{self.sample_index}: {len(self.turn_rewards)} turn rewards "
+                             f"for {len(self.segments or ())} segments (model turns)")
         for start, stop in self.segments or ():
             if not 0 <= start <= stop <= length:
                 raise ValueError(f"sample {self.prompt_index}/{self.sample_index}: segment [{start}, {stop}) is not "

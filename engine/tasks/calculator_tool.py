@@ -28,13 +28,18 @@ def make_rows(num_rows: int, *, low: int = 2, high: int = 9, seed: int = 0) -> l
     return rows
 
 
-def sft_rows(rows: list[dict], *, eos: str) -> list[dict]:
+def sft_rows(rows: list[dict], *, eos: str, tool_use: float = 1.0, seed: int = 0) -> list[dict]:
     """Demonstrations of both turns as ``{"prompt", "answer"}`` rows: the tool call, and the answer
-    after the tool's output (``eos``: the tokenizer's EOS text, which ends the model's first turn)."""
+    after the tool's output (``eos``: the tokenizer's EOS text, which ends the model's first turn).
+    ``tool_use < 1``: that fraction of the first turns is demonstrated as the tool call, the others
+    answer at once (the answer after the tool's output is still shown for every row): a warm start
+    that uses the tool only sometimes, for RL to raise the rate."""
+    rng = random.Random(seed)
     out = []
     for row in rows:
         call = f"calc({row['prompt'].rstrip('=')})"
-        out.append({"prompt": row["prompt"], "answer": call})
+        direct = tool_use < 1.0 and rng.random() >= tool_use
+        out.append({"prompt": row["prompt"], "answer": row["label"] if direct else call})
         out.append({"prompt": f"{row['prompt']}{call}{eos}{tool_output(row['label'])}", "answer": row["label"]})
     return out
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from engine.tasks.environment import ENVIRONMENTS
 from parallel.options import option
@@ -24,6 +25,10 @@ class AgentConfig:
                                                          f"trajectory fails (default {DEFAULT_STEP_TIMEOUT_S:.0f})")
     agent_fail_fast: bool = option(False, help="an environment step that raises or times out stops the run (default: "
                                                "that trajectory gets reward 0 and is counted)")
+    turn_rewards: Literal["sum", "per_turn"] = option(
+        "sum", help="sum: a trajectory's reward is the sum of its turns' rewards, on its last token (what the "
+                    "group estimators need); per_turn: each turn's reward on that turn's last token, so "
+                    "--gamma discounts later turns and GAE credits each turn (gae / reinforce only)")
 
     def __post_init__(self) -> None:
         if self.agent_func_path and self.agent_task:
@@ -33,7 +38,9 @@ class AgentConfig:
         if not self.enabled:
             given = [flag for flag, value in (("--max_turns", self.max_turns),
                                               ("--agent_step_timeout", self.agent_step_timeout),
-                                              ("--agent_fail_fast", self.agent_fail_fast or None)) if value is not None]
+                                              ("--agent_fail_fast", self.agent_fail_fast or None),
+                                              ("--turn_rewards", None if self.turn_rewards == "sum" else self.turn_rewards))
+                     if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} need multi-turn rollouts: pass --agent_func_path or --agent_task")
         if self.max_turns is not None and self.max_turns < 1:

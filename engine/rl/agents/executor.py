@@ -52,6 +52,7 @@ class _Trajectory:
     logprobs: list[float] = field(default_factory=list)
     segments: list[tuple[int, int]] = field(default_factory=list)
     reward: float = 0.0
+    turn_rewards: list[float] = field(default_factory=list)  # one per model turn (segment)
     turns: int = 0
     info: dict[str, float] = field(default_factory=dict)
 
@@ -64,6 +65,7 @@ class _Trajectory:
         self.mask += [1] * len(tokens)
         self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
         self.segments.append((start, len(self.response)))
+        self.turn_rewards.append(0.0)
         self.turns += 1
 
     def add_environment(self, tokens: list[int]) -> None:
@@ -139,6 +141,7 @@ class AgentExecutor:
                 raise TypeError(f"{type(environment).__name__}.step returned a {type(step).__name__}, not a "
                                 "engine.tasks.environment.Step")
             trajectory.reward += float(step.reward)
+            trajectory.turn_rewards[-1] = float(step.reward)
             trajectory.info.update({k: float(v) for k, v in step.info.items()})
             if step.done:
                 return "stop"
@@ -176,6 +179,7 @@ class AgentExecutor:
     def _failed(self, trajectory: _Trajectory, failed: _EnvironmentFailed) -> None:
         self.failures.append(failed.what)
         trajectory.reward = 0.0
+        trajectory.turn_rewards = [0.0] * len(trajectory.turn_rewards)
         trajectory.info.update(failed=1.0, timed_out=float(failed.timed_out))
         if not trajectory.response:  # failed before the model's first turn: one token that trains nothing
             eos = self.tokenizer.eos_token_id
@@ -187,7 +191,8 @@ class AgentExecutor:
         return RolloutSample(prompt_index=prompt_index, sample_index=sample_index,
                              response_token_ids=trajectory.response, logprobs=trajectory.logprobs,
                              finish_reason=finish, loss_mask=tuple(trajectory.mask),
-                             segments=tuple(trajectory.segments), reward=trajectory.reward, info=info)
+                             segments=tuple(trajectory.segments), reward=trajectory.reward,
+                             turn_rewards=tuple(trajectory.turn_rewards), info=info)
 
 
 def _override(sampling: SamplingConfig, step: Step) -> SamplingConfig:

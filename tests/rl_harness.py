@@ -60,9 +60,9 @@ def ppo_args(setup, *extra: str) -> list[str]:
     ]
 
 
-def rise(history: list[dict]) -> float:
-    rewards = [h["reward"] for h in history]
-    return sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3
+def rise(history: list[dict], key: str = "reward") -> float:
+    values = [h[key] for h in history]
+    return sum(values[-3:]) / 3 - sum(values[:3]) / 3
 
 
 def eval_prompts(setup, count: int = 8) -> str:

@@ -66,12 +66,14 @@ def _check(result) -> None:
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
 
 
-def test_submitted_run_spans_two_nodes_and_equals_the_local_run(cluster, grpo_setup):
+def test_submitted_run_spans_two_nodes_and_equals_the_local_run(ray_cluster, cluster, grpo_setup, monkeypatch):
+    from engine.cli import train_ppo_ray
+
     root = grpo_setup["root"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    local = subprocess.run([sys.executable, "-m", "engine.cli.train_ppo_ray", *_grpo_args(grpo_setup, root / "tb_local")],
-                           cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
-    _check(local)
+    # The local run: the CLI's main on this worker's local Ray instance (the session's; a driver
+    # joins the one it is in), with no cluster address in sight.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    train_ppo_ray.main(_grpo_args(grpo_setup, root / "tb_local"))
 
     # As users submit it: the code travels as the job's working_dir (.gitignore'd paths stay behind).
     runtime_env = json.dumps({"working_dir": str(REPO)})

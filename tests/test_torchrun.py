@@ -27,9 +27,20 @@ def _torchrun(launcher_args: list[str], module: str, args: list[str], *, timeout
     return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _python(module: str, args: list[str], *, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def train_sft_main(argv: list[str]) -> None:
+    from engine.cli import train_sft
+
+    train_sft.main(argv)
+
+
+def _in_process(main, argv: list[str]) -> None:
+    """``main(argv)`` here, in the environment and working directory the subprocesses get."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in _env().items():
+            if os.environ.get(name) != value:
+                patch.setenv(name, value)
+        patch.chdir(REPO)
+        main(argv)
 
 
 def _check(result: subprocess.CompletedProcess) -> None:
@@ -80,11 +91,14 @@ def _sft_args(model: str, data: str, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_process(tiny_models, arithmetic_data, tmp_path_factory) -> dict[str, list[float]]:
-    """Loss curves of plain one-process runs (no torchrun): the references."""
+    """Loss curves of plain one-process runs (no torchrun): the references. The CLI's ``main`` runs
+    in this process, as ``python -m engine.cli.train_sft`` would: its one rank is forked from the
+    forkserver this worker already has (torch and megatron-core imported there once), not from a
+    new interpreter that imports them twice (launcher and forkserver) per run."""
     curves = {}
     for arch, extra in (("llama", ()), ("mixtral", MOE_FLAGS)):
         out = tmp_path_factory.mktemp(f"single_{arch}")
-        _check(_python("engine.cli.train_sft", _sft_args(tiny_models[arch], arithmetic_data, out, *extra)))
+        _in_process(train_sft_main, _sft_args(tiny_models[arch], arithmetic_data, out, *extra))
         curves[arch] = _losses(out / "tb")
         curves[f"{arch}_dir"] = out
     curves["mixtral_aux"] = _losses(curves["mixtral_dir"] / "tb", "train/aux_loss")

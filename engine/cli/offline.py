@@ -119,13 +119,16 @@ def holds_job_locks() -> bool:
 def launch(train: Callable, job: OfflineJob) -> None:
     """Run ``train(job)`` on every rank: torchrun's world, or ``--nproc_per_node`` ranks spawned here.
     The job's output paths are locked first (``engine.runtime.path_lock``): before any rank writes."""
-    from engine.runtime.checkpoint import check_resumable
-    from engine.runtime.path_lock import holding_paths
     from parallel.launch import check_launch, run_on_ranks
 
     grid = job.trainer.engine.parallel
-    check_launch(grid, job.launch.nproc_per_node)  # the world first: it is what the launcher got wrong
+    # The world first: it is what the launcher got wrong. Checked before megatron-core is imported
+    # (the checkpoint module below), so a wrong world fails each rank in seconds.
+    check_launch(grid, job.launch.nproc_per_node)
     check_model(job)
+    from engine.runtime.checkpoint import check_resumable
+    from engine.runtime.path_lock import holding_paths
+
     try:
         check_resumable(job.trainer.checkpoint)
     except ValueError as exc:

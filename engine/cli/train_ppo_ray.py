@@ -570,15 +570,16 @@ def job_paths(job: PPOJob) -> dict[str, str | None]:
 def main(argv=None) -> list[dict]:
     job = parse_args(argv)  # first: --help imports nothing heavy
     from engine.ray.cluster import check_address
+
+    check_job(job)  # flag errors before anything starts
+    check_address(os.environ.get("RAY_ADDRESS"))  # before megatron-core is imported: a wrong address fails in seconds
     from engine.runtime.checkpoint import check_resumable
     from engine.runtime.path_lock import holding_paths
 
-    check_job(job)  # flag errors before anything starts
     try:
         check_resumable(job.checkpoint, subdirectory="actor")
     except ValueError as exc:
         raise OptionError(str(exc)) from None
-    check_address(os.environ.get("RAY_ADDRESS"))
     with holding_paths(job_paths(job)):  # before anything is written
         return build_and_fit(job)
 

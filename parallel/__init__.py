@@ -11,6 +11,8 @@ warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that 
 
 # Before megatron-core is first imported: a Transformer Engine that installs but fails to load
 # (OSError / RuntimeError) would otherwise crash megatron's ImportError-only guards.
-from parallel.megatron_patches import guard_transformer_engine  # noqa: E402
+# And its import-time torch.compile decorations, deferred to first use.
+from parallel.megatron_patches import defer_jit_compilation, guard_transformer_engine  # noqa: E402
 
 guard_transformer_engine()
+defer_jit_compilation()

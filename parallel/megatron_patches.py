@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.abc
+import importlib.util
 import queue
+import sys
 import warnings
 
 from parallel.lifetime import die_with_parent
@@ -35,6 +38,56 @@ def guard_transformer_engine(probe_fn=probe) -> Probe:
                           "the local layer spec runs instead", stacklevel=2)
         _te_probe = found
     return _te_probe
+
+
+def lazy_compile(fn=None, **kwargs):
+    """``torch.compile`` at a function's first call instead of at its definition (``jit_fuser``'s job)."""
+    if fn is None:  # the @jit_fuser(**kwargs) form
+        return functools.partial(lazy_compile, **kwargs)
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args, **call_kwargs):
+        nonlocal compiled
+        if compiled is None:
+            import torch
+
+            compiled = torch.compile(fn, **kwargs)
+        return compiled(*args, **call_kwargs)
+
+    return call
+
+
+class _DeferJitFuser(importlib.abc.MetaPathFinder):
+    """megatron-core 0.16.1 sets ``megatron.core.jit.jit_fuser = torch.compile`` and decorates ~70
+    functions with it while ``import megatron.core`` runs; the first ``torch.compile`` call imports
+    dynamo and inductor (about 40% of megatron's import time: ~3.5 s of CPU in every process that
+    imports it, Ray actors and torchrun ranks included), though the local layer spec calls none of
+    them (the fusions are off in ``models.builder``). Swap in ``lazy_compile`` as that module loads:
+    the same ``torch.compile``, made on first use."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "megatron.core.jit":
+            return None
+        sys.meta_path.remove(self)  # one module, once: find it the normal way
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            if getattr(module.jit_fuser, "__module__", "").startswith("torch"):
+                module.jit_fuser = lazy_compile
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def defer_jit_compilation() -> None:
+    """Install ``_DeferJitFuser`` (before megatron-core is first imported; else a no-op)."""
+    if "megatron.core.jit" not in sys.modules and not any(isinstance(f, _DeferJitFuser) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DeferJitFuser())
 
 
 def _skip_step_in_reshardable_load() -> None:

@@ -2,13 +2,16 @@
 are numbers), a reward for answers that start with the digit 1 (a behaviour the SFT model shows
 about half of the time and GRPO / PPO push up within a few rollouts), and the common flags.
 
-``rl_setup`` (a fixture of every test module: tests/conftest.py registers this one) is built once
-per module that uses it (about 10 s), so the RL end-to-end modules (tests/test_ppo_e2e*.py) run
-on the two xdist workers side by side.
+``rl_setup`` (a fixture of every test module: tests/conftest.py registers this one) gives each
+module a directory of its own for its runs, over one SFT model per test session: ``rl_task``
+prepares it once, the first xdist worker to need it building it under a file lock and the other
+one reading it (the SFT is deterministic: every module trains from the same weights either way).
+The RL end-to-end modules (tests/test_ppo_e2e*.py) run on the two xdist workers side by side.
 """
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
@@ -19,16 +22,32 @@ def reward_func(prompts, responses, labels):
 MARGIN = 0.15  # mean reward of the last 3 rollouts over the first 3
 
 
-@pytest.fixture(scope="module")
-def rl_setup(tmp_path_factory):
+@pytest.fixture(scope="session")
+def rl_task(tmp_path_factory) -> dict:
+    """The addition prompts and the SFT model, built once per test session (under xdist: once for
+    both workers, in the session's shared temporary directory)."""
+    from filelock import FileLock
+
     from engine.cli import demo
 
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    base = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    root = base / "rl_task"
+    with FileLock(str(base / "rl_task.lock")):
+        if not (root / "done").exists():
+            root.mkdir(exist_ok=True)
+            model, data = demo.prepare(root)
+            sft_on_task(model, f"json@{data}", root / "sft")
+            (root / "done").write_text("")
+    return {"model": str(root / "sft"), "prompts": f"json@{root / 'addition'}"}
+
+
+@pytest.fixture(scope="module")
+def rl_setup(rl_task, tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
-    model, data = demo.prepare(root)
     reward = root / "starts_with_one.py"
     reward.write_text(REWARD_FUNC)
-    prompts = f"json@{data}"
-    return {"model": sft_on_task(model, prompts, root / "sft"), "prompts": prompts, "reward": str(reward), "root": root}
+    return {**rl_task, "reward": str(reward), "root": root}
 
 
 def sft_on_task(pretrain: str, prompts: str, out, *, max_len: int = 32) -> str:

@@ -14,16 +14,16 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
     from engine.cli import train_ppo_ray
 
     history = train_ppo_ray.main(ppo_args(
-        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "16",
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "10",
         "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
-        "--ckpt_path", str(rl_setup["root"] / "ckpt_tp2"), "--save_steps", "2", "--max_ckpt_num", "8",
-        "--eval_dataset", eval_prompts(rl_setup), "--eval_steps", "8", "--eval_n_samples_per_prompt", "4",
+        "--ckpt_path", str(rl_setup["root"] / "ckpt_tp2"), "--save_steps", "5", "--max_ckpt_num", "2",
+        "--eval_dataset", eval_prompts(rl_setup), "--eval_steps", "5", "--eval_n_samples_per_prompt", "4",
         "--run_dir", str(rl_setup["root"] / "run_tp2"),
     ))
-    assert len(history) == 16
+    assert len(history) == 10
     # Evaluation at the stated rollouts only, its pass@4 consistent with its per-response pass rate.
     evaluated = [h for h in history if "eval/pass@4" in h]
-    assert [h["step"] for h in evaluated] == [8, 16]
+    assert [h["step"] for h in evaluated] == [5, 10]
     for h in evaluated:
         assert h["eval/pass@1"] <= h["eval/pass@4"] <= min(1.0, 4 * h["eval/pass@1"])
         assert 0 < h["eval/response_length"] <= 6
@@ -34,7 +34,7 @@ def test_grpo_reward_rises_with_tp2_actor(rl_setup, ray_cluster):
 
     record = rl_setup["root"] / "run_tp2" / "metrics.jsonl"
     lines = [json.loads(line) for line in record.read_text().splitlines()]
-    assert [line["step"] for line in lines] == list(range(1, 17))
+    assert [line["step"] for line in lines] == list(range(1, 11))
     assert [line["reward"] for line in lines] == pytest.approx([h["reward"] for h in history])
     assert Image.open(record.parent / "reward.png").size == (640, 400)
     assert Image.open(record.parent / "rollout.png").size == (960, 400)
@@ -132,7 +132,7 @@ def _alive_in(tree: dict[int, int], pgid: int) -> dict[int, str]:
 
 
 def test_sigterm_checkpoints_stops_everything_and_the_resume_continues(rl_setup, ray_cluster):
-    """SIGTERM to the driver during rollout 6: within --preempt_grace_s it has written the checkpoint of
+    """SIGTERM to the driver during rollout 4 (of 5): within --preempt_grace_s it has written the checkpoint of
     the rollouts it trained, every process it started (Ray, roles, engines) is gone, and it exited 143;
     the resumed run continues the uninterrupted run exactly (same rewards and losses) and logs every
     rollout once (a torn last metrics line, as a kill -9 leaves, is dropped)."""
@@ -149,7 +149,7 @@ def test_sigterm_checkpoints_stops_everything_and_the_resume_continues(rl_setup,
     if reference is None:
         pytest.skip("needs the uninterrupted run of test_grpo_reward_rises_with_tp2_actor")
     ckpt, run_dir = rl_setup["root"] / "ckpt_preempt", rl_setup["root"] / "run_preempt"
-    grpo = ("--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "8",
+    grpo = ("--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "5",
             "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
             "--ckpt_path", str(ckpt), "--run_dir", str(run_dir))
     with open(rl_setup["root"] / "preempt.log", "wb") as log:
@@ -157,7 +157,7 @@ def test_sigterm_checkpoints_stops_everything_and_the_resume_continues(rl_setup,
                                          "--preempt_grace_s", str(PREEMPT_GRACE_S)), log)
     tree: dict[int, int] = {}
     try:
-        while _logged_steps(run_dir / "metrics.jsonl") < 5:
+        while _logged_steps(run_dir / "metrics.jsonl") < 3:
             assert driver.poll() is None, (rl_setup["root"] / "preempt.log").read_text()[-4000:]
             time.sleep(0.2)
         tree = {driver.pid: _stat(driver.pid)[2], **_descendants(driver.pid)}
@@ -177,15 +177,15 @@ def test_sigterm_checkpoints_stops_everything_and_the_resume_continues(rl_setup,
     saved = [p.name for p in (ckpt / "actor").iterdir() if p.name.startswith("global_step")]
     assert len(saved) == 1, saved  # no --save_steps: the preemption's checkpoint only
     done = int(saved[0].removeprefix("global_step"))
-    assert done in (5, 6), output[-4000:]  # rollout 6 abandoned before training, or finished
+    assert done in (3, 4), output[-4000:]  # rollout 4 abandoned before training, or finished
     verify_checkpoint(ckpt / "actor" / saved[0])
     assert f"checkpoint of rollout {done} written" in output
     # A torn line after the checkpoint's rollouts, as a kill -9 mid-write leaves.
     with open(run_dir / "metrics.jsonl", "a") as record:
         record.write('{"step": 99, "rew')
     history = train_ppo_ray.main(ppo_args(rl_setup, *grpo, "--load_checkpoint"))
-    assert [h["step"] for h in history] == list(range(done + 1, 9))
+    assert [h["step"] for h in history] == list(range(done + 1, 6))
     record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in record] == list(range(1, 9))
-    assert [line["reward"] for line in record] == [h["reward"] for h in reference[:8]]
-    assert [h["actor/policy_loss"] for h in history] == [h["actor/policy_loss"] for h in reference[done:8]]
+    assert [line["step"] for line in record] == list(range(1, 6))
+    assert [line["reward"] for line in record] == [h["reward"] for h in reference[:5]]
+    assert [h["actor/policy_loss"] for h in history] == [h["actor/policy_loss"] for h in reference[done:5]]

@@ -26,7 +26,7 @@ def test_grpo_with_an_expert_parallel_mixtral_actor(rl_setup, mixtral_sft, ray_c
     from engine.cli import train_ppo_ray
 
     history = train_ppo_ray.main(ppo_args(
-        {**rl_setup, "model": mixtral_sft}, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
+        {**rl_setup, "model": mixtral_sft}, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "9",
         "--actor_num_gpus_per_node", "2", "--actor_expert_model_parallel_size", "2", "--aux_loss_coef", "0.01",
         "--router_replay",
     ))
@@ -62,7 +62,7 @@ def test_grpo_with_an_expert_parallel_qwen3_moe_actor_and_router_replay(rl_setup
 
     history = train_ppo_ray.main(ppo_args(
         {**rl_setup, "model": qwen3_moe_sft}, "--advantage_estimator", "grpo", "--init_kl_coef", "0",
-        "--max_steps", "8", "--actor_num_gpus_per_node", "2", "--actor_expert_model_parallel_size", "2",
+        "--max_steps", "6", "--actor_num_gpus_per_node", "2", "--actor_expert_model_parallel_size", "2",
         "--aux_loss_coef", "0.01", "--router_replay",
     ))
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4

@@ -10,23 +10,23 @@ def test_async_grpo_is_one_step_off_policy_and_corrected(rl_setup, ray_cluster):
     """--async_train: rollout k+1 is generated while the actor trains on rollout k, so from the second
     rollout on the engine's samples come from the weights before the last update (staleness 1, a
     real train-vs-engine log-prob gap that the truncated importance weights correct). Checkpoints every
-    4 rollouts are written in the background (--async_save), each with an HF export (--save_hf_ckpt)."""
+    3 rollouts are written in the background (--async_save), each with an HF export (--save_hf_ckpt)."""
     from engine.cli import train_ppo_ray
 
     ckpt = rl_setup["root"] / "ckpt_async"
     history = train_ppo_ray.main(ppo_args(
-        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "9",
         "--async_train", "--vllm_is_correction", "--vllm_is_truncated_threshold", "1.5",
-        "--ckpt_path", str(ckpt), "--save_steps", "4", "--max_ckpt_num", "2", "--async_save", "--save_hf_ckpt",
+        "--ckpt_path", str(ckpt), "--save_steps", "3", "--max_ckpt_num", "2", "--async_save", "--save_hf_ckpt",
     ))
     # Published by a later train step once the writers are done (the writer's time logged there), the
     # last one before the run returned; rotation ran after each publication.
     assert sorted(p.name for p in (ckpt / "actor").iterdir()) == [
-        "global_step12", "global_step12_hf", "global_step4_hf", "global_step8", "global_step8_hf"]
-    assert all((ckpt / "actor" / f"global_step{n}_hf" / "config.json").exists() for n in (4, 8, 12))
+        "global_step3_hf", "global_step6", "global_step6_hf", "global_step9", "global_step9_hf"]
+    assert all((ckpt / "actor" / f"global_step{n}_hf" / "config.json").exists() for n in (3, 6, 9))
     published = [h["step"] for h in history if "actor/checkpoint/write_s" in h]
-    assert published and all(5 <= step <= 12 for step in published), published
-    assert [h["rollout/staleness"] for h in history] == [0] + [1] * 11
+    assert published and all(4 <= step <= 9 for step in published), published
+    assert [h["rollout/staleness"] for h in history] == [0] + [1] * 8
     assert history[0]["rollout_logprob_abs_diff"] < 1e-4  # the first rollout: the actor's own weights
     assert min(h["rollout_logprob_abs_diff"] for h in history[1:]) > 1e-4  # then one update behind
     assert all(h["vllm_is/max"] <= 1.5 + 1e-6 for h in history)
@@ -42,7 +42,7 @@ def test_grpo_with_a_lora_actor(rl_setup, ray_cluster):
 
     save_path = rl_setup["root"] / "grpo_lora"
     history = train_ppo_ray.main(ppo_args(
-        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "9",
         "--actor_num_gpus_per_node", "2", "--actor_tensor_model_parallel_size", "2",
         "--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "2e-3", "--save_path", str(save_path),
     ))
@@ -60,12 +60,12 @@ def test_dapo_recipe_with_gspo_refill_and_token_budgets_learns(rl_setup, ray_clu
     from engine.cli import train_ppo_ray
 
     history = train_ppo_ray.main(ppo_args(
-        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "12",
+        rl_setup, "--advantage_estimator", "grpo", "--init_kl_coef", "0", "--max_steps", "9",
         "--policy_loss_type", "gspo", "--loss_agg_mode", "seq-mean-token-mean", "--entropy_coef", "0.001",
         "--dynamic_filtering", "--overlong_buffer_len", "4", "--async_train",
         "--use_dynamic_batch_size", "--max_tokens_per_gpu", "96",
     ))
-    assert [h["rollout/groups_trained"] for h in history] == [16] * 12
+    assert [h["rollout/groups_trained"] for h in history] == [16] * 9
     for h in history:
         assert h["rollout/groups_generated"] == h["rollout/groups_kept"] + h["rollout/groups_dropped"]
         assert "overlong/penalty" in h and "actor/entropy_loss" in h

@@ -1,4 +1,5 @@
-"""Fixes for megatron-core 0.16.1 code paths that break without Apex / Transformer Engine.
+"""Fixes for megatron-core 0.16.1 code paths that break without Apex / Transformer Engine, and for
+its import-time ``torch.compile`` (``defer_jit_compilation``).
 
 Active on every device (not only CPU): a GPU cluster without Apex or TE takes the same paths.
 Each fix names the function and the reason; remove one when megatron-core fixes it.

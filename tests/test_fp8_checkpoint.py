@@ -11,6 +11,8 @@ equal HF's of the dequantised weights (fp32); the export has no quantization_con
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -96,23 +98,25 @@ def _load_run_export(rank, world_size, fp8_dirs: dict, export_root: str):
 
     config = ParallelConfig()
     initialize_parallel(config)
-    results = {}
-    for key, path in fp8_dirs.items():
-        adapter = load_adapter(path)
-        model = build_model(adapter, config)
-        load_hf_weights(model, adapter, path)
-        model.eval()
-        padded, packed = _batches(adapter.vocab_size)
-        logits = forward_logits(model, [padded, packed], vocab_size=adapter.vocab_size)
-        weights = {name: t.clone() for name, t in iter_hf_weights(model, adapter)}
-        save_hf_checkpoint(model, adapter, f"{export_root}/{key}", source_dir=path)
-        if key == "b16":  # a Megatron checkpoint's hf/ (what engines start from) holds the unquantised config
-            save_model(model, f"{export_root}/mcore", adapter=adapter, hf_source_dir=path)
-        results[key] = {"padded": logits[0], "packed": logits[1][0], "weights": weights}
+    results, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the notes said, whichever process this rank forked from
+        for key, path in fp8_dirs.items():
+            adapter = load_adapter(path)
+            model = build_model(adapter, config)
+            load_hf_weights(model, adapter, path)
+            model.eval()
+            padded, packed = _batches(adapter.vocab_size)
+            logits = forward_logits(model, [padded, packed], vocab_size=adapter.vocab_size)
+            weights = {name: t.clone() for name, t in iter_hf_weights(model, adapter)}
+            save_hf_checkpoint(model, adapter, f"{export_root}/{key}", source_dir=path)
+            if key == "b16":  # a Megatron checkpoint's hf/ (what engines start from) holds the unquantised config
+                save_model(model, f"{export_root}/mcore", adapter=adapter, hf_source_dir=path)
+            results[key] = {"padded": logits[0], "packed": logits[1][0], "weights": weights}
+    results["printed"] = printed.getvalue()
     return results
 
 
-def test_fp8_block_scaled_checkpoint_loads_dequantised_and_exports_unquantised(checkpoints, tmp_path, capfd):
+def test_fp8_block_scaled_checkpoint_loads_dequantised_and_exports_unquantised(checkpoints, tmp_path):
     from safetensors.torch import load_file
 
     from tests.test_deepseek_v3 import PACKED_LENGTHS, _hf_logits
@@ -159,7 +163,7 @@ def test_fp8_block_scaled_checkpoint_loads_dequantised_and_exports_unquantised(c
         assert all(t.dtype == torch.float32 for t in tensors.values())
         hf_export = _hf_logits(str(exported))
         assert torch.equal(hf_export["padded"], hf_deq["padded"]), key
-    out = capfd.readouterr().out
+    out = results["printed"]
     assert "without the source's config.json quantization_config" in out and "kept dequantised" in out
     hf_dir = tmp_path / "mcore" / "hf"
     assert "quantization_config" not in json.loads((hf_dir / "config.json").read_text())

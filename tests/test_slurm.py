@@ -214,11 +214,12 @@ def test_grpo_on_a_ray_cluster_across_two_nodes(slurm, tiny, tmp_path):
     assert len(rewards) == num_rollouts and all(0 <= r <= 1 for r in rewards), rewards
     assert (tmp_path / "hf" / "config.json").exists()
 
-    # The Ray processes of the job (all under its --temp-dir) ended with it.
+    # The Ray processes of the job (all under its --temp-dir, the other node's under its own) ended with it.
     job_id = re.search(r"job (\d+): Ray head", log).group(1)
     temp_dir = f"/tmp/ray-{job_id}"
     deadline = time.monotonic() + 30
-    while (left := _live_processes_matching(re.escape(temp_dir) + r"(/|\s|$)")) and time.monotonic() < deadline:
+    while (left := _live_processes_matching(re.escape(temp_dir) + r"(-n1)?(/|\s|$)")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    for node_dir in (temp_dir, f"{temp_dir}-n1"):
+        shutil.rmtree(node_dir, ignore_errors=True)

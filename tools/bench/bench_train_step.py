@@ -5,6 +5,8 @@
     python -m tools.bench.bench_train_step --arch mixtral --tp 1 --ep 1,2   # W's shape as a 4-expert top-2 MoE
     python -m tools.bench.bench_train_step --arch qwen3_moe --tp 1 --ep 2    # as Qwen3-MoE (qk-norm, head_dim 64)
     python -m tools.bench.bench_train_step --arch qwen3 --tp 1               # as Qwen3 (dense, qk-norm)
+    python -m tools.bench.bench_train_step --arch deepseek_v3 --tp 1 --ep 2  # as DeepSeek-V3 (MLA, shared expert)
+    python -m tools.bench.bench_train_step --arch glm4_moe --tp 1 --ep 2     # as GLM-4.5 (partial rotary)
 
 Both sides train the same Llama-architecture model (workload W of DESIGN.md: hidden 512,
 8 layers, 8 heads / 4 KV heads, intermediate 1408, the local tokenizer) on the same batches of
@@ -140,8 +142,10 @@ def main(argv=None) -> None:
     parser.add_argument("--micro_batch_size", type=int, default=8)
     parser.add_argument("--max_len", type=int, default=256)
     parser.add_argument("--tp", default="1,2", help="comma-separated TP sizes for the engine")
-    parser.add_argument("--arch", default="llama", choices=("llama", "mixtral", "qwen3", "qwen3_moe"),
-                        help="W's shape, dense or MoE (Qwen3 / Qwen3-MoE: with their q/k norms)")
+    parser.add_argument("--arch", default="llama", choices=("llama", "mixtral", "qwen3", "qwen3_moe", "deepseek_v3", "glm4_moe"),
+                        help="W's shape, dense or MoE (Qwen3 / Qwen3-MoE: with their q/k norms; DeepSeek-V3: MLA, "
+                             "sigmoid routing, a shared expert, layer 0 dense; GLM-4.5: partial rotary, qk-norm, "
+                             "the same MoE)")
     parser.add_argument("--ep", default="", help="comma-separated EP sizes (MoE; TP=1) besides the TP runs")
     args = parser.parse_args(argv)
     if args.quick:

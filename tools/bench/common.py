@@ -19,13 +19,33 @@ QWEN_SHAPE = {"qwen3": dict(head_dim=64), "qwen3_moe": dict(head_dim=64, moe_int
 QWEN_QUICK_SHAPE = {"qwen3": dict(head_dim=32), "qwen3_moe": dict(head_dim=32, moe_intermediate_size=128,
                                                                   mlp_only_layers=[])}
 
+#: W's shape as DeepSeek-V3 and GLM-4.5 (their layer pattern: the first layer dense, the others MoE
+#: with 4 routed experts of half W's MLP width, top-2, one shared expert of that width, sigmoid
+#: routing with the expert bias, routed_scaling_factor 2.5, no group limit). DeepSeek-V3's MLA keeps
+#: W's 64 dims a head for the plain q/k part and v, adds 32 rotary dims (V3's 128 + 64, halved), and
+#: compresses q and kv through ranks of hidden / 4 (Moonlight's kv_lora_rank / hidden). GLM-4.5:
+#: W's heads of 64 dims, half rotated, q/k/v biases and qk-norm (GLM-4.5 355B's).
+_FRONTIER_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+                     first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+FRONTIER_SHAPE = {
+    "deepseek_v3": dict(_FRONTIER_MOE, num_key_value_heads=8, moe_intermediate_size=704, q_lora_rank=128,
+                        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
+    "glm4_moe": dict(_FRONTIER_MOE, moe_intermediate_size=704, head_dim=64),
+}
+FRONTIER_QUICK_SHAPE = {
+    "deepseek_v3": dict(_FRONTIER_MOE, num_key_value_heads=4, moe_intermediate_size=128, q_lora_rank=32,
+                        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+    "glm4_moe": dict(_FRONTIER_MOE, moe_intermediate_size=128, head_dim=32),
+}
 
-def reference_model(directory: str, *, quick: bool = False, arch: str = "llama") -> str:
-    """Build workload W's model (or a small one with ``quick``) under ``directory``."""
+
+def reference_model(directory: str, *, quick: bool = False, arch: str = "llama", **overrides) -> str:
+    """Build workload W's model (or a small one with ``quick``) under ``directory`` (``overrides``: HF config keys)."""
     from models.tiny import build_tiny_model
 
     shape = (QUICK_MODEL if quick else REFERENCE_MODEL) | (QWEN_QUICK_SHAPE if quick else QWEN_SHAPE).get(arch, {})
-    return build_tiny_model(arch, f"{directory}/{arch}", **shape)
+    shape |= (FRONTIER_QUICK_SHAPE if quick else FRONTIER_SHAPE).get(arch, {})
+    return build_tiny_model(arch, f"{directory}/{arch}", **(shape | overrides))
 
 
 def print_table(title: str, header: list[str], rows: list[tuple]) -> None:

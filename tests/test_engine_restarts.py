@@ -105,6 +105,17 @@ def _stub_class(ray):
     return StubEngine
 
 
+def _wait_until_dead(ray, handle, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.ready.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"a killed engine still answers after {timeout_s:.0f} s")
+
+
 def test_the_shares_of_a_dead_and_a_hung_engine_are_generated_again_on_their_replacements(ray_cluster):
     from engine.ray.engine_pool import RayEnginePool
     from engine.rl.rollout import SamplingConfig
@@ -140,6 +151,7 @@ def test_the_shares_of_a_dead_and_a_hung_engine_are_generated_again_on_their_rep
     ray.get([h.ready.remote() for h in pool.handles], timeout=60)  # the replacements answer
     pool.recovery = None  # without recovery (--max_engine_restarts 0) the first failure ends the generation
     ray.kill(pool.handles[0])
+    _wait_until_dead(ray, pool.handles[0])  # ray.kill is asynchronous: a call right after it may still run
     with pytest.raises(EngineError, match="engine 0 died during generate"):
         pool.submit_generate(prompts, sampling).result()
     for handle in pool.handles:

@@ -29,6 +29,7 @@ import time
 import torch
 
 from models.tiny import build_tiny_model
+from tools.bench.common import drain_weight_buckets
 
 W_CONFIG = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                 intermediate_size=1408)
@@ -124,23 +125,12 @@ def memcpy_seconds(tensors: dict[str, torch.Tensor], repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def _drain(spec: dict, rounds: int) -> None:
-    """A bare receiver: join the group, take every bucket of ``rounds`` updates, load nothing."""
-    from parallel.weight_transfer import open_receiver
-
-    receiver = open_receiver(spec, rank=1, device=torch.device("cpu"))
-    for _ in range(rounds):
-        for _bucket in receiver.buckets():
-            pass
-        receiver.channel.barrier()  # the sender stops its clock once everything arrived
-
-
 def transport_seconds(tensors: dict[str, torch.Tensor], bucket_bytes: int, repeats: int) -> float:
     """gloo transport alone, sender -> one receiver process (median of ``repeats``)."""
     from parallel.weight_transfer import iter_buckets, make_transport
 
     transport = make_transport("gloo", world_size=2, host="127.0.0.1", timeout_s=300)
-    receiver = mp.get_context("spawn").Process(target=_drain, args=(transport.receiver_spec(), repeats + 1))
+    receiver = mp.get_context("spawn").Process(target=drain_weight_buckets, args=(transport.receiver_spec(), repeats + 1))
     receiver.start()
     transport.connect()
     times = []

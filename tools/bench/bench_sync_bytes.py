@@ -24,18 +24,7 @@ import time
 
 import torch
 
-from tools.bench.common import print_table, reference_model, run_on_local_ranks
-
-
-def _drain(spec: dict, rounds: int) -> None:
-    """A bare receiver: join the group, take every bucket of ``rounds`` updates, load nothing."""
-    from parallel.weight_transfer import open_receiver
-
-    receiver = open_receiver(spec, rank=1, device=torch.device("cpu"))
-    for _ in range(rounds):
-        for _bucket in receiver.buckets():
-            pass
-        receiver.channel.barrier()  # the sender stops its clock once everything arrived
+from tools.bench.common import drain_weight_buckets, print_table, reference_model, run_on_local_ranks
 
 
 def _sync_worker(path, bucket_bytes, repeats, result_file):
@@ -64,7 +53,7 @@ def _sync_worker(path, bucket_bytes, repeats, result_file):
         export_times.append(time.perf_counter() - start)
 
     transport = make_transport("gloo", world_size=2, host="127.0.0.1", timeout_s=300)
-    receiver = mp.get_context("spawn").Process(target=_drain, args=(transport.receiver_spec(), repeats + 1))
+    receiver = mp.get_context("spawn").Process(target=drain_weight_buckets, args=(transport.receiver_spec(), repeats + 1))
     receiver.start()
     transport.connect()
     sync_times, buckets = [], 0

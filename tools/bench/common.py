@@ -79,3 +79,17 @@ def run_on_local_ranks(worker, world_size: int, *args):
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world_size))
         spawn_local_ranks(worker, world_size, *args, result_file)
         return torch.load(result_file)
+
+
+def drain_weight_buckets(spec: dict, rounds: int) -> None:
+    """A bare weight receiver (a process of its own): join the group, take every bucket of ``rounds``
+    updates, load nothing."""
+    import torch
+
+    from parallel.weight_transfer import open_receiver
+
+    receiver = open_receiver(spec, rank=1, device=torch.device("cpu"))
+    for _ in range(rounds):
+        for _bucket in receiver.buckets():
+            pass
+        receiver.channel.barrier()  # the sender stops its clock once everything arrived

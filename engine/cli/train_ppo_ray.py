@@ -158,12 +158,6 @@ def parse_args(argv=None) -> PPOJob:
                           "through forward hooks, which a compiled (torch.compile / CUDA graph) forward skips")
     if job.ppo.async_train:
         _check_async(job)
-    if job.ppo.partial_rollout and job.agent.enabled:
-        # The executor generates a trajectory turn by turn; stopping one inside a turn and resuming it
-        # would need the executor's state across the sync.
-        raise OptionError("--partial_rollout with --agent_func_path / --agent_task is not supported: multi-turn "
-                          "trajectories are generated turn by turn by the agent executor; use --max_staleness "
-                          "without --partial_rollout")
     if job.agent.turn_rewards == "per_turn":
         _check_turn_rewards(job)
     if job.ppo.token_budget.use_dynamic_batch_size and job.ptx.pretrain_data:

@@ -147,7 +147,8 @@ class PPOConfig:
     partial_rollout: bool = option(False, help="with --max_staleness, a weight sync interrupts unfinished samples "
                                                "(between engine calls of --partial_rollout_chunk tokens) and they "
                                                "resume from their token ids on the new weights; every token keeps "
-                                               "the version and engine log-prob it was sampled with")
+                                               "the version and engine log-prob it was sampled with (multi-turn "
+                                               "trajectories too: a turn is cut between two calls)")
     partial_rollout_chunk: int = option(PARTIAL_ROLLOUT_CHUNK,
                                         help="with --partial_rollout, the most tokens an engine call adds to a "
                                              "sample: how soon a weight sync interrupts generation")

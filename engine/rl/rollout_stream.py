@@ -18,6 +18,13 @@ log-prob of the engine weights that sampled it).
 unfinished sample; a sync between two calls is the abort, and the next call resumes each sample
 from its token ids (prompt + tokens so far) on the new weights. Every token records the version of
 the weights that sampled it (``RolloutSample.token_versions``) beside its engine log-prob.
+
+Multi-turn rollouts under --partial_rollout (engines with ``generate_resumable``: the agent
+executor's) make their engine calls themselves, one batch of turns at a time, on a thread of their
+own: the producer starts each admitted rollout there and hands it this stream as the gate of its
+engine calls (``begin_call`` / ``end_call``). A sync waits for the call in flight and holds the next
+one back; each call adds at most --partial_rollout_chunk tokens to a turn, and the turn resumes from
+the trajectory's token ids on the new weights, its tokens keeping their versions and log-probs.
 """
 from __future__ import annotations
 
@@ -83,16 +90,19 @@ class RolloutStream:
         self.engines = engines
         self.version = version  # actor updates the engines' weights hold
         self.chunk = chunk
+        # Multi-turn rollouts resumable at the stream's syncs: they run their own engine calls (module docstring).
+        self.resumable = chunk is not None and hasattr(engines, "generate_resumable")
         self.batches: list[_Batch] = []  # admitted, not yet taken, in admission order
         self._cond = threading.Condition()
         self._busy = self._sync_requested = self._closed = False
+        self._calls = 0  # engine calls of resumable rollouts in flight
         self._thread = threading.Thread(target=self._produce, name="rollout-stream", daemon=True)
         self._thread.start()
 
     # ----- the trainer's side -------------------------------------------------------------
     def admit(self, prompt_ids: list[list[int]], sampling: SamplingConfig, *, rows: list[dict]) -> PendingStream:
         batch = _Batch(prompt_ids=[list(ids) for ids in prompt_ids], rows=rows, sampling=sampling)
-        if self.chunk is not None:
+        if self.chunk is not None and not self.resumable:
             batch.partials = [_Partial(p, j, batch.prompt_ids[p]) for p in range(len(prompt_ids))
                               for j in range(sampling.n_samples_per_prompt)]
         with self._cond:
@@ -117,7 +127,7 @@ class RolloutStream:
         with self._cond:
             self._sync_requested = True
             try:
-                while self._busy:
+                while self._busy or self._calls:
                     self._cond.wait()
                 waited = time.perf_counter() - started
                 metrics = push()
@@ -126,6 +136,23 @@ class RolloutStream:
                 self._sync_requested = False
                 self._cond.notify_all()
         return metrics, waited
+
+    # ----- resumable rollouts' engine calls (CallGate) ----------------------------------------
+    def begin_call(self) -> int:
+        """An engine call of a resumable rollout may start (not while a sync is asked for); returns
+        the version of the weights it runs on."""
+        with self._cond:
+            while self._sync_requested and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise RuntimeError("the rollout stream was closed: this rollout's trajectories stop")
+            self._calls += 1
+            return self.version
+
+    def end_call(self) -> None:
+        with self._cond:
+            self._calls -= 1
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop after the call in flight; what was admitted and not taken is dropped."""
@@ -161,7 +188,7 @@ class RolloutStream:
         """What the next engine call generates: the oldest batch not started (whole responses), or
         every unfinished sample of every admitted batch (--partial_rollout)."""
         pending = [b for b in self.batches if not b.done]
-        if self.chunk is None:
+        if self.chunk is None or self.resumable:
             return [b for b in pending if not b.started][:1]
         return pending
 
@@ -171,6 +198,9 @@ class RolloutStream:
             batch.started = True
             samples = self.engines.generate(batch.prompt_ids, batch.sampling, rows=batch.rows)
             return [(batch, [replace(s, token_versions=(version,) * len(s.response_token_ids)) for s in samples])]
+        if self.resumable:
+            self._start_resumable(work[0])
+            return []
         calls = [(batch, chunk_calls(batch.partials, batch.sampling, self.chunk)) for batch in work]
         pending = [(batch, [(group, self.engines.generate_async([p.prompt_ids + p.tokens for p in group], sampling))
                             for group, sampling in groups]) for batch, groups in calls]
@@ -181,6 +211,23 @@ class RolloutStream:
             if all(p.finish_reason is not None for p in batch.partials):
                 done.append((batch, [p.sample() for p in batch.partials]))
         return done
+
+    def _start_resumable(self, batch: _Batch) -> None:
+        """Start a multi-turn rollout on its own thread; its samples (or error) land in ``batch`` when done."""
+        batch.started = True
+        pending = self.engines.generate_resumable(batch.prompt_ids, batch.sampling, rows=batch.rows, gate=self,
+                                                  chunk=self.chunk)
+
+        def finished(pending) -> None:
+            try:
+                samples, error = pending.result(), None
+            except BaseException as err:  # the trainer raises it when it takes the batch
+                samples, error = None, err
+            with self._cond:
+                batch.samples, batch.error = samples, error
+                self._cond.notify_all()
+
+        pending.add_done_callback(finished)
 
 
 def chunk_calls(partials: list[_Partial], sampling: SamplingConfig, chunk: int

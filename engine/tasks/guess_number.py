@@ -4,12 +4,12 @@ Prompts are ``"guess:"``; the label is the secret digit (1-9). After each guess 
 of the model's turn) the environment says ``higher`` or ``lower`` (environment tokens, masked
 from the loss) until the guess is right. Reward: 1.0 for finding it at the first guess, 0.2 less
 for each guess after (at least 0.2); 0 when the turns run out. Logged: agent/found and
-agent/turns (mean turns; falling as the model learns to search).
+agent/turns_to_find (the turns of the games won only; falling as the model learns to search).
 
 ``sft_rows`` writes demonstrations of two strategies: a scan upward from 1 (5 guesses on average)
 and bisection of 1-9 (first guess 5; 2.8 guesses on average): a warm start on a mix of both, for
-RL to prefer bisection (in 8 GRPO rollouts from a 30 % mix the mean turns did not yet fall by a
-clear margin).
+RL to prefer bisection (tests/test_agent_learning.py: from a 30 % mix of 384 games, 8 GRPO
+rollouts take the mean turns to find the number from 4.6 to under 3).
 """
 from __future__ import annotations
 
@@ -70,5 +70,6 @@ class GuessNumber(Environment):
         match = _NUMBER.search(action)
         guess = int(match.group(0)) if match else None
         if guess == self.target:
-            return Step(reward=max(1.0 - 0.2 * (self.guesses - 1), 0.2), done=True, info={"found": 1.0})
+            return Step(reward=max(1.0 - 0.2 * (self.guesses - 1), 0.2), done=True,
+                        info={"found": 1.0, "turns_to_find": float(self.guesses)})
         return Step(text=hint(guess, self.target), info={"found": 0.0})

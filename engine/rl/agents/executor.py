@@ -51,6 +51,9 @@ class _Trajectory:
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     segments: list[tuple[int, int]] = field(default_factory=list)
+    # Per model token, the version of the weights that sampled it (--partial_rollout: the engine
+    # calls say; None elsewhere), by response position.
+    versions: dict[int, int] = field(default_factory=dict)
     reward: float = 0.0
     turn_rewards: list[float] = field(default_factory=list)  # one per model turn (segment)
     turns: int = 0
@@ -59,8 +62,10 @@ class _Trajectory:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response)
 
-    def add_model(self, tokens: list[int], logprobs: list[float] | None) -> None:
+    def add_model(self, tokens: list[int], logprobs: list[float] | None, versions=None) -> None:
         start = len(self.response)
+        if versions is not None:
+            self.versions.update(zip(range(start, start + len(tokens)), versions))
         self.response += tokens
         self.mask += [1] * len(tokens)
         self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
@@ -72,6 +77,18 @@ class _Trajectory:
         self.response += tokens
         self.mask += [0] * len(tokens)
         self.logprobs += [0.0] * len(tokens)
+
+    def token_versions(self) -> tuple[int, ...] | None:
+        """Per response token, the version of the weights that sampled it; an environment token (trained
+        by nothing) takes the version of the model token before it (the first model token's when none)."""
+        if not self.versions or len(self.versions) != sum(self.mask):
+            return None
+        current = self.versions[min(self.versions)]
+        out = []
+        for position in range(len(self.response)):
+            current = self.versions.get(position, current)
+            out.append(current)
+        return tuple(out)
 
 
 class _EnvironmentFailed(Exception):
@@ -132,7 +149,7 @@ class AgentExecutor:
             tokens = min(sampling.max_new_tokens, budget)
             turn_sampling = replace(sampling, max_new_tokens=tokens, min_new_tokens=min(sampling.min_new_tokens, tokens))
             output = await generator.generate(trajectory.prompt_ids + trajectory.response, turn_sampling)
-            trajectory.add_model(list(output.response_token_ids), output.logprobs)
+            trajectory.add_model(list(output.response_token_ids), output.logprobs, output.token_versions)
             action = self.tokenizer.decode(output.response_token_ids, skip_special_tokens=True)  # for reading only
             if hasattr(environment, "bind_sampling"):  # OpenRLHF agents see the turn's sampling settings
                 environment.bind_sampling(turn_sampling)
@@ -192,7 +209,8 @@ class AgentExecutor:
                              response_token_ids=trajectory.response, logprobs=trajectory.logprobs,
                              finish_reason=finish, loss_mask=tuple(trajectory.mask),
                              segments=tuple(trajectory.segments), reward=trajectory.reward,
-                             turn_rewards=tuple(trajectory.turn_rewards), info=info)
+                             turn_rewards=tuple(trajectory.turn_rewards), info=info,
+                             token_versions=trajectory.token_versions())
 
 
 def _override(sampling: SamplingConfig, step: Step) -> SamplingConfig:
@@ -206,13 +224,17 @@ def _override(sampling: SamplingConfig, step: Step) -> SamplingConfig:
 
 
 def agent_metrics(samples: list[RolloutSample]) -> dict[str, float]:
-    """agent/<name>: the mean over the trajectories of each number they report; agent/failed and
-    agent/timed_out as counts."""
+    """agent/<name>: the mean of each number over the trajectories that report it (a number an
+    environment reports only sometimes, e.g. the turns of the games that were won, is not averaged
+    with zeros); agent/failed, agent/timed_out and agent/truncated as counts."""
     infos = [s.info for s in samples if s.info is not None]
     if not infos:
         return {}
     keys = sorted({k for info in infos for k in info})
-    metrics = {f"agent/{k}": sum(info.get(k, 0.0) for info in infos) / len(infos) for k in keys}
+    metrics = {}
+    for key in keys:
+        values = [info[key] for info in infos if key in info]
+        metrics[f"agent/{key}"] = sum(values) / len(values)
     for count in ("failed", "timed_out", "truncated"):
         metrics[f"agent/{count}"] = sum(info.get(count, 0.0) for info in infos)
     return metrics

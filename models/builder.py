@@ -57,6 +57,10 @@ def transformer_config(adapter: ModelAdapter, parallel: ParallelConfig, build: M
         **adapter.transformer_config_kwargs(),
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        # Uneven stages: every layer offset (conversion, export, sync, LoRA, checkpoints) is megatron-core's
+        # get_transformer_layer_offset of this config, so global layer ids follow the split.
+        num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
         context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel,

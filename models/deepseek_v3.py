@@ -153,6 +153,11 @@ class DeepseekV3Adapter(SigmoidRoutedMoe, ModelAdapter):
             raise ValueError(f"{c.model_type}: hidden_act {c.hidden_act!r} is not supported (silu)")
         if self.num_experts:
             self._check_router()
+        freq = getattr(c, "moe_layer_freq", 1)  # DeepSeek's remote code; transformers' model ignores it
+        if self.num_experts and freq != 1:
+            raise ValueError(f"{c.model_type}: moe_layer_freq={freq} is not supported (transformers' model, which "
+                             "this one equals, makes every layer from first_k_dense_replace on MoE; DeepSeek's own "
+                             "code puts dense layers between)")
 
     def _check_yarn(self, rope: dict) -> None:
         name = self.hf_config.model_type

@@ -35,7 +35,7 @@ PASSTHROUGH_NAME = "passthrough.safetensors"
 _SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
-    "added_tokens.json",
+    "added_tokens.json", "tiktoken.model",
 )
 
 
@@ -295,11 +295,26 @@ def without_quantization(hf_config):
     return config
 
 
+def remote_code_files(source: str | os.PathLike) -> list[str]:
+    """The Python files the ``auto_map`` of ``config.json`` / ``tokenizer_config.json`` names (Moonlight's
+    ``configuration_deepseek.py``, ``tokenization_moonshot.py``) that ``source`` holds. Copied as files and
+    never imported here (transformers' own classes read those configs): an export keeps them so that it
+    loads wherever its source did, with ``trust_remote_code`` too."""
+    refs = []
+    for config in ("config.json", "tokenizer_config.json"):
+        file = Path(source) / config
+        auto_map = json.loads(file.read_text()).get("auto_map", {}) if file.is_file() else {}
+        for value in auto_map.values():
+            refs += value if isinstance(value, list) else [value]
+    modules = {ref.rsplit(".", 1)[0] for ref in refs if isinstance(ref, str) and "--" not in ref}
+    return sorted(f"{m}.py" for m in modules if (Path(source) / f"{m}.py").is_file())
+
+
 def copy_side_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:
-    """Config, generation config and tokenizer files, so the output is a complete HF model. An FP8
-    ``quantization_config`` is left out of the copied config.json: what is written beside it (a
-    Megatron checkpoint, an export) holds the dequantised weights."""
-    for name in _SIDE_FILES:
+    """Config, generation config and tokenizer files (and the remote-code files their ``auto_map`` names),
+    so the output is a complete HF model. An FP8 ``quantization_config`` is left out of the copied
+    config.json: what is written beside it (a Megatron checkpoint, an export) holds the dequantised weights."""
+    for name in (*_SIDE_FILES, *remote_code_files(source)):
         src = Path(source) / name
         if src.exists():
             shutil.copy2(src, Path(destination) / name)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from parallel.options import option
 
+UNEVEN_FLAGS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
@@ -16,6 +18,12 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = option(1, help="tensor parallel size (Megatron)")
     pipeline_model_parallel_size: int = option(1, help="pipeline parallel stages (1F1B schedule)")
+    decoder_first_pipeline_num_layers: int | None = option(
+        None, help="layers of the first pipeline stage (Megatron's uneven split; the other stages split the rest "
+                   "evenly; default: an even split)")
+    decoder_last_pipeline_num_layers: int | None = option(
+        None, help="layers of the last pipeline stage (Megatron's uneven split; the other stages split the rest "
+                   "evenly; default: an even split)")
     context_parallel_size: int = option(1, aliases=("ring_attn_size",),
                                         help="context parallel size: ring attention over the sequence")
     expert_model_parallel_size: int = option(1, help="expert parallel size (MoE), carved out of DP x CP")
@@ -33,6 +41,12 @@ class ParallelConfig:
             value = getattr(self, flag)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{flag} must be a positive integer, got {value!r}")
+        for flag in UNEVEN_FLAGS:
+            value = getattr(self, flag)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{flag} must be a positive integer, got {value!r}")
+            if value is not None and self.pipeline_model_parallel_size == 1:
+                raise ValueError(f"--{flag} needs --pipeline_model_parallel_size > 1")
         etp = self.expert_tensor_parallel_size
         if etp is not None and (not isinstance(etp, int) or etp < 1):
             raise ValueError(f"--expert_tensor_parallel_size must be a positive integer, got {etp!r}")
@@ -91,6 +105,43 @@ class ParallelConfig:
             )
         return data_parallel
 
+    @property
+    def uneven_pipeline(self) -> bool:
+        return any(getattr(self, flag) is not None for flag in UNEVEN_FLAGS)
+
+    def stage_num_layers(self, num_layers: int) -> list[int]:
+        """Layers of each pipeline stage, as megatron-core builds them: an even split, or the first / last
+        stage's given count and the rest split evenly over the stages between. Raises, naming the flags,
+        where the sizes do not add up (every stage needs a layer: megatron-core's rule)."""
+        pp, first, last = (self.pipeline_model_parallel_size, self.decoder_first_pipeline_num_layers,
+                           self.decoder_last_pipeline_num_layers)
+        if not self.uneven_pipeline:
+            if num_layers % pp:
+                raise ValueError(
+                    f"--pipeline_model_parallel_size ({pp}) must divide the number of layers ({num_layers}) "
+                    f"(or set the uneven split: --decoder_first_pipeline_num_layers / "
+                    f"--decoder_last_pipeline_num_layers)")
+            return [num_layers // pp] * pp
+        ends = [n for n in (first, last) if n is not None]
+        middle_stages, middle_layers = pp - len(ends), num_layers - sum(ends)
+        given = " + ".join(f"--{flag} ({getattr(self, flag)})" for flag in UNEVEN_FLAGS
+                           if getattr(self, flag) is not None)
+        leave = "leave" if len(ends) == 2 else "leaves"
+        if middle_stages == 0 and middle_layers != 0:
+            raise ValueError(f"{given} must add up to the number of layers ({num_layers}) at "
+                             f"--pipeline_model_parallel_size {pp}")
+        if middle_stages and (middle_layers < middle_stages or middle_layers % middle_stages):
+            raise ValueError(
+                f"{given} {leave} {middle_layers} of the {num_layers} layers for the {middle_stages} other pipeline "
+                f"stage(s) of --pipeline_model_parallel_size {pp}: they must split evenly, at least one layer each")
+        between = [middle_layers // middle_stages] * middle_stages if middle_stages else []
+        return ([first] if first is not None else []) + between + ([last] if last is not None else [])
+
+    def stage_layer_offsets(self, num_layers: int) -> list[int]:
+        """The global index of each pipeline stage's first layer (megatron-core's layer offset)."""
+        counts = self.stage_num_layers(num_layers)
+        return [sum(counts[:stage]) for stage in range(len(counts))]
+
     def validate_model(
         self,
         *,
@@ -101,7 +152,7 @@ class ParallelConfig:
         expert_ffn_size: int | None = None,
     ) -> None:
         """Check that the model's shapes split evenly over this grid."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        tp = self.tensor_model_parallel_size
         if num_attention_heads % tp:
             raise ValueError(
                 f"--tensor_model_parallel_size ({tp}) must divide the number of attention heads "
@@ -112,10 +163,7 @@ class ParallelConfig:
                 f"--tensor_model_parallel_size ({tp}) must divide the number of key/value heads "
                 f"({num_query_groups})"
             )
-        if num_layers % pp:
-            raise ValueError(
-                f"--pipeline_model_parallel_size ({pp}) must divide the number of layers ({num_layers})"
-            )
+        self.stage_num_layers(num_layers)  # refuses a split that does not add up
         ep = self.expert_model_parallel_size
         if ep > 1 and not num_experts:
             raise ValueError(f"--expert_model_parallel_size ({ep}) needs a mixture-of-experts model")

@@ -91,10 +91,10 @@ def _logits_in_layouts(rank, world_size, model_dirs, layouts):
     from parallel.initialize import initialize_parallel
 
     results = {}
-    for name, tp, pp, cp, ep in layouts:
+    for name, tp, pp, cp, ep, *more in layouts:  # more: other ParallelConfig fields (an uneven pipeline split)
         config = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 context_parallel_size=cp, expert_model_parallel_size=ep,
-                                sequence_parallel=name.endswith("_sp"))
+                                sequence_parallel=name.endswith("_sp"), **(more[0] if more else {}))
         ctx = initialize_parallel(config)
         for arch, path in model_dirs.items():
             adapter = load_adapter(path)
@@ -193,6 +193,7 @@ def test_sft_at_expert_parallel_2_equals_one_process(deepseek_models, tmp_path):
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 128,
                          "mscale_all_dim": 1.0, "mscale": 0.0}, "mscale_all_dim but no mscale"),
     ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, "'linear' is not supported"),
+    ("moe_layer_freq", 2, "moe_layer_freq=2 is not supported"),  # a key of DeepSeek's remote code (Moonlight: 1)
 ])
 def test_unsupported_configs_are_refused_naming_the_field(field, value, message):
     from models.registry import get_adapter

@@ -51,6 +51,8 @@ NEEDS = {"tokenizer_chat_template": ["--apply_chat_template"], "multiturn": ["--
          "cispo_eps_clip_low": ["--policy_loss_type", "cispo"], "cispo_eps_clip_high": ["--policy_loss_type", "cispo"],
          "overlong_penalty_factor": ["--overlong_buffer_len", "4"],
          "sequence_parallel": ["--tensor_model_parallel_size", "2"], "load_in_4bit": ["--lora_rank", "4"],
+         "decoder_first_pipeline_num_layers": ["--pipeline_model_parallel_size", "2"],
+         "decoder_last_pipeline_num_layers": ["--pipeline_model_parallel_size", "2"],
          "recompute_num_layers": ["--recompute_granularity", "full"],
          "recompute_modules": ["--recompute_granularity", "selective"],
          "dynamic_filtering": ["--n_samples_per_prompt", "2"], "engine_health_timeout_s": ["--max_engine_restarts", "1"],

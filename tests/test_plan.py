@@ -36,7 +36,7 @@ def llama_hand_count(c: dict, tp: int, pp: int) -> list[int]:
     return counts
 
 
-def _stage_counts(_rank, _world, name, tp, pp, ep):
+def _stage_counts(_rank, _world, name, tp, pp, ep, first=None, last=None):
     from models.registry import get_adapter
     from parallel.config import ParallelConfig
     from tools.plan import meta
@@ -45,8 +45,10 @@ def _stage_counts(_rank, _world, name, tp, pp, ep):
     adapter = get_adapter(load_hf_config(name))
     moe = bool(adapter.num_experts)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
                               expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if moe else None)
-    summed = [(s.dense, s.expert) for s in meta.stage_params(meta.rank_params(adapter, parallel), pp)]
+    stage_layers = parallel.stage_num_layers(adapter.num_layers)
+    summed = [(s.dense, s.expert) for s in meta.stage_params(meta.rank_params(adapter, parallel), stage_layers)]
     with meta.fake_world(parallel):
         built = [meta.count_stage_build(meta.build_stage(adapter, parallel, k, meta.meta_build_config()))
                  for k in range(pp)]
@@ -85,7 +87,7 @@ def _tied_counts(_rank, _world, path):
 
     adapter = load_adapter(path)
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
-    summed = [s.total for s in meta.stage_params(meta.rank_params(adapter, parallel, bf16=False), 2)]
+    summed = [s.total for s in meta.stage_params(meta.rank_params(adapter, parallel, bf16=False), [adapter.num_layers // 2] * 2)]
     built = []
     for k in range(2):
         with meta.fake_world(parallel, stage=k):
@@ -102,10 +104,10 @@ def test_tied_embeddings_are_counted_on_both_ends_of_a_pipeline(tmp_path):
     assert summed == built
 
 
-def _tiling(_rank, _world, name, tp, pp, ep):
+def _tiling(_rank, _world, name, tp, pp, ep, first=None, last=None):
     from tools.plan.weight_map_check import check_weight_map
 
-    return check_weight_map(name, tp=tp, pp=pp, ep=ep)
+    return check_weight_map(name, tp=tp, pp=pp, ep=ep, first=first, last=last)
 
 
 @pytest.mark.parametrize("name,tp,pp,ep", [("llama3-70b", 8, 4, 1), ("llama3-70b", 8, 8, 1),
@@ -213,11 +215,13 @@ def test_qwen_weight_maps_tile_every_full_size_hf_tensor(name, tp, pp, ep):
     assert report["tensors"] == report["hf_tensors"] > 0
 
 
-def sigmoid_moe_hand_count(c: dict, tp: int, pp: int, ep: int) -> list[tuple[int, int]]:
+def sigmoid_moe_hand_count(c: dict, tp: int, pp: int, ep: int, stage_layers: list[int] | None = None
+                           ) -> list[tuple[int, int]]:
     """Per-rank (dense, expert) parameters of each stage of a DeepSeek-V3 (latent attention) or GLM-4.5 (GQA with
     q/k/v biases, optional qk-norm) model, by hand from its HF config: dense layers before
     ``first_k_dense_replace``, then a router (its expert bias is a buffer), shared experts split like a dense
-    MLP, and whole routed experts (expert TP 1), E / EP per rank."""
+    MLP, and whole routed experts (expert TP 1), E / EP per rank. ``stage_layers``: an uneven split's layers
+    per stage (default: even)."""
     h, heads = c["hidden_size"], c["num_attention_heads"]
     if c["model_type"] == "deepseek_v3":  # every projection split over TP, the down-projections too
         rope, kv_rank, q_rank = c["qk_rope_head_dim"], c["kv_lora_rank"], c["q_lora_rank"]
@@ -233,8 +237,9 @@ def sigmoid_moe_hand_count(c: dict, tp: int, pp: int, ep: int) -> list[tuple[int
     layers = [(attention + 3 * h * c["intermediate_size"] // tp, 0)] * c["first_k_dense_replace"]
     layers += [(attention + experts * h + 3 * h * expert_ffn * c["n_shared_experts"] // tp,
                 experts // ep * 3 * h * expert_ffn)] * (c["num_hidden_layers"] - c["first_k_dense_replace"])
-    per_stage = c["num_hidden_layers"] // pp
-    stages = [[sum(x) for x in zip(*layers[k * per_stage:(k + 1) * per_stage])] for k in range(pp)]
+    stage_layers = stage_layers or [c["num_hidden_layers"] // pp] * pp
+    starts = [sum(stage_layers[:k]) for k in range(pp)]
+    stages = [[sum(x) for x in zip(*layers[start:start + n])] for start, n in zip(starts, stage_layers)]
     embedding = _padded(c["vocab_size"], tp) // tp * h
     stages[0][0] += embedding
     stages[-1][0] += h + embedding
@@ -248,15 +253,22 @@ SIGMOID_MOE_TOTALS = {"deepseek-v3": 671_026_404_352, "moonlight-16b-a3b": 15_96
                       "glm-4.5": 352_797_814_784, "glm-4.5-air": 106_852_245_504}
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", [("deepseek-v3", 2, 1, 64), ("moonlight-16b-a3b", 2, 3, 8),
-                                           ("glm-4.5", 4, 4, 32), ("glm-4.5-air", 2, 2, 16)])
-def test_deepseek_and_glm_presets_count_as_by_hand(name, tp, pp, ep):
-    """DeepSeek-V3 at PP=1: its 61 layers split over no pipeline size but 61 (uneven stages are not planned)."""
+#: DeepSeek-V3's 61 layers at PP=16: 3 + 14 x 4 + 2 (the three dense layers and the embedding on the first stage,
+#: the output layer on a lighter last one).
+DEEPSEEK_V3_PP16 = {"first": 3, "last": 2}
+
+
+@pytest.mark.parametrize("name,tp,pp,ep,split", [("deepseek-v3", 1, 16, 64, DEEPSEEK_V3_PP16),
+                                                 ("moonlight-16b-a3b", 2, 3, 8, {}), ("glm-4.5", 4, 4, 32, {}),
+                                                 ("glm-4.5-air", 2, 2, 16, {})])
+def test_deepseek_and_glm_presets_count_as_by_hand(name, tp, pp, ep, split):
+    """DeepSeek-V3 at EP=64 PP=16 TP=1 with the uneven split its 61 layers need."""
     from tools.plan.configs import BUILTIN
 
-    summed, built = _in_process(_stage_counts, name, tp, pp, ep)
+    summed, built = _in_process(_stage_counts, name, tp, pp, ep, split.get("first"), split.get("last"))
     assert summed == built
-    assert built == sigmoid_moe_hand_count(BUILTIN[name], tp, pp, ep)
+    stage_layers = [split["first"], *[4] * 14, split["last"]] if split else None
+    assert built == sigmoid_moe_hand_count(BUILTIN[name], tp, pp, ep, stage_layers)
     assert sum(sigmoid_moe_hand_count(BUILTIN[name], 1, 1, 1)[0]) == SIGMOID_MOE_TOTALS[name]
 
 
@@ -277,8 +289,9 @@ def test_vllm_kv_cache_of_latent_attention_is_the_latent():
     assert moonlight["concurrent_sequences"] == moonlight["kv_cache_per_gpu_bytes"] // (27 * 576 * 2 * 4096)
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", [("deepseek-v3", 2, 1, 64), ("glm-4.5", 4, 4, 32)])
-def test_deepseek_and_glm_weight_maps_tile_every_full_size_hf_tensor(name, tp, pp, ep):
-    report = _in_process(_tiling, name, tp, pp, ep)
+@pytest.mark.parametrize("name,tp,pp,ep,split", [("deepseek-v3", 2, 16, 64, DEEPSEEK_V3_PP16), ("glm-4.5", 4, 4, 32, {})])
+def test_deepseek_and_glm_weight_maps_tile_every_full_size_hf_tensor(name, tp, pp, ep, split):
+    """DeepSeek-V3 under an uneven split: every stage's layers map to their global HF layer ids."""
+    report = _in_process(_tiling, name, tp, pp, ep, split.get("first"), split.get("last"))
     assert report["problems"] == []
     assert report["tensors"] == report["hf_tensors"] > 0

@@ -105,6 +105,8 @@ def test_recipe_launches_a_command_its_trainer_accepts(recipe, tmp_path):
     assert parallel.tensor_model_parallel_size == int(stated["--tensor_model_parallel_size"])
     assert parallel.pipeline_model_parallel_size == int(stated["--pipeline_model_parallel_size"])
     assert parallel.expert_model_parallel_size == int(stated.get("--expert_model_parallel_size", 1))
+    for flag in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):  # an uneven split
+        assert getattr(parallel, flag) == (int(stated[f"--{flag}"]) if f"--{flag}" in stated else None), flag
 
 
 def test_the_qwen3_moe_recipe_replays_the_routing_under_full_recompute(tmp_path):

@@ -11,9 +11,10 @@
 Both sides train the same Llama-architecture model (workload W of DESIGN.md: hidden 512,
 8 layers, 8 heads / 4 KV heads, intermediate 1408, the local tokenizer) on the same batches of
 variable-length samples, fp32 on CPU (bf16 on GPU). Reported: real (non-padding) tokens per
-second of each and the ratio engine / HF. The engine runs padded and packed batches. Under
-expert parallelism the ranks are data-parallel ranks, each training the same batches: the
-throughput counted is all ranks' tokens.
+second of each and the ratio engine / HF. HF first runs one untimed forward + backward over each
+padded shape of the run (``warm_up_shapes``: its first pass over a new shape is not its speed). The
+engine runs padded and packed batches. Under expert parallelism the ranks are data-parallel ranks,
+each training the same batches: the throughput counted is all ranks' tokens.
 """
 from __future__ import annotations
 
@@ -70,19 +71,37 @@ def packed_batch(samples: list[torch.Tensor], multiple: int = 1) -> dict:
 
 
 # ----- HF baseline ---------------------------------------------------------------------------
+def _hf_loss(model, batch: dict) -> torch.Tensor:
+    logits = model(batch["input_ids"], attention_mask=(batch["input_ids"] != 0).long()).logits
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    return (losses * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
+
+
+def warm_up_shapes(model, batches: list[list[torch.Tensor]]) -> None:
+    """One untimed forward + backward over each padded shape the timed steps will see. HF's first pass
+    over a new shape can be far slower than the next (DeepSeek-V3's ~30x on CPU), and ``--quick`` brings a
+    new length every step: timed cold, HF would be measured at its first-pass cost."""
+    by_shape = {}
+    for samples in batches:
+        batch = padded_batch(samples)
+        by_shape.setdefault(tuple(batch["input_ids"].shape), batch)
+    for batch in by_shape.values():
+        _hf_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+
+
 def hf_tokens_per_second(path: str, batches: list[list[torch.Tensor]], steps: int, warmup: int) -> float:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train()
+    warm_up_shapes(model, batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     real_tokens, elapsed = 0, 0.0
     for step in range(warmup + steps):
         batch = padded_batch(batches[step % len(batches)])
         start = time.perf_counter()
-        logits = model(batch["input_ids"], attention_mask=(batch["input_ids"] != 0).long()).logits
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
-        loss = (losses * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
+        loss = _hf_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

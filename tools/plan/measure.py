@@ -172,7 +172,8 @@ def predict_sft_step(path: str, layout: dict, build: dict, *, micro_batch: int, 
                       bytes_per_value=4, recompute=recompute,
                       recompute_modules=tuple(build.get("recompute_modules") or ("core_attn",)))
     shape = Shape.of(adapter, grid.tp)
-    stages = meta.stage_params(counts, grid.pp)
+    stage_layers = parallel.stage_num_layers(adapter.num_layers)
+    stages = meta.stage_params(counts, stage_layers)
     out = []
     for stage in stages:
         state = state_bytes(stage, grid, RoleState(trainable=True, bf16=False), counts.param_bytes)
@@ -186,7 +187,8 @@ def predict_sft_step(path: str, layout: dict, build: dict, *, micro_batch: int, 
         work = Work(tokens_per_microbatch=micro_batch * seq_len, num_microbatches=run.num_microbatches,
                     seq_len=seq_len, bytes_per_value=4, recompute_full=recompute == "full")
         seconds = step_seconds(work, active_params=active, rank_params=stages[0].total, expert_rank_params=0,
-                               shape=shape, num_layers=adapter.num_layers, num_moe_layers=0, grid=grid, cluster=cluster)
+                               shape=shape, num_layers=adapter.num_layers, stage_layers=max(stage_layers),
+                               num_moe_layers=0, grid=grid, cluster=cluster)
         for entry in out:
             entry["seconds"] = seconds
     return out

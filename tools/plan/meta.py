@@ -157,18 +157,18 @@ def _count_by_piece(model, num_layers: int) -> dict:
     return pieces
 
 
-def stage_params(counts: RankParams, pipeline_model_parallel_size: int) -> list[StageParams]:
-    """Each pipeline stage's rank: its layers (an even split, as the builder makes), the
-    embedding on the first stage, the final norm and output layer on the last."""
-    pp = pipeline_model_parallel_size
-    per_stage = len(counts.layers) // pp
-    stages = []
-    for stage in range(pp):
-        mine = counts.layers[stage * per_stage:(stage + 1) * per_stage]
+def stage_params(counts: RankParams, stage_num_layers: list[int]) -> list[StageParams]:
+    """Each pipeline stage's rank: its layers (``ParallelConfig.stage_num_layers``: the split the builder
+    makes, even or uneven), the embedding on the first stage, the final norm and output layer on the last."""
+    pp = len(stage_num_layers)
+    stages, start = [], 0
+    for stage, num_layers in enumerate(stage_num_layers):
+        mine = counts.layers[start:start + num_layers]
+        start += num_layers
         layers = LayerParams(sum(x.dense for x in mine), sum(x.expert for x in mine))
         last = stage == pp - 1
         head = counts.final_norm + counts.output + (counts.tied_output if pp > 1 else 0) if last else 0
-        stages.append(StageParams(stage=stage, num_layers=per_stage, embedding=counts.embedding if stage == 0 else 0,
+        stages.append(StageParams(stage=stage, num_layers=num_layers, embedding=counts.embedding if stage == 0 else 0,
                                   layers=layers, head=head))
     return stages
 

@@ -37,15 +37,22 @@ class Layout:
     recompute_modules: tuple[str, ...]
     adam_offload: bool
     micro_batch: int
+    first_stage_layers: int | None = None  # uneven pipeline split (--decoder_first_pipeline_num_layers)
+    last_stage_layers: int | None = None
 
     def parallel(self, moe: bool) -> ParallelConfig:
         return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                              decoder_first_pipeline_num_layers=self.first_stage_layers,
+                              decoder_last_pipeline_num_layers=self.last_stage_layers,
                               context_parallel_size=self.cp, expert_model_parallel_size=self.ep,
                               expert_tensor_parallel_size=self.etp if moe else None,
                               sequence_parallel=self.sequence_parallel)
 
     def label(self) -> str:
-        parts = [f"TP{self.tp}", f"PP{self.pp}", f"CP{self.cp}"] + ([f"EP{self.ep}"] if self.ep > 1 else [])
+        ends = (("first", self.first_stage_layers), ("last", self.last_stage_layers))
+        uneven = ",".join(f"{end}={n}" for end, n in ends if n is not None)  # an uneven split: PP16(first=3,last=2)
+        parts = [f"TP{self.tp}", f"PP{self.pp}" + (f"({uneven})" if uneven else ""), f"CP{self.cp}"]
+        parts += [f"EP{self.ep}"] if self.ep > 1 else []
         extras = (["SP"] if self.sequence_parallel else []) + ([f"recompute={self.recompute}"]
                                                               if self.recompute != "none" else [])
         return " ".join(parts + extras + (["adam_offload"] if self.adam_offload else []))
@@ -111,7 +118,8 @@ def layout_of(spec: LayoutSpec, moe: bool) -> Layout:
                   etp=etp if moe else tp, sequence_parallel=tp > 1 if spec.sequence_parallel is None
                   else spec.sequence_parallel, recompute=recompute, recompute_num_layers=spec.recompute_num_layers,
                   recompute_modules=spec.modules, adam_offload=spec.adam_offload,
-                  micro_batch=spec.micro_train_batch_size)
+                  micro_batch=spec.micro_train_batch_size, first_stage_layers=spec.decoder_first_pipeline_num_layers,
+                  last_stage_layers=spec.decoder_last_pipeline_num_layers)
 
 
 def cluster_of(spec: ClusterSpec) -> Cluster:
@@ -219,13 +227,14 @@ def _stage_memory(roles: list[Role], layout: Layout, grid: Grid, run: Activation
         counts = meta.rank_params(role.adapter, layout.parallel(bool(role.adapter.num_experts)), bf16=bf16,
                                   value_head=role.value_head)
         shape = Shape.of(role.adapter, layout.tp)
-        moe_per_stage = _moe_layers_per_stage(role.adapter, layout.pp)
+        stage_layers = layout.parallel(bool(role.adapter.num_experts)).stage_num_layers(role.adapter.num_layers)
         stages = []
-        for stage in meta.stage_params(counts, layout.pp):
+        for stage in meta.stage_params(counts, stage_layers):
             state = state_bytes(stage, grid, RoleState(role.trainable, bf16, layout.adam_offload), counts.param_bytes)
             acts = logits = plain = 0
             if role.trainable:
-                kwargs = dict(moe_layers=moe_per_stage, value_head=role.value_head, last=stage.stage == layout.pp - 1)
+                kwargs = dict(moe_layers=_moe_layers_of_stage(role.adapter, stage.num_layers), value_head=role.value_head,
+                              last=stage.stage == layout.pp - 1)
                 acts, logits = activation_bytes(stage, shape, grid, run, **kwargs)
                 plain = sum(activation_bytes(stage, shape, grid, replace(run, recompute="none"), **kwargs))
             stages.append(dict(params=stage.total, acts=acts, logits=logits, plain=plain, **state))
@@ -260,11 +269,17 @@ def _stage_memory(roles: list[Role], layout: Layout, grid: Grid, run: Activation
     return out
 
 
-def _moe_layers_per_stage(adapter: ModelAdapter, pp: int) -> int:
+def _moe_layers(adapter: ModelAdapter) -> int:
     if not adapter.num_experts:
         return 0
     flags = adapter.layer_spec_options().moe_layers
-    return (sum(flags) if flags else adapter.num_layers) // pp
+    return sum(flags) if flags else adapter.num_layers
+
+
+def _moe_layers_of_stage(adapter: ModelAdapter, stage_layers: int) -> int:
+    """The MoE layers a stage of ``stage_layers`` layers is counted with: its share of the model's (the
+    activations estimate does not place the dense layers)."""
+    return _moe_layers(adapter) * stage_layers // adapter.num_layers
 
 
 def active_params(adapter: ModelAdapter, bf16: bool, value_head: bool) -> tuple[int, int]:
@@ -286,7 +301,8 @@ def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: 
         shape = Shape.of(role.adapter, layout.tp)
         counts = meta.rank_params(role.adapter, layout.parallel(bool(role.adapter.num_experts)),
                                   bf16=run.bytes_per_value == 2, value_head=role.value_head)
-        first = meta.stage_params(counts, layout.pp)[0]
+        stage_layers = layout.parallel(bool(role.adapter.num_experts)).stage_num_layers(role.adapter.num_layers)
+        first = meta.stage_params(counts, stage_layers)[0]
         # forward_only per pass: training; the actor's old log-probs; a frozen model's scores, the critic's values
         passes = [False] if role.trainable else []
         if not role.trainable or rollout is not None:
@@ -296,8 +312,8 @@ def _step_seconds(roles, layout: Layout, grid: Grid, run: Activations, cluster: 
                         seq_len=run.seq_len, bytes_per_value=run.bytes_per_value,
                         recompute_full=run.recompute == "full" and not forward_only, forward_only=forward_only)
             parts = step_seconds(work, active_params=active, rank_params=first.total, expert_rank_params=first.expert,
-                                 shape=shape, num_layers=role.adapter.num_layers,
-                                 num_moe_layers=_moe_layers_per_stage(role.adapter, 1), grid=grid, cluster=cluster)
+                                 shape=shape, num_layers=role.adapter.num_layers, stage_layers=max(stage_layers),
+                                 num_moe_layers=_moe_layers(role.adapter), grid=grid, cluster=cluster)
             for key, value in parts.items():
                 seconds[key] = seconds.get(key, 0.0) + value
     return seconds

@@ -1,6 +1,7 @@
 """Every layout of the cluster that the model splits evenly over, ranked by estimated step time.
 
-Searched: TP (dividing a node's GPUs and the heads and KV heads), PP (dividing the layers), CP
+Searched: TP (dividing a node's GPUs and the heads and KV heads), PP (dividing the layers, or those the
+uneven split given by ``--decoder_first/last_pipeline_num_layers`` adds up for), CP
 (1, 2, 4, 8), EP (dividing the experts), recompute none / full; sequence parallel whenever TP > 1.
 A layout fixed on the command line is kept; what is left unset is searched.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from models.adapter import ModelAdapter
+from parallel.config import ParallelConfig
 from tools.plan.plan import Layout, Plan, layout_of, make_plan
 from tools.plan.spec import ClusterSpec, LayoutSpec, ModelSpec, RolloutSpec
 
@@ -17,13 +19,29 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+def _pipeline_sizes(num_layers: int, spec: LayoutSpec, world: int) -> list[int]:
+    first, last = spec.decoder_first_pipeline_num_layers, spec.decoder_last_pipeline_num_layers
+    if first is None and last is None:
+        return _divisors(num_layers, world)
+    sizes = []
+    for pp in range(2, min(num_layers, world) + 1):
+        try:
+            ParallelConfig(pipeline_model_parallel_size=pp, decoder_first_pipeline_num_layers=first,
+                           decoder_last_pipeline_num_layers=last).stage_num_layers(num_layers)
+        except ValueError:
+            continue
+        sizes.append(pp)
+    return sizes
+
+
 def candidate_layouts(adapter: ModelAdapter, spec: LayoutSpec, cluster: ClusterSpec) -> list[Layout]:
     world = cluster.nodes * cluster.gpus_per_node
     moe = bool(adapter.num_experts)
     tps = [spec.tensor_model_parallel_size] if spec.tensor_model_parallel_size else [
         t for t in _divisors(cluster.gpus_per_node, cluster.gpus_per_node)
         if adapter.attention.num_heads % t == 0 and adapter.attention.num_kv_heads % t == 0]
-    pps = [spec.pipeline_model_parallel_size] if spec.pipeline_model_parallel_size else _divisors(adapter.num_layers, world)
+    pps = [spec.pipeline_model_parallel_size] if spec.pipeline_model_parallel_size else _pipeline_sizes(
+        adapter.num_layers, spec, world)
     cps = [spec.context_parallel_size] if spec.context_parallel_size else [c for c in (1, 2, 4, 8) if c <= world]
     eps = [spec.expert_model_parallel_size] if spec.expert_model_parallel_size else (
         _divisors(adapter.num_experts, world) if moe else [1])

@@ -65,6 +65,10 @@ class ClusterSpec:
 class LayoutSpec:
     tensor_model_parallel_size: int | None = option(None, help="TP (unset: searched)")
     pipeline_model_parallel_size: int | None = option(None, help="PP (unset: searched)")
+    decoder_first_pipeline_num_layers: int | None = option(
+        None, help="layers of the first pipeline stage (uneven split; default: even)")
+    decoder_last_pipeline_num_layers: int | None = option(
+        None, help="layers of the last pipeline stage (uneven split; default: even)")
     context_parallel_size: int | None = option(None, help="CP, ring attention (unset: searched)")
     expert_model_parallel_size: int | None = option(None, help="EP, MoE (unset: searched)")
     expert_tensor_parallel_size: int | None = option(None, help="TP inside each expert (default: 1 with EP > 1, "

@@ -58,17 +58,20 @@ def _bandwidth(cluster: Cluster, span: int) -> float:
 
 
 def step_seconds(work: Work, *, active_params: int, rank_params: int, expert_rank_params: int, shape: Shape,
-                 num_layers: int, num_moe_layers: int, grid: Grid, cluster: Cluster) -> dict[str, float]:
-    """Seconds of each part of a step on the slowest rank (the first pipeline stage)."""
+                 num_layers: int, stage_layers: int, num_moe_layers: int, grid: Grid,
+                 cluster: Cluster) -> dict[str, float]:
+    """Seconds of each part of a step on the slowest rank (the first pipeline stage; of an uneven split, the
+    stage with the most layers, ``stage_layers``, sets the pace of every stage)."""
     tokens = work.tokens_per_microbatch * work.num_microbatches  # per DP rank, whole model
     flops = tokens * flops_per_token(active_params, shape, num_layers, work.seq_len,
                                      forward_only=work.forward_only, recompute_full=work.recompute_full)
     model_ranks = grid.tp * grid.pp * grid.cp
-    compute = flops / (model_ranks * cluster.gpu_tflops * 1e12 * cluster.mfu)
+    slowest = stage_layers * grid.pp / num_layers  # 1 for an even split
+    compute = flops * slowest / (model_ranks * cluster.gpu_tflops * 1e12 * cluster.mfu)
     bubble = compute * (grid.pp - 1) / work.num_microbatches if grid.pp > 1 else 0.0
     passes = 1 if work.forward_only else (3 if work.recompute_full else 2)  # TP collectives: fwd, bwd (+ recompute)
     local_tokens = work.tokens_per_microbatch / grid.cp
-    layers = num_layers / grid.pp
+    layers = stage_layers
     activation = local_tokens * shape.hidden * work.bytes_per_value
     tp = 0.0
     if grid.tp > 1:
@@ -82,7 +85,7 @@ def step_seconds(work: Work, *, active_params: int, rank_params: int, expert_ran
     ep = 0.0
     if grid.ep > 1 and num_moe_layers:
         routed = local_tokens * shape.top_k * shape.hidden * work.bytes_per_value * (grid.ep - 1) / grid.ep
-        ep = work.num_microbatches * num_moe_layers / grid.pp * 2 * passes * routed / _bandwidth(
+        ep = work.num_microbatches * num_moe_layers * stage_layers / num_layers * 2 * passes * routed / _bandwidth(
             cluster, grid.tp * grid.ep)
     pp = 0.0
     if grid.pp > 1:

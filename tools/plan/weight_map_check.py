@@ -71,15 +71,18 @@ def _on_disk(adapter, name: str, shape: torch.Size) -> dict[str, torch.Size]:
     return {experts["linear_fc2.weight"][0].format(layer=layer, expert=e): torch.Size(shape[1:]) for e in range(shape[0])}
 
 
-def check_weight_map(model: str, *, tp: int, pp: int, ep: int = 1) -> dict:
+def check_weight_map(model: str, *, tp: int, pp: int, ep: int = 1, first: int | None = None,
+                     last: int | None = None) -> dict:
+    """``first`` / ``last``: an uneven pipeline split (``--decoder_first/last_pipeline_num_layers``)."""
     adapter = get_adapter(load_hf_config(model))
     moe = bool(adapter.num_experts)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
                               expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if moe else None)
     shapes = hf_shapes(adapter.hf_config)
     reader = ShapeReader(shapes)
     problems: list[str] = []
-    per_stage = adapter.num_layers // pp
+    offsets = parallel.stage_layer_offsets(adapter.num_layers)
     with meta.fake_world(parallel), torch.device("meta"):
         for stage in range(pp):
             chunk = meta.build_stage(adapter, parallel, stage, meta.meta_build_config())
@@ -87,7 +90,7 @@ def check_weight_map(model: str, *, tp: int, pp: int, ep: int = 1) -> dict:
                 expert = ".mlp.experts." in name
                 size = 1 if expert else tp  # expert TP 1 here
                 for ep_rank in range(ep if expert else 1):
-                    spec, index = adapter.resolve(name, layer_offset=stage * per_stage,
+                    spec, index = adapter.resolve(name, layer_offset=offsets[stage],
                                                   expert_offset=ep_rank * (adapter.num_experts or 0) // ep)
                     names = [t.format(**index) for t in spec.hf]
                     for rank in range(size):

@@ -96,6 +96,12 @@ class SigmoidRoutedMoe:
         return bool(self.num_experts) and layer >= (self.hf_config.first_k_dense_replace or 0)
 
     @property
+    def lora_expert_names_mean_experts_only(self) -> bool:
+        # PEFT 0.21 converts deepseek_v2 / deepseek_v3 / glm4_moe as qwen2_moe: gate_proj / up_proj / down_proj
+        # become the fused routed experts' target_parameters; the dense MLPs and shared experts stay frozen.
+        return bool(self.num_experts)
+
+    @property
     def shared_expert_intermediate_size(self) -> int | None:
         shared = getattr(self.hf_config, "n_shared_experts", None)
         return self.hf_config.moe_intermediate_size * shared if shared else None

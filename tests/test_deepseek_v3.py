@@ -361,23 +361,67 @@ def test_router_flags_are_refused_where_they_cannot_act():
 
 
 MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
+#: LoRA layouts on 2 ranks (experts whole on their ranks: expert TP 1): TP=2 splits MLA's projections, EP=2 the experts.
+LORA_LAYOUTS = {"tp2": {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1},
+                "ep2": {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}}
 
 
-def test_lora_on_latent_attention_equals_peft(deepseek_models, tmp_path):
-    """LoRA on every MLA projection at TP=2 (the down-projections split over TP too): the logits equal
-    HF PEFT's with the exported adapter, which does change them. Where Megatron permutes a projection's
-    rows (HF rotates halves), LoRA on it is refused naming the modules."""
-    from models.lora import LoraConfig
-    from models.lora.targets import resolve_targets
-    from models.registry import load_adapter
+def _lora_every_layout(rank, world_size, models, out_root):
+    from tests.test_lora import _lora_logits
+
+    return {layout: _lora_logits(rank, world_size, kwargs, models, f"{out_root}/{layout}", merged=layout == "ep2")
+            for layout, kwargs in LORA_LAYOUTS.items()}
+
+
+def assert_moe_lora_equals_peft(models: dict[str, tuple[str, tuple[str, ...]]], tmp_path) -> None:
+    """``models``: {arch: (HF dir, --target_modules)}. At TP=2 and EP=2 (one spawn) the LoRA model's logits
+    equal HF PEFT's with the exported adapter, which carries a pair per routed expert (PEFT 0.21 maps them onto
+    transformers 5's fused experts) and none on the dense MLPs or shared experts; at EP=2 the merged export
+    (W + scale B A, each expert from its owner: what the weight sync streams) loads in transformers with
+    PEFT's logits, the experts changed and the shared experts not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_convert import _tensors
     from tests.test_lora import _hf_logits as hf_logits
-    from tests.test_lora import _lora_logits, _peft_logits
+    from tests.test_lora import _peft_logits
 
-    models = {"moe": (deepseek_models["moe"], MLA_TARGETS)}
-    per_rank = run_distributed(_lora_logits, 2, args=({"tensor_model_parallel_size": 2}, models, str(tmp_path)),
-                               timeout=300)
-    expected = _peft_logits(deepseek_models["moe"], str(tmp_path / "moe"))
-    torch.testing.assert_close(per_rank[0]["moe"], expected, atol=ATOL, rtol=0)
-    assert (expected - hf_logits(deepseek_models["moe"])).abs().max() > 1e-2
+    per_rank = run_distributed(_lora_every_layout, 2, args=(models, str(tmp_path)), timeout=600)
+    for arch, (path, _) in models.items():
+        base_logits, base = hf_logits(path), _tensors(path)
+        for layout in LORA_LAYOUTS:
+            exported = load_file(str(tmp_path / layout / arch / "adapter_model.safetensors"))
+            assert any(".mlp.experts.7.down_proj.lora_B" in n for n in exported), f"{arch} {layout}"
+            assert not any("shared_experts" in n or ".mlp.gate_proj" in n for n in exported), f"{arch} {layout}"
+            expected = _peft_logits(path, str(tmp_path / layout / arch))
+            torch.testing.assert_close(per_rank[0][layout][arch], expected, atol=ATOL, rtol=0, msg=f"{arch} {layout}")
+            assert (expected - base_logits).abs().max() > 1e-2  # the adapters do change the output
+        merged = {name: t for result in per_rank for name, t in result["ep2"][(arch, "merged")].items()}
+        assert sorted(merged) == sorted(base)
+        changed = {name for name in base if not torch.equal(merged[name], base[name])}
+        assert any(".mlp.experts.7.up_proj." in name for name in changed) and not any(
+            "shared_experts" in name for name in changed), arch
+        merged_dir = shutil.copytree(path, tmp_path / f"{arch}-merged")
+        save_file({n: t.contiguous() for n, t in merged.items()}, str(merged_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+        # expected: PEFT's logits with the EP=2 export (the last layout)
+        torch.testing.assert_close(hf_logits(str(merged_dir)), expected, atol=ATOL, rtol=0, msg=f"{arch} merged")
+
+
+def test_lora_on_latent_attention_and_experts_equals_peft(deepseek_models, tmp_path):
+    """LoRA on every MLA projection (the down-projections split over TP too) and on the routed experts gives
+    HF PEFT's logits at TP=2 and EP=2, and the merged export PEFT's (``assert_moe_lora_equals_peft``). The
+    expert names adapt the routed experts only, as PEFT means them (the job says what stays frozen); where
+    Megatron permutes a projection's rows (HF rotates halves), LoRA on it is refused naming the modules."""
+    from models.lora import LoraConfig
+    from models.lora.targets import describe_targets, resolve_targets
+    from models.registry import load_adapter
+
+    assert_moe_lora_equals_peft({"moe": (deepseek_models["moe"], MLA_TARGETS + EXPERT_TARGETS)}, tmp_path)
+    assert describe_targets(load_adapter(deepseek_models["moe"]), ("all-linear",)).endswith(
+        "routed experts (a pair per expert): gate_proj up_proj down_proj; frozen: the routers, the dense MLP of "
+        "layer 0, the shared experts")
     with pytest.raises(ValueError, match="--target_modules q_proj: LoRA on a projection whose rows Megatron permutes"):
         resolve_targets(load_adapter(deepseek_models["dense"]), LoraConfig(target_modules=("q_proj",)).target_modules)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
-from tests.test_deepseek_v3 import ATOL, _add_mtp_layer, _hf_logits, _logits_in_layouts
+from tests.test_deepseek_v3 import ATOL, _add_mtp_layer, _hf_logits, _logits_in_layouts, assert_moe_lora_equals_peft
 
 #: (name, TP, PP, CP, EP) on 2 ranks; "one": data parallel only, each rank the single-process model.
 LAYOUTS = (("one", 1, 1, 1, 1), ("tp2", 2, 1, 1, 1), ("pp2", 1, 2, 1, 1), ("cp2", 1, 1, 2, 1), ("ep2", 1, 1, 1, 2))
@@ -107,6 +107,19 @@ def test_unsupported_configs_are_refused_naming_the_field(field, value, message)
 
     with pytest.raises(ValueError, match=message):
         get_adapter(tiny_config("glm4_moe", 100, **{field: value}))
+
+
+def test_lora_on_attention_and_experts_equals_peft(glm_models, tmp_path):
+    """all-linear LoRA (q/k/v with their biases and qk-norm, partial rotary: Megatron keeps HF's q/k rows, so
+    the q/k adapters need no permutation; o_proj; the routed experts) gives HF PEFT's logits at TP=2 and EP=2,
+    and the merged export PEFT's (``tests.test_deepseek_v3.assert_moe_lora_equals_peft``)."""
+    from models.lora.targets import describe_targets
+    from models.registry import load_adapter
+
+    assert describe_targets(load_adapter(glm_models["glm"]), ("all-linear",)) == (
+        "LoRA adapters on attention: q_proj k_proj v_proj o_proj; routed experts (a pair per expert): gate_proj "
+        "up_proj down_proj; frozen: the routers, the dense MLP of layer 0, the shared experts")
+    assert_moe_lora_equals_peft({"glm": (glm_models["glm"], ("all-linear",))}, tmp_path)
 
 
 def test_router_flags_follow_the_sigmoid_router():

@@ -20,8 +20,10 @@ def _ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(5, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def _lora_logits(rank, world_size, parallel_kwargs, models, out_root):
-    """{arch: logits} of LoRA models (random B) on this layout; each adapter saved under out_root/arch."""
+def _lora_logits(rank, world_size, parallel_kwargs, models, out_root, merged=False):
+    """{arch: logits} of LoRA models (random B) on this layout; each adapter saved under out_root/arch.
+    ``merged``: also ``(arch, "merged")``: the HF tensors this rank owns with the adapters merged in (the
+    iterator the weight sync streams)."""
     from engine.runtime.schedule import forward_logits
     from models.builder import ModelBuildConfig, build_model
     from models.lora import LoraConfig
@@ -45,6 +47,11 @@ def _lora_logits(rank, world_size, parallel_kwargs, models, out_root):
         logits = forward_logits(model, [{"input_ids": ids, "position_ids": torch.arange(24).expand_as(ids)}],
                                 vocab_size=adapter.vocab_size)
         save_peft_adapter(model, adapter, lora, f"{out_root}/{arch}")
+        if merged:
+            from models.lora import merged_tensor_of
+            from models.weights import iter_hf_weights
+
+            results[(arch, "merged")] = dict(iter_hf_weights(model, adapter, tensor_of=merged_tensor_of(model)))
         if logits is not None and ctx.tp_rank == 0:
             results[arch] = logits[0]
     return results

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import reused_engines
+
 REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.schedule", "tests.rl_harness"]  # the modules' order on the xdist workers; rl_setup
 
@@ -19,7 +21,15 @@ def ray_cluster():
 
     init_ray(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
+    reused_engines.CACHE.close()  # while the cluster is up: the engines stop their own processes
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reuse_vllm_engines():
+    """The session's RL runs share their vLLM engines (tests/reused_engines.py; TESTS_FRESH_ENGINES=1: off)."""
+    with reused_engines.installed() as cache:
+        yield cache
 
 
 @pytest.fixture(scope="session")

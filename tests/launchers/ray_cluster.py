@@ -2,7 +2,7 @@
 ``ray start --address`` worker nodes, with a dashboard that takes ``ray job submit``.
 
 Every port a second node on the same host would collide on is given per node, and the cluster
-lives under its own short ``--temp-dir``. ``stop`` never calls ``ray stop`` (it kills every Ray
+lives under short ``--temp-dir``s of its own (one per node). ``stop`` never calls ``ray stop`` (it kills every Ray
 process on the machine, other users' clusters included): it kills the processes whose command
 line names this cluster's temp dir or GCS port, and their descendants, by PID.
 """
@@ -36,6 +36,11 @@ class LocalRayCluster:
                     "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
 
+    def node_temp_dir(self, node: int) -> Path:
+        """Node ``node``'s --temp-dir (the head's is ``temp_dir``; the others' share its prefix, so the
+        processes of every node match ``stop``'s pattern)."""
+        return self.temp_dir if node == 0 else Path(f"{self.temp_dir}-n{node}")
+
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
@@ -57,7 +62,10 @@ class LocalRayCluster:
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                         "--ray-client-server-port", str(free_port()), log="head.log")
         for node in range(1, self.num_nodes):
-            self._ray_start("--address", self.address, log=f"node{node}.log")
+            # A temp dir per node, as on real hosts: nodes sharing one unpacked a submitted job's
+            # working_dir into the one directory the driver was importing from (ModuleNotFoundError).
+            self._ray_start("--address", self.address, "--temp-dir", str(self.node_temp_dir(node)),
+                            log=f"node{node}.log")
         self.wait_for_nodes()
         return self
 
@@ -129,4 +137,5 @@ class LocalRayCluster:
             deadline = time.monotonic() + grace_s
             while any(self._alive(p) for p in pids) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for node in range(self.num_nodes):
+            shutil.rmtree(self.node_temp_dir(node), ignore_errors=True)

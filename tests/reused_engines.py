@@ -270,18 +270,17 @@ def _restore_start_weights(entry: Entry) -> None:
 
 def _checkpoint_tensors(model_dir: str):
     """``(hf_name, tensor)`` of every tensor an engine loads from an HF safetensors checkpoint."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
     from engine.ray.vllm_worker_ext import checkpoint_tensor_shapes
+    from models.hf_checkpoint import HFCheckpointReader
 
     wanted = checkpoint_tensor_shapes(model_dir)
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as reader:
-            for name in reader.keys():
-                if name in wanted:
-                    yield name, reader.get_tensor(name)
+    reader = HFCheckpointReader(model_dir)
+    try:
+        for name in reader.keys():
+            if name in wanted:
+                yield name, reader.read(name)
+    finally:
+        reader.close()
 
 
 def _on_gpus(config) -> bool:
